@@ -1,0 +1,193 @@
+"""Fused distillation loss: per-row loss and its gradient w.r.t. the student logits, in one kernel.
+
+Contract: `distillation_loss_forward(student (N, V_s), teacher (N, V_t), labels (N,) int64 | None,
+row_loss (N,) float32, grad (N, V_s) student dtype | None, ...)` writes the per-row losses and the
+gradient of each row's loss. Only the first K = `vocab_size` columns are read and written. Inputs may be
+fp32/fp16/bf16 (independently); all math is fp32. Rows whose label is `ignore_index` read nothing and
+write a zero loss and a zero gradient row.
+
+Math (P = softmax(c(z_t) / T), Q = softmax(c(z_s) / T), c = softcap * tanh(. / softcap) or identity):
+    loss = soft_scale * D(P, Q) + hard_weight * CE_eps(softmax(c(z_s)), label)
+    dloss/dc(z_s) = soft_scale / T * (qg - Q * sum(qg)) + hard_weight * (Q1 - (1 - eps) onehot - eps / K)
+with qg = Q * dD/dQ per element (`_divergence_terms`); for forward KL qg = -P and sum(qg) = -1.
+
+Tiling: one program owns BLOCK_ROWS rows and sweeps the vocabulary in BLOCK_V-wide tiles:
+    pass 1  online log-sum-exp of both distributions (and of the student at T = 1 for the hard term);
+    pass 2  sum(qg) over the row (only when the gradient needs it: every divergence but forward KL);
+    pass 3  the loss terms and the gradient tile, written once.
+Memory traffic per row: read the student and teacher rows 2x (forward KL) or 3x, write the gradient
+row once: 2 * (bytes_s + bytes_t) + bytes_s per element for forward KL. No N x V temporaries.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FORWARD_KL, REVERSE_KL, SYMMETRIC_KL, JSD, TVD = 0, 1, 2, 3, 4  # order of reference.DIVERGENCES
+
+
+@triton.jit
+def _load_capped(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Load a tile as fp32 and return (c(z), c'(z)); masked entries are -inf in c(z), so they drop out of
+    every softmax. c(z) = softcap * tanh(z / softcap), tanh from exp(-2|x|), which cannot overflow."""
+    z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        e = tl.exp(-2.0 * tl.abs(z / softcap))
+        tanh = (1.0 - e) / (1.0 + e)
+        tanh = tl.where(z < 0, -tanh, tanh)
+        return tl.where(mask, softcap * tanh, float("-inf")), 1.0 - tanh * tanh
+    return tl.where(mask, z, float("-inf")), 1.0
+
+
+@triton.jit
+def _online_logsumexp(m, d, x):
+    """Fold a tile x (rows, cols) into the running max m and sum d = sum exp(x - m) of each row."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row all -inf so far: keep exp() finite
+    d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+    return m_new, d
+
+
+@triton.jit
+def _divergence_terms(p, q, log_p, log_q, beta, DIVERGENCE: tl.constexpr):
+    """Per element: the divergence summand d and qg = q * dD/dq. Zero-probability terms are exactly 0."""
+    if DIVERGENCE == FORWARD_KL:
+        d = tl.where(p > 0, p * (log_p - log_q), 0.0)
+        qg = -p
+    elif DIVERGENCE == REVERSE_KL:
+        d = tl.where(q > 0, q * (log_q - log_p), 0.0)
+        qg = d + q
+    elif DIVERGENCE == SYMMETRIC_KL:
+        reverse = tl.where(q > 0, q * (log_q - log_p), 0.0)
+        d = 0.5 * (tl.where(p > 0, p * (log_p - log_q), 0.0) + reverse)
+        qg = 0.5 * (reverse + q - p)
+    elif DIVERGENCE == JSD:
+        log_m = tl.log(beta * p + (1.0 - beta) * q)
+        student_term = tl.where(q > 0, q * (log_q - log_m), 0.0)
+        d = beta * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * student_term
+        qg = (1.0 - beta) * student_term
+    else:  # TVD
+        d = 0.5 * tl.abs(p - q)
+        qg = 0.5 * q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+    return d, qg
+
+
+@triton.jit
+def _distillation_loss_fwd_kernel(
+    student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr,
+    n_rows, n_cols, stride_student, stride_teacher, stride_grad,
+    inv_temperature, beta, soft_scale, hard_weight, label_smoothing, softcap, ignore_index,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    in_range = rows < n_rows
+    if HAS_LABELS:
+        labels = tl.load(labels_ptr + rows, mask=in_range, other=ignore_index)
+        counted = in_range & (labels != ignore_index)
+    else:
+        labels = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
+        counted = in_range
+    # 64-bit row offsets: N * V exceeds 2^31 at LLM sizes.
+    student_rows = student_ptr + rows.to(tl.int64)[:, None] * stride_student
+    teacher_rows = teacher_ptr + rows.to(tl.int64)[:, None] * stride_teacher
+    cols = tl.arange(0, BLOCK_V)[None, :]
+
+    # Pass 1: online log-sum-exp of s = c(z_s)/T, t = c(z_t)/T, and of c(z_s) (the hard term at T = 1).
+    # Masked entries (ignored rows, columns past K) load as -inf, which the online update absorbs.
+    m_s = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    m_t, m_h = m_s, m_s
+    d_s = tl.zeros([BLOCK_ROWS], tl.float32)
+    d_t, d_h, sum_h = d_s, d_s, d_s
+    for start in range(0, n_cols, BLOCK_V):
+        mask = counted[:, None] & (start + cols < n_cols)
+        c_s, _ = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
+        c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
+        m_s, d_s = _online_logsumexp(m_s, d_s, c_s * inv_temperature)
+        m_t, d_t = _online_logsumexp(m_t, d_t, c_t * inv_temperature)
+        if HAS_HARD:
+            m_h, d_h = _online_logsumexp(m_h, d_h, c_s)
+            sum_h += tl.sum(tl.where(mask, c_s, 0.0), axis=1)
+    lse_s = m_s + tl.log(d_s)
+    lse_t = m_t + tl.log(d_t)
+
+    # Pass 2: the row constant sum(qg) of the softmax chain rule (forward KL: exactly -1).
+    qg_sum = tl.full([BLOCK_ROWS], -1.0, tl.float32)
+    if COMPUTE_GRAD and DIVERGENCE != FORWARD_KL:
+        qg_sum = tl.zeros([BLOCK_ROWS], tl.float32)
+        for start in range(0, n_cols, BLOCK_V):
+            mask = counted[:, None] & (start + cols < n_cols)
+            c_s, _ = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
+            c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
+            log_q = c_s * inv_temperature - lse_s[:, None]
+            log_p = c_t * inv_temperature - lse_t[:, None]
+            _, qg = _divergence_terms(tl.exp(log_p), tl.exp(log_q), log_p, log_q, beta, DIVERGENCE)
+            qg_sum += tl.sum(tl.where(mask, qg, 0.0), axis=1)
+
+    # Pass 3: the divergence, and the gradient tile written once (zeros for ignored rows).
+    div = tl.zeros([BLOCK_ROWS], tl.float32)
+    lse_h = m_h + tl.log(d_h)
+    for start in range(0, n_cols, BLOCK_V):
+        in_cols = start + cols < n_cols
+        mask = counted[:, None] & in_cols
+        c_s, dc_s = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
+        c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
+        log_q = c_s * inv_temperature - lse_s[:, None]
+        log_p = c_t * inv_temperature - lse_t[:, None]
+        q = tl.exp(log_q)
+        d, qg = _divergence_terms(tl.exp(log_p), q, log_p, log_q, beta, DIVERGENCE)
+        div += tl.sum(tl.where(mask, d, 0.0), axis=1)
+        if COMPUTE_GRAD:
+            grad = soft_scale * inv_temperature * (qg - q * qg_sum[:, None])
+            if HAS_HARD:
+                target = tl.where(start + cols == labels[:, None], 1.0 - label_smoothing, 0.0)
+                grad += hard_weight * (tl.exp(c_s - lse_h[:, None]) - target - label_smoothing / n_cols)
+            grad = tl.where(mask, grad * dc_s, 0.0)
+            out = grad_ptr + rows.to(tl.int64)[:, None] * stride_grad + start + cols
+            tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & in_cols)
+
+    loss = soft_scale * div
+    if HAS_HARD:
+        safe_labels = tl.where(counted, labels, 0)
+        c_y, _ = _load_capped(student_ptr + rows.to(tl.int64) * stride_student + safe_labels, counted, softcap, HAS_SOFTCAP)
+        loss += hard_weight * ((1.0 - label_smoothing) * (lse_h - c_y) + label_smoothing * (lse_h - sum_h / n_cols))
+    tl.store(loss_ptr + rows, tl.where(counted, loss, 0.0), mask=in_range)
+
+
+def distillation_loss_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    row_loss: torch.Tensor,
+    grad: torch.Tensor | None,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    soft_scale: float,
+    hard_weight: float,
+    label_smoothing: float,
+    ignore_index: int,
+    softcap: float,
+    vocab_size: int,
+) -> None:
+    """Write the per-row losses into `row_loss` (N,) float32 and, unless `grad` is None, the gradient of
+    each row's loss into its first `vocab_size` columns. student/teacher: (N, V) with unit column stride;
+    labels: (N,) int64 or None (every row counts); softcap 0 means none."""
+    n_rows = student.shape[0]
+    if student.stride(-1) != 1 or teacher.stride(-1) != 1 or teacher.shape[0] != n_rows:
+        raise ValueError(f"need (N, V) logits with unit column stride, got {student.shape}, {teacher.shape}")
+    # A tile of about 4K elements per program: whole rows of a small vocabulary are packed together,
+    # a large vocabulary is swept by one row per program in 4K-wide tiles.
+    block_v = min(triton.next_power_of_2(vocab_size), 4096)
+    block_rows = min(triton.next_power_of_2(n_rows), max(1, 4096 // block_v))
+    grid = (triton.cdiv(n_rows, block_rows),)
+    _distillation_loss_fwd_kernel[grid](
+        student, teacher, labels, row_loss, grad,
+        n_rows, vocab_size, student.stride(0), teacher.stride(0), 0 if grad is None else grad.stride(0),
+        1.0 / temperature, beta, soft_scale, hard_weight, label_smoothing, softcap, ignore_index,
+        DIVERGENCE=divergence, HAS_LABELS=labels is not None, HAS_HARD=hard_weight != 0.0,
+        HAS_SOFTCAP=softcap != 0.0, COMPUTE_GRAD=grad is not None, BLOCK_ROWS=block_rows, BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
+    )  # fmt: skip

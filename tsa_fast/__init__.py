@@ -1,0 +1,8 @@
+"""tsa_fast: fused kernels and a thin PyTorch API for teacher-student training (knowledge distillation)."""
+
+from tsa_fast.backends import available_backends
+from tsa_fast.ops.distillation_loss import distillation_loss
+from tsa_fast import nn
+
+__version__ = "0.1.0"
+__all__ = ["available_backends", "distillation_loss", "nn"]

@@ -1,0 +1,72 @@
+"""Backend selection for every op: `triton`, `cpp` or `torch` (the reference).
+
+`TSA_FAST_BACKEND=triton|cpp|torch` forces one; otherwise the fastest available for the tensor's device
+is chosen: CUDA prefers triton, then the CUDA kernels of `tsa_fast._C`, then torch; CPU prefers the C++
+kernels of `tsa_fast._C`, then torch. Triton runs on CPU tensors only when forced and
+`TRITON_INTERPRET=1` (how CI tests the kernels). Kernels take fp32/fp16/bf16; float64 uses torch.
+The package imports and works without Triton and without the extension.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("triton", "cpp", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """`tsa_fast.kernels`, or None where Triton does not import."""
+    try:
+        return importlib.import_module("tsa_fast.kernels")
+    except ImportError:
+        return None
+
+
+@functools.cache
+def cpp_extension() -> ModuleType | None:
+    """The compiled extension `tsa_fast._C`, or None where it was not built."""
+    try:
+        return importlib.import_module("tsa_fast._C")
+    except ImportError:
+        return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Backends that can run tensors of this device and dtype, fastest first."""
+    names = []
+    if dtype in KERNEL_DTYPES:
+        if triton_kernels() is not None and (device.type == "cuda" or triton_interpreted()):
+            names.append("triton")
+        ext = cpp_extension()
+        if ext is not None and (device.type == "cpu" or (device.type == "cuda" and ext.has_cuda)):
+            names.append("cpp")
+    names.append("torch")
+    if device.type == "cpu" and "triton" in names:  # the interpreter is for testing, never a default
+        names.append(names.pop(names.index("triton")))
+    return names
+
+
+def select_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend to run on; raises ValueError for an unknown or unusable `TSA_FAST_BACKEND`."""
+    names = available_backends(device, dtype)
+    forced = os.environ.get("TSA_FAST_BACKEND", "").strip()
+    if not forced:
+        return names[0]
+    if forced not in BACKENDS:
+        raise ValueError(f"TSA_FAST_BACKEND must be one of {BACKENDS}, got {forced!r}")
+    if forced not in names:
+        raise ValueError(
+            f"TSA_FAST_BACKEND={forced!r} cannot run {dtype} tensors on {device.type}; available: {names}"
+        )
+    return forced

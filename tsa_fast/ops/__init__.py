@@ -1,0 +1,5 @@
+"""Functional ops: autograd, `torch.library` custom ops and backend dispatch, one file per op family."""
+
+from tsa_fast.ops.distillation_loss import distillation_loss
+
+__all__ = ["distillation_loss"]

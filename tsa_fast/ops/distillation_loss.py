@@ -1,0 +1,268 @@
+"""`distillation_loss`: the fused distillation loss (soft divergence + hard cross-entropy) from raw logits.
+
+The forward pass of every backend computes the per-row losses *and* the gradient of each row's loss with
+respect to the student logits in one pass over the logits; backward only scales that stored gradient by
+the incoming gradient (in place: it needs no second N x V buffer). The per-row op is a `torch.library`
+custom op, so `torch.compile(fullgraph=True)` traces it without a graph break; the reduction over rows is
+plain PyTorch around it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from tsa_fast.backends import cpp_extension, select_backend, triton_kernels
+from tsa_fast.reference import distillation_loss as reference
+from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS, reduce_rows
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C++ extension's dtype codes
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Distillation loss between student and teacher logits, fused with its gradient.
+
+    Args:
+        student_logits: (..., V_s) float32/float16/bfloat16 (float64 runs the reference). Receives the gradient.
+        teacher_logits: (..., V_t), same leading shape, device; a constant (no gradient).
+        labels: (...) integer class ids or `ignore_index`; None counts every row (then hard_weight must be 0).
+        divergence: "forward_kl" | "reverse_kl" | "symmetric_kl" | "jsd" | "tvd".
+        beta: JSD mixing weight, strictly inside (0, 1).
+        temperature: T > 0, finite; both distributions are softmax(c(z) / T).
+        scale_by_t2: multiply the divergence by T^2 (Hinton et al.).
+        soft_weight, hard_weight: weights of the divergence and of the cross-entropy (at T = 1) to labels.
+        label_smoothing: in [0, 1), for the cross-entropy term.
+        ignore_index: label value of rows that contribute nothing.
+        reduction: "mean" (over counted rows; 0 if none count), "sum", "batchmean" (sum / rows), "none" (...).
+        softcap: c(z) = softcap * tanh(z / softcap) applied to both logits when set (> 0).
+        vocab_size: K <= V_s, V_t: use the first K columns of each (required when V_s != V_t).
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or per-row losses of the leading shape for "none".
+
+    Raises:
+        ValueError: any bad argument, shape, dtype or device, naming the offending values; labels outside
+            [0, K) other than ignore_index (on CUDA, checked asynchronously on the device).
+    """
+    vocab = _check_arguments(
+        student_logits, teacher_logits, labels, divergence, beta, temperature, soft_weight, hard_weight,
+        label_smoothing, reduction, softcap, vocab_size,
+    )  # fmt: skip
+    leading_shape = student_logits.shape[:-1]
+    flat_labels = None if labels is None else labels.reshape(-1)
+    rows, _ = torch.ops.tsa_fast.distillation_loss_rows(
+        student_logits.reshape(-1, student_logits.shape[-1]),
+        teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]),
+        flat_labels,
+        DIVERGENCES.index(divergence),
+        float(beta),
+        float(temperature),
+        float(soft_weight) * (float(temperature) ** 2 if scale_by_t2 else 1.0),
+        float(hard_weight),
+        float(label_smoothing),
+        int(ignore_index),
+        0.0 if softcap is None else float(softcap),
+        vocab,
+        student_logits.requires_grad and torch.is_grad_enabled(),
+    )
+    counted = None if flat_labels is None else flat_labels != ignore_index
+    return reduce_rows(rows, counted, reduction, leading_shape)
+
+
+def _check_arguments(
+    student, teacher, labels, divergence, beta, temperature, soft_weight, hard_weight, label_smoothing,
+    reduction, softcap, vocab_size,
+) -> int:  # fmt: skip
+    """Validate everything that needs no look at the data; return the vocabulary size K to use."""
+    for name, tensor in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {tensor.dtype}")
+        if tensor.dim() < 1 or tensor.shape[-1] == 0:
+            raise ValueError(f"{name} must have a non-empty last (vocabulary) dim, got shape {tuple(tensor.shape)}")
+    if student.device != teacher.device:
+        raise ValueError(f"student_logits on {student.device} but teacher_logits on {teacher.device}")
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(
+            f"leading shapes differ: student_logits {tuple(student.shape)} vs teacher_logits {tuple(teacher.shape)}"
+        )
+    v_s, v_t = student.shape[-1], teacher.shape[-1]
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(
+                f"vocabulary sizes differ: student {v_s} vs teacher {v_t}; pass vocab_size=K <= {min(v_s, v_t)}"
+            )
+        vocab_size = v_s
+    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(v_s, v_t):
+        raise ValueError(f"vocab_size must be an int in [1, {min(v_s, v_t)}] (student {v_s}, teacher {v_t}), got {vocab_size!r}")
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
+        if labels.shape != student.shape[:-1]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must be the leading shape {tuple(student.shape[:-1])}")
+        if labels.device != student.device:
+            raise ValueError(f"labels on {labels.device} but logits on {student.device}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(
+            f"jsd needs beta strictly inside (0, 1), got beta={beta!r}; "
+            "beta=0 is divergence='reverse_kl', beta=1 is divergence='forward_kl'"
+        )
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    for name, weight in (("soft_weight", soft_weight), ("hard_weight", hard_weight)):
+        if not _is_real(weight) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
+    if hard_weight != 0 and labels is None:
+        raise ValueError(f"hard_weight={hard_weight!r} needs labels; pass labels or hard_weight=0")
+    if not _is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if softcap is not None and (not _is_real(softcap) or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    return vocab_size
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels must be in [0, vocab) or ignore_index. On CPU: ValueError. On CUDA: an asynchronous device
+    assert (as PyTorch's cross_entropy does), so the hot path never waits for the host."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if labels.device.type == "cpu":
+        if bad.any():
+            raise ValueError(
+                f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; got {labels[bad][:8].tolist()}"
+            )
+    else:
+        torch._assert_async(~bad.any(), f"tsa_fast.distillation_loss: labels outside [0, {vocab}) and != ignore_index")
+
+
+@torch.library.custom_op("tsa_fast::distillation_loss_rows", mutates_args=())
+def distillation_loss_rows(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    soft_scale: float,
+    hard_weight: float,
+    label_smoothing: float,
+    ignore_index: int,
+    softcap: float,
+    vocab_size: int,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses (N,) float32 and, when compute_grad, d(row loss)/d(student) (N, V_s) in the student's
+    dtype (zeros past vocab_size); else an empty tensor. softcap = 0 means none."""
+    if labels is not None:
+        _check_labels(labels, vocab_size, ignore_index)
+        labels = labels.long().contiguous()
+    student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
+    if student.shape[0] == 0:
+        return student.new_zeros(0, dtype=torch.float32), torch.zeros_like(student) if compute_grad else student.new_empty(0)
+    backend = select_backend(student.device, student.dtype)
+    options = (divergence, beta, temperature, soft_scale, hard_weight, label_smoothing, ignore_index, softcap, vocab_size)
+    if backend == "torch":
+        return _forward_torch(student, teacher, labels, *options, compute_grad)
+    row_loss = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
+    grad = _grad_buffer(student, vocab_size) if compute_grad else None
+    launch = triton_kernels().distillation_loss_forward if backend == "triton" else _launch_cpp
+    launch(student, teacher, labels, row_loss, grad, *options)
+    return row_loss, student.new_empty(0) if grad is None else grad
+
+
+@distillation_loss_rows.register_fake
+def _(student, teacher, labels, divergence, beta, temperature, soft_scale, hard_weight, label_smoothing,
+      ignore_index, softcap, vocab_size, compute_grad):  # fmt: skip
+    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    rows = student.new_empty(student.shape[0], dtype=loss_dtype)
+    return rows, student.new_empty(student.shape if compute_grad else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_rows, _unused):
+    (grad,) = ctx.saved_tensors
+    # In place: the stored gradient is consumed (a second backward through it raises autograd's
+    # "modified by an inplace operation" error instead of returning a wrong number).
+    return (grad.mul_(grad_rows.unsqueeze(-1)),) + (None,) * 12
+
+
+distillation_loss_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _unit_column_stride(logits: Tensor) -> Tensor:
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def _grad_buffer(student: Tensor, vocab_size: int) -> Tensor:
+    """Where the kernels write the gradient: the first vocab_size columns; the rest stay zero."""
+    if vocab_size == student.shape[1]:
+        return torch.empty_like(student, memory_format=torch.contiguous_format)
+    return torch.zeros_like(student, memory_format=torch.contiguous_format)
+
+
+def _forward_torch(student, teacher, labels, divergence, beta, temperature, soft_scale, hard_weight,
+                   label_smoothing, ignore_index, softcap, vocab_size, compute_grad):  # fmt: skip
+    """The reference as a backend: per-row losses, and their gradient from autograd."""
+    with torch.enable_grad():
+        z_s = student.detach().requires_grad_(compute_grad)
+        rows = reference.distillation_loss_rows(
+            z_s, teacher, labels, divergence_name=DIVERGENCES[divergence], beta=beta, temperature=temperature,
+            scale_by_t2=False, soft_weight=soft_scale, hard_weight=hard_weight, label_smoothing=label_smoothing,
+            ignore_index=ignore_index, softcap=softcap or None, vocab_size=vocab_size,
+        )  # fmt: skip
+        if not compute_grad:
+            return rows.detach(), student.new_empty(0)
+        (grad,) = torch.autograd.grad(rows.sum(), z_s)
+    return rows.detach(), grad
+
+
+def _launch_cpp(student, teacher, labels, row_loss, grad, divergence, beta, temperature, soft_scale,
+                hard_weight, label_smoothing, ignore_index, softcap, vocab_size):  # fmt: skip
+    """The C++ kernels of `tsa_fast._C` (CPU with OpenMP, or CUDA), called with raw pointers; same
+    contract as the Triton launcher `tsa_fast.kernels.distillation_loss_forward`."""
+    ext = cpp_extension()
+    args = [
+        student.data_ptr(), DTYPE_CODES[student.dtype], student.stride(0),
+        teacher.data_ptr(), DTYPE_CODES[teacher.dtype], teacher.stride(0),
+        0 if labels is None else labels.data_ptr(),
+        row_loss.data_ptr(), 0 if grad is None else grad.data_ptr(), 0 if grad is None else grad.stride(0),
+        student.shape[0], vocab_size, divergence, beta, 1.0 / temperature, soft_scale, hard_weight,
+        label_smoothing, softcap, ignore_index,
+    ]  # fmt: skip
+    if student.is_cuda:
+        with torch.cuda.device(student.device):
+            ext.distillation_loss_forward_cuda(*args, torch.cuda.current_stream().cuda_stream)
+    else:
+        ext.distillation_loss_forward_cpu(*args)

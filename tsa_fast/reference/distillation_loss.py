@@ -1,0 +1,143 @@
+"""Reference distillation loss in plain PyTorch: the oracle every backend is tested against.
+
+Written for clarity, not speed: it materializes every N x V intermediate. It computes in float64 for
+float64 inputs and in float32 otherwise, and its gradient comes from autograd.
+
+With P_t = softmax(c(z_t) / T), P_s = softmax(c(z_s) / T) and c(z) = softcap * tanh(z / softcap)
+(identity without softcap), per counted row:
+
+    row = soft_weight * T^2 (if scale_by_t2) * D(P_t, P_s) + hard_weight * CE(softmax(c(z_s)), label)
+
+where D is one of DIVERGENCES and CE uses label smoothing eps:
+    CE = -(1 - eps) * log q1[label] - eps * mean_j log q1[j],   q1 = softmax(c(z_s)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# The order is the integer code the kernels use (Triton constexpr, C++ enum).
+DIVERGENCES = ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd")
+REDUCTIONS = ("mean", "sum", "batchmean", "none")
+
+
+def softcapped(logits: Tensor, softcap: float | None) -> Tensor:
+    """c(z) = softcap * tanh(z / softcap), or z itself when softcap is None."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def kl_divergence(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) over the last dim from log-probabilities; terms with a = 0 are 0 (and have 0 gradient)."""
+    a = log_a.exp()
+    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
+
+
+def divergence(log_p: Tensor, log_q: Tensor, name: str, beta: float = 0.5) -> Tensor:
+    """Per-row divergence between teacher P (log_p) and student Q (log_q), shape (N,)."""
+    if name == "forward_kl":
+        return kl_divergence(log_p, log_q)
+    if name == "reverse_kl":
+        return kl_divergence(log_q, log_p)
+    if name == "symmetric_kl":
+        return 0.5 * (kl_divergence(log_p, log_q) + kl_divergence(log_q, log_p))
+    if name == "jsd":
+        log_m = torch.log(beta * log_p.exp() + (1 - beta) * log_q.exp())
+        return beta * kl_divergence(log_p, log_m) + (1 - beta) * kl_divergence(log_q, log_m)
+    if name == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {name!r}")
+
+
+def smoothed_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
+    """Per-row cross-entropy of softmax(logits) against labels with label smoothing, shape (N,)."""
+    log_q = torch.log_softmax(logits, dim=-1)
+    nll = -log_q.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (1 - label_smoothing) * nll - label_smoothing * log_q.mean(-1)
+
+
+def distillation_loss_rows(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    *,
+    divergence_name: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Per-row losses, shape (N,) for (N, V_s) / (N, V_t) logits and (N,) labels; ignored rows are 0."""
+    vocab = vocab_size or student_logits.shape[-1]
+    compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    z_s = student_logits[:, :vocab].to(compute_dtype)
+    z_t = teacher_logits[:, :vocab].detach().to(compute_dtype)
+    counted = torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device)
+    if labels is not None:
+        counted = labels != ignore_index
+    # Only counted rows enter the math, so ignored rows have exactly zero loss and gradient.
+    c_s, c_t = softcapped(z_s[counted], softcap), softcapped(z_t[counted], softcap)
+    log_q = torch.log_softmax(c_s / temperature, dim=-1)
+    log_p = torch.log_softmax(c_t / temperature, dim=-1)
+    t2 = temperature**2 if scale_by_t2 else 1.0
+    loss = soft_weight * t2 * divergence(log_p, log_q, divergence_name, beta)
+    if hard_weight != 0.0:
+        loss = loss + hard_weight * smoothed_cross_entropy(c_s, labels[counted], label_smoothing)
+    rows = z_s.new_zeros(z_s.shape[0])
+    return rows.masked_scatter(counted, loss)
+
+
+def reduce_rows(rows: Tensor, counted: Tensor | None, reduction: str, leading_shape: torch.Size) -> Tensor:
+    """Apply `reduction` to per-row losses (N,); `counted` is the (N,) mask of rows that count (None: all)."""
+    if reduction == "none":
+        return rows.reshape(leading_shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean" or counted is None:
+        return total / max(rows.shape[0], 1)
+    return total / counted.sum().clamp(min=1)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Reference `tsa_fast.distillation_loss` (same contract, no argument checking, no fusion)."""
+    leading_shape = student_logits.shape[:-1]
+    flat_labels = None if labels is None else labels.reshape(-1)
+    rows = distillation_loss_rows(
+        student_logits.reshape(-1, student_logits.shape[-1]),
+        teacher_logits.reshape(-1, teacher_logits.shape[-1]),
+        flat_labels,
+        divergence_name=divergence,
+        beta=beta,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        softcap=softcap,
+        vocab_size=vocab_size,
+    )
+    counted = None if flat_labels is None else flat_labels != ignore_index
+    return reduce_rows(rows, counted, reduction, leading_shape)
