@@ -9,33 +9,22 @@ The package imports and works without Triton and without the extension.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
-from types import ModuleType
 
 import torch
 
 BACKENDS = ("triton", "cpp", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+try:  # the Triton kernels, where Triton imports (Linux)
+    from tsa_fast import kernels as triton_kernels
+except ImportError:
+    triton_kernels = None
 
-@functools.cache
-def triton_kernels() -> ModuleType | None:
-    """`tsa_fast.kernels`, or None where Triton does not import."""
-    try:
-        return importlib.import_module("tsa_fast.kernels")
-    except ImportError:
-        return None
-
-
-@functools.cache
-def cpp_extension() -> ModuleType | None:
-    """The compiled extension `tsa_fast._C`, or None where it was not built."""
-    try:
-        return importlib.import_module("tsa_fast._C")
-    except ImportError:
-        return None
+try:  # the compiled extension, where it was built
+    from tsa_fast import _C as cpp_extension
+except ImportError:
+    cpp_extension = None
 
 
 def triton_interpreted() -> bool:
@@ -46,9 +35,9 @@ def available_backends(device: torch.device, dtype: torch.dtype = torch.float32)
     """Backends that can run tensors of this device and dtype, fastest first."""
     names = []
     if dtype in KERNEL_DTYPES:
-        if triton_kernels() is not None and (device.type == "cuda" or triton_interpreted()):
+        if triton_kernels is not None and (device.type == "cuda" or triton_interpreted()):
             names.append("triton")
-        ext = cpp_extension()
+        ext = cpp_extension
         if ext is not None and (device.type == "cpu" or (device.type == "cuda" and ext.has_cuda)):
             names.append("cpp")
     names.append("torch")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tsa_fast.backends import cpp_extension, select_backend, triton_kernels
-from tsa_fast.reference import distillation_loss as reference
+from tsa_fast.reference import distillation_loss as reference  # the module
 from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS, reduce_rows
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -68,22 +68,26 @@ def distillation_loss(
         label_smoothing, reduction, softcap, vocab_size,
     )  # fmt: skip
     leading_shape = student_logits.shape[:-1]
+    student = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1)
-    rows, _ = torch.ops.tsa_fast.distillation_loss_rows(
-        student_logits.reshape(-1, student_logits.shape[-1]),
-        teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]),
-        flat_labels,
-        DIVERGENCES.index(divergence),
-        float(beta),
-        float(temperature),
-        float(soft_weight) * (float(temperature) ** 2 if scale_by_t2 else 1.0),
-        float(hard_weight),
-        float(label_smoothing),
-        int(ignore_index),
-        0.0 if softcap is None else float(softcap),
-        vocab,
-        student_logits.requires_grad and torch.is_grad_enabled(),
-    )
+    soft_scale = float(soft_weight) * (float(temperature) ** 2 if scale_by_t2 else 1.0)
+    if select_backend(student.device, student.dtype) == "torch":
+        # The reference itself, differentiated by autograd (and traced by torch.compile as plain ops;
+        # there the data-dependent label check is left to the ops that index with the labels).
+        if flat_labels is not None and not torch.compiler.is_compiling():
+            _check_labels(flat_labels, vocab, ignore_index)
+        rows = reference.distillation_loss_rows(
+            student, teacher, flat_labels, divergence_name=divergence, beta=beta, temperature=temperature,
+            scale_by_t2=False, soft_weight=soft_scale, hard_weight=hard_weight, label_smoothing=label_smoothing,
+            ignore_index=ignore_index, softcap=softcap, vocab_size=vocab,
+        )  # fmt: skip
+    else:
+        rows, _ = torch.ops.tsa_fast.distillation_loss_rows(
+            student, teacher, flat_labels, DIVERGENCES.index(divergence), float(beta), float(temperature),
+            soft_scale, float(hard_weight), float(label_smoothing), int(ignore_index),
+            0.0 if softcap is None else float(softcap), vocab, student.requires_grad and torch.is_grad_enabled(),
+        )  # fmt: skip
     counted = None if flat_labels is None else flat_labels != ignore_index
     return reduce_rows(rows, counted, reduction, leading_shape)
 
@@ -181,29 +185,28 @@ def distillation_loss_rows(
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) float32 and, when compute_grad, d(row loss)/d(student) (N, V_s) in the student's
-    dtype (zeros past vocab_size); else an empty tensor. softcap = 0 means none."""
+    dtype (zeros past vocab_size); else an empty tensor. softcap = 0 means none. Runs the triton or cpp
+    kernels; `distillation_loss` calls the reference directly when the torch backend is selected."""
     if labels is not None:
         _check_labels(labels, vocab_size, ignore_index)
         labels = labels.long().contiguous()
     student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
-    if student.shape[0] == 0:
-        return student.new_zeros(0, dtype=torch.float32), torch.zeros_like(student) if compute_grad else student.new_empty(0)
-    backend = select_backend(student.device, student.dtype)
-    options = (divergence, beta, temperature, soft_scale, hard_weight, label_smoothing, ignore_index, softcap, vocab_size)
-    if backend == "torch":
-        return _forward_torch(student, teacher, labels, *options, compute_grad)
     row_loss = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
     grad = _grad_buffer(student, vocab_size) if compute_grad else None
-    launch = triton_kernels().distillation_loss_forward if backend == "triton" else _launch_cpp
-    launch(student, teacher, labels, row_loss, grad, *options)
+    backend = select_backend(student.device, student.dtype)
+    if backend == "torch":
+        raise ValueError(f"no kernel backend for {student.dtype} on {student.device.type}: call distillation_loss")
+    launch = _launch_cpp if backend == "cpp" else triton_kernels.distillation_loss_forward
+    if student.shape[0] > 0:
+        launch(student, teacher, labels, row_loss, grad, divergence, beta, temperature, soft_scale, hard_weight,
+               label_smoothing, ignore_index, softcap, vocab_size)  # fmt: skip
     return row_loss, student.new_empty(0) if grad is None else grad
 
 
 @distillation_loss_rows.register_fake
 def _(student, teacher, labels, divergence, beta, temperature, soft_scale, hard_weight, label_smoothing,
       ignore_index, softcap, vocab_size, compute_grad):  # fmt: skip
-    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    rows = student.new_empty(student.shape[0], dtype=loss_dtype)
+    rows = student.new_empty(student.shape[0], dtype=torch.float32)
     return rows, student.new_empty(student.shape if compute_grad else (0,))
 
 
@@ -232,27 +235,11 @@ def _grad_buffer(student: Tensor, vocab_size: int) -> Tensor:
     return torch.zeros_like(student, memory_format=torch.contiguous_format)
 
 
-def _forward_torch(student, teacher, labels, divergence, beta, temperature, soft_scale, hard_weight,
-                   label_smoothing, ignore_index, softcap, vocab_size, compute_grad):  # fmt: skip
-    """The reference as a backend: per-row losses, and their gradient from autograd."""
-    with torch.enable_grad():
-        z_s = student.detach().requires_grad_(compute_grad)
-        rows = reference.distillation_loss_rows(
-            z_s, teacher, labels, divergence_name=DIVERGENCES[divergence], beta=beta, temperature=temperature,
-            scale_by_t2=False, soft_weight=soft_scale, hard_weight=hard_weight, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, softcap=softcap or None, vocab_size=vocab_size,
-        )  # fmt: skip
-        if not compute_grad:
-            return rows.detach(), student.new_empty(0)
-        (grad,) = torch.autograd.grad(rows.sum(), z_s)
-    return rows.detach(), grad
-
-
 def _launch_cpp(student, teacher, labels, row_loss, grad, divergence, beta, temperature, soft_scale,
                 hard_weight, label_smoothing, ignore_index, softcap, vocab_size):  # fmt: skip
     """The C++ kernels of `tsa_fast._C` (CPU with OpenMP, or CUDA), called with raw pointers; same
     contract as the Triton launcher `tsa_fast.kernels.distillation_loss_forward`."""
-    ext = cpp_extension()
+    ext = cpp_extension
     args = [
         student.data_ptr(), DTYPE_CODES[student.dtype], student.stride(0),
         teacher.data_ptr(), DTYPE_CODES[teacher.dtype], teacher.stride(0),

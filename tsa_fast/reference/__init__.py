@@ -1,5 +1,4 @@
-"""Pure-PyTorch references: the math of each kernel spelled out, used as the oracle in tests and benchmarks."""
+"""Pure-PyTorch references: the math of each kernel spelled out, the oracle of tests and benchmarks.
 
-from tsa_fast.reference.distillation_loss import distillation_loss
-
-__all__ = ["distillation_loss"]
+One module per op family, named as the op: `tsa_fast.reference.distillation_loss.distillation_loss`.
+"""

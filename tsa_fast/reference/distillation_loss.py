@@ -77,19 +77,22 @@ def distillation_loss_rows(
     compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     z_s = student_logits[:, :vocab].to(compute_dtype)
     z_t = teacher_logits[:, :vocab].detach().to(compute_dtype)
-    counted = torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device)
-    if labels is not None:
+    if labels is None:
+        counted = torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device)
+    else:
         counted = labels != ignore_index
-    # Only counted rows enter the math, so ignored rows have exactly zero loss and gradient.
-    c_s, c_t = softcapped(z_s[counted], softcap), softcapped(z_t[counted], softcap)
+    # Ignored rows enter the math as zeros (finite everywhere) and leave it through `where`, so their
+    # loss and gradient are exactly zero; no data-dependent shapes, so torch.compile traces it whole.
+    c_s = softcapped(torch.where(counted[:, None], z_s, 0.0), softcap)
+    c_t = softcapped(torch.where(counted[:, None], z_t, 0.0), softcap)
     log_q = torch.log_softmax(c_s / temperature, dim=-1)
     log_p = torch.log_softmax(c_t / temperature, dim=-1)
     t2 = temperature**2 if scale_by_t2 else 1.0
     loss = soft_weight * t2 * divergence(log_p, log_q, divergence_name, beta)
     if hard_weight != 0.0:
-        loss = loss + hard_weight * smoothed_cross_entropy(c_s, labels[counted], label_smoothing)
-    rows = z_s.new_zeros(z_s.shape[0])
-    return rows.masked_scatter(counted, loss)
+        safe_labels = torch.where(counted, labels, 0).long()
+        loss = loss + hard_weight * smoothed_cross_entropy(c_s, safe_labels, label_smoothing)
+    return torch.where(counted, loss, 0.0)
 
 
 def reduce_rows(rows: Tensor, counted: Tensor | None, reduction: str, leading_shape: torch.Size) -> Tensor:

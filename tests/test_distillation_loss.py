@@ -1,0 +1,316 @@
+"""`tsa_fast.distillation_loss`: every backend against the float64 reference, edges, errors, compile."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tsa_fast
+from tsa_fast.reference.distillation_loss import distillation_loss as reference_loss
+from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS
+
+from conftest import DEVICE, assert_rel_close
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def make_inputs(shape, vocab, *, ignore="some", dtype=torch.float32, scale=3.0, teacher_vocab=None):
+    """Random student/teacher logits of shape (*shape, V) and labels with an ignore pattern."""
+    student = (torch.randn(*shape, vocab) * scale).to(DEVICE, dtype)
+    teacher = (torch.randn(*shape, teacher_vocab or vocab) * scale).to(DEVICE, dtype)
+    labels = torch.randint(0, vocab, shape, device=DEVICE)
+    if ignore == "some":
+        labels[torch.rand(shape, device=DEVICE) < 0.35] = -100
+    elif ignore == "all":
+        labels.fill_(-100)
+    return student, teacher, labels
+
+
+def loss_and_grad(fn, student, teacher, labels, upstream_seed=0, **options):
+    """fn's loss and d(sum(w * loss))/d(student) for a random weighting w (tests backward scaling)."""
+    student = student.detach().clone().requires_grad_()
+    loss = fn(student, teacher, labels, **options)
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((loss * weights.to(loss)).sum(), student)
+    return loss, grad
+
+
+def check_against_reference(student, teacher, labels, tol, **options):
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(reference_loss, student.double(), teacher.double(), labels, **options)
+    assert loss.dtype == torch.float32 and grad.dtype == student.dtype
+    assert_rel_close(loss, ref_loss, tol, "loss")
+    # TVD's gradient jumps where p_j = q_j: an element within rounding of a tie may take either side.
+    grad_tol = max(tol, 1e-4) if options.get("divergence") == "tvd" else tol
+    assert_rel_close(grad, ref_grad, grad_tol, "grad")
+    return loss, grad
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(temperature=1.0),
+        dict(temperature=2.5, softcap=15.0, hard_weight=0.4, soft_weight=0.6, label_smoothing=0.1, beta=0.3),
+        dict(temperature=0.7, scale_by_t2=False, beta=0.8),
+    ],
+    ids=["plain", "T2.5-softcap-hard-smoothing", "T0.7-noT2"],
+)
+def test_matches_reference(backend, divergence, reduction, ignore, options):
+    student, teacher, labels = make_inputs((7,), 300, ignore=ignore)
+    if ignore == "none" and "hard_weight" not in options:
+        labels = None
+    check_against_reference(student, teacher, labels, TOL[torch.float32], divergence=divergence, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_fp16_inputs(backend, divergence):
+    student, teacher, labels = make_inputs((6,), 257, dtype=torch.float16)
+    check_against_reference(student, teacher, labels, TOL[torch.float16], divergence=divergence, hard_weight=0.5, temperature=2.0)
+
+
+def test_mixed_input_dtypes(backend):
+    student, teacher, labels = make_inputs((5,), 130)
+    check_against_reference(student, teacher.half(), labels, TOL[torch.float32], divergence="jsd")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_extreme_logits(backend, divergence):
+    """Logits at +-1e4 (one-hot softmaxes) stay finite and match the reference."""
+    student, teacher, labels = make_inputs((6,), 200)
+    student[:, ::7], teacher[:, ::5] = 1e4, 1e4
+    student[:, 1::3], teacher[:, 2::3] = -1e4, -1e4
+    check_against_reference(student, teacher, labels, TOL[torch.float32], divergence=divergence, hard_weight=0.3)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
+def test_teacher_minus_inf_entries(backend, divergence):
+    """Tokens the teacher rules out (-inf) give zero-probability terms, not NaN."""
+    student, teacher, labels = make_inputs((6,), 150)
+    teacher[:, :40] = -math.inf
+    loss, grad = check_against_reference(student, teacher, labels, TOL[torch.float32], divergence=divergence)
+    assert loss.isfinite().all() and grad.isfinite().all()
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "symmetric_kl"])
+def test_teacher_minus_inf_gives_infinite_reverse_kl(backend, divergence):
+    """KL(Q || P) is +inf where the student puts mass on a token the teacher rules out: +inf, as the math says."""
+    student, teacher, _ = make_inputs((3,), 64)
+    teacher[:, :8] = -math.inf
+    loss = tsa_fast.distillation_loss(student, teacher, divergence=divergence, reduction="none")
+    assert torch.equal(loss, torch.full_like(loss, math.inf))
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 4099, 5000])
+def test_vocab_not_multiple_of_block(backend, vocab):
+    student, teacher, labels = make_inputs((3,), vocab)
+    check_against_reference(student, teacher, labels, TOL[torch.float32], divergence="symmetric_kl", hard_weight=0.5)
+
+
+def test_one_row(backend):
+    student, teacher, labels = make_inputs((1,), 333, ignore="none")
+    check_against_reference(student, teacher, labels, TOL[torch.float32], divergence="jsd", hard_weight=1.0)
+
+
+def test_leading_dims(backend):
+    student, teacher, labels = make_inputs((2, 3, 4), 96)
+    loss, _ = check_against_reference(student, teacher, labels, TOL[torch.float32], reduction="none", divergence="tvd")
+    assert loss.shape == (2, 3, 4)
+    assert torch.all(loss[labels == -100] == 0)
+
+
+def test_vocab_size_truncates_both(backend):
+    """vocab_size=K uses the first K columns of each; the student's columns past K get zero gradient."""
+    student, teacher, labels = make_inputs((5,), 300, teacher_vocab=280)
+    labels[labels >= 250] = 7
+    _, grad = check_against_reference(student, teacher, labels, TOL[torch.float32], vocab_size=250, hard_weight=0.5)
+    assert torch.all(grad[:, 250:] == 0)
+
+
+def test_non_contiguous_inputs(backend):
+    student, teacher, labels = make_inputs((4,), 70)
+    student_t = student.t().contiguous().t()  # column stride 4
+    teacher_wide = torch.randn(4, 90, device=DEVICE)[:, 10:80].copy_(teacher)  # row stride 90
+    check_against_reference(student_t, teacher_wide, labels, TOL[torch.float32], divergence="reverse_kl")
+
+
+def test_int32_labels(backend):
+    student, teacher, labels = make_inputs((6,), 50)
+    check_against_reference(student, teacher, labels.int(), TOL[torch.float32], hard_weight=1.0, label_smoothing=0.2)
+
+
+def test_all_rows_ignored_gives_zero_loss_and_grad(backend):
+    student, teacher, labels = make_inputs((5,), 64, ignore="all")
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, hard_weight=1.0)
+    assert loss.item() == 0.0 and torch.all(grad == 0)
+
+
+def test_teacher_gets_no_gradient(backend):
+    student, teacher, labels = make_inputs((4,), 32)
+    teacher.requires_grad_()
+    student.requires_grad_()
+    tsa_fast.distillation_loss(student, teacher, labels).backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+def test_no_grad_forward_matches(backend):
+    student, teacher, labels = make_inputs((4,), 100)
+    with torch.no_grad():
+        loss = tsa_fast.distillation_loss(student, teacher, labels, divergence="jsd", reduction="none")
+    expected = reference_loss(student.double(), teacher.double(), labels, divergence="jsd", reduction="none")
+    assert_rel_close(loss, expected, TOL[torch.float32], "loss")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"], indirect=True)
+def test_second_backward_raises(backend):
+    """The stored gradient is consumed in place; a second backward must fail loudly, not return garbage."""
+    student, teacher, labels = make_inputs((3,), 40)
+    student.requires_grad_()
+    loss = tsa_fast.distillation_loss(student, teacher, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_module_matches_functional(backend):
+    student, teacher, labels = make_inputs((2, 5), 64)
+    options = dict(divergence="jsd", beta=0.25, temperature=3.0, hard_weight=0.2, reduction="sum")
+    module = tsa_fast.nn.DistillationLoss(**options)
+    assert torch.equal(module(student, teacher, labels), tsa_fast.distillation_loss(student, teacher, labels, **options))
+    assert "beta=0.25" in repr(module)
+
+
+def test_module_rejects_unknown_option():
+    with pytest.raises(TypeError, match="temprature"):
+        tsa_fast.nn.DistillationLoss(temprature=2.0)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_reference_gradcheck(divergence):
+    student = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 9, dtype=torch.float64)
+    labels = torch.tensor([1, -100, 4])
+    options = dict(divergence=divergence, temperature=1.7, softcap=4.0, hard_weight=0.3, label_smoothing=0.1)
+    assert torch.autograd.gradcheck(lambda s: reference_loss(s, teacher, labels, **options), (student,))
+
+
+def test_float64_uses_reference_and_gradchecks():
+    student = torch.randn(4, 11, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(4, 11, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda s: tsa_fast.distillation_loss(s, teacher, divergence="tvd"), (student,))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 9),
+    vocab=st.integers(1, 600),
+    divergence=st.sampled_from(DIVERGENCES),
+    temperature=st.floats(0.25, 8.0),
+    hard_weight=st.sampled_from([0.0, 0.5]),
+    half=st.booleans(),
+)
+def test_property_random_shapes(backend, rows, vocab, divergence, temperature, hard_weight, half):
+    dtype = torch.float16 if half else torch.float32
+    student, teacher, labels = make_inputs((rows,), vocab, dtype=dtype)
+    check_against_reference(
+        student, teacher, labels, TOL[dtype], divergence=divergence, temperature=temperature, hard_weight=hard_weight
+    )
+
+
+def test_torch_compile_fullgraph(backend):
+    """A compiled caller traces the custom op without a graph break and gives the eager result."""
+    student, teacher, labels = make_inputs((2, 6), 80)
+
+    def step(s, t, y):
+        return tsa_fast.distillation_loss(s, t, y, divergence="jsd", temperature=2.0, hard_weight=0.5) * 3.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, grad = loss_and_grad(compiled, student, teacher, labels)
+    expected_loss, expected_grad = loss_and_grad(step, student, teacher, labels)
+    assert_rel_close(loss, expected_loss, 1e-6, "loss")
+    assert_rel_close(grad, expected_grad, 1e-6, "grad")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the bad value, never a silent wrong number.
+
+def _logits(*shape, **kwargs):
+    return torch.randn(*shape, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(divergence="kl"), ValueError, "divergence.*'kl'"),
+        (dict(reduction="avg"), ValueError, "reduction.*'avg'"),
+        (dict(divergence="jsd", beta=0.0), ValueError, "reverse_kl"),
+        (dict(divergence="jsd", beta=1.0), ValueError, "forward_kl"),
+        (dict(temperature=0.0), ValueError, "temperature.*0.0"),
+        (dict(temperature=math.inf), ValueError, "temperature.*inf"),
+        (dict(temperature=math.nan), ValueError, "temperature.*nan"),
+        (dict(temperature=-1.0), ValueError, "temperature.*-1.0"),
+        (dict(soft_weight=-0.5), ValueError, "soft_weight.*-0.5"),
+        (dict(hard_weight=math.nan), ValueError, "hard_weight.*nan"),
+        (dict(label_smoothing=1.0), ValueError, "label_smoothing.*1.0"),
+        (dict(softcap=0.0), ValueError, "softcap.*0.0"),
+        (dict(vocab_size=0), ValueError, "vocab_size.*0"),
+        (dict(vocab_size=17), ValueError, "vocab_size.*17"),
+    ],
+)
+def test_bad_options_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tsa_fast.distillation_loss(_logits(4, 16), _logits(4, 16), torch.zeros(4, dtype=torch.long), **kwargs)
+
+
+def test_bad_tensors_raise():
+    s, t, y = _logits(4, 16), _logits(4, 16), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="student 16 vs teacher 12"):
+        tsa_fast.distillation_loss(s, _logits(4, 12))
+    with pytest.raises(ValueError, match=r"leading shapes differ.*\(4, 16\).*\(5, 16\)"):
+        tsa_fast.distillation_loss(s, _logits(5, 16))
+    with pytest.raises(ValueError, match=r"labels shape \(3,\)"):
+        tsa_fast.distillation_loss(s, t, y[:3])
+    with pytest.raises(ValueError, match="labels must be int64 or int32, got torch.float32"):
+        tsa_fast.distillation_loss(s, t, y.float())
+    with pytest.raises(ValueError, match="student_logits must be float.*torch.int64"):
+        tsa_fast.distillation_loss(s.long(), t)
+    with pytest.raises(ValueError, match="non-empty last"):
+        tsa_fast.distillation_loss(_logits(4, 0), _logits(4, 0))
+    with pytest.raises(ValueError, match="hard_weight=0.5 needs labels"):
+        tsa_fast.distillation_loss(s, t, hard_weight=0.5)
+    with pytest.raises(TypeError, match="teacher_logits must be a torch.Tensor, got list"):
+        tsa_fast.distillation_loss(s, [[0.0] * 16] * 4)
+    with pytest.raises(ValueError, match="on meta"):
+        tsa_fast.distillation_loss(s, t.to("meta"))
+
+
+def test_labels_out_of_range_raise(backend):
+    s, t, _ = make_inputs((4,), 16)
+    for bad in (16, -1, -101):
+        labels = torch.tensor([0, bad, 3, -100], device=DEVICE)
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, 16\).*\[{bad}\]"):
+            tsa_fast.distillation_loss(s, t, labels)
+
+
+def test_unknown_forced_backend_raises(monkeypatch):
+    monkeypatch.setenv("TSA_FAST_BACKEND", "cuda_magic")
+    with pytest.raises(ValueError, match="TSA_FAST_BACKEND.*cuda_magic"):
+        tsa_fast.distillation_loss(_logits(2, 8), _logits(2, 8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU only (run by benchmarks/gpu.sh where a GPU is lent): bf16 and LLM-sized vocabularies.
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_gpu_bf16_large_vocab(backend, divergence):
+    student, teacher, labels = make_inputs((64,), 128256, dtype=torch.bfloat16)
+    check_against_reference(student, teacher, labels, TOL[torch.bfloat16], divergence=divergence, hard_weight=0.5)
