@@ -64,9 +64,15 @@ def _divergence_terms(p, q, log_p, log_q, beta, DIVERGENCE: tl.constexpr):
         d = 0.5 * (tl.where(p > 0, p * (log_p - log_q), 0.0) + reverse)
         qg = 0.5 * (reverse + q - p)
     elif DIVERGENCE == JSD:
-        log_m = tl.log(beta * p + (1.0 - beta) * q)
-        student_term = tl.where(q > 0, q * (log_q - log_m), 0.0)
-        d = beta * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * student_term
+        # log(q/m) and log(p/m) from the log-ratio of the larger to the smaller, not as log q - log m:
+        # a difference of two rounded logs would cancel where p ~ q.
+        log_pq = log_p - log_q
+        log_qm = tl.where(log_pq <= 0, -tl.log(beta * tl.exp(log_pq) + (1.0 - beta)), 0.0)
+        log_pm = tl.where(log_pq > 0, -tl.log(beta + (1.0 - beta) * tl.exp(-log_pq)), 0.0)
+        log_qm = tl.where(log_pq > 0, log_pm - log_pq, log_qm)
+        log_pm = tl.where(log_pq <= 0, log_qm + log_pq, log_pm)
+        student_term = tl.where(q > 0, q * log_qm, 0.0)
+        d = beta * tl.where(p > 0, p * log_pm, 0.0) + (1.0 - beta) * student_term
         qg = (1.0 - beta) * student_term
     else:  # TVD
         d = 0.5 * tl.abs(p - q)
@@ -110,8 +116,8 @@ def _distillation_loss_fwd_kernel(
         if HAS_HARD:
             m_h, d_h = _online_logsumexp(m_h, d_h, c_s)
             sum_h += tl.sum(tl.where(mask, c_s, 0.0), axis=1)
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
+    # log-softmax as (x - max) - log(sum): x - max is exact near the max, where m + log(d) would round.
+    log_d_s, log_d_t = tl.log(d_s), tl.log(d_t)
 
     # Pass 2: the row constant sum(qg) of the softmax chain rule (forward KL: exactly -1).
     qg_sum = tl.full([BLOCK_ROWS], -1.0, tl.float32)
@@ -121,21 +127,21 @@ def _distillation_loss_fwd_kernel(
             mask = counted[:, None] & (start + cols < n_cols)
             c_s, _ = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
             c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
-            log_q = c_s * inv_temperature - lse_s[:, None]
-            log_p = c_t * inv_temperature - lse_t[:, None]
+            log_q = (c_s * inv_temperature - m_s[:, None]) - log_d_s[:, None]
+            log_p = (c_t * inv_temperature - m_t[:, None]) - log_d_t[:, None]
             _, qg = _divergence_terms(tl.exp(log_p), tl.exp(log_q), log_p, log_q, beta, DIVERGENCE)
             qg_sum += tl.sum(tl.where(mask, qg, 0.0), axis=1)
 
     # Pass 3: the divergence, and the gradient tile written once (zeros for ignored rows).
     div = tl.zeros([BLOCK_ROWS], tl.float32)
-    lse_h = m_h + tl.log(d_h)
+    log_d_h = tl.log(d_h)
     for start in range(0, n_cols, BLOCK_V):
         in_cols = start + cols < n_cols
         mask = counted[:, None] & in_cols
         c_s, dc_s = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
         c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
-        log_q = c_s * inv_temperature - lse_s[:, None]
-        log_p = c_t * inv_temperature - lse_t[:, None]
+        log_q = (c_s * inv_temperature - m_s[:, None]) - log_d_s[:, None]
+        log_p = (c_t * inv_temperature - m_t[:, None]) - log_d_t[:, None]
         q = tl.exp(log_q)
         d, qg = _divergence_terms(tl.exp(log_p), q, log_p, log_q, beta, DIVERGENCE)
         div += tl.sum(tl.where(mask, d, 0.0), axis=1)
@@ -143,7 +149,7 @@ def _distillation_loss_fwd_kernel(
             grad = soft_scale * inv_temperature * (qg - q * qg_sum[:, None])
             if HAS_HARD:
                 target = tl.where(start + cols == labels[:, None], 1.0 - label_smoothing, 0.0)
-                grad += hard_weight * (tl.exp(c_s - lse_h[:, None]) - target - label_smoothing / n_cols)
+                grad += hard_weight * (tl.exp((c_s - m_h[:, None]) - log_d_h[:, None]) - target - label_smoothing / n_cols)
             grad = tl.where(mask, grad * dc_s, 0.0)
             out = grad_ptr + rows.to(tl.int64)[:, None] * stride_grad + start + cols
             tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & in_cols)
@@ -152,7 +158,8 @@ def _distillation_loss_fwd_kernel(
     if HAS_HARD:
         safe_labels = tl.where(counted, labels, 0)
         c_y, _ = _load_capped(student_ptr + rows.to(tl.int64) * stride_student + safe_labels, counted, softcap, HAS_SOFTCAP)
-        loss += hard_weight * ((1.0 - label_smoothing) * (lse_h - c_y) + label_smoothing * (lse_h - sum_h / n_cols))
+        nll = (m_h - c_y) + log_d_h
+        loss += hard_weight * ((1.0 - label_smoothing) * nll + label_smoothing * ((m_h - sum_h / n_cols) + log_d_h))
     tl.store(loss_ptr + rows, tl.where(counted, loss, 0.0), mask=in_range)
 
 

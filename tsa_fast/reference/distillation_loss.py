@@ -42,7 +42,8 @@ def divergence(log_p: Tensor, log_q: Tensor, name: str, beta: float = 0.5) -> Te
     if name == "symmetric_kl":
         return 0.5 * (kl_divergence(log_p, log_q) + kl_divergence(log_q, log_p))
     if name == "jsd":
-        log_m = torch.log(beta * log_p.exp() + (1 - beta) * log_q.exp())
+        m = beta * log_p.exp() + (1 - beta) * log_q.exp()
+        log_m = torch.log(torch.where(m > 0, m, 1.0))  # m = 0 only where p = q = 0: terms that are 0
         return beta * kl_divergence(log_p, log_m) + (1 - beta) * kl_divergence(log_q, log_m)
     if name == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
