@@ -9,6 +9,7 @@ plain PyTorch around it.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -63,75 +64,144 @@ def distillation_loss(
         ValueError: any bad argument, shape, dtype or device, naming the offending values; labels outside
             [0, K) other than ignore_index (on CUDA, checked asynchronously on the device).
     """
-    vocab = _check_arguments(
-        student_logits, teacher_logits, labels, divergence, beta, temperature, soft_weight, hard_weight,
-        label_smoothing, reduction, softcap, vocab_size,
+    options = dict(
+        divergence=divergence, beta=beta, temperature=temperature, scale_by_t2=scale_by_t2,
+        soft_weight=soft_weight, hard_weight=hard_weight, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, reduction=reduction, softcap=softcap, vocab_size=vocab_size,
     )  # fmt: skip
+    _check_tensor("student_logits", student_logits)
+    _check_tensor("teacher_logits", teacher_logits, like=("student_logits", student_logits))
+    check_labels_tensor(labels, student_logits.shape[:-1], student_logits.device)
+    vocab = check_loss_options(options, student_logits.shape[-1], teacher_logits.shape[-1], labels is not None)
     leading_shape = student_logits.shape[:-1]
-    student = student_logits.reshape(-1, student_logits.shape[-1])
-    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1)
-    soft_scale = float(soft_weight) * (float(temperature) ** 2 if scale_by_t2 else 1.0)
-    if select_backend(student.device, student.dtype) == "torch":
-        # The reference itself, differentiated by autograd (and traced by torch.compile as plain ops;
-        # there the data-dependent label check is left to the ops that index with the labels).
-        if flat_labels is not None and not torch.compiler.is_compiling():
-            _check_labels(flat_labels, vocab, ignore_index)
-        rows = reference.distillation_loss_rows(
-            student, teacher, flat_labels, divergence_name=divergence, beta=beta, temperature=temperature,
-            scale_by_t2=False, soft_weight=soft_scale, hard_weight=hard_weight, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, softcap=softcap, vocab_size=vocab,
-        )  # fmt: skip
-    else:
-        rows, _ = torch.ops.tsa_fast.distillation_loss_rows(
-            student, teacher, flat_labels, DIVERGENCES.index(divergence), float(beta), float(temperature),
-            soft_scale, float(hard_weight), float(label_smoothing), int(ignore_index),
-            0.0 if softcap is None else float(softcap), vocab, student.requires_grad and torch.is_grad_enabled(),
-        )  # fmt: skip
+    rows = distillation_loss_rows_autograd(
+        student_logits.reshape(-1, student_logits.shape[-1]),
+        teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]),
+        flat_labels,
+        options,
+        vocab,
+    )
     counted = None if flat_labels is None else flat_labels != ignore_index
     return reduce_rows(rows, counted, reduction, leading_shape)
 
 
-def _check_arguments(
-    student, teacher, labels, divergence, beta, temperature, soft_weight, hard_weight, label_smoothing,
-    reduction, softcap, vocab_size,
-) -> int:  # fmt: skip
-    """Validate everything that needs no look at the data; return the vocabulary size K to use."""
-    for name, tensor in (("student_logits", student), ("teacher_logits", teacher)):
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {tensor.dtype}")
-        if tensor.dim() < 1 or tensor.shape[-1] == 0:
-            raise ValueError(f"{name} must have a non-empty last (vocabulary) dim, got shape {tuple(tensor.shape)}")
-    if student.device != teacher.device:
-        raise ValueError(f"student_logits on {student.device} but teacher_logits on {teacher.device}")
-    if student.shape[:-1] != teacher.shape[:-1]:
-        raise ValueError(
-            f"leading shapes differ: student_logits {tuple(student.shape)} vs teacher_logits {tuple(teacher.shape)}"
-        )
-    v_s, v_t = student.shape[-1], teacher.shape[-1]
-    if vocab_size is None:
-        if v_s != v_t:
+# The keyword options of the loss and their defaults, shared by every op and module that takes them.
+LOSS_OPTIONS = {
+    name: p.default
+    for name, p in inspect.signature(distillation_loss).parameters.items()
+    if p.kind is p.KEYWORD_ONLY
+}
+
+
+def distillation_loss_rows_autograd(student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int) -> Tensor:
+    """Per-row losses (N,) of (N, V) logits, differentiable w.r.t. `student`, on the selected backend."""
+    if select_backend(student.device, student.dtype) == "torch":
+        # The reference itself, differentiated by autograd (and traced by torch.compile as plain ops;
+        # there the data-dependent label check is left to the ops that index with the labels).
+        if labels is not None and not torch.compiler.is_compiling():
+            _check_labels(labels, vocab, options["ignore_index"])
+        return _reference_rows(student, teacher, labels, options, vocab)
+    rows, _ = _kernel_rows(student, teacher, labels, options, vocab, student.requires_grad and torch.is_grad_enabled())
+    return rows
+
+
+def distillation_loss_rows_and_grad(
+    student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses (N,) and d(row loss)/d(student) (N, V_s), outside autograd, on the selected backend."""
+    if select_backend(student.device, student.dtype) == "torch":
+        if labels is not None:
+            _check_labels(labels, vocab, options["ignore_index"])
+        return rows_and_grad_by_autograd(lambda z: _reference_rows(z, teacher, labels, options, vocab), student)
+    return _kernel_rows(student, teacher, labels, options, vocab, True)
+
+
+def rows_and_grad_by_autograd(row_fn, student: Tensor) -> tuple[Tensor, Tensor]:
+    """row_fn(student) -> (N,) losses, and the gradient of each row's loss, by autograd."""
+    with torch.enable_grad():
+        z = student.detach().requires_grad_()
+        rows = row_fn(z)
+        (grad,) = torch.autograd.grad(rows.sum(), z)
+    return rows.detach(), grad
+
+
+def _reference_rows(student, teacher, labels, options, vocab) -> Tensor:
+    return reference.distillation_loss_rows(
+        student, teacher, labels, divergence_name=options["divergence"], beta=options["beta"],
+        temperature=options["temperature"], scale_by_t2=options["scale_by_t2"], soft_weight=options["soft_weight"],
+        hard_weight=options["hard_weight"], label_smoothing=options["label_smoothing"],
+        ignore_index=options["ignore_index"], softcap=options["softcap"], vocab_size=vocab,
+    )  # fmt: skip
+
+
+def _kernel_rows(student, teacher, labels, options, vocab, compute_grad) -> tuple[Tensor, Tensor]:
+    """The custom op, with the options in its encoding (divergence code, T^2 folded into soft_scale)."""
+    temperature = float(options["temperature"])
+    soft_scale = float(options["soft_weight"]) * (temperature**2 if options["scale_by_t2"] else 1.0)
+    return torch.ops.tsa_fast.distillation_loss_rows(
+        student, teacher, labels, DIVERGENCES.index(options["divergence"]), float(options["beta"]), temperature,
+        soft_scale, float(options["hard_weight"]), float(options["label_smoothing"]), int(options["ignore_index"]),
+        float(options["softcap"] or 0.0), vocab, compute_grad,
+    )  # fmt: skip
+
+
+def _check_tensor(name: str, tensor, like: tuple[str, Tensor] | None = None) -> None:
+    """A float tensor with a non-empty last dim; with `like`, on its device with its leading shape."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {tensor.dtype}")
+    if tensor.dim() < 1 or tensor.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last dim, got shape {tuple(tensor.shape)}")
+    if like is not None:
+        other_name, other = like
+        if tensor.device != other.device:
+            raise ValueError(f"{other_name} on {other.device} but {name} on {tensor.device}")
+        if tensor.shape[:-1] != other.shape[:-1]:
             raise ValueError(
-                f"vocabulary sizes differ: student {v_s} vs teacher {v_t}; pass vocab_size=K <= {min(v_s, v_t)}"
+                f"leading shapes differ: {other_name} {tuple(other.shape)} vs {name} {tuple(tensor.shape)}"
             )
-        vocab_size = v_s
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(v_s, v_t):
-        raise ValueError(f"vocab_size must be an int in [1, {min(v_s, v_t)}] (student {v_s}, teacher {v_t}), got {vocab_size!r}")
-    if labels is not None:
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-        if labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
-        if labels.shape != student.shape[:-1]:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must be the leading shape {tuple(student.shape[:-1])}")
-        if labels.device != student.device:
-            raise ValueError(f"labels on {labels.device} but logits on {student.device}")
+
+
+def check_labels_tensor(labels, leading_shape: torch.Size, device: torch.device) -> None:
+    """None, or an int64/int32 tensor of the leading shape on `device` (values are checked by the op)."""
+    if labels is None:
+        return
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
+    if labels.shape != leading_shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be the leading shape {tuple(leading_shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels on {labels.device} but logits on {device}")
+
+
+def check_loss_options(options: dict, student_vocab: int, teacher_vocab: int, has_labels: bool) -> int:
+    """Validate the loss options (`LOSS_OPTIONS` names); return the vocabulary size K to use."""
+    divergence, beta, temperature = options["divergence"], options["beta"], options["temperature"]
+    vocab_size, softcap, label_smoothing = options["vocab_size"], options["softcap"], options["label_smoothing"]
+    if vocab_size is None:
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"vocabulary sizes differ: student {student_vocab} vs teacher {teacher_vocab}; "
+                f"pass vocab_size=K <= {min(student_vocab, teacher_vocab)}"
+            )
+        vocab_size = student_vocab
+    elif (
+        isinstance(vocab_size, bool)
+        or not isinstance(vocab_size, int)
+        or not 1 <= vocab_size <= min(student_vocab, teacher_vocab)
+    ):
+        raise ValueError(
+            f"vocab_size must be an int in [1, {min(student_vocab, teacher_vocab)}] "
+            f"(student {student_vocab}, teacher {teacher_vocab}), got {vocab_size!r}"
+        )
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if options["reduction"] not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {options['reduction']!r}")
     if divergence == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(
             f"jsd needs beta strictly inside (0, 1), got beta={beta!r}; "
@@ -139,15 +209,18 @@ def _check_arguments(
         )
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    for name, weight in (("soft_weight", soft_weight), ("hard_weight", hard_weight)):
+    for name in ("soft_weight", "hard_weight"):
+        weight = options[name]
         if not _is_real(weight) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
-    if hard_weight != 0 and labels is None:
-        raise ValueError(f"hard_weight={hard_weight!r} needs labels; pass labels or hard_weight=0")
+    if options["hard_weight"] != 0 and not has_labels:
+        raise ValueError(f"hard_weight={options['hard_weight']!r} needs labels; pass labels or hard_weight=0")
     if not _is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if softcap is not None and (not _is_real(softcap) or not math.isfinite(softcap) or softcap <= 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if not isinstance(options["ignore_index"], int) or isinstance(options["ignore_index"], bool):
+        raise ValueError(f"ignore_index must be an int, got {options['ignore_index']!r}")
     return vocab_size
 
 

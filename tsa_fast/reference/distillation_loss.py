@@ -78,21 +78,48 @@ def distillation_loss_rows(
     compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     z_s = student_logits[:, :vocab].to(compute_dtype)
     z_t = teacher_logits[:, :vocab].detach().to(compute_dtype)
-    if labels is None:
-        counted = torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device)
-    else:
-        counted = labels != ignore_index
+    counted = counted_rows(labels, ignore_index, z_s.shape[0], z_s.device)
     # Ignored rows enter the math as zeros (finite everywhere) and leave it through `where`, so their
     # loss and gradient are exactly zero; no data-dependent shapes, so torch.compile traces it whole.
     c_s = softcapped(torch.where(counted[:, None], z_s, 0.0), softcap)
     c_t = softcapped(torch.where(counted[:, None], z_t, 0.0), softcap)
     log_q = torch.log_softmax(c_s / temperature, dim=-1)
     log_p = torch.log_softmax(c_t / temperature, dim=-1)
+    return row_losses(
+        log_p, log_q, c_s, labels, counted, divergence_name=divergence_name, beta=beta, temperature=temperature,
+        scale_by_t2=scale_by_t2, soft_weight=soft_weight, hard_weight=hard_weight, label_smoothing=label_smoothing,
+    )  # fmt: skip
+
+
+def counted_rows(labels: Tensor | None, ignore_index: int, n_rows: int, device: torch.device) -> Tensor:
+    """(N,) bool: the rows that count (label != ignore_index; all rows without labels)."""
+    if labels is None:
+        return torch.ones(n_rows, dtype=torch.bool, device=device)
+    return labels != ignore_index
+
+
+def row_losses(
+    log_p: Tensor,
+    log_q: Tensor,
+    capped_student: Tensor,
+    labels: Tensor | None,
+    counted: Tensor,
+    *,
+    divergence_name: str,
+    beta: float,
+    temperature: float,
+    scale_by_t2: bool,
+    soft_weight: float,
+    hard_weight: float,
+    label_smoothing: float,
+) -> Tensor:
+    """Per-row losses (N,) from the teacher's and student's log-probabilities at temperature T (over the
+    categories the divergence compares) and the student's capped logits c(z_s) (the hard term)."""
     t2 = temperature**2 if scale_by_t2 else 1.0
     loss = soft_weight * t2 * divergence(log_p, log_q, divergence_name, beta)
     if hard_weight != 0.0:
         safe_labels = torch.where(counted, labels, 0).long()
-        loss = loss + hard_weight * smoothed_cross_entropy(c_s, safe_labels, label_smoothing)
+        loss = loss + hard_weight * smoothed_cross_entropy(capped_student, safe_labels, label_smoothing)
     return torch.where(counted, loss, 0.0)
 
 

@@ -1,0 +1,93 @@
+"""Reference fused-linear distillation loss: materialize both models' logits, then the distillation loss.
+
+Student logits z_s = student_hidden @ student_weight.T (+ student_bias). The teacher is one of:
+  - hidden + weight (+ bias): z_t = teacher_hidden @ teacher_weight.T (+ teacher_bias);
+  - logits z_t;
+  - top-k: (indices (N, k), logprobs (N, k)), the teacher's k most likely tokens and their
+    log-probabilities at temperature T; the teacher's remaining mass 1 - sum(exp(logprobs)) is one tail
+    bucket. The divergence then compares k + 1 categories: for the teacher its k log-probabilities and
+    its tail; for the student log Q_T of the same k tokens and log of the sum of Q_T over all other tokens.
+    Every divergence is the same formula over those k + 1 buckets (so a teacher tail of exactly 0 makes
+    reverse KL infinite wherever the student puts mass outside the k tokens, as the math says). The hard
+    term (cross-entropy to labels) always uses the student's full distribution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from tsa_fast.reference.distillation_loss import (
+    counted_rows,
+    distillation_loss,
+    reduce_rows,
+    row_losses,
+    softcapped,
+)
+
+
+def linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """hidden (N, H) @ weight (V, H).T + bias (V,), computed and returned in `dtype`."""
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    return logits if bias is None else logits + bias.to(dtype)
+
+
+def topk_bucket_log_probs(log_q: Tensor, indices: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """(teacher, student) log-probabilities over the k + 1 buckets (the k tokens, then the tail).
+
+    log_q: (N, V) the student's log-probabilities at T; indices, teacher_logprobs: (N, k)."""
+    student_top = log_q.gather(-1, indices)
+    if indices.shape[-1] == log_q.shape[-1]:  # k = V: nothing is left for the tail
+        student_tail = torch.full_like(student_top[:, :1], -math.inf)
+    else:
+        student_tail = log_q.scatter(-1, indices, -math.inf).logsumexp(-1, keepdim=True)
+    teacher_logprobs = teacher_logprobs.to(log_q.dtype)
+    teacher_tail = torch.log((1 - teacher_logprobs.exp().sum(-1, keepdim=True)).clamp(min=0))
+    return torch.cat([teacher_logprobs, teacher_tail], -1), torch.cat([student_top, student_tail], -1)
+
+
+def fused_linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    labels: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    chunk_size: int | None = None,
+    **options,
+) -> Tensor:
+    """Reference `tsa_fast.fused_linear_distillation_loss` (same contract; `chunk_size` is ignored)."""
+    dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    leading_shape = student_hidden.shape[:-1]
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    student_logits = linear_logits(flat(student_hidden), student_weight, student_bias, dtype)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    if teacher_topk is None:
+        if teacher_logits is None:
+            teacher_logits = linear_logits(flat(teacher_hidden), teacher_weight, teacher_bias, dtype)
+        return distillation_loss(student_logits, flat(teacher_logits), flat_labels, **options).reshape(
+            leading_shape if options.get("reduction") == "none" else ()
+        )
+
+    vocab = options.get("vocab_size") or student_logits.shape[-1]
+    temperature = options.get("temperature", 1.0)
+    ignore_index = options.get("ignore_index", -100)
+    counted = counted_rows(flat_labels, ignore_index, student_logits.shape[0], student_logits.device)
+    capped = softcapped(torch.where(counted[:, None], student_logits[:, :vocab], 0.0), options.get("softcap"))
+    # Ignored rows get placeholder top-k entries, so whatever they hold cannot reach the math.
+    indices, teacher_logprobs = (torch.where(counted[:, None], flat(x), 0) for x in teacher_topk)
+    log_p, log_q = topk_bucket_log_probs(torch.log_softmax(capped / temperature, -1), indices, teacher_logprobs)
+    rows = row_losses(
+        log_p, log_q, capped, flat_labels, counted,
+        divergence_name=options.get("divergence", "forward_kl"), beta=options.get("beta", 0.5),
+        temperature=temperature, scale_by_t2=options.get("scale_by_t2", True),
+        soft_weight=options.get("soft_weight", 1.0), hard_weight=options.get("hard_weight", 0.0),
+        label_smoothing=options.get("label_smoothing", 0.0),
+    )  # fmt: skip
+    return reduce_rows(rows, None if flat_labels is None else counted, options.get("reduction", "mean"), leading_shape)
