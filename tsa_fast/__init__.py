@@ -2,7 +2,8 @@
 
 from tsa_fast.backends import available_backends
 from tsa_fast.ops.distillation_loss import distillation_loss
+from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
 from tsa_fast import nn
 
 __version__ = "0.1.0"
-__all__ = ["available_backends", "distillation_loss", "nn"]
+__all__ = ["available_backends", "distillation_loss", "fused_linear_distillation_loss", "nn"]

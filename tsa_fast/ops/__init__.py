@@ -1,5 +1,6 @@
 """Functional ops: autograd, `torch.library` custom ops and backend dispatch, one file per op family."""
 
 from tsa_fast.ops.distillation_loss import distillation_loss
+from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
 
-__all__ = ["distillation_loss"]
+__all__ = ["distillation_loss", "fused_linear_distillation_loss"]

@@ -19,13 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from tsa_fast.reference.distillation_loss import (
-    counted_rows,
-    distillation_loss,
-    reduce_rows,
-    row_losses,
-    softcapped,
-)
+from tsa_fast.reference.distillation_loss import counted_rows, distillation_loss, reduce_rows, row_losses, softcapped
 
 
 def linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -75,19 +69,37 @@ def fused_linear_distillation_loss(
             leading_shape if options.get("reduction") == "none" else ()
         )
 
-    vocab = options.get("vocab_size") or student_logits.shape[-1]
-    temperature = options.get("temperature", 1.0)
-    ignore_index = options.get("ignore_index", -100)
-    counted = counted_rows(flat_labels, ignore_index, student_logits.shape[0], student_logits.device)
-    capped = softcapped(torch.where(counted[:, None], student_logits[:, :vocab], 0.0), options.get("softcap"))
+    rows = topk_distillation_loss_rows(student_logits, *(flat(x) for x in teacher_topk), flat_labels, **options)
+    counted = None if flat_labels is None else flat_labels != options.get("ignore_index", -100)
+    return reduce_rows(rows, counted, options.get("reduction", "mean"), leading_shape)
+
+
+def topk_distillation_loss_rows(
+    student_logits: Tensor,
+    indices: Tensor,
+    teacher_logprobs: Tensor,
+    labels: Tensor | None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Per-row losses (N,) of student logits (N, V) against a top-k teacher (N, k) with a tail bucket."""
+    vocab = vocab_size or student_logits.shape[-1]
+    counted = counted_rows(labels, ignore_index, student_logits.shape[0], student_logits.device)
+    capped = softcapped(torch.where(counted[:, None], student_logits[:, :vocab], 0.0), softcap)
     # Ignored rows get placeholder top-k entries, so whatever they hold cannot reach the math.
-    indices, teacher_logprobs = (torch.where(counted[:, None], flat(x), 0) for x in teacher_topk)
+    indices, teacher_logprobs = (torch.where(counted[:, None], x, 0) for x in (indices, teacher_logprobs))
     log_p, log_q = topk_bucket_log_probs(torch.log_softmax(capped / temperature, -1), indices, teacher_logprobs)
-    rows = row_losses(
-        log_p, log_q, capped, flat_labels, counted,
-        divergence_name=options.get("divergence", "forward_kl"), beta=options.get("beta", 0.5),
-        temperature=temperature, scale_by_t2=options.get("scale_by_t2", True),
-        soft_weight=options.get("soft_weight", 1.0), hard_weight=options.get("hard_weight", 0.0),
-        label_smoothing=options.get("label_smoothing", 0.0),
+    return row_losses(
+        log_p, log_q, capped, labels, counted, divergence_name=divergence, beta=beta, temperature=temperature,
+        scale_by_t2=scale_by_t2, soft_weight=soft_weight, hard_weight=hard_weight, label_smoothing=label_smoothing,
     )  # fmt: skip
-    return reduce_rows(rows, None if flat_labels is None else counted, options.get("reduction", "mean"), leading_shape)

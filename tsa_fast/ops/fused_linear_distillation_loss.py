@@ -1,0 +1,256 @@
+"""`fused_linear_distillation_loss`: the distillation loss of a linear head, never materializing logits.
+
+The student logits are `student_hidden @ student_weight.T (+ bias)`; the teacher is hidden + weight
+(+ bias), logits, or its top-k `(indices, logprobs)` at temperature T with the rest of its mass as one
+tail bucket (see `tsa_fast.reference.fused_linear_distillation_loss`). Rows are processed in chunks: per
+chunk both logit tiles are computed in fp32, the fused loss kernel gives the per-row losses and the
+logit gradient, and the gradient is folded at once into grad_hidden (that chunk) and grad_weight /
+grad_bias (fp32 accumulators). Extra memory is O(chunk_size x V) whatever N is, plus the fp32
+weight-gradient accumulators and fp32 copies of low-precision weights (O(V x H)).
+
+For a scalar reduction the gradients are computed in the forward pass (backward scales them); for
+`reduction="none"` backward recomputes the chunks with the per-row incoming gradients as weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tsa_fast.ops.distillation_loss import (
+    LOSS_OPTIONS,
+    _check_labels,
+    _check_tensor,
+    check_labels_tensor,
+    check_loss_options,
+    distillation_loss_rows_and_grad,
+    rows_and_grad_by_autograd,
+)
+from tsa_fast.reference.fused_linear_distillation_loss import linear_logits, topk_distillation_loss_rows
+
+
+def fused_linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    labels: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    chunk_size: int | None = None,
+    **loss_options,
+) -> Tensor:
+    """`distillation_loss(student_hidden @ student_weight.T + student_bias, teacher logits, labels, **loss_options)`
+    without the N x V logits of either model.
+
+    Args:
+        student_hidden: (..., H_s) float; student_weight: (V_s, H_s); student_bias: (V_s,) or None.
+        teacher_hidden: (..., H_t) and teacher_weight: (V_t, H_t) (+ teacher_bias (V_t,)); or
+        teacher_logits: (..., V_t); or
+        teacher_topk: (indices (..., k) int64 distinct per row, logprobs (..., k) float) at temperature T.
+            Exactly one teacher form must be given.
+        labels: (...) or None, as in `distillation_loss`.
+        chunk_size: rows per chunk; default: the power of two near N * H_s / V (the chunk's logits then
+            take about the memory of the hidden states).
+        **loss_options: the keyword options of `distillation_loss` (same names, defaults and errors).
+
+    Returns: the loss as `distillation_loss` returns it (float32; float64 for float64 inputs).
+    Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant.
+
+    Raises: TypeError for an unknown option; ValueError for a bad shape, dtype, device, option, a missing
+    or doubled teacher form, or a bad chunk_size.
+    """
+    unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown loss options {unknown}; valid: {sorted(LOSS_OPTIONS)}")
+    options = {**LOSS_OPTIONS, **loss_options}
+    teacher = _Teacher.check(student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk)
+    _check_tensor("student_hidden", student_hidden)
+    _check_linear("student", student_weight, student_bias, student_hidden)
+    check_labels_tensor(labels, student_hidden.shape[:-1], student_hidden.device)
+    vocab = check_loss_options(options, student_weight.shape[0], teacher.vocab(student_weight.shape[0]), labels is not None)
+    if teacher.topk_indices is not None and teacher.topk_indices.shape[-1] > vocab:
+        raise ValueError(f"teacher_topk has k={teacher.topk_indices.shape[-1]} > vocabulary size {vocab}")
+    n_rows = student_hidden.numel() // student_hidden.shape[-1]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n_rows, student_hidden.shape[-1], student_weight.shape[0])
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+    flat_labels = None if labels is None else labels.reshape(-1)
+    if flat_labels is not None and not torch.compiler.is_compiling():
+        _check_labels(flat_labels, vocab, options["ignore_index"])
+    if teacher.topk_indices is not None:
+        _check_topk_indices(teacher.topk_indices, vocab)
+    loss = _FusedLinearDistillation.apply(
+        student_hidden.reshape(n_rows, -1), student_weight, student_bias, teacher, flat_labels, options, vocab, chunk_size
+    )
+    return loss.reshape(student_hidden.shape[:-1]) if options["reduction"] == "none" else loss
+
+
+def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk so that chunk x V logits cost about as much as the N x H hidden states."""
+    return max(1, min(n_rows, 2 ** round(math.log2(max(1.0, n_rows * hidden / vocab)))))
+
+
+@dataclass
+class _Teacher:
+    """The teacher in one of its three forms, flattened to rows."""
+
+    hidden: Tensor | None = None
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    logits: Tensor | None = None
+    topk_indices: Tensor | None = None
+    topk_logprobs: Tensor | None = None
+
+    @classmethod
+    def check(cls, student_hidden, hidden, weight, bias, logits, topk) -> "_Teacher":
+        given = [name for name, x in (("teacher_hidden/teacher_weight", hidden if hidden is not None else weight),
+                                      ("teacher_logits", logits), ("teacher_topk", topk)) if x is not None]  # fmt: skip
+        if len(given) != 1:
+            raise ValueError(f"give exactly one teacher form (hidden + weight, logits or topk), got {given or 'none'}")
+        like = ("student_hidden", student_hidden)
+        flat = lambda x: x.detach().reshape(-1, x.shape[-1])  # noqa: E731
+        if logits is not None:
+            _check_tensor("teacher_logits", logits, like=like)
+            return cls(logits=flat(logits))
+        if topk is not None:
+            if not isinstance(topk, (tuple, list)) or len(topk) != 2:
+                raise ValueError("teacher_topk must be a pair (indices, logprobs)")
+            indices, logprobs = topk
+            _check_tensor("teacher_topk logprobs", logprobs, like=like)
+            if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"teacher_topk indices must be an int64/int32 tensor, got {getattr(indices, 'dtype', type(indices))}")
+            if indices.shape != logprobs.shape:
+                raise ValueError(f"teacher_topk indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} differ in shape")
+            return cls(topk_indices=flat(indices).long(), topk_logprobs=flat(logprobs))
+        if hidden is None or weight is None:
+            raise ValueError("the teacher as hidden states needs both teacher_hidden and teacher_weight")
+        _check_tensor("teacher_hidden", hidden, like=like)
+        _check_linear("teacher", weight, bias, hidden)
+        return cls(hidden=flat(hidden), weight=weight.detach(), bias=None if bias is None else bias.detach())
+
+    def vocab(self, student_vocab: int) -> int:
+        if self.logits is not None:
+            return self.logits.shape[-1]
+        return student_vocab if self.weight is None else self.weight.shape[0]
+
+    def rows(self, start: int, end: int, weight: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+        """The teacher for rows [start, end): logits (N, V_t) (in `weight`'s dtype when computed from the
+        hidden states with this converted weight), or the top-k pair."""
+        if self.topk_indices is not None:
+            return self.topk_indices[start:end], self.topk_logprobs[start:end]
+        if self.logits is not None:
+            return self.logits[start:end]
+        return linear_logits(self.hidden[start:end], weight, self.bias, weight.dtype)
+
+
+def _check_linear(model: str, weight, bias, hidden: Tensor) -> None:
+    _check_tensor(f"{model}_weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{model}_weight must be (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{model}_weight on {weight.device} but {model}_hidden on {hidden.device}")
+    if bias is not None:
+        _check_tensor(f"{model}_bias", bias)
+        if bias.shape != weight.shape[:1] or bias.device != weight.device:
+            raise ValueError(f"{model}_bias must be ({weight.shape[0]},) on {weight.device}, got {tuple(bias.shape)} on {bias.device}")
+
+
+def _check_topk_indices(indices: Tensor, vocab: int) -> None:
+    if indices.device.type == "cpu":
+        bad = (indices < 0) | (indices >= vocab)
+        if bad.any():
+            raise ValueError(f"teacher_topk indices must be in [0, {vocab}), got {indices[bad][:8].tolist()}")
+
+
+def _rows_and_logit_grad(student_logits: Tensor, teacher, labels: Tensor | None, options: dict, vocab: int):
+    """Per-row losses and their gradient w.r.t. the chunk's fp32 student logits."""
+    if isinstance(teacher, tuple):  # top-k with a tail bucket: the reference math on the chunk
+        return rows_and_grad_by_autograd(
+            lambda z: topk_distillation_loss_rows(z, *teacher, labels, **{**options, "vocab_size": vocab}), student_logits
+        )
+    return distillation_loss_rows_and_grad(student_logits, teacher, labels, options, vocab)
+
+
+def _chunked_pass(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs):
+    """Per-row losses (N,) and, for `needs` = (hidden, weight, bias) flags, the gradients of
+    sum(row_weights * rows); row_weights is a scalar tensor or (N,)."""
+    n_rows = hidden.shape[0]
+    # Logits, their gradient and the weight gradients in fp32 (float64 for float64 inputs), never rounded
+    # to a low-precision dtype.
+    compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    rows = torch.empty(n_rows, dtype=compute_dtype, device=hidden.device)
+    weight_c = weight.detach().to(compute_dtype)
+    teacher_weight_c = None if teacher.weight is None else teacher.weight.to(compute_dtype)
+    grad_hidden = torch.empty_like(hidden) if needs[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=compute_dtype) if needs[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=compute_dtype) if needs[2] else None
+    for start in range(0, n_rows, chunk_size):
+        end = min(start + chunk_size, n_rows)
+        chunk_hidden = hidden[start:end].detach()
+        student_logits = linear_logits(chunk_hidden, weight_c, None if bias is None else bias.detach(), compute_dtype)
+        chunk_labels = None if labels is None else labels[start:end]
+        chunk_rows, grad_logits = _rows_and_logit_grad(
+            student_logits, teacher.rows(start, end, teacher_weight_c), chunk_labels, options, vocab
+        )
+        rows[start:end] = chunk_rows
+        if not any(needs):
+            continue
+        del student_logits
+        grad_logits.mul_(row_weights if row_weights.dim() == 0 else row_weights[start:end, None])
+        if grad_hidden is not None:
+            grad_hidden[start:end] = grad_logits @ weight_c
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T, chunk_hidden.to(compute_dtype))
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+    return rows, grad_hidden, grad_weight, grad_bias
+
+
+def _reduction_weight(labels: Tensor | None, n_rows: int, options: dict, dtype, device) -> Tensor:
+    """The weight of every row's loss in the scalar reduction (a 0-dim tensor: no host sync)."""
+    reduction = options["reduction"]
+    if reduction == "sum":
+        return torch.ones((), dtype=dtype, device=device)
+    if reduction == "batchmean" or labels is None:
+        return torch.full((), 1.0 / max(n_rows, 1), dtype=dtype, device=device)
+    return 1.0 / (labels != options["ignore_index"]).sum().clamp(min=1).to(dtype)
+
+
+class _FusedLinearDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher, labels, options, vocab, chunk_size):
+        needs = ctx.needs_input_grad[:3]
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.args = (teacher, labels, options, vocab, chunk_size)
+        if options["reduction"] == "none":  # per-row weights come in backward: recompute there
+            ctx.save_for_backward(hidden, weight, bias)
+            rows, *_ = _chunked_pass(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, None, (False,) * 3)
+            return rows
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        scale = _reduction_weight(labels, hidden.shape[0], options, dtype, hidden.device)
+        rows, *grads = _chunked_pass(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, scale, needs)
+        ctx.save_for_backward(*grads)
+        return rows.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        teacher, labels, options, vocab, chunk_size = ctx.args
+        if options["reduction"] == "none":
+            hidden, weight, bias = ctx.saved_tensors
+            weights = grad_output.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+            _, *grads = _chunked_pass(
+                hidden, weight, bias, teacher, labels, options, vocab, chunk_size, weights, ctx.needs_input_grad[:3]
+            )
+        else:  # in place: a second backward through the consumed gradients raises autograd's error
+            grads = [None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors]
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None, None)
