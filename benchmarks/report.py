@@ -1,5 +1,6 @@
 """Turn pytest-benchmark JSON into a Markdown report: per group, each implementation's median time,
-its speed-up over the eager and the compiled reference, peak extra memory and achieved bandwidth.
+its speed-up over the eager and the compiled reference, peak extra memory (and its ratio to the
+reference's), and achieved bandwidth or FLOP rate where the benchmark records them.
 
     python -m benchmarks.report RESULTS.json [MORE.json ...] [--out REPORT.md]
 """
@@ -24,26 +25,31 @@ def load_rows(paths: list[Path]) -> dict[str, list[dict]]:
     return groups
 
 
+# Optional per-benchmark figures, shown when a group has them: (extra_info key, column title, format).
+OPTIONAL_COLUMNS = [
+    ("grad_buffer_MB", "grad buffer MB", "{:.0f}"),
+    ("achieved_GBps", "GB/s", "{:.1f}"),
+    ("roofline_fraction", "of HBM roofline", "{:.0%}"),
+    ("TFLOPs", "TFLOP/s", "{:.2f}"),
+]
+
+
 def markdown(groups: dict[str, list[dict]]) -> str:
     lines = []
     for group, rows in groups.items():
-        by_impl = {row["impl"]: row for row in rows}
-        eager = by_impl.get("reference", {}).get("median")
-        compiled = by_impl.get("reference_compiled", {}).get("median")
-        lines += [
-            f"### {group}",
-            "",
-            "| impl | median ms (IQR) | vs reference | vs compiled reference | peak extra MB (grad buffer MB) | GB/s | roofline |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        reference = next((row for row in rows if row["impl"] == "reference"), None)
+        compiled = next((row for row in rows if row["impl"] == "reference_compiled"), None)
+        optional = [column for column in OPTIONAL_COLUMNS if any(column[0] in row for row in rows)]
+        header = ["impl", "median ms (IQR)", "speed-up vs reference", "vs compiled reference", "peak extra MB",
+                  "memory vs reference"] + [title for _, title, _ in optional]  # fmt: skip
+        lines += [f"### {group}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in sorted(rows, key=lambda r: r["median"]):
-            speedup = lambda base: f"{base / row['median']:.2f}x" if base else "-"  # noqa: E731
-            roofline = f"{row['roofline_fraction']:.0%}" if "roofline_fraction" in row else "-"
-            lines.append(
-                f"| {row['impl']} | {row['median'] * 1e3:.1f} ({row['iqr'] * 1e3:.1f}) | {speedup(eager)} | "
-                f"{speedup(compiled)} | {row['peak_extra_MB']:.0f} ({row['grad_buffer_MB']:.0f}) | "
-                f"{row['achieved_GBps']:.1f} | {roofline} |"
-            )
+            speedup = lambda base: f"{base['median'] / row['median']:.2f}x" if base else "-"  # noqa: E731
+            memory = f"{row['peak_extra_MB'] / reference['peak_extra_MB']:.2f}x" if reference else "-"
+            cells = [row["impl"], f"{row['median'] * 1e3:.1f} ({row['iqr'] * 1e3:.1f})", speedup(reference),
+                     speedup(compiled), f"{row['peak_extra_MB']:.0f}", memory]  # fmt: skip
+            cells += [fmt.format(row[key]) if key in row else "-" for key, _, fmt in optional]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
