@@ -1,0 +1,316 @@
+// distillation_loss.h: the math of the fused distillation loss, shared by the CPU kernel
+// (distillation_loss_cpu.cpp) and the CUDA kernel (distillation_loss_cuda.cu).
+//
+// Contract (DistillationParams): n_rows rows of student logits z_s and teacher logits z_t, each fp32, fp16
+// or bf16 (independently), column stride 1, row strides in elements; only the first K = n_cols columns are
+// read. Optional int64 labels (rows whose label is ignore_index are skipped: loss 0, zero gradient row,
+// logits not read; labels must otherwise be in [0, K), the caller checks). Written: loss[r] in fp32 and,
+// when grad is non-null, grad[r, :K] = d loss[r] / d z_s[r, :K] in the student dtype.
+//
+// Math in fp32, row sums in double: c(z) = softcap * tanh(z / softcap) (identity without softcap),
+// q = softmax(c(z_s) / T), p = softmax(c(z_t) / T),
+// loss = soft_scale * D(p, q) + hard_weight * CE(softmax(c(z_s)), label).
+// With qg_j = q_j dD/dq_j and C = sum_j qg_j, the softmax Jacobian gives dD/ds_j = qg_j - q_j C.
+//
+// Everything computed per column lives here, as TSA_HOST_DEVICE functions, so both kernels share one
+// implementation of it; the kernels own only their loops and reductions.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+// Per-column functions: host and device under nvcc; always inlined by the C++ compiler, so that the CPU
+// kernel's loops vectorize whatever the inlining budget of a large row function.
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define TSA_HOST_DEVICE __host__ __device__
+#elif defined(__GNUC__)
+#define TSA_HOST_DEVICE __attribute__((always_inline))
+#else
+#define TSA_HOST_DEVICE
+#endif
+
+namespace tsa_fast {
+
+enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum DivergenceCode : int { kForwardKL = 0, kReverseKL = 1, kSymmetricKL = 2, kJSD = 3, kTVD = 4 };
+
+struct DistillationParams {
+  const void* student;  // (n_rows, student_row_stride), student_dtype
+  int student_dtype;
+  int64_t student_row_stride;
+  const void* teacher;  // (n_rows, teacher_row_stride), teacher_dtype
+  int teacher_dtype;
+  int64_t teacher_row_stride;
+  const int64_t* labels;  // (n_rows,), or null: every row counts (then hard_weight must be 0)
+  float* loss;            // (n_rows,) out
+  void* grad;             // (n_rows, grad_row_stride) out in student_dtype, or null: no gradient
+  int64_t grad_row_stride;
+  int64_t n_rows;
+  int64_t n_cols;  // K
+  int divergence;  // DivergenceCode
+  float beta;      // jsd mixing weight
+  float inv_temperature;
+  float soft_scale;  // weight of D (T^2 scaling included by the caller)
+  float hard_weight;
+  float label_smoothing;
+  float softcap;  // 0: none
+  int64_t ignore_index;
+};
+
+// The kernels (the CUDA one exists only in builds with TSA_FAST_WITH_CUDA; stream is a cudaStream_t).
+void distillation_loss_forward_cpu(const DistillationParams& params);
+void distillation_loss_forward_cuda(const DistillationParams& params, std::uintptr_t stream);
+
+// ---- Bit casts and 16-bit floats ---------------------------------------------------------------------
+
+TSA_HOST_DEVICE inline uint32_t float_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+TSA_HOST_DEVICE inline float bits_float(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+struct Half {  // IEEE binary16, as stored
+  uint16_t bits;
+};
+struct BFloat16 {  // bfloat16, as stored
+  uint16_t bits;
+};
+
+TSA_HOST_DEVICE inline float to_float(float x) { return x; }
+
+TSA_HOST_DEVICE inline float to_float(BFloat16 x) { return bits_float(uint32_t(x.bits) << 16); }
+
+TSA_HOST_DEVICE inline float to_float(Half x) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__ushort_as_half(x.bits));
+#else
+  // Move exponent and mantissa into place and rebias the exponent (15 -> 127). Inf/nan need the largest
+  // exponent; subnormals are rebuilt as (2^-14 + m 2^-24) - 2^-14 (F. Giesen's half_to_float_fast).
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
+  const uint32_t shifted = uint32_t(x.bits & 0x7fffu) << 13;
+  const uint32_t exponent = shifted & 0x0f800000u;
+  const uint32_t normal = shifted + (112u << 23);
+  const uint32_t inf_nan = normal + (112u << 23);
+  const uint32_t subnormal = float_bits(bits_float(normal + (1u << 23)) - bits_float(113u << 23));
+  const uint32_t magnitude = exponent == 0x0f800000u ? inf_nan : (exponent == 0 ? subnormal : normal);
+  return bits_float(magnitude | sign);
+#endif
+}
+
+// float -> T, rounding to nearest even.
+template <class T>
+TSA_HOST_DEVICE inline T from_float(float x);
+
+template <>
+TSA_HOST_DEVICE inline float from_float<float>(float x) {
+  return x;
+}
+
+template <>
+TSA_HOST_DEVICE inline BFloat16 from_float<BFloat16>(float x) {
+#ifdef __CUDA_ARCH__
+  return {__bfloat16_as_ushort(__float2bfloat16_rn(x))};
+#else
+  // Add half an ulp of bf16 (less one when the kept mantissa is even) and truncate; nan stays a quiet nan.
+  const uint32_t bits = float_bits(x);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return {uint16_t(x != x ? (bits >> 16) | 0x40u : rounded)};
+#endif
+}
+
+template <>
+TSA_HOST_DEVICE inline Half from_float<Half>(float x) {
+#ifdef __CUDA_ARCH__
+  return {__half_as_ushort(__float2half_rn(x))};
+#else
+  // F. Giesen's float_to_half_fast3_rtne, branch-free.
+  const uint32_t bits = float_bits(x);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  // |x| >= 2^16 (or inf/nan): inf, or a quiet nan.
+  const uint32_t overflow = magnitude > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // |x| < 2^-14 (subnormal half): adding 0.5, whose ulp is 2^-24, makes the FPU round at the right bit.
+  const uint32_t subnormal = float_bits(bits_float(magnitude) + 0.5f) - 0x3f000000u;
+  // Normal: rebias the exponent (127 -> 15), add half an ulp (less one when the kept mantissa is even),
+  // truncate; a carry into the exponent is the correct rounding (up to inf above 65504).
+  const uint32_t normal = (magnitude - (112u << 23) + 0xfffu + ((magnitude >> 13) & 1u)) >> 13;
+  const uint32_t half = magnitude >= 0x47800000u ? overflow : (magnitude < 0x38800000u ? subnormal : normal);
+  return {uint16_t(half | sign)};
+#endif
+}
+
+// ---- exp, tanh, softcap ------------------------------------------------------------------------------
+
+// e^x in fp32 (CUDA: expf). Host: within 1 ulp on [-87.3, 88.3]: x = n ln2 + r with |r| <= ln2 / 2
+// (Cody-Waite split of ln2), e^r by Cephes' expf polynomial, 2^n built in the exponent bits. Returns 0
+// below -87.34 (subnormal results) and for -inf, +inf above 88.3, nan for nan. Branch-free, so GCC
+// vectorizes the loops that call it.
+TSA_HOST_DEVICE inline float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);
+#else
+  constexpr float kLowest = -87.3365f, kHighest = 88.3f;
+  const bool below = x < kLowest, above = x > kHighest;  // both false for nan, which flows through
+  const float clamped = below ? kLowest : (above ? kHighest : x);
+  // n = round(x / ln2): adding 1.5 * 2^23 rounds to an integer and leaves n in the low mantissa bits.
+  constexpr float kRoundToInt = 12582912.0f;
+  const float shifted = clamped * 1.44269504088896341f + kRoundToInt;
+  const float n = shifted - kRoundToInt;
+  const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float exp_r = poly * r * r + r + 1.0f;
+  const uint32_t two_n = (float_bits(shifted) - float_bits(kRoundToInt) + 127u) << 23;
+  return below ? 0.0f : (above ? INFINITY : exp_r * bits_float(two_n));
+#endif
+}
+
+// tanh in fp32 (CUDA: tanhf). Host: Cephes' tanhf, branch-free: an odd polynomial for |x| < 0.625,
+// 1 - 2 / (e^(2|x|) + 1) with the sign of x above.
+TSA_HOST_DEVICE inline float fast_tanh(float x) {
+#ifdef __CUDA_ARCH__
+  return tanhf(x);
+#else
+  const float x2 = x * x;
+  float poly = -5.70498872745e-3f;
+  poly = poly * x2 + 2.06390887954e-2f;
+  poly = poly * x2 - 5.37397155531e-2f;
+  poly = poly * x2 + 1.33314422036e-1f;
+  poly = poly * x2 - 3.33332819422e-1f;
+  const float small = poly * x2 * x + x;
+  const uint32_t sign = float_bits(x) & 0x80000000u;
+  const float magnitude = bits_float(float_bits(x) ^ sign);
+  const float large = 1.0f - 2.0f / (fast_exp(2.0f * magnitude) + 1.0f);
+  return magnitude < 0.625f ? small : bits_float(float_bits(large) | sign);
+#endif
+}
+
+// c(z) = softcap * tanh(z / softcap).
+TSA_HOST_DEVICE inline float softcapped(float z, float softcap, float inv_softcap) {
+  return softcap * fast_tanh(z * inv_softcap);
+}
+
+// c'(z) = 1 - tanh^2(z / softcap), from the capped value c(z). inv_softcap = 0 (no softcap) gives 1.
+TSA_HOST_DEVICE inline float softcap_slope(float capped, float inv_softcap) {
+  const float tanh = capped * inv_softcap;
+  return 1.0f - tanh * tanh;
+}
+
+// ---- Divergences -------------------------------------------------------------------------------------
+
+// a log(a / b) from log a and log b, with 0 log 0 = 0 (teacher -inf logits give p = 0, log p = -inf).
+TSA_HOST_DEVICE inline float xlog_ratio(float a, float log_a, float log_b) {
+  return a > 0.0f ? a * (log_a - log_b) : 0.0f;
+}
+
+struct DivergenceTerms {
+  float value;   // d_j: column j's share of D
+  float q_grad;  // qg_j = q_j * dD/dq_j
+};
+
+// Column j's terms of D(p, q) for DivergenceCode kDivergence (p: teacher, q: student).
+template <int kDivergence>
+TSA_HOST_DEVICE inline DivergenceTerms divergence_terms(float p, float log_p, float q, float log_q, float beta) {
+  if constexpr (kDivergence == kForwardKL) {  // KL(p || q)
+    return {xlog_ratio(p, log_p, log_q), -p};
+  } else if constexpr (kDivergence == kReverseKL) {  // KL(q || p)
+    const float reverse = xlog_ratio(q, log_q, log_p);
+    return {reverse, reverse + q};
+  } else if constexpr (kDivergence == kSymmetricKL) {  // (KL(p || q) + KL(q || p)) / 2
+    const float reverse = xlog_ratio(q, log_q, log_p);
+    return {0.5f * (xlog_ratio(p, log_p, log_q) + reverse), 0.5f * (reverse + q - p)};
+  } else if constexpr (kDivergence == kJSD) {  // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+    const float log_m = logf(beta * p + (1.0f - beta) * q);
+    const float student_part = xlog_ratio(q, log_q, log_m);
+    return {beta * xlog_ratio(p, log_p, log_m) + (1.0f - beta) * student_part, (1.0f - beta) * student_part};
+  } else {  // kTVD: sum |p - q| / 2
+    static_assert(kDivergence == kTVD, "unknown divergence");
+    const float sign = float(q > p) - float(q < p);
+    return {0.5f * fabsf(p - q), 0.5f * q * sign};
+  }
+}
+
+// ---- Gradient and hard term --------------------------------------------------------------------------
+
+// Per-row constants of the gradient.
+struct GradientScales {
+  float soft;            // soft_scale / T
+  float c_sum;           // C = sum_j qg_j
+  float hard;            // hard_weight
+  float label_weight;    // 1 - eps
+  float uniform_weight;  // eps / K
+};
+
+// d loss / d z_s_j = (soft_scale/T (qg_j - q_j C) + hard_weight (q1_j - (1-eps)[j = y] - eps/K)) c'(z_s_j),
+// with q1 = softmax(c(z_s)) at T = 1.
+TSA_HOST_DEVICE inline float student_gradient(const GradientScales& scales, float q_grad, float q, float q1,
+                                              bool is_label, float slope) {
+  const float soft = scales.soft * (q_grad - q * scales.c_sum);
+  const float hard = scales.hard * (q1 - (is_label ? scales.label_weight : 0.0f) - scales.uniform_weight);
+  return (soft + hard) * slope;
+}
+
+// Cross-entropy with label smoothing eps at T = 1 from lse = logsumexp_j c_j:
+// (1 - eps) (lse - c_y) + eps (lse - mean_j c_j).
+TSA_HOST_DEVICE inline float smoothed_cross_entropy(float lse, float label_logit, float mean_logit, float eps) {
+  return (1.0f - eps) * (lse - label_logit) + eps * (lse - mean_logit);
+}
+
+// ---- Dispatch from runtime codes to template arguments (host) -----------------------------------------
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+// f(TypeTag<float | Half | BFloat16>{}) for a DTypeCode.
+template <class F>
+void dispatch_dtype(int code, F&& f) {
+  switch (code) {
+    case kFloat32: return f(TypeTag<float>{});
+    case kFloat16: return f(TypeTag<Half>{});
+    case kBFloat16: return f(TypeTag<BFloat16>{});
+  }
+  throw std::invalid_argument("tsa_fast: unknown dtype code " + std::to_string(code) +
+                              " (0: float32, 1: float16, 2: bfloat16)");
+}
+
+// f(std::integral_constant<int, code>{}) for a DivergenceCode.
+template <class F>
+void dispatch_divergence(int code, F&& f) {
+  switch (code) {
+    case kForwardKL: return f(std::integral_constant<int, kForwardKL>{});
+    case kReverseKL: return f(std::integral_constant<int, kReverseKL>{});
+    case kSymmetricKL: return f(std::integral_constant<int, kSymmetricKL>{});
+    case kJSD: return f(std::integral_constant<int, kJSD>{});
+    case kTVD: return f(std::integral_constant<int, kTVD>{});
+  }
+  throw std::invalid_argument("tsa_fast: unknown divergence code " + std::to_string(code) +
+                              " (0: forward_kl, 1: reverse_kl, 2: symmetric_kl, 3: jsd, 4: tvd)");
+}
+
+}  // namespace tsa_fast
