@@ -1,5 +1,6 @@
 """Triton kernels and their launchers (no autograd), importable as `tsa_fast.kernels`; needs Triton."""
 
+from .attention_transfer_loss import attention_transfer_backward, attention_transfer_forward
 from .distillation_loss import distillation_loss_forward
 
-__all__ = ["distillation_loss_forward"]
+__all__ = ["attention_transfer_backward", "attention_transfer_forward", "distillation_loss_forward"]

@@ -120,9 +120,11 @@ def _distillation_loss_fwd_kernel(
     log_d_s, log_d_t = tl.log(d_s), tl.log(d_t)
 
     # Pass 2: the row constant sum(qg) of the softmax chain rule (forward KL: exactly -1).
-    qg_sum = tl.full([BLOCK_ROWS], -1.0, tl.float32)
+    # Row sums in fp64: the gradient q * (g - sum(q g)) cancels at a dominant token, and an fp32 sum's
+    # rounding would be amplified there (one fp64 add per element is cheap in a memory-bound kernel).
+    qg_sum = tl.full([BLOCK_ROWS], -1.0, tl.float64)
     if COMPUTE_GRAD and DIVERGENCE != FORWARD_KL:
-        qg_sum = tl.zeros([BLOCK_ROWS], tl.float32)
+        qg_sum = tl.zeros([BLOCK_ROWS], tl.float64)
         for start in range(0, n_cols, BLOCK_V):
             mask = counted[:, None] & (start + cols < n_cols)
             c_s, _ = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
@@ -130,10 +132,11 @@ def _distillation_loss_fwd_kernel(
             log_q = (c_s * inv_temperature - m_s[:, None]) - log_d_s[:, None]
             log_p = (c_t * inv_temperature - m_t[:, None]) - log_d_t[:, None]
             _, qg = _divergence_terms(tl.exp(log_p), tl.exp(log_q), log_p, log_q, beta, DIVERGENCE)
-            qg_sum += tl.sum(tl.where(mask, qg, 0.0), axis=1)
+            qg_sum += tl.sum(tl.where(mask, qg, 0.0).to(tl.float64), axis=1)
 
     # Pass 3: the divergence, and the gradient tile written once (zeros for ignored rows).
-    div = tl.zeros([BLOCK_ROWS], tl.float32)
+    row_constant = qg_sum.to(tl.float32)
+    div = tl.zeros([BLOCK_ROWS], tl.float64)
     log_d_h = tl.log(d_h)
     for start in range(0, n_cols, BLOCK_V):
         in_cols = start + cols < n_cols
@@ -144,9 +147,9 @@ def _distillation_loss_fwd_kernel(
         log_p = (c_t * inv_temperature - m_t[:, None]) - log_d_t[:, None]
         q = tl.exp(log_q)
         d, qg = _divergence_terms(tl.exp(log_p), q, log_p, log_q, beta, DIVERGENCE)
-        div += tl.sum(tl.where(mask, d, 0.0), axis=1)
+        div += tl.sum(tl.where(mask, d, 0.0).to(tl.float64), axis=1)
         if COMPUTE_GRAD:
-            grad = soft_scale * inv_temperature * (qg - q * qg_sum[:, None])
+            grad = soft_scale * inv_temperature * (qg - q * row_constant[:, None])
             if HAS_HARD:
                 target = tl.where(start + cols == labels[:, None], 1.0 - label_smoothing, 0.0)
                 grad += hard_weight * (tl.exp((c_s - m_h[:, None]) - log_d_h[:, None]) - target - label_smoothing / n_cols)
@@ -154,7 +157,7 @@ def _distillation_loss_fwd_kernel(
             out = grad_ptr + rows.to(tl.int64)[:, None] * stride_grad + start + cols
             tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & in_cols)
 
-    loss = soft_scale * div
+    loss = soft_scale * div.to(tl.float32)
     if HAS_HARD:
         safe_labels = tl.where(counted, labels, 0)
         c_y, _ = _load_capped(student_ptr + rows.to(tl.int64) * stride_student + safe_labels, counted, softcap, HAS_SOFTCAP)

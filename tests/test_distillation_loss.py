@@ -11,7 +11,7 @@ import tsa_fast
 from tsa_fast.reference.distillation_loss import distillation_loss as reference_loss
 from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS
 
-from conftest import DEVICE, assert_rel_close
+from conftest import DEVICE, assert_rel_close, rel_error
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -38,13 +38,17 @@ def loss_and_grad(fn, student, teacher, labels, upstream_seed=0, **options):
 
 
 def check_against_reference(student, teacher, labels, tol, **options):
+    """Loss and gradient against the float64 reference within `tol`, or within twice the error of the
+    reference itself run in the input dtype, where that is larger (the FlashAttention test rule: a very
+    peaked softmax makes some gradients ill-conditioned in fp32 for any implementation)."""
     loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
     ref_loss, ref_grad = loss_and_grad(reference_loss, student.double(), teacher.double(), labels, **options)
+    same_dtype_loss, same_dtype_grad = loss_and_grad(reference_loss, student, teacher, labels, **options)
     assert loss.dtype == torch.float32 and grad.dtype == student.dtype
-    assert_rel_close(loss, ref_loss, tol, "loss")
+    assert_rel_close(loss, ref_loss, max(tol, 2 * rel_error(same_dtype_loss, ref_loss)), "loss")
     # TVD's gradient jumps where p_j = q_j: an element within rounding of a tie may take either side.
     grad_tol = max(tol, 1e-4) if options.get("divergence") == "tvd" else tol
-    assert_rel_close(grad, ref_grad, grad_tol, "grad")
+    assert_rel_close(grad, ref_grad, max(grad_tol, 2 * rel_error(same_dtype_grad, ref_grad)), "grad")
     return loss, grad
 
 
