@@ -6,6 +6,10 @@
 
 #include <cstdint>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "distillation_loss.h"
 
 namespace py = pybind11;
@@ -58,6 +62,21 @@ void forward_cpu_without_gil(const DistillationParams& params) {
   tsa_fast::distillation_loss_forward_cpu(params);
 }
 
+// Ask Linux to back the 2 MiB pages inside [ptr, ptr + nbytes) with transparent huge pages. Called on
+// a fresh, untouched output buffer, it turns the first-touch page faults of the kernel's writes (one per
+// 4 KiB: ~200 ms for a 512 MiB gradient) into one per 2 MiB. A no-op where unsupported.
+void advise_huge_pages(std::uintptr_t ptr, std::size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHugePage = std::uintptr_t(2) << 20;
+  const std::uintptr_t begin = (ptr + kHugePage - 1) & ~(kHugePage - 1);
+  const std::uintptr_t end = (ptr + nbytes) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)nbytes;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -71,6 +90,9 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("has_cuda") = false;
 #endif
+  m.def("advise_huge_pages", &advise_huge_pages,
+        "Back the untouched host buffer [ptr, ptr + nbytes) with transparent huge pages (Linux; else no-op).",
+        py::arg("ptr"), py::arg("nbytes"));
   def_forward(m, "distillation_loss_forward_cpu",
               "Per-row distillation losses (float32) and optionally their gradient, for host memory.",
               &forward_cpu_without_gil);

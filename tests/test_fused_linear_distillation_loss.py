@@ -180,9 +180,9 @@ def test_bf16_weights_accumulate_in_fp32():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(4096, 512, 32000) == 64
-    assert default_chunk_size(8192, 4096, 128256) == 256
-    assert default_chunk_size(3, 8, 100000) == 1
+    assert default_chunk_size(65536, 4096, 32000) == 8192  # logits tile ~ hidden states
+    assert default_chunk_size(4096, 512, 32000) == 256  # at least 256 rows
+    assert default_chunk_size(3, 8, 100000) == 3  # at most N
     assert default_chunk_size(10, 4096, 100) == 10
 
 

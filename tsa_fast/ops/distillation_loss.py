@@ -21,6 +21,7 @@ from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS, reduce
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C++ extension's dtype codes
+HUGE_PAGE_MIN_BYTES = 8 << 20
 
 
 def distillation_loss(
@@ -303,10 +304,13 @@ def _unit_column_stride(logits: Tensor) -> Tensor:
 
 
 def _grad_buffer(student: Tensor, vocab_size: int) -> Tensor:
-    """Where the kernels write the gradient: the first vocab_size columns; the rest stay zero."""
-    if vocab_size == student.shape[1]:
-        return torch.empty_like(student, memory_format=torch.contiguous_format)
-    return torch.zeros_like(student, memory_format=torch.contiguous_format)
+    """Where the kernels write the gradient: the first vocab_size columns; the rest stay zero. A large
+    host buffer is backed by huge pages before its first touch (page faults would cost as much as the
+    kernel)."""
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    if grad.device.type == "cpu" and cpp_extension is not None and grad.nbytes >= HUGE_PAGE_MIN_BYTES:
+        cpp_extension.advise_huge_pages(grad.data_ptr(), grad.nbytes)
+    return grad if vocab_size == student.shape[1] else grad.zero_()
 
 
 def _launch_cpp(student, teacher, labels, row_loss, grad, divergence, beta, temperature, soft_scale,

@@ -56,8 +56,8 @@ def fused_linear_distillation_loss(
         teacher_topk: (indices (..., k) int64 distinct per row, logprobs (..., k) float) at temperature T.
             Exactly one teacher form must be given.
         labels: (...) or None, as in `distillation_loss`.
-        chunk_size: rows per chunk; default: the power of two near N * H_s / V (the chunk's logits then
-            take about the memory of the hidden states).
+        chunk_size: rows per chunk; default `default_chunk_size`: the power of two near N * H_s / V (the
+            chunk's logits then take about the memory of the hidden states), at least 256 rows.
         **loss_options: the keyword options of `distillation_loss` (same names, defaults and errors).
 
     Returns: the loss as `distillation_loss` returns it (float32; float64 for float64 inputs).
@@ -94,9 +94,15 @@ def fused_linear_distillation_loss(
     return loss.reshape(student_hidden.shape[:-1]) if options["reduction"] == "none" else loss
 
 
+MIN_CHUNK_ROWS = 256
+
+
 def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk so that chunk x V logits cost about as much as the N x H hidden states."""
-    return max(1, min(n_rows, 2 ** round(math.log2(max(1.0, n_rows * hidden / vocab)))))
+    """Rows per chunk: the power of two that makes chunk x V logits cost about as much as the N x H
+    hidden states, but at least MIN_CHUNK_ROWS (each chunk streams the V x H weight-gradient
+    accumulator once, so tiny chunks would be bound by that traffic), and at most N."""
+    balanced = 2 ** round(math.log2(max(1.0, n_rows * hidden / vocab)))
+    return max(1, min(n_rows, max(balanced, MIN_CHUNK_ROWS)))
 
 
 @dataclass
