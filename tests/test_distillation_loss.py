@@ -318,3 +318,12 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 def test_gpu_bf16_large_vocab(backend, divergence):
     student, teacher, labels = make_inputs((64,), 128256, dtype=torch.bfloat16)
     check_against_reference(student, teacher, labels, TOL[torch.bfloat16], divergence=divergence, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("backend", ["cpp"], indirect=True)
+def test_large_gradient_buffer_on_huge_pages(backend):
+    """A gradient buffer past HUGE_PAGE_MIN_BYTES is advised onto huge pages before the kernel writes it."""
+    from tsa_fast.ops.distillation_loss import HUGE_PAGE_MIN_BYTES
+
+    student, teacher, labels = make_inputs((4,), HUGE_PAGE_MIN_BYTES // 16)
+    check_against_reference(student, teacher, labels, TOL[torch.float32], divergence="symmetric_kl")
