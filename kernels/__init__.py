@@ -1,6 +1,10 @@
 """Triton kernels and their launchers (no autograd), importable as `tsa_fast.kernels`; needs Triton."""
 
+from .attention import attention_backward, attention_forward
 from .attention_transfer_loss import attention_transfer_backward, attention_transfer_forward
 from .distillation_loss import distillation_loss_forward
 
-__all__ = ["attention_transfer_backward", "attention_transfer_forward", "distillation_loss_forward"]
+__all__ = [
+    "attention_backward", "attention_forward", "attention_transfer_backward", "attention_transfer_forward",
+    "distillation_loss_forward",
+]

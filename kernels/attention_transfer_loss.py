@@ -23,6 +23,8 @@ Tiling (as FlashAttention):
     dk       one program per (BLOCK_N keys, b, h) holds k_s and k_t and sweeps the query tiles: dk += dS^T q_s.
 Every output element is written by one program: deterministic, no atomics. Causal sweeps end (forward,
 dq) or start (dk) at the diagonal. Head dims are padded to powers of two by masked loads (no input copy).
+fp16/bf16 tiles multiply on the tensor cores (dS rounded to the inputs' dtype, as in FlashAttention),
+fp32 tiles in full fp32 (no TF32); softmax statistics and accumulators are fp32.
 
 Memory traffic per (b, h): each kernel reads q once and the keys once per query tile,
 (N_q / BLOCK_M) * N_k * (D_s + D_t) elements (or the queries once per key tile, for dk); the forward
@@ -48,8 +50,7 @@ def _head(ptr, b, h, stride_b, stride_h):
 
 @triton.jit
 def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST: tl.constexpr):
-    """The tile ptr[rows, cols], zero outside n_rows x n_cols (the padding of the head dim). UPCAST: as fp32
-    (the interpreter, which runs CPU tensors, has no bf16 arithmetic)."""
+    """The tile ptr[rows, cols], zero outside n_rows x n_cols (the padding of the head dim); fp32 if UPCAST."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tile = tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
     if UPCAST:
@@ -70,14 +71,20 @@ def _visible(rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL
 
 
 @triton.jit
-def _scores(q, k, scale, visible):
-    """scale * q k^T in fp32 where visible, -inf elsewhere (out of the softmax). fp32 tiles multiply in full
-    precision (no TF32), as torch.matmul does by default; fp16/bf16 tiles on the tensor cores."""
-    if q.dtype == tl.float32:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+def _dot(a, b):
+    """a @ b accumulated in fp32. fp32 tiles multiply in full precision (no TF32), as torch.matmul does by
+    default; fp16/bf16 tiles on the tensor cores."""
+    if a.dtype == tl.float32:
+        c = tl.dot(a, b, input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(k))
-    return tl.where(visible, s * scale, float("-inf"))
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _scores(q, k, scale, visible):
+    """scale * q k^T where visible, -inf elsewhere (out of the softmax)."""
+    return tl.where(visible, _dot(q, tl.trans(k)) * scale, float("-inf"))
 
 
 @triton.jit
@@ -149,15 +156,15 @@ def _attention_transfer_fwd_kernel(
         acc = acc * alpha + tl.sum(p_t * tl.where(visible, s_t - s_s, 0.0), axis=1)
         m_t = m_new
 
-    # KL = lse_s - lse_t + E_{A_t}[s_t - s_s]; a row with no visible key (l = 0) writes 0 and lse = -inf.
-    counted = l_t > 0
+    # KL = lse_s - lse_t + E_{A_t}[s_t - s_s]. A row with no visible key has m = -inf and l = 0: it
+    # writes lse = -inf (the mark of a row that does not count) and kl = 0.
     lse_s = m_s + tl.log(l_s)
     lse_t = m_t + tl.log(l_t)
-    kl = tl.where(counted, (lse_s - lse_t) + acc / tl.where(counted, l_t, 1.0), 0.0)
+    kl = tl.where(l_t > 0, (lse_s - lse_t) + acc / l_t, 0.0)
     row_base = tl.program_id(1).to(tl.int64) * n_q
     tl.store(kl_ptr + row_base + rows, kl, mask=rows < n_q)
-    tl.store(lse_s_ptr + row_base + rows, tl.where(counted, lse_s, float("-inf")), mask=rows < n_q)
-    tl.store(lse_t_ptr + row_base + rows, tl.where(counted, lse_t, float("-inf")), mask=rows < n_q)
+    tl.store(lse_s_ptr + row_base + rows, lse_s, mask=rows < n_q)
+    tl.store(lse_t_ptr + row_base + rows, lse_t, mask=rows < n_q)
 
 
 @triton.jit
@@ -186,7 +193,7 @@ def _attention_transfer_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     end = n_k
-    if CAUSAL:
+    if CAUSAL:  # as in the forward
         end = tl.minimum(n_k, start_m + BLOCK_M + n_k - n_q)
     for start_n in range(0, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -194,8 +201,9 @@ def _attention_transfer_bwd_dq_kernel(
         k_s = _load_tile(k_s_ptr, cols, dims_s, stride_ks_n, stride_ks_d, n_k, d_s, UPCAST)
         k_t = _load_tile(k_t_ptr, cols, dims_t, stride_kt_n, stride_kt_d, n_k, d_t, UPCAST)
         ds = _grad_scores(q_s, k_s, q_t, k_t, lse_s, lse_t, w, visible, scale_s, scale_t)
-        dq += tl.dot(ds.to(k_s.dtype), k_s)
+        dq += _dot(ds.to(k_s.dtype), k_s)
 
+    # d s_s / d q_s = scale_s k_s: the scale is applied once, to the sum.
     dq_ptrs = _head(dq_ptr, b, h, stride_dq_b, stride_dq_h) + rows[:, None] * stride_dq_n + dims_s[None, :] * stride_dq_d
     tl.store(dq_ptrs, (dq * scale_s).to(dq_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dims_s[None, :] < d_s))
 
@@ -234,7 +242,7 @@ def _attention_transfer_bwd_dk_kernel(
         q_s = _load_tile(q_s_ptr, rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST)
         q_t = _load_tile(q_t_ptr, rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST)
         ds = _grad_scores(q_s, k_s, q_t, k_t, lse_s, lse_t, w, visible, scale_s, scale_t)
-        dk += tl.dot(tl.trans(ds).to(q_s.dtype), q_s)
+        dk += _dot(tl.trans(ds).to(q_s.dtype), q_s)
 
     dk_ptrs = _head(dk_ptr, b, h, stride_dk_b, stride_dk_h) + cols[:, None] * stride_dk_n + dims_s[None, :] * stride_dk_d
     tl.store(dk_ptrs, (dk * scale_s).to(dk_ptr.dtype.element_ty), mask=(cols[:, None] < n_k) & (dims_s[None, :] < d_s))
@@ -252,6 +260,7 @@ def _launch_args(q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s, scale_t)
     block_ds, block_dt = (max(16, triton.next_power_of_2(d)) for d in (d_s, d_t))
     block = max(16, min(64, 8192 // max(block_ds, block_dt)))
     meta = dict(
+        # CPU tensors run only under the interpreter, which has no bf16 arithmetic: tiles upcast to fp32.
         CAUSAL=causal, HAS_MASK=key_padding_mask is not None, UPCAST=q_s.device.type == "cpu",
         BLOCK_M=min(block, max(16, triton.next_power_of_2(n_q))), BLOCK_N=min(block, max(16, triton.next_power_of_2(n_k))),
         BLOCK_DS=block_ds, BLOCK_DT=block_dt, num_warps=4,

@@ -1,0 +1,431 @@
+"""Fused attention, FlashAttention-2 style: softmax(q k^T * scale + mask) v and its gradient, without the
+N_q x N_k attention map, in O(B x H x N) extra memory.
+
+Contract: `attention_forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale)` writes
+out (B, H, N_q, D_v) and the log-sum-exp of each row's scaled scores, lse (B, H, N_q) float32 contiguous
+(natural log; -inf for a row with no visible key, whose output is 0). `attention_backward(q, k, v,
+key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale)` writes the gradient of
+sum(grad_out * out) + sum(grad_lse * lse) w.r.t. q, k, v. q: (B, H, N_q, D), k: (B, H_kv, N_k, D),
+v: (B, H_kv, N_k, D_v), any strides, one dtype of fp32/fp16/bf16; H a multiple of H_kv (GQA/MQA: query
+head h reads key/value head h // (H / H_kv), nothing is repeated in memory); D, D_v <= 256, any value
+(padded to a power of two inside the kernel by masked loads, never by copying). key_padding_mask: (B, N_k)
+bool, True = keep, any strides, or None.
+
+Math, per (b, h, query row i), over the visible keys j (kept, and j <= i + N_k - N_q when causal: aligned
+bottom-right), in base 2 with the scale folded in (qk_scale = scale * log2(e), exp2 is the fast path):
+    s_ij = qk_scale q_i . k_j,   m_i = max_j s_ij,   l_i = sum_j 2^(s_ij - m_i),   out_i = sum_j 2^(s_ij - m_i) v_j / l_i
+    lse_i = ln(2) (m_i + log2 l_i),   p_ij = 2^(s_ij - lse_i log2(e))   (recomputed in the backward)
+    dv_j = sum_i p_ij do_i,   ds_ij = p_ij (do_i . v_j - delta_i),   delta_i = do_i . out_i - dlse_i
+    dq_i = scale sum_j ds_ij k_j,   dk_j = scale sum_i ds_ij q_i
+
+Tiling:
+    forward  one program per (BLOCK_M query rows, b, h) holds its q tile and sweeps BLOCK_N-key tiles of k, v
+             with the online softmax (running max m, sum l, output acc rescaled by 2^(m_old - m_new)); the
+             sweep is split in two loops: key tiles every row of the block sees pay no mask, the last
+             partial tile and the causal diagonal do. Causal sweeps stop at the block's last diagonal.
+    delta    one program per (BLOCK_M rows, b, h): delta = rowsum(do * out) - dlse.
+    dk, dv   one program per (BLOCK_N keys, b, h_kv) holds its k, v tiles and sweeps the query tiles of every
+             query head sharing them (GQA), masked on the causal diagonal only: a padded key's dk, dv are
+             stored as zeros.
+    dq       one program per (BLOCK_M rows, b, h), the forward's sweep: dq += ds k.
+Every output element is written by one program: deterministic, no atomics (dq costs one more recomputation
+of q k^T and do v^T than FlashAttention-2's atomic accumulation). Block sizes and warps are autotuned on a
+GPU, keyed by the sequence lengths rounded up to powers of two (no retuning at each new length, e.g. in
+generation) and the head dims; the interpreter (CPU tensors) runs one fixed configuration. Every
+candidate compiles for sm_80 and sm_90 (ptxas) within the A100's shared memory for bf16/fp16; one that does
+not fit a smaller GPU fails to launch there and the autotuner skips it.
+
+Memory traffic per (b, h): the forward reads q and writes out once and reads k, v once per query tile,
+(N_q / BLOCK_M) N_k (D + D_v) elements, plus 4 bytes of lse per row; the backward reads k, v once per query
+tile (dq) and q, do once per key tile (dk, dv), writes dq, dk, dv once. FLOPs: 4 N_q N_k D forward
+(2 for q k^T, 2 for p v, with D = D_v), 14 N_q N_k D backward (FlashAttention-2: 10), halved when causal.
+Nothing of size N_q x N_k leaves the registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_transfer_loss import _dot, _head, _load_tile, _scores, _visible
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+def _configs(*shapes):
+    """Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages): few, as each costs a compile."""
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles far longer than the sequences (decoding: N_q = 1), tiles whose fp32 accumulators would not
+    fit in registers (a 128-row tile of a 256-wide head) and, for fp32 inputs (full-precision dots, slow to
+    compile and shared-memory hungry), tiles over 64 x 64. Configs that need more shared memory than the
+    GPU has fail to launch and the autotuner skips them. At least one config stays."""
+    args = {**named_args, **kwargs}
+    width = max(args["BLOCK_D"], args["BLOCK_DV"])
+    max_tile = 64 * 64 if args["q_ptr"].dtype == torch.float32 else 128 * 128
+
+    def fits(config):
+        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        short = block_m <= max(32, args["tune_n_q"]) and block_n <= max(32, args["tune_n_k"])
+        return short and max(block_m, block_n) * width <= 128 * 128 and block_m * block_n <= max_tile
+
+    kept = [config for config in configs if fits(config)]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
+
+
+# Autotuning key: the sequence lengths rounded up to powers of two (tune_n_q, tune_n_k: no retuning at each
+# new length, e.g. in generation), the head dims and the options (and, implicitly, the dtypes).
+TUNE_KEY = ["tune_n_q", "tune_n_k", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK"]
+FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4))
+DKDV_CONFIGS = _configs((32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2))
+DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3))
+
+
+@triton.jit
+def _tile_scores(q, k, rows, cols, mask_ptr, stride_mask_n, n_q, n_k, qk_scale,
+                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """qk_scale * q k^T for (rows, cols); with MASKED, -inf where key j is out of range, padded (HAS_MASK) or
+    past row i's diagonal (CAUSAL). Tiles that every row sees in full skip the mask (MASKED=False)."""
+    if MASKED:
+        visible = _visible(rows, cols, rows < n_q, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
+        s = _scores(q, k, qk_scale, visible)
+    else:
+        s = _dot(q, tl.trans(k)) * qk_scale
+    return s
+
+
+@triton.jit
+def _key_range(start_m, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query rows [start_m, start_m + BLOCK_M): key tiles [0, full) are visible to every row (no
+    mask), [full, end) need the bounds and causal mask, keys from end on are hidden from every row."""
+    if CAUSAL:  # row i sees keys j <= i + n_k - n_q
+        end = tl.minimum(tl.maximum(start_m + BLOCK_M + n_k - n_q, 0), n_k)
+        full = tl.minimum(tl.maximum(start_m + 1 + n_k - n_q, 0), n_k) // BLOCK_N * BLOCK_N
+    else:
+        end = n_k
+        full = n_k // BLOCK_N * BLOCK_N
+    return full, end
+
+
+@triton.jit
+def _query_range(start_n, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the keys [start_n, start_n + BLOCK_N): query tiles before `start` see none of them (causal),
+    [start, full) see some (causal mask), [full, n_q) see all."""
+    if CAUSAL:  # key j is seen by rows i >= j - (n_k - n_q)
+        start = tl.maximum(start_n - (n_k - n_q), 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (n_k - n_q), 0), BLOCK_M) * BLOCK_M, n_q)
+    else:
+        start = 0
+        full = 0
+    return start, full
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, rows, n_q):
+    """The saved lse of query rows in base 2, and delta. A row with no visible key (lse = -inf) reads 0:
+    its scores are all -inf, so its p is 0, not NaN."""
+    in_range = rows < n_q
+    lse = tl.load(lse_ptr + rows, mask=in_range, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=in_range, other=0.0)
+    return tl.where(lse == float("-inf"), 0.0, lse * LOG2E), delta
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, mask_ptr, rows, start, end, stride_kn, stride_kd, stride_vn, stride_vd,
+               stride_mask_n, n_q, n_k, d, d_v, qk_scale, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+               MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr):  # fmt: skip
+    """Fold the key tiles [start, end) into each row's running max m_i, sum l_i and unnormalized output acc."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_ptr, cols, tl.arange(0, BLOCK_D), stride_kn, stride_kd, n_k, d, UPCAST)
+        s = _tile_scores(q, k, rows, cols, mask_ptr, stride_mask_n, n_q, n_k, qk_scale, CAUSAL, HAS_MASK, MASKED)
+        # Online softmax: when the row max grows, rescale what was summed so far by 2^(m_old - m_new).
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 finite
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_tile(v_ptr, cols, tl.arange(0, BLOCK_DV), stride_vn, stride_vd, n_k, d_v, UPCAST)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(FWD_CONFIGS, TUNE_KEY, prune_configs_by=dict(early_config_prune=_prune))
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_mask_b, stride_mask_n,
+    n_heads, group, n_q, n_k, d, d_v, sm_scale, tune_n_q, tune_n_k,
+    stride_ob, stride_oh, stride_on, stride_od,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(_head(q_ptr, b, h, stride_qb, stride_qh), rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST)
+    k_ptr = _head(k_ptr, b, h // group, stride_kb, stride_kh)  # GQA: `group` query heads share one k, v head
+    v_ptr = _head(v_ptr, b, h // group, stride_vb, stride_vh)
+    if HAS_MASK:
+        mask_ptr += b.to(tl.int64) * stride_mask_b
+    qk_scale = sm_scale * LOG2E
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    tile_args = (stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, n_q, n_k, d, d_v, qk_scale)
+    full, end = _key_range(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+    # Key tiles [0, full) are visible to every row of the block: no mask but the padding. [full, end): the
+    # partial last tile and the causal diagonal.
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, mask_ptr, rows, 0, full, *tile_args, CAUSAL=False,
+                               HAS_MASK=HAS_MASK, MASKED=HAS_MASK, UPCAST=UPCAST, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                               BLOCK_DV=BLOCK_DV)  # fmt: skip
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, mask_ptr, rows, full, end, *tile_args, CAUSAL=CAUSAL,
+                               HAS_MASK=HAS_MASK, MASKED=True, UPCAST=UPCAST, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                               BLOCK_DV=BLOCK_DV)  # fmt: skip
+
+    # A row with no visible key has l_i = 0 and acc = 0: it writes zeros and lse = -inf.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    dims_v = tl.arange(0, BLOCK_DV)
+    out_ptrs = _head(out_ptr, b, h, stride_ob, stride_oh) + rows[:, None] * stride_on + dims_v[None, :] * stride_od
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dims_v[None, :] < d_v))
+    tl.store(lse_ptr + tl.program_id(1).to(tl.int64) * n_q + rows, (m_i + tl.log2(l_i)) * LN2, mask=rows < n_q)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    out_ptr, do_ptr, grad_lse_ptr, delta_ptr,
+    stride_ob, stride_oh, stride_on, stride_od, stride_dob, stride_doh, stride_don, stride_dod,
+    n_heads, n_q, d_v, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims_v = tl.arange(0, BLOCK_DV)
+    out = _load_tile(_head(out_ptr, b, h, stride_ob, stride_oh), rows, dims_v, stride_on, stride_od, n_q, d_v, True)
+    do = _load_tile(_head(do_ptr, b, h, stride_dob, stride_doh), rows, dims_v, stride_don, stride_dod, n_q, d_v, True)
+    row_ptrs = tl.program_id(1).to(tl.int64) * n_q + rows
+    grad_lse = tl.load(grad_lse_ptr + row_ptrs, mask=rows < n_q, other=0.0)
+    # d lse_i / d s_ij = p_ij: a gradient on lse enters ds = p (dp - delta) as a shift of delta.
+    tl.store(delta_ptr + row_ptrs, tl.sum(out * do, axis=1) - grad_lse, mask=rows < n_q)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_ptr, v_ptr, mask_ptr, rows, start, end, stride_kn, stride_kd, stride_vn,
+              stride_vd, stride_mask_n, n_q, n_k, d, d_v, qk_scale, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr):  # fmt: skip
+    """Add the key tiles [start, end) to dq (before the scale): sum_j ds_ij k_j."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_ptr, cols, tl.arange(0, BLOCK_D), stride_kn, stride_kd, n_k, d, UPCAST)
+        v = _load_tile(v_ptr, cols, tl.arange(0, BLOCK_DV), stride_vn, stride_vd, n_k, d_v, UPCAST)
+        s = _tile_scores(q, k, rows, cols, mask_ptr, stride_mask_n, n_q, n_k, qk_scale, CAUSAL, HAS_MASK, MASKED)
+        p = tl.exp2(s - lse2[:, None])  # the forward's probabilities, from the saved lse
+        ds = p * (_dot(do, tl.trans(v)) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.autotune(DQ_CONFIGS, TUNE_KEY, prune_configs_by=dict(early_config_prune=_prune))
+@triton.jit
+def _attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_mask_b, stride_mask_n,
+    n_heads, group, n_q, n_k, d, d_v, sm_scale, tune_n_q, tune_n_k,
+    stride_dob, stride_doh, stride_don, stride_dod, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_tile(_head(q_ptr, b, h, stride_qb, stride_qh), rows, dims, stride_qn, stride_qd, n_q, d, UPCAST)
+    do = _load_tile(_head(do_ptr, b, h, stride_dob, stride_doh), rows, tl.arange(0, BLOCK_DV), stride_don, stride_dod, n_q, d_v, UPCAST)
+    k_ptr = _head(k_ptr, b, h // group, stride_kb, stride_kh)
+    v_ptr = _head(v_ptr, b, h // group, stride_vb, stride_vh)
+    if HAS_MASK:
+        mask_ptr += b.to(tl.int64) * stride_mask_b
+    row_base = tl.program_id(1).to(tl.int64) * n_q
+    lse2, delta = _row_stats(lse_ptr + row_base, delta_ptr + row_base, rows, n_q)
+    qk_scale = sm_scale * LOG2E
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    tile_args = (stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, n_q, n_k, d, d_v, qk_scale)
+    full, end = _key_range(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+    # As in the forward: tiles [0, full) unmasked but for the padding, [full, end) masked.
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptr, v_ptr, mask_ptr, rows, 0, full, *tile_args, CAUSAL=False,
+                   HAS_MASK=HAS_MASK, MASKED=HAS_MASK, UPCAST=UPCAST, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                   BLOCK_DV=BLOCK_DV)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptr, v_ptr, mask_ptr, rows, full, end, *tile_args, CAUSAL=CAUSAL,
+                   HAS_MASK=HAS_MASK, MASKED=True, UPCAST=UPCAST, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                   BLOCK_DV=BLOCK_DV)  # fmt: skip
+
+    dq_ptrs = _head(dq_ptr, b, h, stride_dqb, stride_dqh) + rows[:, None] * stride_dqn + dims[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dims[None, :] < d))
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, cols, start, end, stride_qn, stride_qd,
+                stride_don, stride_dod, n_q, n_k, d, d_v, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
+    """Add the query tiles [start, end) of one head to dk (before the scale) and dv. Rows past n_q load
+    q = do = 0 and delta = 0, so they add nothing."""
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_ptr, rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST)
+        do = _load_tile(do_ptr, rows, tl.arange(0, BLOCK_DV), stride_don, stride_dod, n_q, d_v, UPCAST)
+        lse2, delta = _row_stats(lse_ptr, delta_ptr, rows, n_q)
+        p = tl.exp2(_tile_scores(q, k, rows, cols, mask_ptr, 0, n_q, n_k, qk_scale, CAUSAL, False, MASKED) - lse2[:, None])
+        dv += _dot(tl.trans(p).to(do.dtype), do)
+        ds = p * (_dot(do, tl.trans(v)) - delta[:, None])
+        dk += _dot(tl.trans(ds).to(q.dtype), q)
+    return dk, dv
+
+
+@triton.autotune(DKDV_CONFIGS, TUNE_KEY, prune_configs_by=dict(early_config_prune=_prune))
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_mask_b, stride_mask_n,
+    n_heads, group, n_q, n_k, d, d_v, sm_scale, tune_n_q, tune_n_k,
+    stride_dob, stride_doh, stride_don, stride_dod, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    start_n = tl.program_id(0) * BLOCK_N
+    n_kv_heads = n_heads // group
+    b, h_kv = tl.program_id(1) // n_kv_heads, tl.program_id(1) % n_kv_heads
+    cols = start_n + tl.arange(0, BLOCK_N)
+    dims, dims_v = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    k = _load_tile(_head(k_ptr, b, h_kv, stride_kb, stride_kh), cols, dims, stride_kn, stride_kd, n_k, d, UPCAST)
+    v = _load_tile(_head(v_ptr, b, h_kv, stride_vb, stride_vh), cols, dims_v, stride_vn, stride_vd, n_k, d_v, UPCAST)
+    qk_scale = sm_scale * LOG2E
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    start, full = _query_range(start_n, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+    # GQA: the `group` query heads that share this k, v head add to its gradient here, in turn (no atomics).
+    for g in range(group):
+        h = h_kv * group + g
+        q_head = _head(q_ptr, b, h, stride_qb, stride_qh)
+        do_head = _head(do_ptr, b, h, stride_dob, stride_doh)
+        row_base = (b * n_heads + h).to(tl.int64) * n_q
+        tile_args = (q_head, do_head, lse_ptr + row_base, delta_ptr + row_base, mask_ptr, cols)
+        strides = (stride_qn, stride_qd, stride_don, stride_dod, n_q, n_k, d, d_v, qk_scale)
+        # Query tiles [start, full) meet the causal diagonal (masked), [full, n_q) see every key of the block.
+        dk, dv = _dkdv_tiles(dk, dv, k, v, *tile_args, start, full, *strides, CAUSAL=CAUSAL, MASKED=True,
+                             UPCAST=UPCAST, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)  # fmt: skip
+        dk, dv = _dkdv_tiles(dk, dv, k, v, *tile_args, full, n_q, *strides, CAUSAL=False, MASKED=False,
+                             UPCAST=UPCAST, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)  # fmt: skip
+
+    # Padding: a padded key's p above was never normalized by any row (garbage, even inf); it reaches only
+    # this key's own dk, dv, which are zero.
+    keep = cols < n_k
+    if HAS_MASK:
+        keep &= tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + cols * stride_mask_n, mask=keep, other=0) != 0
+    dk_ptrs = _head(dk_ptr, b, h_kv, stride_dkb, stride_dkh) + cols[:, None] * stride_dkn + dims[None, :] * stride_dkd
+    dv_ptrs = _head(dv_ptr, b, h_kv, stride_dvb, stride_dvh) + cols[:, None] * stride_dvn + dims_v[None, :] * stride_dvd
+    dk = tl.where(keep[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(keep[:, None], dv, 0.0)
+    tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=(cols[:, None] < n_k) & (dims[None, :] < d))
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=(cols[:, None] < n_k) & (dims_v[None, :] < d_v))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers: the autotuned kernels on a GPU, one fixed configuration under the interpreter.
+
+# Under the interpreter (CPU tensors): small tiles of unequal sizes, so that short test sequences cross
+# several tiles, partial tiles and the causal diagonal. Tests may swap these.
+INTERPRETER_BLOCKS = {
+    _attention_fwd_kernel: dict(BLOCK_M=32, BLOCK_N=16),
+    _attention_bwd_dkdv_kernel: dict(BLOCK_M=16, BLOCK_N=32),
+    _attention_bwd_dq_kernel: dict(BLOCK_M=32, BLOCK_N=16),
+}
+
+
+def _launch(kernel, grid, interpreted, *args, **meta):
+    """Run an autotuned kernel; under the interpreter with INTERPRETER_BLOCKS (timing configs there
+    would measure nothing)."""
+    if interpreted:
+        blocks = INTERPRETER_BLOCKS[kernel]
+        kernel.fn[grid(blocks)](*args, **meta, **blocks)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale):
+    """The arguments the forward, dq and dk/dv kernels share (strides, sizes, scale, tuning key) and their
+    compile-time options."""
+    _, heads, n_q, d = q.shape
+    n_k, d_v = v.shape[2], v.shape[3]
+    mask_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
+    args = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, heads, heads // k.shape[1], n_q, n_k, d, d_v,
+            softmax_scale, triton.next_power_of_2(n_q), triton.next_power_of_2(n_k))  # fmt: skip
+    meta = dict(
+        # CPU tensors run only under the interpreter, which has no bf16 arithmetic: tiles upcast to fp32.
+        CAUSAL=causal, HAS_MASK=key_padding_mask is not None, UPCAST=q.device.type == "cpu",
+        # Head dims padded to powers of two >= 16 (tl.dot) by masked loads.
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(d_v)),
+    )  # fmt: skip
+    return args, meta
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+) -> None:
+    """Write out (B, H, N_q, D_v), any strides, and lse (B, H, N_q) float32 contiguous."""
+    args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale)
+    batch, heads, n_q = q.shape[:3]
+    grid = lambda blocks: (triton.cdiv(n_q, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
+    _launch(_attention_fwd_kernel, grid, meta["UPCAST"], q, k, v, key_padding_mask, out, lse, *args, *out.stride(), **meta)
+
+
+def attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+) -> None:
+    """Write dq, dk, dv (shapes of q, k, v, any strides) from out and lse of the forward, grad_out (shape of
+    out, any strides) and grad_lse ((B, H, N_q) float32 contiguous)."""
+    args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale)
+    batch, heads, n_q = q.shape[:3]
+    delta = torch.empty_like(lse)
+    block_delta = max(16, 4096 // meta["BLOCK_DV"])  # a memory-bound row reduction: one fixed tile
+    _attention_bwd_delta_kernel[(triton.cdiv(n_q, block_delta), batch * heads)](
+        out, grad_out, grad_lse, delta, *out.stride(), *grad_out.stride(), heads, n_q, v.shape[3],
+        BLOCK_M=block_delta, BLOCK_DV=meta["BLOCK_DV"],
+    )  # fmt: skip
+    inputs = (q, k, v, key_padding_mask, grad_out, lse, delta)
+    dkdv_grid = lambda blocks: (triton.cdiv(k.shape[2], blocks["BLOCK_N"]), batch * k.shape[1])  # noqa: E731
+    _launch(_attention_bwd_dkdv_kernel, dkdv_grid, meta["UPCAST"], *inputs, dk, dv, *args, *grad_out.stride(),
+            *dk.stride(), *dv.stride(), **meta)  # fmt: skip
+    dq_grid = lambda blocks: (triton.cdiv(n_q, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
+    _launch(_attention_bwd_dq_kernel, dq_grid, meta["UPCAST"], *inputs, dq, *args, *grad_out.stride(), *dq.stride(), **meta)

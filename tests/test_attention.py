@@ -1,0 +1,463 @@
+"""`tsa_fast.attention` and `tsa_fast.scaled_dot_product_attention`: the triton and torch backends against the
+float64 reference (output, lse and the gradients through both) by the FlashAttention test rule; masks,
+GQA/MQA, head dims, rows with no key, the SDPA drop-in and its hand-offs to PyTorch, compile, errors."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tsa_fast
+from tsa_fast.backends import triton_kernels
+from tsa_fast.reference.attention import attention as reference_attention
+from tsa_fast.reference.attention_transfer_loss import visible_keys
+
+from conftest import DEVICE, assert_rel_close, rel_error
+
+# The "small atol" of the test rule, on relative norm errors: err <= 2 err(PyTorch, same dtype) + ATOL.
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+both_backends = pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)  # no cpp kernel
+
+
+def make_inputs(batch=2, heads=2, n_q=37, n_k=None, d=32, d_v=None, heads_kv=None, dtype=torch.float32):
+    """q (B, H, N_q, D), k (B, H_kv, N_k, D), v (B, H_kv, N_k, D_v)."""
+    n_k = n_q if n_k is None else n_k
+    heads_kv = heads if heads_kv is None else heads_kv
+    randn = lambda h, n, dim: torch.randn(batch, h, n, dim, device=DEVICE).to(dtype)  # noqa: E731
+    return randn(heads, n_q, d), randn(heads_kv, n_k, d), randn(heads_kv, n_k, d if d_v is None else d_v)
+
+
+def padding_mask(batch, n_k, fully_padded=()):
+    """(B, N_k) bool, True = keep: about a third of the keys padded, the listed batch rows entirely."""
+    mask = torch.rand(batch, n_k, device=DEVICE) > 0.35
+    mask[list(fully_padded)] = False
+    return mask
+
+
+def outputs_and_grads(fn, q, k, v, grad_out, grad_lse, **options):
+    """fn's (out, lse) and the gradients of sum(grad_out * out) + sum(grad_lse * lse) w.r.t. q, k, v
+    (lse = -inf rows, which have no key, are left out of the sum)."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out, lse = fn(q, k, v, **options)
+    finite = lse.isfinite()
+    loss = (out * grad_out.to(out.dtype)).sum() + (torch.where(finite, lse, 0.0) * grad_lse.to(lse.dtype)).sum()
+    return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
+
+
+def pytorch_attention(q, k, v, causal=False, softmax_scale=None, key_padding_mask=None):
+    """PyTorch's own attention in the inputs' dtype, the yardstick of the test rule: F.scaled_dot_product_attention
+    with the visible keys as a bool mask (GQA by enable_gqa), and torch.logsumexp of the scaled scores (a row
+    with no key: -inf, by `where`, so that its gradient is 0 and not NaN)."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    visible = visible_keys(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+    has_key = visible.any(-1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+    scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores.masked_fill(~(visible | ~has_key[..., None]), -torch.inf), dim=-1)
+    return out, torch.where(has_key, lse, -torch.inf)
+
+
+def check_against_reference(q, k, v, **options):
+    """Output, lse, dq, dk, dv against the float64 reference from the same input values, each within twice
+    the error of PyTorch's attention in the inputs' dtype plus ATOL (the FlashAttention test rule)."""
+    grad_out = torch.randn(*q.shape[:3], v.shape[3], device=DEVICE)
+    grad_lse = torch.randn(q.shape[:3], device=DEVICE)
+    results = outputs_and_grads(
+        lambda *x, **o: tsa_fast.attention(*x, return_lse=True, **o), q, k, v, grad_out, grad_lse, **options
+    )
+    expected = outputs_and_grads(
+        lambda *x, **o: reference_attention(*x, return_lse=True, **o), *(x.double() for x in (q, k, v)), grad_out, grad_lse, **options
+    )  # fmt: skip
+    yardstick = outputs_and_grads(pytorch_attention, q, k, v, grad_out, grad_lse, **options)
+    out, lse, dq, dk, dv = results
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and (dq.dtype, dk.dtype, dv.dtype) == (q.dtype,) * 3
+    for actual, wanted, torch_own, what in zip(results, expected, yardstick, ("out", "lse", "dq", "dk", "dv")):
+        finite = wanted.isfinite()
+        assert_rel_close(actual, wanted, 2 * rel_error(torch_own[finite], wanted[finite]) + ATOL[q.dtype], what)
+    return results
+
+
+@both_backends
+@pytest.mark.parametrize(
+    "shape, options",
+    [
+        (dict(), dict()),
+        (dict(n_q=37, n_k=70, d=48, d_v=40), dict()),
+        (dict(n_q=70), dict(causal=True)),
+        (dict(n_q=37, n_k=70), dict(causal=True)),
+        (dict(n_q=70, n_k=37), dict(causal=True)),
+        (dict(n_q=70), dict(key_padding_mask="mask")),
+        (dict(n_q=45, n_k=70), dict(key_padding_mask="mask", causal=True)),
+        (dict(n_q=33, heads=4, heads_kv=2), dict(causal=True, key_padding_mask="mask")),
+        (dict(n_q=50, n_k=20, heads=3, heads_kv=1), dict(causal=True)),
+        (dict(n_q=20, n_k=45, d=16), dict(key_padding_mask="mask", softmax_scale=0.3)),
+        (dict(batch=1, heads=1, n_q=150, n_k=130), dict(causal=True, key_padding_mask="mask")),
+    ],
+    ids=["plain", "Nq<Nk-D48-Dv40", "causal", "causal-Nq<Nk", "causal-Nq>Nk", "padding", "padding-causal-Nq<Nk",
+         "GQA-causal-padding", "MQA-causal-Nq>Nk", "scale", "multi-block-causal-padding"],  # fmt: skip
+)
+def test_matches_reference(backend, shape, options):
+    q, k, v = make_inputs(**shape)
+    if options.get("key_padding_mask") == "mask":
+        batch = q.shape[0]
+        options = dict(options, key_padding_mask=padding_mask(batch, k.shape[2], fully_padded=(1,) if batch > 1 else ()))
+    check_against_reference(q, k, v, **options)
+
+
+@both_backends
+@pytest.mark.parametrize("d, d_v", [(16, 16), (48, 48), (80, 96), (96, 80), (160, 160), (256, 64), (64, 256)])
+def test_head_dims(backend, d, d_v):
+    """Powers of two and not, padded inside the kernel."""
+    q, k, v = make_inputs(batch=1, n_q=24, n_k=40, d=d, d_v=d_v)
+    check_against_reference(q, k, v, causal=True, key_padding_mask=padding_mask(1, 40))
+
+
+@both_backends
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(backend, dtype):
+    q, k, v = make_inputs(n_q=45, n_k=70, heads=4, heads_kv=2, d=40, dtype=dtype)
+    check_against_reference(q, k, v, causal=True, key_padding_mask=padding_mask(2, 70, fully_padded=(1,)))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize(
+    "fwd, dkdv, dq",
+    [((16, 64), (64, 16), (16, 32)), ((64, 64), (32, 32), (64, 16))],
+    ids=["narrow-rows", "square"],
+)
+def test_other_tile_shapes(backend, monkeypatch, fwd, dkdv, dq):
+    """Tiles longer along keys than queries and the reverse: the split of the causal sweeps at the diagonal."""
+    kernels = tsa_fast.kernels.attention
+    blocks = {kernels._attention_fwd_kernel: fwd, kernels._attention_bwd_dkdv_kernel: dkdv, kernels._attention_bwd_dq_kernel: dq}
+    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", {kernel: dict(BLOCK_M=m, BLOCK_N=n) for kernel, (m, n) in blocks.items()})
+    for n_q, n_k in ((100, 100), (70, 150), (150, 70)):
+        q, k, v = make_inputs(batch=1, heads=4, heads_kv=2, n_q=n_q, n_k=n_k, d=24)
+        check_against_reference(q, k, v, causal=True, key_padding_mask=padding_mask(1, n_k))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 2),
+    heads_kv=st.integers(1, 2),
+    group=st.integers(1, 3),
+    n_q=st.integers(1, 80),
+    n_k=st.integers(1, 80),
+    d=st.integers(1, 72),
+    d_v=st.integers(1, 72),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    half=st.booleans(),
+)
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_property_random_shapes(backend, batch, heads_kv, group, n_q, n_k, d, d_v, causal, masked, half):
+    dtype = torch.float16 if half else torch.float32
+    q, k, v = make_inputs(batch, heads_kv * group, n_q, n_k, d, d_v, heads_kv, dtype=dtype)
+    check_against_reference(q, k, v, causal=causal, key_padding_mask=padding_mask(batch, n_k) if masked else None)
+
+
+@both_backends
+def test_rows_without_keys_give_zeros_not_nan(backend):
+    """Every key of batch row 1 padded, and causal N_q > N_k (the first rows see no key): zero outputs,
+    lse -inf, zero and finite gradients."""
+    q, k, v = make_inputs(n_q=40, n_k=25)
+    mask = padding_mask(2, 25, fully_padded=(1,))
+    out, lse, dq, dk, dv = check_against_reference(q, k, v, causal=True, key_padding_mask=mask)
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == -math.inf) and torch.all(out[0, :, :15] == 0)
+    assert torch.all(dq[1] == 0) and torch.all(dk[1] == 0) and torch.all(dv[1] == 0) and torch.all(dq[0, :, :15] == 0)
+    assert all(x.isfinite().all() for x in (out, dq, dk, dv))
+
+
+@both_backends
+def test_non_contiguous_inputs(backend):
+    """(B, N, H, D) transposed views, a slice of a wider head dim, a strided mask: strides, no copies."""
+    q = torch.randn(2, 33, 4, 24, device=DEVICE).transpose(1, 2)
+    k = torch.randn(2, 2, 40, 30, device=DEVICE)[..., 3:27]
+    v = torch.randn(2, 40, 2, 16, device=DEVICE).transpose(1, 2)
+    mask = padding_mask(2, 80)[:, ::2]
+    check_against_reference(q, k, v, causal=True, key_padding_mask=mask)
+
+
+@both_backends
+def test_peaked_scores(backend):
+    """A large scale: near one-hot rows stay finite and match."""
+    q, k, v = make_inputs(n_q=40)
+    results = check_against_reference(q, k, v, softmax_scale=4.0, causal=True)
+    assert all(x.isfinite().all() for x in results)
+
+
+@both_backends
+def test_output_without_lse_and_no_grad(backend):
+    q, k, v = make_inputs(n_q=30, heads=4, heads_kv=1)
+    with torch.no_grad():
+        out = tsa_fast.attention(q, k, v, causal=True)
+    assert_rel_close(out, reference_attention(q.double(), k.double(), v.double(), causal=True), 1e-5, "out")
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_backward_is_deterministic(backend):
+    q, k, v = (x.requires_grad_() for x in make_inputs(n_q=50, heads=4, heads_kv=2))
+    grads = [torch.autograd.grad(tsa_fast.attention(q, k, v, causal=True).square().sum(), (q, k, v)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# ---------------------------------------------------------------------------------------------------
+# scaled_dot_product_attention: a drop-in for PyTorch's.
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the forward kernel launches of the fused op."""
+    calls = []
+    forward = triton_kernels.attention_forward
+    monkeypatch.setattr(triton_kernels, "attention_forward", lambda *a: calls.append(1) or forward(*a))
+    return calls
+
+
+def sdpa_output_and_grads(fn, query, key, value, **kwargs):
+    query, key, value = (x.detach().clone().requires_grad_() for x in (query, key, value))
+    out = fn(query, key, value, **kwargs)
+    return (out, *torch.autograd.grad(out.square().sum(), (query, key, value)))
+
+
+@both_backends
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        (dict(), dict()),
+        (dict(), dict(is_causal=True, scale=0.2)),
+        (dict(n_k=50), dict(attn_mask="keys (B, 1, 1, N_k)")),
+        (dict(n_k=50), dict(attn_mask="keys (1, N_k)")),
+        (dict(n_k=50), dict(attn_mask="keys expanded (B, H, N_q, N_k)")),
+        (dict(heads=4, heads_kv=2), dict(enable_gqa=True)),
+    ],
+    ids=["plain", "causal-scale", "mask-B11N", "mask-1N", "mask-expanded", "gqa"],
+)
+def test_sdpa_runs_the_kernel_and_matches_pytorch(backend, kernel_calls, shape, kwargs):
+    q, k, v = make_inputs(**shape)
+    mask = kwargs.get("attn_mask")
+    if mask is not None:
+        keep = padding_mask(2, k.shape[2])
+        kwargs = dict(kwargs, attn_mask={
+            "keys (B, 1, 1, N_k)": keep[:, None, None, :],
+            "keys (1, N_k)": keep[:1],
+            "keys expanded (B, H, N_q, N_k)": keep[:, None, None, :].expand(2, q.shape[1], q.shape[2], k.shape[2]),
+        }[mask])  # fmt: skip
+    results = sdpa_output_and_grads(tsa_fast.scaled_dot_product_attention, q, k, v, **kwargs)
+    expected = sdpa_output_and_grads(F.scaled_dot_product_attention, q, k, v, **kwargs)
+    for actual, wanted, what in zip(results, expected, ("out", "dq", "dk", "dv")):
+        assert_rel_close(actual, wanted, 1e-5, what)
+    assert len(kernel_calls) == (backend == "triton")
+
+
+@both_backends
+@pytest.mark.parametrize(
+    "case",
+    ["dropout", "float mask", "bool mask over queries", "1D bool mask", "causal Nq != Nk", "3D inputs", "float64",
+     "head dim 320"],  # fmt: skip
+)
+def test_sdpa_hands_the_rest_to_pytorch(backend, kernel_calls, case):
+    """What the kernels do not cover gives exactly PyTorch's result (the same random dropout too)."""
+    q, k, v = make_inputs(n_q=20, n_k=30, d=320 if case == "head dim 320" else 32)
+    kwargs = {
+        "dropout": dict(dropout_p=0.3),
+        "float mask": dict(attn_mask=torch.randn(2, 1, 20, 30, device=DEVICE)),
+        "bool mask over queries": dict(attn_mask=torch.rand(20, 30, device=DEVICE) > 0.3),
+        "1D bool mask": dict(attn_mask=torch.rand(30, device=DEVICE) > 0.3),
+        "causal Nq != Nk": dict(is_causal=True),
+    }.get(case, {})
+    if case == "3D inputs":
+        q, k, v = q[0], k[0], v[0]
+    if case == "float64":
+        q, k, v = q.double(), k.double(), v.double()
+    results = []
+    for fn in (tsa_fast.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        torch.manual_seed(1)
+        try:
+            results.append(fn(q, k, v, **kwargs))
+        except Exception as error:  # PyTorch's own error, raised by both
+            results.append(repr(error))
+    assert (torch.equal(*results) if isinstance(results[0], torch.Tensor) else results[0] == results[1]) and not kernel_calls
+
+
+def test_sdpa_raises_pytorchs_errors():
+    q, k, v = make_inputs(heads=4, heads_kv=2)
+    with pytest.raises(RuntimeError) as expected:
+        F.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(RuntimeError) as actual:
+        tsa_fast.scaled_dot_product_attention(q, k, v)
+    assert str(actual.value) == str(expected.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.compile, float64, the reference itself.
+
+
+@both_backends
+def test_torch_compile_fullgraph(backend):
+    """A compiled model calling the op (and the SDPA drop-in) traces without a graph break, forward and backward."""
+    projection = torch.nn.Linear(32, 3 * 32).to(DEVICE)
+    mask = padding_mask(2, 30)
+
+    def model(x):
+        q, k, v = projection(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
+        out = tsa_fast.attention(q, k, v, causal=True, key_padding_mask=mask)
+        return out.square().sum() + tsa_fast.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
+
+    x = torch.randn(2, 30, 32, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (compiled, model):
+        projection.zero_grad()
+        loss = fn(x)
+        loss.backward()
+        grads.append((loss, projection.weight.grad.clone()))
+    for (actual, expected), what in zip(zip(*grads), ("loss", "weight grad")):
+        assert_rel_close(actual, expected, 1e-6, what)
+
+
+def test_float64_uses_reference_and_gradchecks():
+    q, k, v = (x.double().requires_grad_() for x in make_inputs(batch=1, heads=2, heads_kv=1, n_q=5, n_k=7, d=3))
+    mask = torch.tensor([[True, False, True, True, True, False, True]])
+    fn = lambda q, k, v: tsa_fast.attention(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)  # noqa: E731
+    assert [x.dtype for x in fn(q, k, v)] == [torch.float64, torch.float64]
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_reference_matches_pytorch_in_float64():
+    q, k, v = (x.double() for x in make_inputs(n_q=9, n_k=13, heads=4, heads_kv=2, d=5))
+    mask = padding_mask(2, 13)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=True)
+    assert torch.allclose(reference_attention(q, k, v, key_padding_mask=mask), expected, rtol=1e-12, atol=1e-12)
+    k, v = k[:, :, :9], v[:, :, :9]
+    causal = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(reference_attention(q, k, v, causal=True), causal, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the bad value.
+
+
+def _tensors(**shapes):
+    """(q, k, v) of shape (2, 4, 8, 16), with overrides by name."""
+    return [torch.randn(shapes.get(name, (2, 4, 8, 16))) for name in ("q", "k", "v")]
+
+
+@pytest.mark.parametrize(
+    "shapes, kwargs, error, match",
+    [
+        (dict(q=(2, 4, 8)), dict(), ValueError, r"q must be a non-empty \(B, H, N, D\) tensor, got shape \(2, 4, 8\)"),
+        (dict(k=(2, 4, 0, 16), v=(2, 4, 0, 16)), dict(), ValueError, r"k must be a non-empty.*\(2, 4, 0, 16\)"),
+        (dict(k=(2, 4, 9, 16)), dict(), ValueError, r"k, v must share H_kv and N_k: .*k \(2, 4, 9, 16\), v \(2, 4, 8, 16\)"),
+        (dict(q=(3, 4, 8, 16)), dict(), ValueError, r"must share B.*q \(3, 4, 8, 16\)"),
+        (dict(k=(2, 4, 8, 12)), dict(), ValueError, r"q and k must share the head dim D: .*k \(2, 4, 8, 12\)"),
+        (dict(k=(2, 3, 8, 16), v=(2, 3, 8, 16)), dict(), ValueError, "the 4 query heads must be a multiple of the 3 key/value heads"),
+        (dict(q=(2, 4, 8, 288), k=(2, 4, 8, 288)), dict(), ValueError, "head dims must be <= 256, got D=288, D_v=16"),
+        (dict(v=(2, 4, 8, 300)), dict(), ValueError, "head dims must be <= 256, got D=16, D_v=300"),
+        (dict(), dict(softmax_scale=0.0), ValueError, "softmax_scale.*0.0"),
+        (dict(), dict(softmax_scale=math.inf), ValueError, "softmax_scale.*inf"),
+        (dict(), dict(softmax_scale=-1), ValueError, "softmax_scale.*-1"),
+        (dict(), dict(softmax_scale="0.1"), ValueError, "softmax_scale.*'0.1'"),
+        (dict(), dict(causal=1), ValueError, "causal must be a bool, got 1"),
+        (dict(), dict(return_lse=None), ValueError, "return_lse must be a bool, got None"),
+        (dict(), dict(key_padding_mask=torch.ones(2, 8)), ValueError, "key_padding_mask must be bool.*torch.float32"),
+        (dict(), dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError,
+         r"key_padding_mask must be \(B, N_k\) = \(2, 8\), got \(2, 7\)"),
+        (dict(), dict(key_padding_mask=torch.ones(2, 1, 1, 8, dtype=torch.bool)), ValueError, r"got \(2, 1, 1, 8\)"),
+        (dict(), dict(key_padding_mask=[[True] * 8] * 2), TypeError, "key_padding_mask must be a torch.Tensor or None, got list"),
+        (dict(), dict(key_padding_mask=torch.ones(2, 8, dtype=torch.bool, device="meta")), ValueError, "key_padding_mask on meta"),
+    ],
+)
+def test_bad_input_raises(shapes, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tsa_fast.attention(*_tensors(**shapes), **kwargs)
+
+
+def test_bad_tensors_raise():
+    q, k, v = _tensors()
+    with pytest.raises(TypeError, match="v must be a torch.Tensor, got list"):
+        tsa_fast.attention(q, k, v.tolist())
+    with pytest.raises(ValueError, match="k must be float32/float16/bfloat16/float64, got torch.int64"):
+        tsa_fast.attention(q, k.long(), v)
+    with pytest.raises(ValueError, match="q, k, v must share a dtype, got torch.float32, torch.float32, torch.float16"):
+        tsa_fast.attention(q, k, v.half())
+    with pytest.raises(ValueError, match="q on cpu but k on meta"):
+        tsa_fast.attention(q, k.to("meta"), v)
+
+
+def test_forced_cpp_backend_raises(monkeypatch):
+    monkeypatch.setenv("TSA_FAST_BACKEND", "cpp")
+    with pytest.raises(ValueError, match="no cpp kernel; its backends are triton and torch"):
+        tsa_fast.attention(*_tensors())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compiled for GPUs without one: Triton ships ptxas.
+
+
+def compile_for_gpus():
+    """Compile each kernel (its largest tile, bf16, head dim 80, causal, padding mask) for sm_80 and sm_90.
+    Run compiled, not interpreted: in a process with TRITON_INTERPRET=0."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels = tsa_fast.kernels.attention
+    pointer_types = dict(mask_ptr="*i1", lse_ptr="*fp32", delta_ptr="*fp32")
+    for kernel, configs in ((kernels._attention_fwd_kernel, kernels.FWD_CONFIGS),
+                            (kernels._attention_bwd_dkdv_kernel, kernels.DKDV_CONFIGS),
+                            (kernels._attention_bwd_dq_kernel, kernels.DQ_CONFIGS)):  # fmt: skip
+        config = max(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        fn = kernel.fn
+        constants = dict(CAUSAL=True, HAS_MASK=True, UPCAST=False, BLOCK_D=128, BLOCK_DV=128, **config.kwargs)
+        signature = {
+            name: "constexpr" if name in constants else pointer_types.get(name, "*bf16") if name.endswith("_ptr")
+            else "fp32" if name == "sm_scale" else "i32"
+            for name in fn.arg_names
+        }  # fmt: skip
+        source = ASTSource(fn, signature, {(fn.arg_names.index(name),): value for name, value in constants.items()})
+        for arch in (80, 90):
+            compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages))  # fmt: skip
+            print(fn.__name__, f"sm_{arch}", config, f"{compiled.metadata.shared} bytes of shared memory")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas")
+def test_kernels_compile_for_ampere_and_hopper():
+    subprocess.run([sys.executable, __file__], env={**os.environ, "TRITON_INTERPRET": "0"}, check=True, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU only (run by benchmarks/gpu.sh where a GPU is lent): bf16 / fp16 at model sizes, autotuned tiles.
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 96])
+def test_gpu_model_sizes(backend, dtype, d):
+    q, k, v = make_inputs(batch=2, heads=8, heads_kv=2, n_q=1000, n_k=1500, d=d, dtype=dtype)
+    check_against_reference(q, k, v, causal=True, key_padding_mask=padding_mask(2, 1500))
+    check_against_reference(q[:, :, :1], k, v)  # one query row: decoding
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_gpu_long_sequence_deterministic(backend):
+    q, k, v = (x.requires_grad_() for x in make_inputs(batch=1, heads=4, n_q=4096, d=128, dtype=torch.bfloat16))
+    grads = [torch.autograd.grad(tsa_fast.attention(q, k, v, causal=True).float().square().sum(), (q, k, v)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    check_against_reference(q.detach(), k.detach(), v.detach(), causal=True)
+
+
+if __name__ == "__main__":  # test_kernels_compile_for_ampere_and_hopper
+    compile_for_gpus()

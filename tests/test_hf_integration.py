@@ -1,0 +1,109 @@
+"""`tsa_fast.integrations.hf`: `attn_implementation="tsa_fast"` in small randomly initialised transformers models
+(BERT, Llama with GQA; built from a config, nothing downloaded) gives the outputs of `attn_implementation="eager"`."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+hf = pytest.importorskip("tsa_fast.integrations.hf")  # skips only where transformers is missing or too old
+
+from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function  # noqa: E402
+
+from conftest import DEVICE, assert_rel_close  # noqa: E402
+
+both_backends = pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+VOCAB = 97
+
+
+def bert_config():
+    return transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+
+
+def llama_config():
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+
+
+def eager_and_fused(model_class, config):
+    """The same randomly initialised model with attn_implementation "eager" and "tsa_fast", in eval mode."""
+    eager = model_class._from_config(copy.deepcopy(config), attn_implementation="eager").to(DEVICE).eval()
+    fused = model_class._from_config(copy.deepcopy(config), attn_implementation="tsa_fast").to(DEVICE).eval()
+    fused.load_state_dict(eager.state_dict())
+    assert fused.config._attn_implementation == "tsa_fast" and eager.config._attn_implementation == "eager"
+    return eager, fused
+
+
+def padded_batch(lengths, n, left=False):
+    ids = torch.randint(0, VOCAB, (len(lengths), n), device=DEVICE)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long, device=DEVICE)
+    for row, length in enumerate(lengths):
+        mask[row, slice(n - length, n) if left else slice(0, length)] = 1
+    return ids, mask
+
+
+@both_backends
+def test_bert_matches_eager(backend):
+    eager, fused = eager_and_fused(transformers.BertModel, bert_config())
+    ids, mask = padded_batch([19, 12], 19)
+    expected = eager(ids, attention_mask=mask).last_hidden_state
+    actual = fused(ids, attention_mask=mask).last_hidden_state
+    kept = mask.bool()  # padded positions' outputs are meaningless in either
+    assert_rel_close(actual[kept], expected[kept], 1e-5, "hidden states")
+
+
+@both_backends
+def test_llama_gqa_matches_eager_with_left_padding_and_generation(backend):
+    eager, fused = eager_and_fused(transformers.LlamaForCausalLM, llama_config())
+    ids, mask = padded_batch([21, 15], 21, left=True)
+    expected, actual = (model(ids, attention_mask=mask).logits for model in (eager, fused))
+    assert_rel_close(actual[mask.bool()], expected[mask.bool()], 1e-5, "logits")
+    # Greedy decoding with a cache: one query row against the cached keys (causal, aligned bottom-right).
+    generated = [model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False) for model in (eager, fused)]
+    assert torch.equal(*generated)
+
+
+@both_backends
+def test_llama_gradients_match_eager(backend):
+    eager, fused = eager_and_fused(transformers.LlamaForCausalLM, llama_config())
+    ids, mask = padded_batch([16, 16], 16)
+    grads = []
+    for model in (eager, fused):
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
+    assert_rel_close(grads[1], grads[0], 1e-5, "q_proj grad")
+
+
+def test_plain_masks_reach_the_kernel_as_padding():
+    """Plain causal (aligned bottom-right) and bidirectional patterns: the (B, N_k) padding mask or None;
+    any other pattern: transformers' 4D SDPA mask."""
+    padding = torch.ones(2, 12, dtype=torch.bool)
+    padding[1, :3] = False
+    args = dict(batch_size=2, q_length=4, kv_length=12, attention_mask=padding, device="cpu")
+    assert torch.equal(hf.attention_mask(q_offset=8, mask_function=causal_mask_function, **args), padding)
+    assert hf.attention_mask(q_offset=8, mask_function=causal_mask_function, **dict(args, attention_mask=None)) is None
+    top_left = hf.attention_mask(q_offset=0, mask_function=causal_mask_function, **args)
+    window = hf.attention_mask(q_offset=8, mask_function=sliding_window_causal_mask_function(3), **args)
+    assert top_left.shape == window.shape == (2, 1, 4, 12) and top_left.dtype == window.dtype == torch.bool
+
+
+def test_dropout_runs_transformers_sdpa(monkeypatch):
+    """Dropout (training): transformers' SDPA attention with the mask spelled out, the same random draws."""
+    query, key, value = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    torch.manual_seed(0)
+    actual, _ = hf.attention_forward(module, query, key, value, None, dropout=0.5)
+    torch.manual_seed(0)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    expected, _ = hf.sdpa_attention_forward(module, query, key, value, mask[None, None], dropout=0.5, is_causal=False)
+    assert torch.equal(actual, expected)
+
+
+def test_tsa_fast_imports_without_transformers():
+    code = "import sys, tsa_fast, tsa_fast.nn, tsa_fast.integrations; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,240 @@
+"""`attention` and `scaled_dot_product_attention`: fused attention (FlashAttention-2 style) on the Triton
+kernels, a drop-in for `torch.nn.functional.scaled_dot_product_attention`.
+
+The kernels run behind a `torch.library` custom op, `tsa_fast::flash_attention` (output and lse), whose
+backward is a second custom op, `tsa_fast::flash_attention_backward`: `torch.compile(fullgraph=True)` traces
+both without a graph break. There is no C++ kernel: the torch backend of `attention` is the reference (it
+materializes the scores); `scaled_dot_product_attention` hands what the kernels do not cover to PyTorch's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tsa_fast.backends import KERNEL_DTYPES, select_backend, triton_kernels
+from tsa_fast.ops.distillation_loss import FLOAT_DTYPES, _is_real
+from tsa_fast.reference import attention as reference  # the module
+from tsa_fast.reference.attention_transfer_loss import default_scale
+
+MAX_HEAD_DIM = 256
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale + mask) v, without the N_q x N_k attention map.
+
+    Args:
+        q: queries (B, H, N_q, D); k: keys (B, H_kv, N_k, D); v: values (B, H_kv, N_k, D_v). One dtype of
+            float32/float16/bfloat16 (float64 runs the reference), one device, any strides. H must be a
+            multiple of H_kv (GQA/MQA: query head h attends with key/value head h // (H / H_kv)); D, D_v <= 256.
+        causal: key j is visible to query i only if j <= i + N_k - N_q (aligned bottom-right, as
+            FlashAttention: the last query sees every key).
+        softmax_scale: finite > 0; default 1 / sqrt(D).
+        key_padding_mask: (B, N_k) bool, True = keep.
+        return_lse: also return lse (B, H, N_q), the log-sum-exp of each row's scaled scores (float32;
+            float64 for float64 inputs), differentiable.
+
+    Returns: out (B, H, N_q, D_v) in q's dtype [, lse]. A row with no visible key gives out = 0 and
+        lse = -inf, with zero gradients.
+
+    Raises:
+        TypeError: a non-tensor input. ValueError: a bad shape, dtype, device, head count, head dim, mask or
+            scale, naming the offending values; or TSA_FAST_BACKEND=cpp (this op has no C++ kernel).
+    """
+    _check_inputs(q, k, v, key_padding_mask)
+    _check_options(causal, softmax_scale, return_lse)
+    scale = default_scale(q) if softmax_scale is None else float(softmax_scale)
+    if _backend(q) == "torch":
+        out, lse = reference.attention(
+            q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask, return_lse=True
+        )
+    else:
+        out, lse = torch.ops.tsa_fast.flash_attention(q, k, v, key_padding_mask, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """A drop-in for `torch.nn.functional.scaled_dot_product_attention`: same arguments, same result.
+
+    The fused kernels run (where the triton backend applies: CUDA tensors) on (B, H, N, D) fp32/fp16/bf16
+    inputs with no dropout, no mask or a bool mask that masks keys only (shape (B or 1, 1, 1, N_k), or
+    constant along heads and queries: size 1 or stride 0 there), `is_causal` only with N_q == N_k (PyTorch
+    aligns it top-left), head dims <= 256. Everything else (dropout, float masks, other shapes) goes to
+    PyTorch's, which also raises its own errors for bad arguments.
+    """
+    covered, key_padding_mask = _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if not covered or _backend(query) != "triton":
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )  # fmt: skip
+    scale = default_scale(query) if scale is None else float(scale)
+    return torch.ops.tsa_fast.flash_attention(query, key, value, key_padding_mask, is_causal, scale)[0]
+
+
+def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[bool, Tensor | None]:
+    """Whether the kernels compute this SDPA call, and its attn_mask as a (B, N_k) key padding mask (a view)
+    or None. Reads shapes, dtypes and strides only (no host sync)."""
+    if not all(isinstance(x, Tensor) and x.dim() == 4 and x.numel() > 0 for x in (query, key, value)):
+        return False, None
+    (batch, heads, n_q, d), (_, heads_kv, n_k, _), d_v = query.shape, key.shape, value.shape[3]
+    if (
+        dropout_p != 0.0
+        or query.dtype not in KERNEL_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype
+        or key.device != query.device or value.device != query.device
+        or key.shape[:3] != (batch, heads_kv, n_k) or value.shape[:3] != key.shape[:3] or key.shape[3] != d
+        or (heads != heads_kv and not (enable_gqa and heads % heads_kv == 0))
+        or max(d, d_v) > MAX_HEAD_DIM
+        or (scale is not None and not (_is_real(scale) and math.isfinite(scale) and scale > 0))
+        or (is_causal and (attn_mask is not None or n_q != n_k))
+    ):  # fmt: skip
+        return False, None
+    if attn_mask is None:
+        return True, None
+    if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool or attn_mask.device != query.device:
+        return False, None
+    if not 2 <= attn_mask.dim() <= 4:  # PyTorch's rule
+        return False, None
+    # A bool mask that is constant along heads and queries (size 1 or stride 0 there) masks keys only.
+    mask = attn_mask[(None,) * (4 - attn_mask.dim())]
+    along_heads_and_queries = zip(mask.shape[1:3], mask.stride()[1:3], (heads, n_q))
+    keys_only = all(size == 1 or (stride == 0 and size == full) for size, stride, full in along_heads_and_queries)
+    if not keys_only or mask.shape[0] not in (1, batch) or mask.shape[3] != n_k:
+        return False, None
+    return True, mask[:, 0, 0, :].expand(batch, n_k)
+
+
+def _backend(q: Tensor) -> str:
+    """The backend `select_backend` picks, with torch (the reference) where it picks cpp, which has no kernel
+    for this op; float64 always runs the reference."""
+    if os.environ.get("TSA_FAST_BACKEND", "").strip() == "cpp":
+        raise ValueError("TSA_FAST_BACKEND='cpp': attention has no cpp kernel; its backends are triton and torch")
+    return "triton" if select_backend(q.device, q.dtype) == "triton" else "torch"
+
+
+def _check_inputs(q, k, v, key_padding_mask) -> None:
+    """Shapes, dtypes and devices of q, k, v and the mask."""
+    named = {"q": q, "k": k, "v": v}
+    for name, x in named.items():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}")
+        if x.dim() != 4 or x.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty (B, H, N, D) tensor, got shape {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"q on {q.device} but {name} on {x.device}")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"q, k, v must share B, and k, v must share H_kv and N_k: {shapes}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must share the head dim D: {shapes}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"the {q.shape[1]} query heads must be a multiple of the {k.shape[1]} key/value heads: {shapes}")
+    if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims must be <= {MAX_HEAD_DIM}, got D={q.shape[3]}, D_v={v.shape[3]}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
+        if key_padding_mask.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"key_padding_mask must be (B, N_k) = {(k.shape[0], k.shape[2])}, got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask on {key_padding_mask.device} but q on {q.device}")
+
+
+def _check_options(causal, softmax_scale, return_lse) -> None:
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    if softmax_scale is not None and (not _is_real(softmax_scale) or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+        raise ValueError(f"softmax_scale must be None or a finite number > 0, got {softmax_scale!r}")
+
+
+@torch.library.custom_op("tsa_fast::flash_attention", mutates_args=())
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, softmax_scale: float
+) -> tuple[Tensor, Tensor]:
+    """(out (B, H, N_q, D_v), lse (B, H, N_q) float32) by the Triton kernels; differentiable w.r.t. q, k, v
+    through both outputs."""
+    out = q.new_empty((*q.shape[:3], v.shape[3]))
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    triton_kernels.attention_forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale)
+    return out, lse
+
+
+@flash_attention.register_fake
+def _(q, k, v, key_padding_mask, causal, softmax_scale):
+    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("tsa_fast::flash_attention_backward", mutates_args=())
+def flash_attention_backward(
+    grad_out: Tensor,
+    grad_lse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv): the gradient of sum(grad_out * out) + sum(grad_lse * lse), recomputing the scores."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    triton_kernels.attention_backward(
+        q, k, v, key_padding_mask, out, lse, grad_out, grad_lse.float().contiguous(), dq, dk, dv, causal, softmax_scale
+    )
+    return dq, dk, dv
+
+
+@flash_attention_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, softmax_scale = inputs
+    ctx.save_for_backward(q, k, v, key_padding_mask, *output)
+    ctx.options = (causal, softmax_scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    if grad_lse is None:  # lse unused
+        grad_lse = torch.zeros_like(lse)
+    dq, dk, dv = torch.ops.tsa_fast.flash_attention_backward(
+        grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, *ctx.options
+    )
+    return dq, dk, dv, None, None, None
+
+
+flash_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,225 @@
+"""`attention_transfer_loss`: KL(A_t || A_s) between a teacher's and a student's attention distributions
+(TinyBERT, MiniLM; MiniLM-v2 relations with `relation_heads`), without the N x N attention maps.
+
+The per-row KL is a `torch.library` custom op, `tsa_fast::attention_transfer_rows`, on the Triton
+kernels: the forward writes the per-row KL and the two log-sum-exps (O(B x H x N)), the backward is a
+second custom op that recomputes the scores tile by tile and folds the gradient into dq_s and dk_s.
+`torch.compile(fullgraph=True)` traces both without a graph break; the reduction over rows is plain
+PyTorch around them. There is no C++ kernel: the torch backend is the reference (it materializes the maps).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from tsa_fast.backends import select_backend, triton_kernels
+from tsa_fast.ops.distillation_loss import FLOAT_DTYPES, _is_real
+from tsa_fast.reference import attention_transfer_loss as reference  # the module
+from tsa_fast.reference.attention_transfer_loss import REDUCTIONS, default_scale, relation_heads_split
+from tsa_fast.reference.distillation_loss import reduce_rows
+
+
+def attention_transfer_loss(
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale_s: float | None = None,
+    scale_t: float | None = None,
+    relation_heads: int | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Mean (or sum) over (batch, head, counted query row) of KL(A_t || A_s), A = softmax(q k^T * scale + mask).
+
+    Args:
+        q_s, k_s: the student's queries (B, H_s, N_q, D_s) and keys (B, H_s, N_k, D_s), one dtype of
+            float32/float16/bfloat16 (float64 runs the reference). Receive the gradient.
+        q_t, k_t: the teacher's (B, H_t, N_q, D_t) and (B, H_t, N_k, D_t), on the same device; constants.
+            H_t must equal H_s unless relation_heads is set. `(v, v)` as (q, k) gives a value relation.
+        causal: key j is visible to query i only if j <= i + N_k - N_q (aligned bottom-right).
+        key_padding_mask: (B, N_k) bool, True = keep. Masked keys leave both distributions; in
+            self-attention (N_q == N_k) the row of a masked position does not count either.
+        scale_s, scale_t: finite > 0; default 1/sqrt(D) of each model (after a relation split, 1/sqrt(d_r)).
+        relation_heads: R: each model's heads are concatenated and split into R heads of d_r = H * D / R
+            (R must divide H * D of both models).
+        reduction: "mean" over the rows that count (0, with zero gradients, when none does) or "sum". A
+            query row counts when it has a visible key and is not padding.
+
+    Returns: the float32 loss (float64 for float64 inputs), a scalar.
+
+    Raises:
+        TypeError: a non-tensor input. ValueError: a bad shape, dtype, device, mask, scale, relation_heads
+            or reduction, naming the offending values; or TSA_FAST_BACKEND=cpp (this op has no C++ kernel).
+    """
+    _check_inputs(q_s, k_s, q_t, k_t, key_padding_mask, relation_heads)
+    _check_options(causal, scale_s, scale_t, reduction)
+    q_t, k_t = q_t.detach(), k_t.detach()
+    if _backend(q_s, q_t) == "torch":
+        return reference.attention_transfer_loss(
+            q_s, k_s, q_t, k_t, causal=causal, key_padding_mask=key_padding_mask, scale_s=scale_s,
+            scale_t=scale_t, relation_heads=relation_heads, reduction=reduction,
+        )  # fmt: skip
+    if relation_heads is not None:
+        q_s, k_s, q_t, k_t = (relation_heads_split(x, relation_heads) for x in (q_s, k_s, q_t, k_t))
+    rows, lse_s, _ = torch.ops.tsa_fast.attention_transfer_rows(
+        q_s, k_s, q_t, k_t, key_padding_mask, causal,
+        default_scale(q_s) if scale_s is None else float(scale_s),
+        default_scale(q_t) if scale_t is None else float(scale_t),
+    )  # fmt: skip
+    return reduce_rows(rows, lse_s > -math.inf, reduction, rows.shape)  # lse = -inf: the row does not count
+
+
+# The keyword options of the loss and their defaults (the module takes all but the per-batch mask).
+TRANSFER_OPTIONS = {
+    name: p.default
+    for name, p in inspect.signature(attention_transfer_loss).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name != "key_padding_mask"
+}
+
+
+def _backend(q_s: Tensor, q_t: Tensor) -> str:
+    """The backend `select_backend` picks, with torch (the reference) where it picks cpp, which has no kernel
+    for this op; float64 always runs the reference."""
+    if os.environ.get("TSA_FAST_BACKEND", "").strip() == "cpp":
+        raise ValueError("TSA_FAST_BACKEND='cpp': attention_transfer_loss has no cpp kernel; its backends are triton and torch")
+    dtype = torch.float64 if torch.float64 in (q_s.dtype, q_t.dtype) else q_s.dtype
+    backend = select_backend(q_s.device, dtype)
+    return "triton" if backend == "triton" else "torch"
+
+
+def _check_inputs(q_s, k_s, q_t, k_t, key_padding_mask, relation_heads) -> None:
+    """Shapes, dtypes and devices of the four tensors and the mask; relation_heads against the head sizes."""
+    named = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
+    for name, x in named.items():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}")
+        if x.dim() != 4 or x.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty (B, H, N, D) tensor, got shape {tuple(x.shape)}")
+        if x.device != q_s.device:
+            raise ValueError(f"q_s on {q_s.device} but {name} on {x.device}")
+    for model, (q_name, k_name) in (("student", ("q_s", "k_s")), ("teacher", ("q_t", "k_t"))):
+        q, k = named[q_name], named[k_name]
+        if q.dtype != k.dtype:
+            raise ValueError(f"{q_name} and {k_name} must share a dtype, got {q.dtype} and {k.dtype}")
+        if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+            raise ValueError(
+                f"{q_name} {tuple(q.shape)} and {k_name} {tuple(k.shape)} must share B, H and D (the {model}'s heads)"
+            )
+    if (q_s.shape[0], q_s.shape[2], k_s.shape[2]) != (q_t.shape[0], q_t.shape[2], k_t.shape[2]):
+        raise ValueError(
+            f"student and teacher must share B, N_q, N_k: q_s {tuple(q_s.shape)}, k_s {tuple(k_s.shape)}, "
+            f"q_t {tuple(q_t.shape)}, k_t {tuple(k_t.shape)}"
+        )
+    if relation_heads is None:
+        if q_s.shape[1] != q_t.shape[1]:
+            raise ValueError(
+                f"student has {q_s.shape[1]} heads and teacher {q_t.shape[1]}: pass relation_heads=R to compare "
+                "R relation heads of each (R dividing H * D of both)"
+            )
+    else:
+        if isinstance(relation_heads, bool) or not isinstance(relation_heads, int) or relation_heads < 1:
+            raise ValueError(f"relation_heads must be None or an int >= 1, got {relation_heads!r}")
+        for model, q in (("student", q_s), ("teacher", q_t)):
+            if q.shape[1] * q.shape[3] % relation_heads:
+                raise ValueError(
+                    f"relation_heads={relation_heads} must divide the {model}'s H * D = "
+                    f"{q.shape[1]} * {q.shape[3]} = {q.shape[1] * q.shape[3]}"
+                )
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
+        if key_padding_mask.shape != (k_s.shape[0], k_s.shape[2]):
+            raise ValueError(
+                f"key_padding_mask must be (B, N_k) = {(k_s.shape[0], k_s.shape[2])}, got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q_s.device:
+            raise ValueError(f"key_padding_mask on {key_padding_mask.device} but q_s on {q_s.device}")
+
+
+def _check_options(causal, scale_s, scale_t, reduction) -> None:
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    for name, scale in (("scale_s", scale_s), ("scale_t", scale_t)):
+        if scale is not None and (not _is_real(scale) or not math.isfinite(scale) or scale <= 0):
+            raise ValueError(f"{name} must be None or a finite number > 0, got {scale!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+@torch.library.custom_op("tsa_fast::attention_transfer_rows", mutates_args=())
+def attention_transfer_rows(
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row KL(A_t || A_s), lse_s, lse_t: (B, H, N_q) float32 each (kl 0 and lse -inf where a row does not
+    count), by the Triton kernels. Differentiable w.r.t. q_s and k_s."""
+    kl, lse_s, lse_t = (q_s.new_empty(q_s.shape[:3], dtype=torch.float32) for _ in range(3))
+    triton_kernels.attention_transfer_forward(q_s, k_s, q_t, k_t, key_padding_mask, kl, lse_s, lse_t, causal, scale_s, scale_t)
+    return kl, lse_s, lse_t
+
+
+@attention_transfer_rows.register_fake
+def _(q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s, scale_t):
+    return tuple(q_s.new_empty(q_s.shape[:3], dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("tsa_fast::attention_transfer_rows_backward", mutates_args=())
+def attention_transfer_rows_backward(
+    grad_rows: Tensor,
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    key_padding_mask: Tensor | None,
+    lse_s: Tensor,
+    lse_t: Tensor,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+) -> tuple[Tensor, Tensor]:
+    """(dq_s, dk_s): the gradient of sum(grad_rows * kl) w.r.t. q_s and k_s, recomputing the scores."""
+    dq_s, dk_s = torch.empty_like(q_s), torch.empty_like(k_s)
+    triton_kernels.attention_transfer_backward(
+        q_s, k_s, q_t, k_t, key_padding_mask, lse_s, lse_t, grad_rows.float().contiguous(), dq_s, dk_s,
+        causal, scale_s, scale_t,
+    )  # fmt: skip
+    return dq_s, dk_s
+
+
+@attention_transfer_rows_backward.register_fake
+def _(grad_rows, q_s, k_s, q_t, k_t, key_padding_mask, lse_s, lse_t, causal, scale_s, scale_t):
+    return torch.empty_like(q_s), torch.empty_like(k_s)
+
+
+def _setup_context(ctx, inputs, output):
+    q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s, scale_t = inputs
+    _, lse_s, lse_t = output
+    ctx.mark_non_differentiable(lse_s, lse_t)
+    ctx.save_for_backward(q_s, k_s, q_t, k_t, key_padding_mask, lse_s, lse_t)
+    ctx.options = (causal, scale_s, scale_t)
+
+
+def _backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
+    dq_s, dk_s = torch.ops.tsa_fast.attention_transfer_rows_backward(grad_rows, *ctx.saved_tensors, *ctx.options)
+    return dq_s, dk_s, None, None, None, None, None, None
+
+
+attention_transfer_rows.register_autograd(_backward, setup_context=_setup_context)
