@@ -157,17 +157,7 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
         raise ValueError(f"the {q.shape[1]} query heads must be a multiple of the {k.shape[1]} key/value heads: {shapes}")
     if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
         raise ValueError(f"head dims must be <= {MAX_HEAD_DIM}, got D={q.shape[3]}, D_v={v.shape[3]}")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, Tensor):
-            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
-        if key_padding_mask.dtype != torch.bool:
-            raise ValueError(f"key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
-        if key_padding_mask.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(
-                f"key_padding_mask must be (B, N_k) = {(k.shape[0], k.shape[2])}, got {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask on {key_padding_mask.device} but q on {q.device}")
+    check_key_padding_mask(key_padding_mask, k.shape[0], k.shape[2], ("q", q))
 
 
 def _check_options(causal, softmax_scale, return_lse) -> None:
@@ -238,3 +228,18 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_key_padding_mask(key_padding_mask, batch: int, n_k: int, like: tuple[str, Tensor]) -> None:
+    """None, or a (B, N_k) bool tensor (True = keep) on the device of `like` = (name, tensor)."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
+    if key_padding_mask.shape != (batch, n_k):
+        raise ValueError(f"key_padding_mask must be (B, N_k) = {(batch, n_k)}, got {tuple(key_padding_mask.shape)}")
+    name, tensor = like
+    if key_padding_mask.device != tensor.device:
+        raise ValueError(f"key_padding_mask on {key_padding_mask.device} but {name} on {tensor.device}")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from tsa_fast.backends import select_backend, triton_kernels
+from tsa_fast.ops.attention import check_key_padding_mask
 from tsa_fast.ops.distillation_loss import FLOAT_DTYPES, _is_real
 from tsa_fast.reference import attention_transfer_loss as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import REDUCTIONS, default_scale, relation_heads_split
@@ -135,17 +136,7 @@ def _check_inputs(q_s, k_s, q_t, k_t, key_padding_mask, relation_heads) -> None:
                     f"relation_heads={relation_heads} must divide the {model}'s H * D = "
                     f"{q.shape[1]} * {q.shape[3]} = {q.shape[1] * q.shape[3]}"
                 )
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, Tensor):
-            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
-        if key_padding_mask.dtype != torch.bool:
-            raise ValueError(f"key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
-        if key_padding_mask.shape != (k_s.shape[0], k_s.shape[2]):
-            raise ValueError(
-                f"key_padding_mask must be (B, N_k) = {(k_s.shape[0], k_s.shape[2])}, got {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.device != q_s.device:
-            raise ValueError(f"key_padding_mask on {key_padding_mask.device} but q_s on {q_s.device}")
+    check_key_padding_mask(key_padding_mask, k_s.shape[0], k_s.shape[2], ("q_s", q_s))
 
 
 def _check_options(causal, scale_s, scale_t, reduction) -> None:
