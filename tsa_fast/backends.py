@@ -59,3 +59,11 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> str:
             f"TSA_FAST_BACKEND={forced!r} cannot run {dtype} tensors on {device.type}; available: {names}"
         )
     return forced
+
+
+def select_triton_or_torch(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """For an op with no cpp kernel: the backend `select_backend` picks, with torch (the reference) where it
+    would pick cpp. A forced TSA_FAST_BACKEND=cpp raises ValueError naming the op."""
+    if os.environ.get("TSA_FAST_BACKEND", "").strip() == "cpp":
+        raise ValueError(f"TSA_FAST_BACKEND='cpp': {op} has no cpp kernel; its backends are triton and torch")
+    return "triton" if select_backend(device, dtype) == "triton" else "torch"

@@ -10,13 +10,12 @@ materializes the scores); `scaled_dot_product_attention` hands what the kernels 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tsa_fast.backends import KERNEL_DTYPES, select_backend, triton_kernels
+from tsa_fast.backends import KERNEL_DTYPES, select_triton_or_torch, triton_kernels
 from tsa_fast.ops.distillation_loss import FLOAT_DTYPES, _is_real
 from tsa_fast.reference import attention as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import default_scale
@@ -127,27 +126,17 @@ def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 
 
 def _backend(q: Tensor) -> str:
-    """The backend `select_backend` picks, with torch (the reference) where it picks cpp, which has no kernel
-    for this op; float64 always runs the reference."""
-    if os.environ.get("TSA_FAST_BACKEND", "").strip() == "cpp":
-        raise ValueError("TSA_FAST_BACKEND='cpp': attention has no cpp kernel; its backends are triton and torch")
-    return "triton" if select_backend(q.device, q.dtype) == "triton" else "torch"
+    """triton or torch (the reference; always for float64)."""
+    return select_triton_or_torch("attention", q.device, q.dtype)
 
 
 def _check_inputs(q, k, v, key_padding_mask) -> None:
     """Shapes, dtypes and devices of q, k, v and the mask."""
     named = {"q": q, "k": k, "v": v}
     for name, x in named.items():
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}")
-        if x.dim() != 4 or x.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty (B, H, N, D) tensor, got shape {tuple(x.shape)}")
+        check_head_tensor(name, x, ("q", q))
         if x.dtype != q.dtype:
             raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"q on {q.device} but {name} on {x.device}")
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
         raise ValueError(f"q, k, v must share B, and k, v must share H_kv and N_k: {shapes}")
@@ -243,3 +232,16 @@ def check_key_padding_mask(key_padding_mask, batch: int, n_k: int, like: tuple[s
     name, tensor = like
     if key_padding_mask.device != tensor.device:
         raise ValueError(f"key_padding_mask on {key_padding_mask.device} but {name} on {tensor.device}")
+
+
+def check_head_tensor(name: str, x, like: tuple[str, Tensor]) -> None:
+    """A non-empty (B, H, N, D) float tensor on the device of `like` = (name, tensor)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}")
+    if x.dim() != 4 or x.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty (B, H, N, D) tensor, got shape {tuple(x.shape)}")
+    like_name, like_tensor = like
+    if x.device != like_tensor.device:
+        raise ValueError(f"{like_name} on {like_tensor.device} but {name} on {x.device}")

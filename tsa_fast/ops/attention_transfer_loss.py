@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 
 import torch
 from torch import Tensor
 
-from tsa_fast.backends import select_backend, triton_kernels
-from tsa_fast.ops.attention import check_key_padding_mask
-from tsa_fast.ops.distillation_loss import FLOAT_DTYPES, _is_real
+from tsa_fast.backends import select_triton_or_torch, triton_kernels
+from tsa_fast.ops.attention import check_head_tensor, check_key_padding_mask
+from tsa_fast.ops.distillation_loss import _is_real
 from tsa_fast.reference import attention_transfer_loss as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import REDUCTIONS, default_scale, relation_heads_split
 from tsa_fast.reference.distillation_loss import reduce_rows
@@ -89,25 +88,15 @@ TRANSFER_OPTIONS = {
 def _backend(q_s: Tensor, q_t: Tensor) -> str:
     """The backend `select_backend` picks, with torch (the reference) where it picks cpp, which has no kernel
     for this op; float64 always runs the reference."""
-    if os.environ.get("TSA_FAST_BACKEND", "").strip() == "cpp":
-        raise ValueError("TSA_FAST_BACKEND='cpp': attention_transfer_loss has no cpp kernel; its backends are triton and torch")
     dtype = torch.float64 if torch.float64 in (q_s.dtype, q_t.dtype) else q_s.dtype
-    backend = select_backend(q_s.device, dtype)
-    return "triton" if backend == "triton" else "torch"
+    return select_triton_or_torch("attention_transfer_loss", q_s.device, dtype)
 
 
 def _check_inputs(q_s, k_s, q_t, k_t, key_padding_mask, relation_heads) -> None:
     """Shapes, dtypes and devices of the four tensors and the mask; relation_heads against the head sizes."""
     named = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
     for name, x in named.items():
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}")
-        if x.dim() != 4 or x.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty (B, H, N, D) tensor, got shape {tuple(x.shape)}")
-        if x.device != q_s.device:
-            raise ValueError(f"q_s on {q_s.device} but {name} on {x.device}")
+        check_head_tensor(name, x, ("q_s", q_s))
     for model, (q_name, k_name) in (("student", ("q_s", "k_s")), ("teacher", ("q_t", "k_t"))):
         q, k = named[q_name], named[k_name]
         if q.dtype != k.dtype:
