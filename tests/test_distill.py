@@ -1,0 +1,242 @@
+"""The distillation engine's parts: config, schedules, data order, teacher mixtures and cache, the objective,
+adversarial perturbations, metrics, checkpoints. End-to-end runs of train.py are in test_train.py."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tsa_fast.distill.adversarial import adversarial_delta
+from tsa_fast.distill.batches import in_order, take, training_indices
+from tsa_fast.distill.config import LossConfig, RecipeConfig, Schedule, load_config, value_at
+from tsa_fast.distill.evaluate import macro_f1
+from tsa_fast.distill.metrics import MetricsLog, read_metrics
+from tsa_fast.distill.objective import DistillationObjective
+from tsa_fast.distill.teacher_cache import TopkTeacherCache
+from tsa_fast.distill.teachers import Teachers, mixture_logits
+from tsa_fast.models import Transformer, TransformerConfig
+from tsa_fast.reference.distillation_loss import distillation_loss as reference_distillation_loss
+
+from conftest import assert_rel_close
+
+TINY = dict(vocab_size=61, max_seq_len=12, d_model=32, n_layers=2, n_heads=4)
+
+
+def lm_split(n=10, seq=12, vocab=61):
+    ids = torch.randint(0, vocab, (n, seq + 1))
+    return {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
+
+
+# --- config --------------------------------------------------------------------------------------------
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("name: x\ntraining:\n  steps: 7\nloss:\n  divergence: jsd\n")
+    config = load_config(path, ["training.lr=3e-4", "loss.temperature={start: 4, end: 1}", "teachers.0.seed=5"])
+    assert (config.name, config.training.steps, config.training.lr) == ("x", 7, 3e-4)
+    assert config.loss.divergence == "jsd" and config.loss.temperature == Schedule(start=4, end=1)
+    assert config.teachers[0].seed == 5 and config.teachers[0].model == TransformerConfig()
+    assert load_config() == RecipeConfig()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["training.stepz=3"], "stepz"),
+        (["training.steps=0"], "steps"),
+        (["loss.divergence=kl"], "divergence"),
+        (["nonsense"], "key=value"),
+        (["teachers.3.seed=1"], "not an index"),
+        (["teacher_cache.enabled=true", "loss.hidden_weight=1"], "hidden_weight"),
+        (["teacher_cache.enabled=true", "data.task=classify"], "task"),
+        (["student.init=teacher_layers", "teachers=[{}, {}]"], "exactly one teacher"),
+        (["student.model.n_heads=3"], "n_heads"),
+    ],
+)
+def test_config_errors_name_the_value(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides)
+
+
+def test_config_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_schedules():
+    assert value_at(2.5, 0.7) == 2.5
+    linear, cosine = Schedule(start=4, end=1), Schedule(start=4, end=1, shape="cosine")
+    assert [linear.at(p) for p in (0, 0.5, 1)] == [4, 2.5, 1]
+    assert cosine.at(0) == 4 and cosine.at(1) == 1 and math.isclose(cosine.at(0.5), 2.5)
+    assert cosine.at(0.25) > linear.at(0.25)  # slow start
+
+
+# --- data order ------------------------------------------------------------------------------------------
+
+
+def test_training_order_is_a_function_of_seed_and_step():
+    n, batch = 10, 4
+    stream = torch.cat([training_indices(n, batch, micro, seed=3) for micro in range(5)])
+    assert torch.equal(stream, torch.cat([training_indices(n, batch, micro, seed=3) for micro in range(5)]))
+    for epoch in range(2):  # every epoch is a permutation of all examples
+        assert sorted(stream[epoch * n : (epoch + 1) * n].tolist()) == list(range(n))
+    assert not torch.equal(stream[:n], stream[n : 2 * n])
+    assert not torch.equal(stream, torch.cat([training_indices(n, batch, m, seed=4) for m in range(5)]))
+
+
+def test_take_and_in_order():
+    split = lm_split(n=5)
+    batches = list(in_order(split, 2, torch.device("cpu")))
+    assert [len(b["index"]) for b in batches] == [2, 2, 1]
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), split["input_ids"])
+    picked = take(split, torch.tensor([4, 0]), torch.device("cpu"))
+    assert torch.equal(picked["labels"], split["labels"][[4, 0]])
+    assert len(list(in_order(split, 2, torch.device("cpu"), max_batches=1))) == 1
+
+
+# --- teachers ----------------------------------------------------------------------------------------------
+
+
+def test_mixture_logits_softmax_is_the_mixture():
+    a, b = torch.randn(3, 7) * 4, torch.randn(3, 7) * 4
+    T, w = 2.0, [0.25, 0.75]
+    mixed = mixture_logits([a, b], [math.log(x) for x in w], T)
+    expected = w[0] * torch.softmax(a / T, -1) + w[1] * torch.softmax(b / T, -1)
+    assert_rel_close(torch.softmax(mixed / T, -1), expected, 1e-6, "mixture")
+
+
+def test_teachers_targets_forms():
+    torch.manual_seed(0)
+    models = [Transformer(TransformerConfig(**TINY)) for _ in range(2)]
+    batch = lm_split(n=3)
+    one = Teachers(models[:1], [1.0], "lm")
+    fused = one.targets(batch, 2.0, fused=True, hidden_states=True, qkv=True)
+    assert fused.logits is None and fused.weight is models[0].lm_head_weight
+    assert len(fused.hidden_states) == 3 and len(fused.qkv) == 2
+    plain = one.targets(batch, 2.0)
+    assert_rel_close(fused.full_logits(), plain.logits, 1e-6, "fused vs plain")
+    both = Teachers(models, [1.0, 3.0], "lm").targets(batch, 2.0, fused=True)
+    assert both.logits is not None and both.logits.shape == (3, 12, 61)
+    with pytest.raises(ValueError, match="one weight per teacher"):
+        Teachers(models, [1.0], "lm")
+
+
+def test_teacher_cache_matches_the_teacher(tmp_path):
+    torch.manual_seed(0)
+    teachers = Teachers([Transformer(TransformerConfig(**TINY))], [1.0], "lm")
+    split = lm_split(n=6)
+    build = lambda: TopkTeacherCache.build(  # noqa: E731
+        teachers, split, tmp_path, temperature=2.0, top_k=5, fingerprint="f", batch_size=4,
+        device=torch.device("cpu"), progress=False,
+    )  # fmt: skip
+    cache = build()
+    mtime = (tmp_path / "indices.npy").stat().st_mtime_ns
+    batch = take(split, torch.tensor([5, 1]), torch.device("cpu"))
+    indices, logprobs = cache.targets(batch, 2.0).topk
+    expected = torch.log_softmax(teachers.targets(batch).logits / 2.0, -1).topk(5, -1)
+    assert torch.equal(indices, expected.indices)
+    assert_rel_close(logprobs, expected.values, 1e-6, "cached logprobs")
+    build()
+    assert (tmp_path / "indices.npy").stat().st_mtime_ns == mtime, "a matching cache must not be rebuilt"
+    with pytest.raises(ValueError, match="temperature"):
+        cache.targets(batch, 1.0)
+
+
+# --- objective ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_objective_logit_term_is_the_distillation_loss(fused):
+    torch.manual_seed(0)
+    teacher_cfg, student_cfg = TransformerConfig(**TINY), TransformerConfig(**{**TINY, "n_layers": 1})
+    teacher, student = Transformer(teacher_cfg), Transformer(student_cfg)
+    config = LossConfig(temperature=Schedule(start=3, end=1), hard_weight=0.3, fused=fused)
+    objective = DistillationObjective(config, "lm", student_cfg, teacher_cfg)
+    batch = lm_split(n=2)
+    targets = Teachers([teacher], [1.0], "lm").targets(batch, 2.0, fused=fused)
+    loss, terms = objective(student, student(batch["input_ids"]), batch, targets, progress=0.5)
+    expected = reference_distillation_loss(
+        student.logits(student(batch["input_ids"]).hidden).double(), targets.full_logits().double(),
+        batch["labels"], temperature=2.0, hard_weight=0.3,
+    )  # fmt: skip
+    assert_rel_close(loss, expected, 1e-5, "objective")
+    assert set(terms) == {"logit"}
+
+
+def test_objective_hidden_and_attention_terms():
+    torch.manual_seed(0)
+    teacher_cfg = TransformerConfig(**TINY)
+    student_cfg = TransformerConfig(**{**TINY, "d_model": 16, "n_layers": 1})
+    teacher, student = Transformer(teacher_cfg), Transformer(student_cfg)
+    config = LossConfig(hidden_weight=1.0, attention_weight=1.0, attention_relations=["qk", "vv"], relation_heads=4)
+    objective = DistillationObjective(config, "lm", student_cfg, teacher_cfg)
+    assert objective.hidden_map == [(0, 0), (1, 2)] and objective.attention_map == [(0, 1)]
+    assert objective.projection.weight.shape == (32, 16)
+    batch = lm_split(n=2)
+    targets = Teachers([teacher], [1.0], "lm").targets(batch, 2.0, fused=True, hidden_states=True, qkv=True)
+    out = student(batch["input_ids"], output_hidden_states=True, output_qkv=True)
+    loss, terms = objective(student, out, batch, targets, progress=0.0)
+    assert set(terms) == {"logit", "hidden", "attention"}
+    assert torch.isclose(loss, sum(terms.values()), rtol=1e-5)
+    loss.backward()
+    assert objective.projection.weight.grad.abs().sum() > 0
+    expected_hidden = torch.stack([
+        F.mse_loss(objective.projection(out.hidden_states[s]), targets.hidden_states[t]) for s, t in [(0, 0), (1, 2)]
+    ]).mean()  # fmt: skip
+    assert torch.isclose(terms["hidden"], expected_hidden, rtol=1e-5)
+
+
+def test_objective_bad_layer_map():
+    cfg = TransformerConfig(**TINY)
+    with pytest.raises(ValueError, match="hidden_layer_map"):
+        DistillationObjective(LossConfig(hidden_weight=1.0, hidden_layer_map=[(0, 5)]), "lm", cfg, cfg)
+
+
+def test_objective_without_teacher_is_cross_entropy():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(**TINY)
+    model, batch = Transformer(cfg), lm_split(n=2)
+    loss, terms = DistillationObjective(LossConfig(), "lm", cfg, None)(model, model(batch["input_ids"]), batch, None, 0.0)
+    logits = model.logits(model(batch["input_ids"]).hidden)
+    assert torch.isclose(loss, F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()))
+    assert set(terms) == {"ce"}
+
+
+# --- adversarial ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_adversarial_delta_stays_in_the_ball_and_increases_the_loss(steps):
+    target = torch.randn(2, 5, 8)
+    embeds = torch.randn(2, 5, 8)
+    loss_fn = lambda e: (e - target).pow(2).sum()  # noqa: E731
+    delta = adversarial_delta(loss_fn, embeds, epsilon=0.5, steps=steps)
+    assert delta.shape == embeds.shape and not delta.requires_grad
+    assert (delta.norm(dim=-1) <= 0.5 + 1e-6).all()
+    assert loss_fn(embeds + delta) > loss_fn(embeds)
+    if steps == 1:  # FGM: epsilon along the per-token gradient direction (e - target)
+        direction = F.normalize(embeds - target, dim=-1)
+        assert_rel_close(delta, 0.5 * direction, 1e-5, "fgm")
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+
+def test_macro_f1():
+    predicted, target = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 2])
+    # class 0: tp 1 fp 1 fn 0 -> 2/3; class 1: tp 1 fp 0 fn 1 -> 2/3; class 2: 1
+    assert math.isclose(macro_f1(predicted, target), (2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_metrics_log_truncates_on_resume(tmp_path):
+    path = tmp_path / "metrics.csv"
+    log = MetricsLog(path, None, tensorboard=False)
+    for step in (10, 20, 30):
+        log.write({"step": step, "loss": 1.0 / step})
+    log.write({"step": 30, "val_perplexity": 9.5})
+    resumed = MetricsLog(path, 20, tensorboard=False)
+    resumed.write({"step": 30, "loss": 0.5})
+    rows = read_metrics(path)
+    assert [r["step"] for r in rows] == ["10", "20", "30"] and rows[-1]["loss"] == "0.5"

@@ -1,0 +1,133 @@
+"""End to end: `python train.py` (the main job) in CI size, its recipes and options, and kill + resume.
+
+The runs are tiny (vocabulary 512, widths 32, a few steps) but real: the stdlib corpus, a trained
+tokenizer, a trained and cached teacher, distilled and baseline students, evaluation and reports.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tsa_fast.distill.config import RecipeConfig, load_config
+from tsa_fast.distill.metrics import read_metrics
+from tsa_fast.distill.recipe import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_TEACHER = "{d_model: 32, n_layers: 2, n_heads: 2}"
+TINY = [
+    "data.vocab_size=512", "data.seq_len=32", "data.max_train_tokens=20000", "data.max_train_examples=200",
+    f"teachers.0.model={TINY_TEACHER}",
+    "student.model.d_model=32", "student.model.n_layers=1", "student.model.n_heads=2",
+    "teacher_training.steps=6", "teacher_training.batch_size=8", "teacher_training.eval_batches=2",
+    "training.steps=6", "training.batch_size=8", "training.eval_every=3", "training.eval_batches=2",
+    "training.log_every=1", "training.checkpoint_every=2", "logging.progress=false", "logging.tensorboard=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    """One corpus / tokenizer / teacher cache for the whole module (what a user's second run reuses)."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def train_py(*args: str, cwd: Path = ROOT, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)  # fmt: skip
+
+
+def finished(process: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_default_recipe_file_is_the_builtin_recipe():
+    assert load_config(ROOT / "configs" / "stdlib_lm.yaml") == RecipeConfig()
+
+
+@pytest.mark.parametrize("recipe", ["stdlib_lm", "classify"])
+def test_recipe_runs_end_to_end(recipe, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs" / f"{recipe}.yaml"), *TINY, f"output_dir={out}", f"data.cache_dir={cache_dir}"]
+    finished(train_py(*args))
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"teacher", "distilled", "baseline"}
+    metric = "validation_perplexity" if recipe == "stdlib_lm" else "validation_accuracy"
+    for name, row in results.items():
+        assert row[metric] > 0 and row["parameters"] > 0 and row["inference_tokens_per_s"] > 0, name
+    assert results["distilled"]["parameters"] < results["teacher"]["parameters"]
+    assert 0 <= results["distilled"]["validation_agreement"] <= 1
+    assert (out / "curves.png").stat().st_size > 0 and "| distilled |" in (out / "results.md").read_text()
+    rows = read_metrics(out / "distilled" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 7)) and all(r["loss"] for r in rows)
+    second = finished(train_py(*args[:-2], f"output_dir={tmp_path / 'again'}", f"data.cache_dir={cache_dir}"))
+    assert "loaded the cached teacher" in second
+
+
+def test_bad_data_is_a_clear_error_before_training(tmp_path):
+    process = train_py(f"data.source={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'run'}")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 2 and "missing.jsonl" in output and "Traceback" not in output
+    assert not (tmp_path / "run" / "teacher_0").exists()
+
+
+def test_bad_option_is_a_clear_error():
+    output, _ = train_py("training.stepz=3").communicate(timeout=120)
+    assert "stepz" in output and "Traceback" not in output
+
+
+def test_killed_run_resumes_on_the_same_curve(cache_dir, tmp_path):
+    """SIGKILL the distillation phase after a checkpoint, resume: the metrics equal an uninterrupted run's."""
+    steps = ["training.steps=12", "training.checkpoint_every=3", "training.eval_every=6"]
+    common = [*TINY, *steps, f"data.cache_dir={cache_dir}", "baseline=false"]
+    finished(train_py(*common, f"output_dir={tmp_path / 'straight'}"))
+
+    out = tmp_path / "killed"
+    process = train_py(*common, f"output_dir={out}")
+    checkpoint = out / "distilled" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not (checkpoint.exists() and torch.load(checkpoint, weights_only=False)["step"] >= 3):
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert torch.load(checkpoint, weights_only=False)["step"] < 12, "killed too late to test resuming"
+    finished(train_py(*common, f"output_dir={out}", "--resume"))
+
+    straight, resumed = (read_metrics(tmp_path / name / "distilled" / "metrics.csv") for name in ("straight", "killed"))
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == b["loss"] and a.get("val_perplexity") == b.get("val_perplexity"), (a, b)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["adversarial.method=fgm", "adversarial.epsilon=0.5"],
+        ["adversarial.method=pgd", "adversarial.steps=2", "adversarial.compare=false"],
+        ["teacher_cache.enabled=true", "teacher_cache.top_k=8"],
+        [f"teachers=[{{seed: 0, model: {TINY_TEACHER}}}, {{seed: 1, weight: 2.0, model: {TINY_TEACHER}}}]",
+         "loss.divergence=jsd"],
+        ["loss.hidden_weight=1.0", "loss.attention_weight={start: 1.0, end: 0.0}", "student.model.d_model=16",
+         "loss.attention_relations=[qq, kk, vv]", "loss.relation_heads=2"],
+        ["student.init=teacher_layers", "student.model.n_layers=1", "loss.fused=false", "loss.temperature={start: 4, end: 1}"],
+    ],
+    ids=["fgm", "pgd", "teacher_cache", "two_teachers", "hidden_attention", "teacher_layers_unfused"],
+)
+def test_recipe_options(options, cache_dir, tmp_path):
+    overrides = [*TINY, *options, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}", "baseline=false"]
+    results = run(load_config(None, overrides))
+    assert "distilled" in results
+    assert all(v == v for row in results.values() for v in row.values()), "NaN in results"
+    if "adversarial.method=fgm" in options:
+        assert set(results) == {"teacher", "distilled", "distilled_no_adversarial"}
+        assert "validation_perturbed_perplexity" in results["distilled"]

@@ -1,0 +1,232 @@
+"""The training loop of one phase: a model trained for `training.steps` optimizer steps on its objective,
+with or without teachers, with checkpoints it can resume from.
+
+One loop serves teacher pre-training (no teacher: cross-entropy), distillation, and the no-teacher
+baseline. Per optimizer step: `grad_accum` micro-batches (teacher targets under `torch.no_grad()`, student
+forward under autocast, optional adversarial loss on perturbed embeddings), global-norm clipping, AdamW,
+warm-up + cosine learning rate. Data order is a function of (seed, step) (`batches.training_indices`), so
+a checkpoint (model, objective, optimizer, scheduler, scaler, RNG, step) is the whole state: a run killed
+anywhere resumes from its last checkpoint and continues the same loss curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor, nn
+
+from tsa_fast.distill.adversarial import adversarial_delta
+from tsa_fast.distill.batches import num_examples, take, training_indices
+from tsa_fast.distill.config import AdversarialConfig, LoggingConfig, TrainingConfig
+from tsa_fast.distill.evaluate import evaluate
+from tsa_fast.distill.metrics import MetricsLog
+from tsa_fast.distill.objective import DistillationObjective
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Phase:
+    """Where and how one phase runs."""
+
+    name: str
+    out_dir: Path
+    training: TrainingConfig
+    seed: int
+    device: torch.device
+    precision: torch.dtype | None = None  # autocast dtype; None: full precision
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def autocast(self):
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision)
+
+
+class Distiller:
+    """Trains `model` on `objective` over `data` (a TaskData), teachers optional (Teachers or a top-k cache)."""
+
+    def __init__(self, model: nn.Module, objective: DistillationObjective, data, phase: Phase, teachers=None):
+        if objective.has_teacher != (teachers is not None):
+            raise ValueError(f"{phase.name}: the objective {'needs' if objective.has_teacher else 'takes no'} teachers")
+        self.model, self.objective, self.data, self.phase, self.teachers = model, objective, data, phase, teachers
+        self.model.to(phase.device).train()
+        self.objective.to(phase.device)
+        t = phase.training
+        self.optimizer = torch.optim.AdamW(
+            _param_groups([*model.named_parameters(), *objective.named_parameters()], t.weight_decay), lr=t.lr
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(t))
+        self.scaler = torch.amp.GradScaler(phase.device.type, enabled=phase.precision == torch.float16)
+        self.step = 0
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.phase.out_dir / CHECKPOINT
+
+    def save_checkpoint(self) -> None:
+        """Everything the run needs to continue, written atomically (tmp file + rename)."""
+        state = {
+            "step": self.step, "done": self.step >= self.phase.training.steps,
+            "model": self.model.state_dict(), "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
+        }  # fmt: skip
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(self.checkpoint_path, map_location=self.phase.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"].cpu())
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        self.step, self.train_tokens, self.train_seconds = state["step"], state["train_tokens"], state["train_seconds"]
+
+    # --- training ----------------------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        """Train to `training.steps` (from the last checkpoint when `resume` and one exists); returns the
+        final validation metrics and the training throughput."""
+        phase, t = self.phase, self.phase.training
+        phase.out_dir.mkdir(parents=True, exist_ok=True)
+        resumed = resume and self.checkpoint_path.exists()
+        if resumed:
+            self.load_checkpoint()
+        log = MetricsLog(phase.out_dir / "metrics.csv", self.step if resumed else None, phase.logging.tensorboard)
+        final = {}
+        with _progress(phase.logging.progress) as progress:
+            bar = progress.add_task(phase.name, total=t.steps, completed=self.step, loss=float("nan"))
+            while self.step < t.steps:
+                start = time.perf_counter()
+                loss, terms = self.train_step()
+                self.train_seconds += time.perf_counter() - start
+                progress.update(bar, advance=1, loss=loss)
+                last = self.step == t.steps
+                row = {}
+                if self.step % t.log_every == 0 or last:
+                    row = {"step": self.step, "loss": loss, **terms, "lr": self.scheduler.get_last_lr()[0],
+                           "tokens_per_s": self.train_tokens / self.train_seconds}  # fmt: skip
+                if self.step % t.eval_every == 0 or last:
+                    final = self.validate()
+                    row = {"step": self.step, **row, **{f"val_{k}": v for k, v in final.items()}}
+                if row:
+                    log.write(row)
+                if self.step % t.checkpoint_every == 0 or last:
+                    self.save_checkpoint()
+        if not final:  # the run was already complete
+            final = self.validate()
+        return {**final, "train_tokens_per_s": self.train_tokens / max(self.train_seconds, 1e-9)}
+
+    def validate(self) -> dict[str, float]:
+        t = self.phase.training
+        return evaluate(
+            self.model, self.data.validation, self.data.task, batch_size=t.batch_size, device=self.phase.device,
+            max_batches=t.eval_batches, autocast=self.phase.autocast,
+        )  # fmt: skip
+
+    def train_step(self) -> tuple[float, dict[str, float]]:
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss and its terms."""
+        t, phase = self.phase.training, self.phase
+        progress = self.step / t.steps
+        self.optimizer.zero_grad(set_to_none=True)
+        total, term_sums = 0.0, {}
+        for micro in range(t.grad_accum):
+            index = training_indices(num_examples(self.data.train), t.batch_size, self.step * t.grad_accum + micro,
+                                     phase.seed)  # fmt: skip
+            batch = take(self.data.train, index, phase.device)
+            loss, terms = self.micro_step_loss(batch, progress)
+            self.scaler.scale(loss / t.grad_accum).backward()
+            total += loss.item() / t.grad_accum
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + value.item() / t.grad_accum
+            mask = batch.get("attention_mask")
+            self.train_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if t.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        if not math.isfinite(total):
+            raise FloatingPointError(f"{phase.name}: loss is {total} at step {self.step}")
+        return total, term_sums
+
+    def micro_step_loss(self, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective on one micro-batch, plus the adversarial term when enabled."""
+        objective, adversarial = self.objective, self.phase.adversarial
+        teacher = None
+        if self.teachers is not None:
+            with self.phase.autocast():
+                teacher = self.teachers.targets(
+                    batch, objective.temperature(progress), fused=objective.config.fused,
+                    hidden_states=objective.needs_hidden_states, qkv=objective.needs_qkv,
+                )  # fmt: skip
+        mask = batch.get("attention_mask")
+        with self.phase.autocast():
+            embeds = self.model.embed_tokens(batch["input_ids"])
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=objective.needs_hidden_states,
+                             output_qkv=objective.needs_qkv)  # fmt: skip
+            loss, terms = objective(self.model, out, batch, teacher, progress)
+            if adversarial.method == "none":
+                return loss, terms
+
+            def perturbed_loss(perturbed: Tensor) -> Tensor:
+                out = self.model(inputs_embeds=perturbed, attention_mask=mask)
+                return objective.output_loss(self.model, out, batch, teacher, progress)
+
+            steps = 1 if adversarial.method == "fgm" else adversarial.steps
+            delta = adversarial_delta(perturbed_loss, embeds, adversarial.epsilon, steps)
+            adversarial_loss = perturbed_loss(embeds + delta)
+        terms["adversarial"] = adversarial_loss.detach()
+        return loss + adversarial.weight * adversarial_loss, terms
+
+
+def _param_groups(named_params, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases); tied parameters once."""
+    seen, decay, no_decay = set(), [], []
+    for _, p in named_params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(t: TrainingConfig):
+    """Linear warm-up to the peak, then cosine decay to min_lr_ratio of it at the last step."""
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(), disable=not enabled, transient=False,
+    )  # fmt: skip

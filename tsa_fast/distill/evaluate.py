@@ -1,0 +1,120 @@
+"""Evaluation of a model on a split: perplexity (LM) or accuracy and macro-F1 (classification), agreement
+with the teachers (top-1 agreement, mean KL(P_t || P_s) at T = 1), optionally on inputs perturbed
+adversarially against the model itself (FGM, `epsilon` per token); and inference throughput."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tsa_fast.distill.adversarial import adversarial_delta
+from tsa_fast.distill.batches import in_order
+from tsa_fast.distill.objective import student_head
+from tsa_fast.distill.teachers import Teachers
+
+
+def evaluate(
+    model: nn.Module,
+    split: dict[str, Tensor],
+    task: str,
+    *,
+    batch_size: int,
+    device: torch.device,
+    teachers: Teachers | None = None,
+    max_batches: int | None = None,
+    epsilon: float | None = None,
+    autocast=contextlib.nullcontext,
+) -> dict[str, float]:
+    """Metrics of `model` on `split` (LM: loss, perplexity; classify: loss, accuracy, macro_f1), plus
+    agreement / kl with `teachers` when given. With `epsilon`, each batch is first perturbed by FGM against
+    the model's own loss."""
+    was_training = model.training
+    model.eval()
+    loss_sum = count = agree = kl_sum = 0.0
+    predictions, targets = [], []
+    for batch in in_order(split, batch_size, device, max_batches):
+        labels = batch["labels"]
+        with autocast():
+            logits = _logits(model, batch, task, epsilon).float()
+        flat_logits, flat_labels = logits.flatten(0, -2), labels.flatten()
+        loss_sum += F.cross_entropy(flat_logits, flat_labels, reduction="sum").item()
+        count += flat_labels.numel()
+        if task == "classify":
+            predictions.append(flat_logits.argmax(-1).cpu())
+            targets.append(flat_labels.cpu())
+        if teachers is not None:
+            with torch.no_grad(), autocast():
+                teacher_logits = teachers.targets(batch).full_logits().float().flatten(0, -2)
+            log_p_t, log_p_s = teacher_logits.log_softmax(-1), flat_logits.log_softmax(-1)
+            agree += (teacher_logits.argmax(-1) == flat_logits.argmax(-1)).sum().item()
+            kl_sum += (log_p_t.exp() * (log_p_t - log_p_s)).sum().item()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation split is empty")
+    metrics = {"loss": loss_sum / count}
+    if task == "lm":
+        metrics["perplexity"] = math.exp(metrics["loss"])
+    else:
+        predicted, target = torch.cat(predictions), torch.cat(targets)
+        metrics["accuracy"] = (predicted == target).double().mean().item()
+        metrics["macro_f1"] = macro_f1(predicted, target)
+    if teachers is not None:
+        metrics["agreement"], metrics["kl"] = agree / count, kl_sum / count
+    return metrics
+
+
+def _logits(model: nn.Module, batch: dict[str, Tensor], task: str, epsilon: float | None) -> Tensor:
+    """The model's logits on the batch; with epsilon, on its FGM-perturbed token embeddings."""
+    mask = batch.get("attention_mask")
+    if epsilon is None:
+        with torch.no_grad():
+            return student_head(model, model(batch["input_ids"], mask), batch, task)
+    embeds = model.embed_tokens(batch["input_ids"]).detach()
+
+    def own_loss(perturbed: Tensor) -> Tensor:
+        logits = student_head(model, model(inputs_embeds=perturbed, attention_mask=mask), batch, task)
+        return F.cross_entropy(logits.flatten(0, -2).float(), batch["labels"].flatten())
+
+    delta = adversarial_delta(own_loss, embeds, epsilon)
+    with torch.no_grad():
+        return student_head(model, model(inputs_embeds=embeds + delta, attention_mask=mask), batch, task)
+
+
+def macro_f1(predicted: Tensor, target: Tensor) -> float:
+    """Unweighted mean over the classes present in `target` or `predicted` of 2 TP / (2 TP + FP + FN)."""
+    scores = []
+    for c in torch.unique(torch.cat([predicted, target])):
+        tp = ((predicted == c) & (target == c)).sum().item()
+        fp = ((predicted == c) & (target != c)).sum().item()
+        fn = ((predicted != c) & (target == c)).sum().item()
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def tokens_per_second(models: dict[str, nn.Module], split: dict[str, Tensor], task: str, *, batch_size: int,
+                      device: torch.device, batches: int = 8, repeats: int = 3,
+                      autocast=contextlib.nullcontext) -> dict[str, float]:  # fmt: skip
+    """Inference throughput (forward + head) of each model on the same first `batches` batches of `split`.
+    The models are timed in turn, `repeats` rounds, and each keeps its best round, so that the load of a
+    shared machine weighs on all of them alike. Counts real tokens (attention_mask) where there is padding."""
+    data = list(in_order(split, batch_size, device, batches))
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in data)
+    best = {name: math.inf for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            model.eval()
+            with autocast():
+                student_head(model, model(data[0]["input_ids"], data[0].get("attention_mask")), data[0], task)  # warm-up
+                start = time.perf_counter()
+                for batch in data:
+                    student_head(model, model(batch["input_ids"], batch.get("attention_mask")), batch, task)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: tokens / seconds for name, seconds in best.items()}

@@ -1,0 +1,87 @@
+"""What the teacher side gives the student's loss, per batch: `TeacherTargets`.
+
+`Teachers` runs one or more frozen teacher models (eval mode, under `torch.no_grad()`); `TopkTeacherCache`
+(tsa_fast.distill.teacher_cache) reads the same targets from disk with no teacher in memory. Several
+teachers are mixed as distributions: at temperature T the mixture sum_i w_i softmax(z_i / T) is given as the
+logits T * logsumexp_i(log w_i + log_softmax(z_i / T)), whose softmax at T is exactly that mixture.
+Hidden states and q/k/v come from the first teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TeacherTargets:
+    """One batch of teacher outputs; the loss uses whichever form is set.
+
+    hidden + weight: a single LM teacher's last hidden states (B, N, H_t) and LM-head weight (V, H_t), for
+    `fused_linear_distillation_loss` (no N x V logits). logits: (B, N, V) mixture logits or (B, C) class
+    logits. topk: (indices, logprobs), each (B, N, k), at the loss temperature (from the cache).
+    hidden_states / qkv: the first teacher's, when the hidden-state / attention losses ask for them.
+    """
+
+    hidden: Tensor | None = None
+    weight: Tensor | None = None
+    logits: Tensor | None = None
+    topk: tuple[Tensor, Tensor] | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    qkv: tuple[tuple[Tensor, Tensor, Tensor], ...] | None = None
+
+    def full_logits(self) -> Tensor:
+        """The logits, computed from hidden + weight where needed (for evaluation)."""
+        return self.logits if self.logits is not None else self.hidden @ self.weight.T
+
+
+class Teachers:
+    """Frozen teacher models and their mixture weights (normalized to sum to 1)."""
+
+    def __init__(self, models: list[nn.Module], weights: list[float], task: str):
+        if len(models) != len(weights) or not models:
+            raise ValueError(f"need one weight per teacher, got {len(models)} teachers and {len(weights)} weights")
+        self.models = [model.eval().requires_grad_(False) for model in models]
+        total = sum(weights)
+        self.log_weights = [math.log(w / total) for w in weights]
+        self.task = task
+
+    def to(self, device: torch.device) -> "Teachers":
+        self.models = [model.to(device) for model in self.models]
+        return self
+
+    @torch.no_grad()
+    def targets(
+        self, batch: dict[str, Tensor], temperature: float = 1.0, *, fused: bool = False,
+        hidden_states: bool = False, qkv: bool = False,
+    ) -> TeacherTargets:  # fmt: skip
+        """The teachers' outputs on `batch` (input_ids, optional attention_mask)."""
+        outputs = [
+            model(batch["input_ids"], batch.get("attention_mask"), output_hidden_states=hidden_states and i == 0,
+                  output_qkv=qkv and i == 0)
+            for i, model in enumerate(self.models)
+        ]  # fmt: skip
+        first = outputs[0]
+        targets = TeacherTargets(hidden_states=first.hidden_states, qkv=first.qkv)
+        if self.task == "lm" and fused and len(self.models) == 1:
+            targets.hidden, targets.weight = first.hidden, self.models[0].lm_head_weight
+            return targets
+        logits = [self._head(model, out, batch) for model, out in zip(self.models, outputs)]
+        targets.logits = logits[0] if len(logits) == 1 else mixture_logits(logits, self.log_weights, temperature)
+        return targets
+
+    def _head(self, model: nn.Module, out, batch: dict[str, Tensor]) -> Tensor:
+        if self.task == "lm":
+            return model.logits(out.hidden)
+        return model.classify(out.hidden, batch.get("attention_mask"))
+
+
+def mixture_logits(logits: list[Tensor], log_weights: list[float], temperature: float) -> Tensor:
+    """Logits whose softmax at `temperature` is sum_i w_i softmax(logits_i / temperature), in float32."""
+    log_probs = torch.stack(
+        [torch.log_softmax(z.float() / temperature, dim=-1) + log_w for z, log_w in zip(logits, log_weights)]
+    )
+    return temperature * torch.logsumexp(log_probs, dim=0)
