@@ -4,18 +4,21 @@ and forward + backward.
     pytest benchmarks/bench_attention.py --benchmark-json=results.json
     python -m benchmarks.report results.json
 
-Compared on B x 16 heads x N x D problems (B * N = 16k tokens; causal and not; D = 64 and 128):
+Compared on B x H x N x D problems (GPU: 16 heads, B * N = 16k tokens; causal and not; D = 64 and 128):
   triton          tsa_fast.attention on the Triton kernels (GPU only: on the CPU they run under the
                   interpreter, which is no speed measurement)
   sdpa_<backend>  F.scaled_dot_product_attention held to one of its backends (flash, efficient, cudnn, math)
-                  with `sdpa_kernel`, each that runs the problem on this device; `sdpa`: PyTorch's own choice
-  reference       the reference: materializes the B x H x N x N scores (GPU: N <= 4096)
+                  with `sdpa_kernel`, each that runs the problem on this device (a backend that cannot is
+                  skipped); `sdpa`: PyTorch's own choice (CPU)
+  reference       the reference: materializes the B x H x N x N scores (N <= 4096)
+The reference is not measured under torch.compile here: the peers users pick for attention are the SDPA
+backends, and one compile per shape, mask and mode would not fit gpu.sh's time budget.
 GPU: bf16, N = 1024, 4096, 16384 (target, H200, D = 128, N >= 4096: forward >= 0.9x and forward + backward
 >= 0.7x the TFLOP/s of sdpa_flash; the backward recomputes q k^T once more than FlashAttention-2 to stay
-deterministic). CPU: fp32, B = 1, H = 8, N = 1024, D = 64, sdpa and reference only.
-TFLOP/s counts 4 B H N^2 D for the forward and 2.5 times that for the backward (FlashAttention's
-convention), halved when causal. Peak extra memory: the CUDA allocator's peak; on the CPU the RSS growth of
-this process (indicative at these sizes).
+deterministic). CPU: fp32, B = 1, H = 8, N = 1024 and 2048, D = 64, the SDPA backends and the reference.
+Roofline: FLOPs over the measured matrix-product rate, counting 4 B H N^2 D for the forward and 2.5 times
+that for the backward (FlashAttention's convention), halved when causal. Peak extra memory: the CUDA
+allocator's peak; on the CPU the RSS growth of this process (indicative at these sizes).
 """
 
 from __future__ import annotations
@@ -28,23 +31,30 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tsa_fast
+from benchmarks.common import (
+    DEVICE,
+    SMOKE,
+    describe,
+    measure,
+    record_peak_memory,
+    record_roofline,
+    synchronize,
+)
 from tsa_fast.reference.attention import attention as reference_attention
 
-from benchmarks.common import DEVICE, SMOKE, cpu_peak_extra_bytes_of, cuda_peak_extra_bytes, device_name
-
 if SMOKE:
-    PROBLEMS, HEADS, DTYPE = [(1, 128, 32)], 2, torch.float32
+    PROBLEMS, HEADS, DTYPE = [(1, 64, 32), (1, 128, 32)], 2, torch.float32
 elif DEVICE.type == "cuda":
     PROBLEMS, HEADS, DTYPE = [(16384 // n, n, d) for d in (64, 128) for n in (1024, 4096, 16384)], 16, torch.bfloat16
 else:
-    PROBLEMS, HEADS, DTYPE = [(1, 1024, 64)], 8, torch.float32
+    PROBLEMS, HEADS, DTYPE = [(1, 1024, 64), (1, 2048, 64)], 8, torch.float32
 SDPA_BACKENDS = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
     "sdpa_math": SDPBackend.MATH,
 }
-IMPLS = (["triton", *SDPA_BACKENDS] if DEVICE.type == "cuda" else ["sdpa"]) + ["reference"]
+IMPLS = (["triton", *SDPA_BACKENDS] if DEVICE.type == "cuda" else ["sdpa", "sdpa_flash", "sdpa_math"]) + ["reference"]
 MAX_MATERIALIZED_N = 4096  # the reference and sdpa_math hold B x H x N x N scores
 
 
@@ -54,10 +64,9 @@ def attention_fn(impl: str, causal: bool):
         return lambda q, k, v: reference_attention(q, k, v, causal=causal)
     if impl == "triton":
         return lambda q, k, v: tsa_fast.attention(q, k, v, causal=causal)
-    backend = contextlib.nullcontext() if impl == "sdpa" else sdpa_kernel([SDPA_BACKENDS[impl]])
 
-    def sdpa(q, k, v):
-        with backend:
+    def sdpa(q, k, v):  # sdpa_kernel's context manager is single-use: a new one per call
+        with contextlib.nullcontext() if impl == "sdpa" else sdpa_kernel([SDPA_BACKENDS[impl]]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     return sdpa
@@ -71,8 +80,7 @@ def step(fn, q, k, v, grad_out):
     else:
         q.grad = k.grad = v.grad = None
         fn(q, k, v).backward(grad_out)
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize()
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -94,14 +102,9 @@ def test_attention(benchmark, impl, problem, causal, mode):
         step(fn, q, k, v, grad_out)  # warm-up: autotuning, compilation, first touch of memory
     except RuntimeError as error:  # an SDPA backend that cannot run this problem on this device
         pytest.skip(f"{impl}: {error}".splitlines()[0])
-    benchmark.group = (
-        f"attention {mode} {'causal' if causal else 'full'} B={batch} H={HEADS} N={n} D={d} "
-        f"{str(DTYPE).removeprefix('torch.')} {device_name()}"
-    )
-    benchmark.extra_info.update(impl=impl, batch=batch, heads=HEADS, n=n, head_dim=d, causal=causal, mode=mode,
-                                dtype=str(DTYPE), device=device_name())  # fmt: skip
-    benchmark.pedantic(step, args=(fn, q, k, v, grad_out), rounds=3 if DEVICE.type == "cpu" else 10, warmup_rounds=1)
+    describe(benchmark, op="attention", mode=mode, impl=impl, dtype=DTYPE, size={"B": batch, "N": n}, x="N",
+             H=HEADS, D=d, mask="causal" if causal else "full")  # fmt: skip
+    measure(benchmark, step, fn, q, k, v, grad_out)
     flops = 4 * batch * HEADS * n * n * d * (3.5 if mode == "fwd+bwd" else 1) / (2 if causal else 1)
-    benchmark.extra_info["TFLOPs"] = flops / benchmark.stats.stats.median / 1e12
-    measure = cuda_peak_extra_bytes if DEVICE.type == "cuda" else cpu_peak_extra_bytes_of
-    benchmark.extra_info["peak_extra_MB"] = measure(lambda: step(fn, q, k, v, grad_out)) / 2**20
+    record_roofline(benchmark, DTYPE, flops=flops)
+    record_peak_memory(benchmark, lambda: step(fn, q, k, v, grad_out))

@@ -1,13 +1,14 @@
-"""Benchmarks of `attention_transfer_loss`: forward + backward against the reference that materializes the maps.
+"""Benchmarks of `attention_transfer_loss`: forward, and forward + backward, against the reference that
+materializes the maps.
 
     pytest benchmarks/bench_attention_transfer_loss.py --benchmark-json=results.json
     python -m benchmarks.report results.json
 
-Compared on one problem (student and teacher both B x 12 heads x N x 64, no mask, fwd+bwd):
+Compared on student and teacher both B x 12 heads x N x 64, no mask:
   triton              tsa_fast.attention_transfer_loss on the Triton kernels (GPU only: on the CPU they run
                       under the interpreter, which is no speed measurement)
   reference           the reference: the B x H x N x N score and attention maps of both models
-  reference_compiled  the same under torch.compile
+  reference_compiled  the same under torch.compile (forward + backward only)
   attention_forward   GPU only, the yardstick: one fused attention forward (SDPA) of each model, no loss
 GPU: bf16, (B, N) = (8, 2048) and (2, 8192) (target: triton time <= 2x attention_forward).
 CPU: fp32, B=8, N=2048, time of the references only (target: the fused op's peak memory <= 1/10 of the
@@ -15,8 +16,11 @@ reference's). The fused op's CPU peak memory is measured under the interpreter b
 `test_cpu_peak_memory_interpreted`, against the reference's at the same size, at B=1, H=8, N=2048: the
 full B=8, H=12 takes the interpreter about half an hour. Both peaks grow linearly in B x H (the maps in
 B x H x N^2, the fused op's row statistics and gradients in B x H x N), so their ratio carries over.
+Roofline: FLOPs over the measured matrix-product rate, counting the kernels' products: forward the two score
+products, 2 N^2 (D_s + D_t) per (b, h); backward the dq and the dk kernel each recompute both and add
+2 N^2 D_s for the gradient (16 B H N^2 D in forward + backward with D_s = D_t = D).
 Peak extra memory is measured, never assumed: on a GPU by the allocator, on the CPU as the peak RSS growth
-of a fresh process (`python -m benchmarks.bench_attention_transfer_loss IMPL B H N`).
+of a fresh process (`python -m benchmarks.bench_attention_transfer_loss IMPL MODE B H N`).
 """
 
 from __future__ import annotations
@@ -28,18 +32,31 @@ import torch
 import torch.nn.functional as F
 
 import tsa_fast
-from tsa_fast.reference.attention_transfer_loss import attention_transfer_loss as reference_loss
-
-from benchmarks.common import DEVICE, SMOKE, cpu_peak_extra_bytes, cpu_peak_extra_bytes_of, cuda_peak_extra_bytes, device_name
+from benchmarks.common import (
+    DEVICE,
+    SMOKE,
+    compiled,
+    cpu_peak_extra_bytes,
+    cpu_peak_extra_bytes_of,
+    describe,
+    measure,
+    record_peak_memory,
+    record_roofline,
+    synchronize,
+)
+from tsa_fast.reference.attention_transfer_loss import (
+    attention_transfer_loss as reference_loss,
+)
 
 MODULE = "benchmarks.bench_attention_transfer_loss"
 if SMOKE:
-    SIZES, HEADS, HEAD_DIM, DTYPE, INTERPRETED = [(2, 128)], 2, 32, torch.float32, (1, 2, 128)
+    SIZES, HEADS, HEAD_DIM, DTYPE, INTERPRETED = [(2, 64), (2, 128)], 2, 32, torch.float32, (1, 2, 128)
 elif DEVICE.type == "cuda":
     SIZES, HEADS, HEAD_DIM, DTYPE, INTERPRETED = [(8, 2048), (2, 8192)], 12, 64, torch.bfloat16, None
 else:
     SIZES, HEADS, HEAD_DIM, DTYPE, INTERPRETED = [(8, 2048)], 12, 64, torch.float32, (1, 8, 2048)
 IMPLS = (["triton", "attention_forward"] if DEVICE.type == "cuda" else []) + ["reference", "reference_compiled"]
+MODES = ["fwd", "fwd+bwd"]
 
 
 def attention_forward(q_s, k_s, q_t, k_t):
@@ -54,7 +71,7 @@ def loss_fn(impl: str):
     if impl == "reference":
         return reference_loss
     if impl == "reference_compiled":
-        return torch.compile(reference_loss)
+        return compiled(reference_loss)
     if impl == "attention_forward":
         return attention_forward
 
@@ -66,40 +83,43 @@ def loss_fn(impl: str):
     return forced
 
 
-def make_inputs(batch: int, heads: int, n: int, dtype: torch.dtype):
-    """Student (q_s, k_s) requiring grad and teacher (q_t, k_t), each (B, H, N, HEAD_DIM)."""
+def make_inputs(batch: int, heads: int, n: int, dtype: torch.dtype, mode: str):
+    """Student (q_s, k_s), requiring grad in forward + backward, and teacher (q_t, k_t), each (B, H, N, HEAD_DIM)."""
     generator = torch.Generator(DEVICE).manual_seed(0)
     randn = lambda: torch.randn(batch, heads, n, HEAD_DIM, device=DEVICE, generator=generator).to(dtype)  # noqa: E731
-    return randn().requires_grad_(), randn().requires_grad_(), randn(), randn()
+    grad = mode == "fwd+bwd"
+    return randn().requires_grad_(grad), randn().requires_grad_(grad), randn(), randn()
 
 
 def step(fn, *inputs):
-    loss = fn(*inputs)
-    if loss is not None:
-        loss.backward()
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+    """One forward (no autograd), or forward + backward when the student's q and k require grad."""
+    if inputs[0].requires_grad:
+        loss = fn(*inputs)
+        if loss is not None:
+            loss.backward()
+    else:
+        with torch.no_grad():
+            fn(*inputs)
+    synchronize()
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", SIZES, ids=[f"B{b}-N{n}" for b, n in SIZES])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_forward_backward(benchmark, impl, size):
+def test_attention_transfer_loss(benchmark, impl, size, mode):
+    if impl.endswith("_compiled") and mode == "fwd":
+        pytest.skip("torch.compile variants: forward + backward only")
     batch, n = size
-    inputs = make_inputs(batch, HEADS, n, DTYPE)
+    inputs = make_inputs(batch, HEADS, n, DTYPE, mode)
     fn = loss_fn(impl)
     step(fn, *inputs)  # warm-up: compilation, autotuning, first touch of memory, the .grad buffers
-    benchmark.group = (
-        f"attention_transfer_loss fwd+bwd B={batch} H={HEADS} N={n} D={HEAD_DIM} "
-        f"{str(DTYPE).removeprefix('torch.')} {device_name()}"
-    )
-    benchmark.extra_info.update(impl=impl, batch=batch, heads=HEADS, n=n, head_dim=HEAD_DIM, dtype=str(DTYPE), device=device_name())
-    benchmark.pedantic(step, args=(fn, *inputs), rounds=3 if DEVICE.type == "cpu" else 10, warmup_rounds=1)
-    if DEVICE.type == "cuda":
-        extra = cuda_peak_extra_bytes(lambda: step(fn, *inputs))
-    else:
-        del inputs
-        extra = cpu_peak_extra_bytes(MODULE, impl, str(batch), str(HEADS), str(n))
-    benchmark.extra_info["peak_extra_MB"] = extra / 2**20
+    describe(benchmark, op="attention_transfer_loss", mode=mode, impl=impl, dtype=DTYPE, size={"B": batch, "N": n},
+             x="N", H=HEADS, D=HEAD_DIM)  # fmt: skip
+    measure(benchmark, step, fn, *inputs)
+    if impl != "attention_forward":  # the yardstick's FLOPs are not these
+        flops = batch * HEADS * n * n * HEAD_DIM * (16 if mode == "fwd+bwd" else 4)
+        record_roofline(benchmark, DTYPE, flops=flops)
+    record_peak_memory(benchmark, lambda: step(fn, *inputs), MODULE, impl, mode, str(batch), str(HEADS), str(n))
 
 
 @pytest.mark.skipif(INTERPRETED is None, reason="CPU only: the fused op's CPU memory, under the interpreter")
@@ -109,8 +129,8 @@ def test_cpu_peak_memory_interpreted(record_property):
     batch, heads, n = (str(x) for x in INTERPRETED)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")  # read when the fresh process imports Triton
-        fused = cpu_peak_extra_bytes(MODULE, "triton", batch, heads, n)
-    reference = cpu_peak_extra_bytes(MODULE, "reference", batch, heads, n)
+        fused = cpu_peak_extra_bytes(MODULE, "triton", "fwd+bwd", batch, heads, n)
+    reference = cpu_peak_extra_bytes(MODULE, "reference", "fwd+bwd", batch, heads, n)
     print(f"\nCPU peak extra at B={batch} H={heads} N={n} D={HEAD_DIM}: fused (interpreted) {fused / 2**20:.1f} MB, "
           f"reference {reference / 2**20:.1f} MB, ratio {fused / reference:.4f}")  # fmt: skip
     record_property("fused_peak_extra_MB", fused / 2**20)
@@ -118,9 +138,9 @@ def test_cpu_peak_memory_interpreted(record_property):
     assert SMOKE or fused <= reference / 10  # smoke sizes measure nothing
 
 
-def _measure_cpu_peak(impl: str, batch: int, heads: int, n: int) -> int:
-    """Peak RSS growth of one forward + backward in this (fresh) process, beyond the inputs and .grad."""
-    inputs = make_inputs(batch, heads, n, DTYPE)
+def measure_cpu_peak(impl: str, mode: str, batch: str, heads: str, n: str) -> int:
+    """Peak RSS growth of one step in this (fresh) process, beyond the inputs and .grad."""
+    inputs = make_inputs(int(batch), int(heads), int(n), DTYPE, mode)
     fn = loss_fn(impl)
     # Warm-up: compilation at this size for the references; the interpreter compiles nothing, so a short
     # slice (which also allocates the .grad buffers) saves it a full-size run.
@@ -129,5 +149,4 @@ def _measure_cpu_peak(impl: str, batch: int, heads: int, n: int) -> int:
 
 
 if __name__ == "__main__":
-    impl, batch, heads, n = sys.argv[1:5]
-    print(_measure_cpu_peak(impl, int(batch), int(heads), int(n)))
+    print(measure_cpu_peak(*sys.argv[1:]))

@@ -1,31 +1,50 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (under 8 minutes): build, GPU correctness tests, full-size benchmarks,
-# JSON + Markdown report in $OUT (the device tool's output folder) or benchmarks/results/DATE-DEVICE.
-# The device image has torch, triton, pytest, pytest-benchmark, hypothesis, scikit-build-core, pybind11.
+# One prepared run for a lent GPU (under 8 minutes, worst case): build, GPU correctness tests, full-size
+# benchmarks, JSON + Markdown report + PNG plots in $OUT (the device tool's output folder) or
+# benchmarks/results/DATE-DEVICE. Copy that folder to benchmarks/results/ and regenerate the README with
+#   python -m benchmarks.report benchmarks/results/<cpu run> benchmarks/results/<this run> --readme README.md
+# The device image has torch, triton, pytest, pytest-benchmark, hypothesis, scikit-build-core, pybind11,
+# matplotlib; nothing is downloaded. Liger-Kernel (a peer in the loss suites) is installed only from a local
+# wheel, ${LIGER_WHEELS:-shared/wheels}/liger_kernel-*.whl, when there is one; without it those benchmarks skip.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
 out=${OUT:-benchmarks/results/$(date +%F)-$device}
 mkdir -p "$out"
+
+wheels=${LIGER_WHEELS:-shared/wheels}
+if ! python3 -c "import liger_kernel" 2>/dev/null && compgen -G "$wheels/liger_kernel-*.whl" >/dev/null; then
+  timeout 15 python3 -m pip install --quiet --no-index --no-deps "$wheels"/liger_kernel-*.whl 2>&1 | tail -2
+fi
 {
   date -u +"date: %F %T UTC"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+  python3 -m pip show liger-kernel 2>/dev/null | grep -m1 '^Version' | sed 's/^Version:/liger-kernel/' \
+    || echo "liger-kernel: not installed (its benchmarks skip)"
 } | tee "$out/environment.txt"
 
 # The extension with its CUDA kernels for this GPU (no downloads: build deps come from the image).
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" TSA_FAST_CUDA=ON \
-  timeout 150 python3 -m pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$out/build.log"
+  timeout 90 python3 -m pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$out/build.log"
 
-# Worst case, every step at its timeout: 150 + 120 + 60 + 120 + 60 s = 8.5 min; typically far less.
+# Worst case, every step at its timeout plus 3 s of grace after SIGINT: 15 (liger) + 90 (build) + 78 (tests)
+# + 78 + 48 + 93 + 43 (benchmarks) + 20 (report) = 465 s = 7.75 min; typically far less. A suite stopped by
+# its timeout (SIGINT) still writes the JSON of the benchmarks it finished; each suite runs its fastest
+# implementations (tsa_fast's) first.
 status=0
-TSA_FAST_REQUIRE_BACKENDS=triton,cpp,torch timeout 120 python3 -m pytest tests -q -m gpu \
+run() {  # TIMEOUT COMMAND...: SIGINT at the timeout (pytest then saves what it has), SIGKILL 3 s later
+  timeout -s INT -k 3 "$@"
+}
+TSA_FAST_REQUIRE_BACKENDS=triton,cpp,torch run 75 python3 -m pytest tests -q -m gpu \
   --junitxml="$out/gpu-tests.xml" 2>&1 | tail -15 | tee "$out/gpu-tests.txt" || status=1
-bench() {  # NAME TIMEOUT FILE...: suites with their own JSON (attention autotunes on first use: alone)
-  timeout "$2" python3 -m pytest "${@:3}" -q --benchmark-json="$out/$1.json" 2>&1 | tail -20 \
+bench() {  # NAME TIMEOUT FILE: one suite, its own JSON (attention autotunes on first use: alone)
+  run "$2" python3 -m pytest "$3" -q -p no:cacheprovider --benchmark-json="$out/$1.json" 2>&1 | tail -20 \
     | tee "$out/$1.txt" || status=1
 }
-bench losses 60 benchmarks/bench_distillation_loss.py benchmarks/bench_fused_linear_distillation_loss.py
-bench attention 120 benchmarks/bench_attention.py
-bench attention_transfer 60 benchmarks/bench_attention_transfer_loss.py
-python3 -m benchmarks.report "$out"/*.json --out "$out/report.md" || status=1
+bench distillation_loss 75 benchmarks/bench_distillation_loss.py
+bench fused_linear_distillation_loss 45 benchmarks/bench_fused_linear_distillation_loss.py
+bench attention 90 benchmarks/bench_attention.py
+bench attention_transfer_loss 40 benchmarks/bench_attention_transfer_loss.py
+timeout 20 python3 -m benchmarks.report "$out" --out "$out" >/dev/null || status=1
+ls "$out"
 exit $status
