@@ -4,13 +4,16 @@
     python train.py --config configs/classify.yaml     # any recipe
     python train.py training.steps=50 loss.divergence=jsd    # key=value overrides
     python train.py --resume                           # continue a stopped or killed run
+    python train.py --config configs/minilm_compress.yaml    # a pretrained Hugging Face sentence-embedding teacher
 
-See tsa_fast/distill/recipe.py for what a run does and tsa_fast/distill/config.py for every option.
+See tsa_fast/distill/recipe.py for what a run does and tsa_fast/distill/config.py for every option; a YAML file
+with `recipe: sentence_embedding` runs tsa_fast/distill/sentence_embedding.py instead.
 """
 
 import argparse
+from functools import partial
 
-from tsa_fast.distill.config import load_config
+from tsa_fast.distill.config import RecipeConfig, read_recipe
 from tsa_fast.distill.data import build_data
 from tsa_fast.distill.recipe import run
 
@@ -22,11 +25,17 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe options")
     args = parser.parse_args()
     try:  # bad options and bad data are reported before any training
-        config = load_config(args.config, args.overrides)
-        data = build_data(config.data)
+        raw = read_recipe(args.config, args.overrides)
+        if raw.get("recipe") == "sentence_embedding":
+            from tsa_fast.distill import sentence_embedding  # needs transformers, an optional dependency
+
+            job = partial(sentence_embedding.run, sentence_embedding.SentenceEmbeddingConfig.model_validate(raw))
+        else:
+            config = RecipeConfig.model_validate(raw)
+            job = partial(run, config, data=build_data(config.data))
     except (ValueError, FileNotFoundError, ImportError) as error:
         parser.error(str(error))
-    run(config, resume=args.resume, data=data)
+    job(resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -61,14 +61,14 @@ class TrainingConfig(Section):
 
 
 class TeacherConfig(Section):
-    model: TransformerConfig = TransformerConfig()
+    model: TransformerConfig = TransformerConfig(d_model=128, n_layers=4, n_heads=4)
     checkpoint: str | None = Field(None, description="a teacher checkpoint to load; null: train it (cached)")
     weight: float = Field(1.0, gt=0, description="its weight in the teachers' mixture")
     seed: int = Field(0, description="initialization / data-order seed when trained by the recipe")
 
 
 class StudentConfig(Section):
-    model: TransformerConfig = TransformerConfig(n_layers=2)
+    model: TransformerConfig = TransformerConfig(d_model=128, n_layers=2, n_heads=4)
     init: Literal["random", "teacher_layers"] = Field(
         "random", description="teacher_layers: DistilBERT-style copy of embeddings and every k-th teacher block"
     )
@@ -146,9 +146,9 @@ class RecipeConfig(Section):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
     data: DataConfig = DataConfig()
     teachers: list[TeacherConfig] = Field([TeacherConfig()], min_length=1)
-    teacher_training: TrainingConfig = TrainingConfig(steps=400, lr=2e-3)
+    teacher_training: TrainingConfig = TrainingConfig(steps=300, lr=2e-3)
     student: StudentConfig = StudentConfig()
-    training: TrainingConfig = TrainingConfig()
+    training: TrainingConfig = TrainingConfig(steps=200, lr=2e-3)
     loss: LossConfig = LossConfig()
     adversarial: AdversarialConfig = AdversarialConfig()
     teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
@@ -181,6 +181,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Re
     Raises: FileNotFoundError for a missing file; ValueError for an override without '=', an unknown key
     or a bad value (pydantic's ValidationError is a ValueError) naming it.
     """
+    return RecipeConfig.model_validate(read_recipe(path, overrides))
+
+
+def read_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """The mapping in YAML file `path` (None: empty) with `key=value` overrides applied, not yet validated.
+
+    Raises: FileNotFoundError for a missing file; ValueError for a file that is not a mapping or an override
+    without '='.
+    """
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -194,7 +203,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Re
         if not sep or not key:
             raise ValueError(f"an override is key=value, got {override!r}")
         _set_dotted(raw, key.split("."), yaml.safe_load(value), override)
-    return RecipeConfig.model_validate(raw)
+    return raw
 
 
 def _set_dotted(tree: dict | list, keys: list[str], value, override: str) -> None:

@@ -207,6 +207,25 @@ def headline_metrics(task: str) -> list[tuple[str, str, str]]:
     return [("accuracy", "acc", "{:.1%}"), ("macro_f1", "macro-F1", "{:.3f}")]
 
 
+def write_table(title: str, columns: list[tuple[str, str, str]], results: dict[str, dict], out_dir: Path) -> None:
+    """Print `results` (model name -> metrics) as a table of `columns` (result key, column title, format; "-"
+    where a model has no such key) and write it to out_dir/results.md, and the results to results.json."""
+    cells = {name: [fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns] for name, row in results.items()}
+    table = Table(title=title)
+    table.add_column("model")
+    for _, column_title, _ in columns:
+        table.add_column(column_title, justify="right")
+    for name, row in cells.items():
+        table.add_row(name, *row)
+    console.print(table)
+
+    header = ["model"] + [column_title for _, column_title, _ in columns]
+    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    markdown += ["| " + " | ".join([name, *row]) + " |" for name, row in cells.items()]
+    (out_dir / "results.md").write_text("\n".join(markdown) + "\n")
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
 def write_report(config: RecipeConfig, data: TaskData, results: dict, out_dir: Path) -> None:
     """The table (printed, results.md), results.json, and curves.png."""
     columns = [("parameters", "params", "{:,}")]
@@ -217,21 +236,7 @@ def write_report(config: RecipeConfig, data: TaskData, results: dict, out_dir: P
         columns.append((f"validation_perturbed_{key}", f"val {title} (perturbed, eps={config.adversarial.epsilon})", fmt))
     columns += [("validation_agreement", "top-1 agreement", "{:.1%}"), ("validation_kl", "KL(teacher||model)", "{:.3f}"),
                 ("inference_tokens_per_s", "tokens/s", "{:,.0f}"), ("speedup_vs_teacher", "speed-up", "{:.2f}x")]  # fmt: skip
-    cells = {name: [fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns] for name, row in results.items()}
-
-    table = Table(title=f"{config.name}: {data.task}, validation and test")
-    table.add_column("model")
-    for _, title, _ in columns:
-        table.add_column(title, justify="right")
-    for name, row in cells.items():
-        table.add_row(name, *row)
-    console.print(table)
-
-    header = ["model"] + [title for _, title, _ in columns]
-    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    markdown += ["| " + " | ".join([name, *row]) + " |" for name, row in cells.items()]
-    (out_dir / "results.md").write_text("\n".join(markdown) + "\n")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_table(f"{config.name}: {data.task}, validation and test", columns, results, out_dir)
     metric = headline_metrics(data.task)[0][0]
     curves = {name: out_dir / name / "metrics.csv" for name in results if (out_dir / name / "metrics.csv").exists()}
     curves.update({name: out_dir / name / "metrics.csv" for name in os.listdir(out_dir)

@@ -1,7 +1,11 @@
-"""Hugging Face transformers: `attn_implementation="tsa_fast"` runs the fused attention kernels.
+"""Hugging Face transformers: `attn_implementation="tsa_fast"` runs the fused attention kernels, and `HFModel`
+makes any transformers model a teacher or a student of the distillation engine.
 
     import tsa_fast.integrations.hf  # registers "tsa_fast"
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="tsa_fast")
+
+    teacher = HFModel(AutoModelForCausalLM.from_pretrained(name))       # the engine's model protocol
+    student = HFModel(layer_subset_student(teacher.model, 2))          # DistilBERT-style: 2 of its blocks
 
 Importing this module registers, under "tsa_fast", an attention function with transformers'
 `AttentionInterface` and the masks it takes with its `AttentionMaskInterface`, so that every model built on
@@ -12,14 +16,24 @@ which the kernels apply themselves, with `is_causal` (or the module's `is_causal
 functions, 4D masks passed in) arrives as transformers' SDPA mask and runs transformers' SDPA attention,
 as do dropout and position biases. Needs transformers >= 5.4 (its mask interface with q_length, q_offset),
 which tsa_fast itself does not need.
+
+The attention function is also where `HFModel` sees q, k and v exactly as the attention uses them (after
+rotary embeddings, q/k norms): it records them there for the attention-transfer losses, so that no model is
+ever asked for its N x N attention maps (`output_attentions`).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
 import transformers
 from packaging.version import Version
 from torch import Tensor, nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import (
     AttentionMaskInterface,
@@ -29,12 +43,17 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
+from tsa_fast.models import TransformerOutput, every_kth_layer, mean_pool
+from tsa_fast.models.transformer import INIT_STD
 from tsa_fast.ops.attention import attention
 from tsa_fast.reference.attention_transfer_loss import visible_keys
 
 NAME = "tsa_fast"
 if Version(transformers.__version__) < Version("5.4"):
     raise ImportError(f"tsa_fast.integrations.hf needs transformers >= 5.4, found {transformers.__version__}")
+
+# While an HFModel forward asks for q, k and v: the list `attention_forward` appends them to, call by call.
+_recorded_qkv: ContextVar[list[tuple[Tensor, Tensor, Tensor]] | None] = ContextVar("tsa_fast_qkv", default=None)
 
 
 def attention_mask(
@@ -71,7 +90,11 @@ def attention_forward(
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers' attention-function contract: query (B, H, N_q, D), key and value (B, H_kv, N_k, D),
-    the mask from `attention_mask`; returns the output (B, N_q, H, D_v) and no weights."""
+    the mask from `attention_mask`; returns the output (B, N_q, H, D_v) and no weights. Inside an `HFModel`
+    forward with output_qkv, first records (query, key, value)."""
+    recorded = _recorded_qkv.get()
+    if recorded is not None:
+        recorded.append((query, key, value))
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = attention_mask is None or attention_mask.dim() == 2
     if plain and dropout == 0.0 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None:
@@ -89,6 +112,148 @@ def register(name: str = NAME) -> None:
     """Register `attention_forward` and `attention_mask` under `name` (done on import, as "tsa_fast")."""
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, attention_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models of the distillation engine
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the engine reads of a model's config (`DistillationObjective`'s layer maps and projection)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+
+
+class HFModel(nn.Module):
+    """A transformers model (`AutoModel`, `AutoModelForCausalLM`, ...) behind the engine's model protocol, that
+    of `tsa_fast.models.Transformer`: a teacher or a student of `Distiller`, `Teachers`,
+    `DistillationObjective` and `evaluate`.
+
+    The wrapped model is `.model` (a PreTrainedModel: `.model.save_pretrained(directory)` saves it). It is
+    switched to attn_implementation="tsa_fast" (the fused kernels), where q, k and v are recorded for
+    `output_qkv`. `forward` runs its base model (`model.base_model`: no LM head, no cache); the heads apply to
+    the final hidden states:
+    - `logits(hidden)`, `lm_head_weight`: the model's output embeddings (a causal LM; RuntimeError otherwise);
+    - `classify(hidden, attention_mask)`: mean pooling over real tokens, then a linear head of `num_classes`
+      (created here, N(0, 0.02) weights and zero bias; not part of `.model`).
+    `config` is the model's `ModelShape`.
+    """
+
+    def __init__(self, model: PreTrainedModel, num_classes: int | None = None):
+        super().__init__()
+        model.set_attn_implementation(NAME)
+        self.model = model
+        text = model.config.get_text_config()
+        self.config = ModelShape(text.num_hidden_layers, text.hidden_size, text.num_attention_heads)
+        self.classifier = None
+        if num_classes is not None:
+            self.classifier = nn.Linear(self.config.d_model, num_classes, device=model.device, dtype=model.dtype)
+            nn.init.normal_(self.classifier.weight, std=INIT_STD)
+            nn.init.zeros_(self.classifier.bias)
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """(B, N) ids -> (B, N, d_model): the input embeddings, what `forward` takes as `inputs_embeds`."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_qkv: bool = False,
+    ) -> TransformerOutput:
+        """Run the base model on `input_ids` (B, N) or `inputs_embeds` (B, N, d_model), exactly one;
+        attention_mask (B, N) bool or integer, True / 1 = real token.
+
+        Returns a `TransformerOutput`: `hidden` (B, N, d_model), the last hidden state; `hidden_states`, the
+        model's own (the embeddings, then each block's output; where the model ties the last one to the last
+        hidden state, as Llama's, after the final norm), when output_hidden_states; `qkv`, per block (q, k, v)
+        each (B, H, N, head_dim) as the attention used them (after rotary embeddings; k and v repeated to the
+        H query heads under GQA, as `repeat_kv`), when output_qkv.
+
+        Raises ValueError for bad inputs (transformers'), RuntimeError when output_qkv records a number of
+        attention calls other than n_layers (a model whose attention bypasses transformers' AttentionInterface).
+        """
+        recorded = [] if output_qkv else None
+        token = _recorded_qkv.set(recorded)
+        try:
+            out = self.model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                output_hidden_states=output_hidden_states, use_cache=False,
+            )  # fmt: skip
+        finally:
+            _recorded_qkv.reset(token)
+        qkv = None
+        if output_qkv:
+            if len(recorded) != self.config.n_layers:
+                raise RuntimeError(f"{type(self.model).__name__}: recorded {len(recorded)} attention calls for "
+                                   f"{self.config.n_layers} blocks; its attention must use AttentionInterface")  # fmt: skip
+            qkv = tuple((q, *(x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))) for q, k, v in recorded)
+        return TransformerOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None, qkv)
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        """The LM head's weight (vocab_size, d_model). Raises RuntimeError for a model without one."""
+        return self._lm_head().weight
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(..., d_model) final hidden states -> (..., vocab_size) logits. Raises RuntimeError without an LM head."""
+        return self._lm_head()(hidden)
+
+    def classify(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, N, d_model) final hidden states -> (B, num_classes) logits: the mean over real tokens (all when
+        attention_mask is None), then the linear head. Raises RuntimeError without num_classes."""
+        if self.classifier is None:
+            raise RuntimeError("this HFModel has no classification head: pass num_classes")
+        return self.classifier(mean_pool(hidden, None if attention_mask is None else attention_mask.bool()))
+
+    def _lm_head(self) -> nn.Module:
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise RuntimeError(f"{type(self.model).__name__} has no LM head: load it with AutoModelForCausalLM")
+        return head
+
+
+@torch.no_grad()
+def layer_subset_student(teacher: PreTrainedModel, layers: int | Sequence[int]) -> PreTrainedModel:
+    """A DistilBERT-style student: the teacher's class and config with fewer blocks, holding a copy of every
+    teacher weight outside the blocks (embeddings, final norm, pooler, heads) and teacher block layers[i] as
+    its block i. An int n stands for `every_kth_layer(n_teacher, n)` (6 blocks -> 3: [1, 3, 5]), the blocks
+    that the engine's default layer maps pair with the student's. Any model whose blocks are one nn.ModuleList
+    of config.num_hidden_layers works (BERT: encoder.layer; Llama: model.layers). The student has the
+    teacher's device, dtype and attention implementation, and is in training mode.
+
+    Raises ValueError when layers are not teacher block indices, or the teacher has no such ModuleList.
+    """
+    n_teacher = teacher.config.num_hidden_layers
+    layers = every_kth_layer(n_teacher, layers) if isinstance(layers, int) else list(layers)
+    if not layers or not all(isinstance(j, int) and 0 <= j < n_teacher for j in layers):
+        raise ValueError(f"layers must be a non-empty list of teacher block indices in [0, {n_teacher}), got {layers}")
+    blocks = next((name for name, module in teacher.named_modules()
+                   if isinstance(module, nn.ModuleList) and len(module) == n_teacher), None)  # fmt: skip
+    if blocks is None:
+        raise ValueError(f"{type(teacher).__name__} has no nn.ModuleList of its {n_teacher} blocks")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-block attention types (sliding, full)
+        config.layer_types = [config.layer_types[j] for j in layers]
+    student = type(teacher)._from_config(config, attn_implementation=teacher.config._attn_implementation,
+                                         dtype=teacher.dtype)  # fmt: skip
+
+    def teacher_key(key: str) -> str:  # "<blocks>.<i>.<rest>" -> "<blocks>.<layers[i]>.<rest>"
+        if not key.startswith(f"{blocks}."):
+            return key
+        index, rest = key[len(blocks) + 1 :].split(".", 1)
+        return f"{blocks}.{layers[int(index)]}.{rest}"
+
+    weights = teacher.state_dict()
+    student.load_state_dict({key: weights[teacher_key(key)] for key in student.state_dict()})
+    return student.to(teacher.device).train()
 
 
 register()

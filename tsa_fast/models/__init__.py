@@ -1,9 +1,9 @@
 """Models: a compact Transformer (teacher and student of the distillation engine) and student initialization."""
 
 from tsa_fast.models.init import default_layer_map, every_kth_layer, init_from_teacher
-from tsa_fast.models.transformer import Transformer, TransformerConfig, TransformerOutput, num_parameters
+from tsa_fast.models.transformer import Transformer, TransformerConfig, TransformerOutput, mean_pool, num_parameters
 
 __all__ = [
     "Transformer", "TransformerConfig", "TransformerOutput", "default_layer_map", "every_kth_layer",
-    "init_from_teacher", "num_parameters",
+    "init_from_teacher", "mean_pool", "num_parameters",
 ]

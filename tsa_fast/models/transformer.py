@@ -240,12 +240,7 @@ class Transformer(nn.Module):
         if hidden.dim() != 3:
             raise ValueError(f"hidden must be (B, N, d_model), got shape {tuple(hidden.shape)}")
         keep = self._keep_mask(attention_mask, hidden.shape[0], hidden.shape[1], hidden.device)
-        if keep is None:
-            pooled = hidden.mean(dim=1)
-        else:
-            weights = keep.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-        return self.classifier(pooled)
+        return self.classifier(mean_pool(hidden, keep))
 
     def _checked_embeds(self, inputs_embeds: Tensor) -> Tensor:
         if not isinstance(inputs_embeds, Tensor):
@@ -290,6 +285,15 @@ class Transformer(nn.Module):
             return None, True
         causal = torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
         return keep[:, None, None, :] & causal, False
+
+
+def mean_pool(hidden: Tensor, keep: Tensor | None) -> Tensor:
+    """(B, N, D) states -> (B, D): the mean over the positions where `keep` (B, N) bool is True (over all N when
+    keep is None); a row that keeps nothing gives zeros."""
+    if keep is None:
+        return hidden.mean(dim=1)
+    weights = keep.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
 def num_parameters(model: nn.Module) -> int:
