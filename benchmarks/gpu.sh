@@ -27,24 +27,25 @@ fi
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" TSA_FAST_CUDA=ON \
   timeout 90 python3 -m pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$out/build.log"
 
-# Worst case, every step at its timeout plus 3 s of grace after SIGINT: 15 (liger) + 90 (build) + 78 (tests)
-# + 78 + 48 + 93 + 43 (benchmarks) + 20 (report) = 465 s = 7.75 min; typically far less. A suite stopped by
-# its timeout (SIGINT) still writes the JSON of the benchmarks it finished; each suite runs its fastest
+# Worst case, every step at its timeout plus 3 s of grace after SIGINT: 15 (liger) + 90 (build) + 73 (tests)
+# + 68 + 48 + 83 + 43 + 43 (benchmarks) + 15 (report) = 478 s = 7.97 min; typically far less. A suite stopped
+# by its timeout (SIGINT) still writes the JSON of the benchmarks it finished; each suite runs its fastest
 # implementations (tsa_fast's) first.
 status=0
 run() {  # TIMEOUT COMMAND...: SIGINT at the timeout (pytest then saves what it has), SIGKILL 3 s later
   timeout -s INT -k 3 "$@"
 }
-TSA_FAST_REQUIRE_BACKENDS=triton,cpp,torch run 75 python3 -m pytest tests -q -m gpu \
+TSA_FAST_REQUIRE_BACKENDS=triton,cpp,torch run 70 python3 -m pytest tests -q -m gpu \
   --junitxml="$out/gpu-tests.xml" 2>&1 | tail -15 | tee "$out/gpu-tests.txt" || status=1
 bench() {  # NAME TIMEOUT FILE: one suite, its own JSON (attention autotunes on first use: alone)
   run "$2" python3 -m pytest "$3" -q -p no:cacheprovider --benchmark-json="$out/$1.json" 2>&1 | tail -20 \
     | tee "$out/$1.txt" || status=1
 }
-bench distillation_loss 75 benchmarks/bench_distillation_loss.py
+bench distillation_loss 65 benchmarks/bench_distillation_loss.py
 bench fused_linear_distillation_loss 45 benchmarks/bench_fused_linear_distillation_loss.py
-bench attention 90 benchmarks/bench_attention.py
+bench attention 80 benchmarks/bench_attention.py
 bench attention_transfer_loss 40 benchmarks/bench_attention_transfer_loss.py
-timeout 20 python3 -m benchmarks.report "$out" --out "$out" >/dev/null || status=1
+bench distillation_step 40 benchmarks/bench_distillation_step.py  # last: Triton's disk cache has its kernels
+timeout 15 python3 -m benchmarks.report "$out" --out "$out" >/dev/null || status=1
 ls "$out"
 exit $status

@@ -112,7 +112,7 @@ def test_killed_run_resumes_on_the_same_curve(cache_dir, tmp_path):
 @pytest.mark.parametrize(
     "options",
     [
-        ["adversarial.method=fgm", "adversarial.epsilon=0.5"],
+        ["adversarial.method=fgm", "adversarial.epsilon=0.2"],
         ["adversarial.method=pgd", "adversarial.steps=2", "adversarial.compare=false"],
         ["teacher_cache.enabled=true", "teacher_cache.top_k=8"],
         [f"teachers=[{{seed: 0, model: {TINY_TEACHER}}}, {{seed: 1, weight: 2.0, model: {TINY_TEACHER}}}]",

@@ -113,7 +113,7 @@ class AdversarialConfig(Section):
     """Perturbations of the student's input embeddings (FGM: one step; PGD: `steps` projected steps)."""
 
     method: Literal["none", "fgm", "pgd"] = "none"
-    epsilon: float = Field(1.0, gt=0, description="L2 radius of the perturbation of each token embedding")
+    epsilon: float = Field(0.1, gt=0, description="L2 radius of each token's perturbation / its embedding's norm")
     steps: int = Field(3, ge=1, description="PGD steps")
     weight: float = Field(1.0, ge=0, description="weight of the loss on perturbed inputs")
     compare: bool = Field(True, description="also distill a student without it, to report the robustness gain")
