@@ -7,6 +7,10 @@ forward under autocast, optional adversarial loss on perturbed embeddings), glob
 warm-up + cosine learning rate. Data order is a function of (seed, step) (`batches.training_indices`), so
 a checkpoint (model, objective, optimizer, scheduler, scaler, RNG, step) is the whole state: a run killed
 anywhere resumes from its last checkpoint and continues the same loss curve.
+
+The optimization itself (backward, step, checkpoint files) is a small interface, `TorchOptimization` here;
+`tsa_fast.integrations.deepspeed` gives the same interface on a DeepSpeed engine. Under data parallelism
+each rank takes its slice of every global micro-batch (`Phase.rank`, `Phase.world_size`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class Phase:
     precision: torch.dtype | None = None  # autocast dtype; None: full precision
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rank: int = 0  # data-parallel rank and world size: rank r trains on slice r of each global micro-batch
+    world_size: int = 1
 
     def autocast(self):
         if self.precision is None:
@@ -51,52 +57,86 @@ class Phase:
         return torch.autocast(self.device.type, dtype=self.precision)
 
 
-class Distiller:
-    """Trains `model` on `objective` over `data` (a TaskData), teachers optional (Teachers or a top-k cache)."""
+class TorchOptimization:
+    """Plain PyTorch optimization of `module` (the model and the objective's projections): AdamW (weight
+    decay on matrices only), warm-up + cosine learning rate, GradScaler for fp16, global-norm clipping.
+    A checkpoint is one file, `checkpoint.pt`, written atomically."""
 
-    def __init__(self, model: nn.Module, objective: DistillationObjective, data, phase: Phase, teachers=None):
+    def __init__(self, module: nn.Module, training: TrainingConfig, device: torch.device, precision: torch.dtype | None):
+        self.module, self.training = module, training
+        self.optimizer = torch.optim.AdamW(_param_groups(module.named_parameters(), training.weight_decay), lr=training.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(training))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+
+    def backward(self, loss: Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's loss (scaled by 1 / grad_accum)."""
+        self.scaler.scale(loss / self.training.grad_accum).backward()
+
+    def step(self) -> None:
+        """Clip, step, advance the learning rate, zero the gradients: once per optimizer step."""
+        if self.training.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.training.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def has_checkpoint(self, directory: Path) -> bool:
+        return (directory / CHECKPOINT).exists()
+
+    def save(self, directory: Path, client_state: dict) -> None:
+        state = {
+            "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), **client_state,
+        }  # fmt: skip
+        tmp = directory / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, directory / CHECKPOINT)
+
+    def load(self, directory: Path) -> dict:
+        """Restore the checkpoint in `directory`; returns its client state."""
+        state = torch.load(directory / CHECKPOINT, map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state.pop("module"))
+        for name in ("optimizer", "scheduler", "scaler"):
+            getattr(self, name).load_state_dict(state.pop(name))
+        return state
+
+
+class Distiller:
+    """Trains `model` on `objective` over `data` (a TaskData), teachers optional (Teachers or a top-k cache).
+    `optimization`: how (default: `TorchOptimization` of the model and the objective's parameters)."""
+
+    def __init__(self, model: nn.Module, objective: DistillationObjective, data, phase: Phase, teachers=None,
+                 optimization=None):  # fmt: skip
         if objective.has_teacher != (teachers is not None):
             raise ValueError(f"{phase.name}: the objective {'needs' if objective.has_teacher else 'takes no'} teachers")
         self.model, self.objective, self.data, self.phase, self.teachers = model, objective, data, phase, teachers
         self.model.to(phase.device).train()
         self.objective.to(phase.device)
-        t = phase.training
-        self.optimizer = torch.optim.AdamW(
-            _param_groups([*model.named_parameters(), *objective.named_parameters()], t.weight_decay), lr=t.lr
+        self.optimization = optimization or TorchOptimization(
+            nn.ModuleDict({"model": model, "objective": objective}), phase.training, phase.device, phase.precision
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(t))
-        self.scaler = torch.amp.GradScaler(phase.device.type, enabled=phase.precision == torch.float16)
         self.step = 0
         self.train_tokens = 0
         self.train_seconds = 0.0
 
     # --- checkpoints -------------------------------------------------------------------------------------
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.phase.out_dir / CHECKPOINT
-
     def save_checkpoint(self) -> None:
-        """Everything the run needs to continue, written atomically (tmp file + rename)."""
-        state = {
-            "step": self.step, "done": self.step >= self.phase.training.steps,
-            "model": self.model.state_dict(), "objective": self.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
+        """Everything the run needs to continue: the optimization's state, the step, the RNG."""
+        self.optimization.save(self.phase.out_dir, {
+            "step": self.step, "done": self.step >= self.phase.training.steps, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
-        }  # fmt: skip
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        })  # fmt: skip
 
     def load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location=self.phase.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.objective.load_state_dict(state["objective"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        state = self.optimization.load(self.phase.out_dir)
         torch.set_rng_state(state["rng"].cpu())
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
@@ -109,12 +149,13 @@ class Distiller:
         final validation metrics and the training throughput."""
         phase, t = self.phase, self.phase.training
         phase.out_dir.mkdir(parents=True, exist_ok=True)
-        resumed = resume and self.checkpoint_path.exists()
+        resumed = resume and self.optimization.has_checkpoint(phase.out_dir)
         if resumed:
             self.load_checkpoint()
-        log = MetricsLog(phase.out_dir / "metrics.csv", self.step if resumed else None, phase.logging.tensorboard)
+        main = phase.rank == 0  # only rank 0 writes metrics and shows progress
+        log = MetricsLog(phase.out_dir / "metrics.csv", self.step if resumed else None, phase.logging.tensorboard) if main else None
         final = {}
-        with _progress(phase.logging.progress) as progress:
+        with _progress(phase.logging.progress and main) as progress:
             bar = progress.add_task(phase.name, total=t.steps, completed=self.step, loss=float("nan"))
             while self.step < t.steps:
                 start = time.perf_counter()
@@ -124,12 +165,12 @@ class Distiller:
                 last = self.step == t.steps
                 row = {}
                 if self.step % t.log_every == 0 or last:
-                    row = {"step": self.step, "loss": loss, **terms, "lr": self.scheduler.get_last_lr()[0],
+                    row = {"step": self.step, "loss": loss, **terms, "lr": self.optimization.lr,
                            "tokens_per_s": self.train_tokens / self.train_seconds}  # fmt: skip
                 if self.step % t.eval_every == 0 or last:
                     final = self.validate()
                     row = {"step": self.step, **row, **{f"val_{k}": v for k, v in final.items()}}
-                if row:
+                if row and main:
                     log.write(row)
                 if self.step % t.checkpoint_every == 0 or last:
                     self.save_checkpoint()
@@ -148,26 +189,20 @@ class Distiller:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss and its terms."""
         t, phase = self.phase.training, self.phase
         progress = self.step / t.steps
-        self.optimizer.zero_grad(set_to_none=True)
         total, term_sums = 0.0, {}
         for micro in range(t.grad_accum):
-            index = training_indices(num_examples(self.data.train), t.batch_size, self.step * t.grad_accum + micro,
-                                     phase.seed)  # fmt: skip
+            global_batch = training_indices(num_examples(self.data.train), t.batch_size * phase.world_size,
+                                            self.step * t.grad_accum + micro, phase.seed)  # fmt: skip
+            index = global_batch[phase.rank * t.batch_size : (phase.rank + 1) * t.batch_size]
             batch = take(self.data.train, index, phase.device)
             loss, terms = self.micro_step_loss(batch, progress)
-            self.scaler.scale(loss / t.grad_accum).backward()
+            self.optimization.backward(loss)
             total += loss.item() / t.grad_accum
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value.item() / t.grad_accum
             mask = batch.get("attention_mask")
             self.train_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        if t.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        self.optimization.step()
         self.step += 1
         if not math.isfinite(total):
             raise FloatingPointError(f"{phase.name}: loss is {total} at step {self.step}")
@@ -213,7 +248,7 @@ def _param_groups(named_params, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _lr_lambda(t: TrainingConfig):
+def lr_lambda(t: TrainingConfig):
     """Linear warm-up to the peak, then cosine decay to min_lr_ratio of it at the last step."""
 
     def factor(step: int) -> float:
