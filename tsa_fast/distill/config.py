@@ -148,7 +148,7 @@ class RecipeConfig(Section):
     teachers: list[TeacherConfig] = Field([TeacherConfig()], min_length=1)
     teacher_training: TrainingConfig = TrainingConfig(steps=300, lr=2e-3)
     student: StudentConfig = StudentConfig()
-    training: TrainingConfig = TrainingConfig(steps=200, lr=2e-3)
+    training: TrainingConfig = TrainingConfig(steps=200, lr=2e-3, eval_every=50)
     loss: LossConfig = LossConfig()
     adversarial: AdversarialConfig = AdversarialConfig()
     teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
