@@ -204,6 +204,11 @@ class Distiller:
             self.train_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         self.optimization.step()
         self.step += 1
+        if phase.world_size > 1:  # the loss of the global batch: the mean over the ranks' slices
+            values = torch.tensor([total, *term_sums.values()], dtype=torch.float64, device=phase.device)
+            torch.distributed.all_reduce(values)
+            total, *terms = (values / phase.world_size).tolist()
+            term_sums = dict(zip(term_sums, terms))
         if not math.isfinite(total):
             raise FloatingPointError(f"{phase.name}: loss is {total} at step {self.step}")
         return total, term_sums

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tsa_fast.distill.config import LossConfig, value_at
 from tsa_fast.distill.teachers import TeacherTargets
-from tsa_fast.models import TransformerConfig, default_layer_map
+from tsa_fast.models import TransformerConfig, default_layer_map, gathered
 from tsa_fast.ops.attention_transfer_loss import attention_transfer_loss
 from tsa_fast.ops.distillation_loss import distillation_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
@@ -76,10 +76,11 @@ class DistillationObjective(nn.Module):
             label_smoothing=c.label_smoothing,
         )  # fmt: skip
         if self.task == "lm" and (c.fused or teacher.topk is not None):
-            return fused_linear_distillation_loss(
-                out.hidden, student.lm_head_weight, teacher.hidden, teacher.weight, labels,
-                teacher_logits=teacher.logits, teacher_topk=teacher.topk, chunk_size=c.chunk_size, **options,
-            )  # fmt: skip
+            with gathered(student.lm_head_weight, teacher.weight):  # ZeRO-3: whole for the loss only
+                return fused_linear_distillation_loss(
+                    out.hidden, student.lm_head_weight, teacher.hidden, teacher.weight, labels,
+                    teacher_logits=teacher.logits, teacher_topk=teacher.topk, chunk_size=c.chunk_size, **options,
+                )  # fmt: skip
         return distillation_loss(student_head(student, out, batch, self.task), teacher.full_logits(), labels, **options)
 
     def forward(self, student: nn.Module, out, batch: dict[str, Tensor], teacher: TeacherTargets | None,

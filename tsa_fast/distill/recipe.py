@@ -10,21 +10,27 @@
    training curves (curves.png), all under `output_dir`.
 Every phase checkpoints under `output_dir/PHASE/`; with `resume`, finished phases are loaded and an
 interrupted one continues from its last checkpoint.
+
+Where the models live and how the students are optimized is the `Runtime`'s: this process, by default;
+`tsa_fast.integrations.deepspeed.DeepSpeedRuntime` runs the same recipe on every rank of a DeepSpeed job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
-from tsa_fast.distill.config import RecipeConfig
+from tsa_fast.distill.config import RecipeConfig, TrainingConfig
 from tsa_fast.distill.data import TaskData, build_data
 from tsa_fast.distill.distiller import Distiller, Phase
 from tsa_fast.distill.evaluate import evaluate, tokens_per_second
@@ -37,32 +43,68 @@ from tsa_fast.models import Transformer, TransformerConfig, every_kth_layer, ini
 console = Console(width=None if Console().is_terminal else 160)  # logs keep the table's full width
 
 
-def run(config: RecipeConfig, resume: bool = False, data: TaskData | None = None) -> dict:
-    """Run the recipe (on `data` when already built from config.data); returns {model name: {metric: value}}
-    (also written to output_dir/results.json)."""
+class Runtime:
+    """Where a recipe's models live and how its students are optimized: here one process, teachers as
+    built, students by the Distiller's default optimization. A multi-process runtime (DeepSpeed) overrides
+    these methods; rank 0 writes the files."""
+
+    rank = 0
+    world_size = 1
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (one process: nothing to wait for)."""
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block before the other ranks do (it writes the files that they then read)."""
+        if self.rank != 0:
+            self.barrier()
+        yield
+        if self.rank == 0:
+            self.barrier()
+
+    def teacher(self, build: Callable[[], nn.Module], checkpoint: Path) -> nn.Module:
+        """The teacher `build()` returns, with the weights of `checkpoint` ({"config", "model": state dict})."""
+        model = build()
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+        return model
+
+    def optimization(self, model: nn.Module, objective: nn.Module, training: TrainingConfig):
+        """How a student phase is optimized; None: the Distiller's default (`TorchOptimization`)."""
+        return None
+
+
+def run(config: RecipeConfig, resume: bool = False, data: TaskData | None = None, runtime: Runtime | None = None) -> dict:
+    """Run the recipe (on `data` when already built from config.data) in `runtime` (default: this process);
+    returns {model name: {metric: value}} (also written to output_dir/results.json)."""
+    runtime = runtime or Runtime()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    if runtime.rank == 0:
+        (out_dir / "config.json").write_text(config.model_dump_json(indent=2))
 
     data = data or build_data(config.data)
     console.print(data.summary())
     phase = lambda name, training, **kw: Phase(  # noqa: E731
         name, out_dir / name, training, config.seed, device, precision, logging=config.logging, **kw
     )
+    student_phase = lambda name, adversarial: phase(  # noqa: E731
+        name, config.training, adversarial=adversarial, rank=runtime.rank, world_size=runtime.world_size
+    )
 
     obtained = [
-        obtain_teacher(i, config, data, phase(f"teacher_{i}", config.teacher_training), resume)
+        obtain_teacher(i, config, data, phase(f"teacher_{i}", config.teacher_training), resume, runtime)
         for i in range(len(config.teachers))
     ]  # fmt: skip
     teacher_models = [model for model, _ in obtained]
     teachers = Teachers(teacher_models, [t.weight for t in config.teachers], data.task).to(device)
     source = teachers
     if config.teacher_cache.enabled:
-        source = build_teacher_cache(config, data, teachers, [key for _, key in obtained], device)
+        source = build_teacher_cache(config, data, teachers, [key for _, key in obtained], device, runtime)
 
     runs: dict[str, tuple[Transformer, dict]] = {}
     variants = [("distilled", config.adversarial)]
@@ -71,17 +113,20 @@ def run(config: RecipeConfig, resume: bool = False, data: TaskData | None = None
     for name, adversarial in variants:
         student = build_student(config, data, teacher_models[0])
         objective = DistillationObjective(config.loss, data.task, student_config(config, data), teacher_models[0].config)
-        distiller = Distiller(student, objective, data, phase(name, config.training, adversarial=adversarial), source)
+        optimization = runtime.optimization(student, objective, config.training)
+        distiller = Distiller(student, objective, data, student_phase(name, adversarial), source, optimization)
         runs[name] = (student, distiller.fit(resume))
     if config.baseline:
         student = build_student(config, data, teacher_models[0])
         objective = DistillationObjective(config.loss, data.task, student_config(config, data), None)
-        distiller = Distiller(student, objective, data, phase("baseline", config.training, adversarial=config.adversarial))
+        optimization = runtime.optimization(student, objective, config.training)
+        distiller = Distiller(student, objective, data, student_phase("baseline", config.adversarial), None, optimization)
         runs["baseline"] = (student, distiller.fit(resume))
 
     results = evaluate_all(config, data, teachers, {"teacher": teacher_models[0], **{k: m for k, (m, _) in runs.items()}},
                            {k: fit for k, (_, fit) in runs.items()}, device, precision)  # fmt: skip
-    write_report(config, data, results, out_dir)
+    if runtime.rank == 0:
+        write_report(config, data, results, out_dir)
     return results
 
 
@@ -125,32 +170,33 @@ def data_fingerprint(data: TaskData) -> str:
     return digest.hexdigest()[:16]
 
 
-def obtain_teacher(i: int, config: RecipeConfig, data: TaskData, phase: Phase, resume: bool) -> tuple[Transformer, str]:
-    """Teacher i and a key identifying it: from its checkpoint, from the recipe's cache, or trained now
-    (and cached)."""
+def obtain_teacher(i: int, config: RecipeConfig, data: TaskData, phase: Phase, resume: bool,
+                   runtime: Runtime) -> tuple[nn.Module, str]:  # fmt: skip
+    """Teacher i, placed by `runtime`, and a key identifying it: from its checkpoint, from the recipe's cache, or
+    trained now (in one process, rank 0's, and cached)."""
     spec = config.teachers[i]
     model_cfg = model_config(spec.model, data, config.data.seq_len)
-    torch.manual_seed(spec.seed)
-    teacher = Transformer(model_cfg)
     path = Path(spec.checkpoint) if spec.checkpoint else None
     if path is None:
         key = fingerprint(model_cfg.model_dump(), config.teacher_training.model_dump(), spec.seed, data_fingerprint(data))
         path = Path(config.data.cache_dir) / "teachers" / f"{key}.pt"
-        if not path.exists():
-            phase = dataclasses.replace(phase, seed=spec.seed)
-            Distiller(teacher, DistillationObjective(config.loss, data.task, model_cfg, None), data, phase).fit(resume)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"config": model_cfg.model_dump(), "model": teacher.state_dict()}, tmp)
-            os.replace(tmp, path)
-            return teacher, key
-        console.print(f"teacher {i}: loaded the cached teacher {path}")
+        with runtime.main_first():
+            if not path.exists():
+                torch.manual_seed(spec.seed)
+                teacher = Transformer(model_cfg)
+                phase = dataclasses.replace(phase, seed=spec.seed)
+                Distiller(teacher, DistillationObjective(config.loss, data.task, model_cfg, None), data, phase).fit(resume)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save({"config": model_cfg.model_dump(), "model": teacher.state_dict()}, tmp)
+                os.replace(tmp, path)
+            else:
+                console.print(f"teacher {i}: loaded the cached teacher {path}")
     elif not path.is_file():
         raise FileNotFoundError(f"teachers[{i}].checkpoint not found: {path}")
     else:
         key = fingerprint(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
-    teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
-    return teacher, key
+    return runtime.teacher(lambda: Transformer(model_cfg), path), key
 
 
 def build_student(config: RecipeConfig, data: TaskData, teacher: Transformer) -> Transformer:
@@ -164,14 +210,15 @@ def build_student(config: RecipeConfig, data: TaskData, teacher: Transformer) ->
 
 
 def build_teacher_cache(config: RecipeConfig, data: TaskData, teachers: Teachers, teacher_keys: list[str],
-                        device: torch.device) -> TopkTeacherCache:  # fmt: skip
-    """The teachers' top-k over the training split, built once per (teachers, weights, data)."""
+                        device: torch.device, runtime: Runtime) -> TopkTeacherCache:  # fmt: skip
+    """The teachers' top-k over the training split, built once per (teachers, weights, data), by every rank."""
     cache = config.teacher_cache
     directory = Path(cache.dir) if cache.dir else Path(config.data.cache_dir) / "teacher_topk"
     key = fingerprint(teacher_keys, teachers.log_weights, data_fingerprint(data))
     return TopkTeacherCache.build(
         teachers, data.train, directory, temperature=float(config.loss.temperature), top_k=cache.top_k,
         fingerprint=key, batch_size=config.training.batch_size, device=device, progress=config.logging.progress,
+        rank=runtime.rank, world_size=runtime.world_size, barrier=runtime.barrier,
     )  # fmt: skip
 
 

@@ -29,8 +29,9 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import matplotlib.pyplot as plt
 import torch
@@ -65,7 +66,7 @@ class SentenceDataConfig(Section):
     """The built-in corpus, split 80/10/10 by module (the engine's `DataConfig` split), one docstring a
     sentence."""
 
-    seq_len: int = Field(128, ge=8, description="tokens per sentence, special tokens included; longer ones are cut")
+    seq_len: int = Field(64, ge=8, description="tokens per sentence, special tokens included; longer ones are cut")
     max_eval_sentences: int | None = Field(
         None, ge=2, description="keep this many validation and test sentences each (a fixed random subset); null: all"
     )
@@ -85,7 +86,7 @@ class SentenceLossConfig(Section):
         "cosine", description="cosine: 1 - cos of the mean-pooled last hidden states; mse: their mean squared error"
     )
     hidden_weight: Scheduled = Field(1.0, description="weight of the hidden-state loss")
-    hidden_loss: Literal["mse", "cosine"] = "mse"
+    hidden_loss: Literal["mse", "cosine"] = Field("mse", description="per real token: MSE or 1 - cosine")
     hidden_layer_map: list[tuple[int, int]] | None = Field(
         None, description="(student, teacher) hidden-state indices (0 = embeddings); null: uniform"
     )
@@ -104,6 +105,8 @@ class SentenceLossConfig(Section):
 
 
 class SentenceEvaluationConfig(Section):
+    """The held-out evaluation (`evaluate_models`)."""
+
     batch_size: int = Field(64, ge=1, description="sentences per inference batch")
     probe_train_sentences: int | None = Field(
         None, ge=2, description="labeled train sentences the probe is fit on (a fixed random subset); null: all"
@@ -118,9 +121,9 @@ class SentenceEmbeddingConfig(Section):
     """The whole recipe (configs/minilm_compress.yaml), every option with its default; unknown keys are errors."""
 
     recipe: Literal["sentence_embedding"] = Field(RECIPE, description="selects this recipe in train.py")
-    name: str = "minilm_compress"
+    name: str = Field("minilm_compress", description="the title of the results table")
     output_dir: str = Field("runs/minilm_compress", description="checkpoints, metrics, the student, table and plots")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the data order (and of dropout, where the student has any)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype; auto: bf16 on a GPU that has it, else fp32"
@@ -131,10 +134,15 @@ class SentenceEmbeddingConfig(Section):
         description="a Hugging Face model directory, or an installed package that ships one (get_model_path())",
     )
     student_layers: int | list[int] = Field(
-        3, description="the teacher blocks the student keeps: indices, or a count n (every_kth_layer: 3 of 6 = [1, 3, 5])"
+        3, description="the teacher blocks the student keeps: indices, or a count n (every_kth_layer; 3 of 6: 1, 3, 5)"
+    )
+    student_config: dict[str, Any] = Field(
+        {}, description="changes to the student's Hugging Face config, e.g. {hidden_dropout_prob: 0.0}"
     )
     data: SentenceDataConfig = SentenceDataConfig()
-    training: TrainingConfig = TrainingConfig(steps=200, lr=1e-4, warmup_steps=20, eval_every=50, checkpoint_every=50)
+    training: TrainingConfig = TrainingConfig(
+        steps=200, batch_size=32, lr=5e-4, warmup_steps=20, eval_every=50, checkpoint_every=50
+    )
     loss: SentenceLossConfig = SentenceLossConfig()
     evaluation: SentenceEvaluationConfig = SentenceEvaluationConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -193,8 +201,9 @@ class SentenceData:
         lines = [f"sentence data: {len(self.class_names)} probe classes ({', '.join(self.class_names)})"]
         for name in SPLITS:
             split = getattr(self, name)
-            lines.append(f"  {name:<10} {len(split['labels']):>6,} sentences, {int((split['labels'] >= 0).sum()):>6,} "
-                         f"labeled, {split['attention_mask'].sum(1).double().mean():.1f} tokens on average")  # fmt: skip
+            labeled, tokens = int((split["labels"] >= 0).sum()), split["attention_mask"].sum(1).double().mean()
+            lines.append(f"  {name:<10} {len(split['labels']):>6,} sentences, {labeled:>6,} labeled, "
+                         f"{tokens:.1f} tokens on average")  # fmt: skip
         return "\n".join(lines)
 
 
@@ -338,8 +347,8 @@ def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
     return ((test_x @ weight + bias).argmax(1) == test_y).double().mean().item()
 
 
-def sentences_per_second(models: dict[str, HFModel], split: dict[str, Tensor], *, batch_size: int,
-                         device: torch.device, repeats: int, autocast=contextlib.nullcontext) -> dict[str, float]:  # fmt: skip
+def sentences_per_second(models: dict[str, HFModel], split: dict[str, Tensor], *, batch_size: int, device: torch.device,
+                         repeats: int, autocast=contextlib.nullcontext) -> dict[str, float]:  # fmt: skip
     """Inference throughput (`embed`) of each model on the split. The models are timed in turn, `repeats`
     rounds, and each keeps its best round, so that the load of a shared machine weighs on all of them alike."""
     best = dict.fromkeys(models, math.inf)
@@ -404,7 +413,8 @@ def run(config: SentenceEmbeddingConfig, resume: bool = False) -> dict[str, dict
     teacher = HFModel(AutoModel.from_pretrained(directory, local_files_only=True)).to(device)
     data = build_sentence_data(config.data, tokenizer)
     console.print(data.summary())
-    distilled, undistilled = (HFModel(layer_subset_student(teacher.model, config.student_layers)) for _ in range(2))
+    student = partial(layer_subset_student, teacher.model, config.student_layers, **config.student_config)
+    distilled, undistilled = HFModel(student()), HFModel(student())
 
     phase = Phase("distilled", out_dir / "distilled", config.training, config.seed, device, precision,
                   logging=config.logging)  # fmt: skip

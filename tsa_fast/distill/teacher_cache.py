@@ -17,7 +17,7 @@ import torch
 from rich.progress import track
 from torch import Tensor
 
-from tsa_fast.distill.batches import in_order
+from tsa_fast.distill.batches import take
 from tsa_fast.distill.teachers import TeacherTargets, Teachers
 
 
@@ -35,20 +35,35 @@ class TopkTeacherCache:
     @classmethod
     def build(
         cls, teachers: Teachers, split: dict[str, Tensor], directory: Path, *, temperature: float, top_k: int,
-        fingerprint: str, batch_size: int, device: torch.device, progress: bool = True,
+        fingerprint: str, batch_size: int, device: torch.device, progress: bool = True, rank: int = 0,
+        world_size: int = 1, barrier=lambda: None,
     ) -> "TopkTeacherCache":  # fmt: skip
-        """Compute the cache unless `directory` already holds it for this fingerprint, k and temperature."""
+        """Compute the cache unless `directory` already holds it for this fingerprint, k and temperature.
+
+        Data parallel when world_size > 1: every rank calls build, `barrier` waits for all of them; rank r
+        computes batches r, r + world_size, ... and writes their rows (every rank runs the same number of teacher
+        forwards, as a sharded teacher needs: one short of a batch recomputes the last); rank 0 creates the files
+        and writes the meta.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         shape = (*split["input_ids"].shape, top_k)
         meta = {"shape": list(shape), "top_k": top_k, "temperature": temperature, "fingerprint": fingerprint}
         meta_path = directory / "meta.json"
         if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
             return cls(directory, temperature)
-        meta_path.unlink(missing_ok=True)  # the meta is written last: a killed build is rebuilt
-        indices = np.lib.format.open_memmap(directory / "indices.npy", "w+", np.int32, shape)
-        logprobs = np.lib.format.open_memmap(directory / "logprobs.npy", "w+", np.float32, shape)
-        batches = in_order(split, batch_size, device)
-        for batch in track(batches, "teacher top-k cache", total=-(-shape[0] // batch_size), disable=not progress):
+        barrier()  # every rank has read the old meta
+        if rank == 0:
+            meta_path.unlink(missing_ok=True)  # the meta is written last: a killed build is rebuilt
+            np.lib.format.open_memmap(directory / "indices.npy", "w+", np.int32, shape)
+            np.lib.format.open_memmap(directory / "logprobs.npy", "w+", np.float32, shape)
+        barrier()
+        indices = np.load(directory / "indices.npy", mmap_mode="r+")
+        logprobs = np.load(directory / "logprobs.npy", mmap_mode="r+")
+        n_batches = -(-shape[0] // batch_size)
+        numbers = range(rank, -(-n_batches // world_size) * world_size, world_size)
+        for number in track(numbers, "teacher top-k cache", disable=not progress or rank != 0):
+            start = min(number, n_batches - 1) * batch_size
+            batch = take(split, torch.arange(start, min(shape[0], start + batch_size)), device)
             logits = teachers.targets(batch, temperature).full_logits().float()
             top = torch.log_softmax(logits / temperature, dim=-1).topk(top_k, dim=-1)
             rows = batch["index"].numpy()
@@ -56,7 +71,10 @@ class TopkTeacherCache:
             logprobs[rows] = top.values.cpu().numpy()
         indices.flush()
         logprobs.flush()
-        meta_path.write_text(json.dumps(meta))
+        barrier()
+        if rank == 0:
+            meta_path.write_text(json.dumps(meta))
+        barrier()
         return cls(directory, temperature)
 
     def to(self, device: torch.device) -> "TopkTeacherCache":

@@ -191,9 +191,9 @@ class HFModel(nn.Module):
         qkv = None
         if output_qkv:
             if len(recorded) != self.config.n_layers:
-                raise RuntimeError(f"{type(self.model).__name__}: recorded {len(recorded)} attention calls for "
-                                   f"{self.config.n_layers} blocks; its attention must use AttentionInterface")  # fmt: skip
-            qkv = tuple((q, *(x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))) for q, k, v in recorded)
+                raise RuntimeError(f"{type(self.model).__name__}: recorded {len(recorded)} attention calls, for "
+                                   f"{self.config.n_layers} blocks (its attention must use AttentionInterface)")
+            qkv = tuple((q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])) for q, k, v in recorded)
         return TransformerOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None, qkv)
 
     @property
@@ -219,16 +219,23 @@ class HFModel(nn.Module):
         return head
 
 
-@torch.no_grad()
-def layer_subset_student(teacher: PreTrainedModel, layers: int | Sequence[int]) -> PreTrainedModel:
-    """A DistilBERT-style student: the teacher's class and config with fewer blocks, holding a copy of every
-    teacher weight outside the blocks (embeddings, final norm, pooler, heads) and teacher block layers[i] as
-    its block i. An int n stands for `every_kth_layer(n_teacher, n)` (6 blocks -> 3: [1, 3, 5]), the blocks
-    that the engine's default layer maps pair with the student's. Any model whose blocks are one nn.ModuleList
-    of config.num_hidden_layers works (BERT: encoder.layer; Llama: model.layers). The student has the
-    teacher's device, dtype and attention implementation, and is in training mode.
+def _repeat_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, H_kv, N, D) -> (B, heads, N, D): key/value head h // (heads / H_kv) for query head h, as `repeat_kv`."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
-    Raises ValueError when layers are not teacher block indices, or the teacher has no such ModuleList.
+
+@torch.no_grad()
+def layer_subset_student(teacher: PreTrainedModel, layers: int | Sequence[int], **config_updates) -> PreTrainedModel:
+    """A DistilBERT-style student: the teacher's class and config with fewer blocks (and `config_updates`, such
+    as hidden_dropout_prob=0.0), holding a copy of every teacher weight outside the blocks (embeddings, final
+    norm, pooler, heads) and teacher block layers[i] as its block i. An int n stands for
+    `every_kth_layer(n_teacher, n)` (6 blocks -> 3: [1, 3, 5]), the blocks that the engine's default layer maps
+    pair with the student's. Any model whose blocks are one nn.ModuleList of config.num_hidden_layers works
+    (BERT: encoder.layer; Llama: model.layers). The student has the teacher's device, dtype and attention
+    implementation, and is in training mode.
+
+    Raises ValueError when layers are not teacher block indices, the teacher has no such ModuleList, or a
+    config update names no attribute of the teacher's config.
     """
     n_teacher = teacher.config.num_hidden_layers
     layers = every_kth_layer(n_teacher, layers) if isinstance(layers, int) else list(layers)
@@ -238,7 +245,12 @@ def layer_subset_student(teacher: PreTrainedModel, layers: int | Sequence[int]) 
                    if isinstance(module, nn.ModuleList) and len(module) == n_teacher), None)  # fmt: skip
     if blocks is None:
         raise ValueError(f"{type(teacher).__name__} has no nn.ModuleList of its {n_teacher} blocks")
+    unknown = sorted(name for name in config_updates if not hasattr(teacher.config, name))
+    if unknown:
+        raise ValueError(f"config updates {unknown} are not attributes of {type(teacher.config).__name__}")
     config = copy.deepcopy(teacher.config)
+    for name, value in config_updates.items():
+        setattr(config, name, value)
     config.num_hidden_layers = len(layers)
     if isinstance(getattr(config, "layer_types", None), list):  # per-block attention types (sliding, full)
         config.layer_types = [config.layer_types[j] for j in layers]

@@ -1,9 +1,11 @@
 """Models: a compact Transformer (teacher and student of the distillation engine) and student initialization."""
 
 from tsa_fast.models.init import default_layer_map, every_kth_layer, init_from_teacher
-from tsa_fast.models.transformer import Transformer, TransformerConfig, TransformerOutput, mean_pool, num_parameters
+from tsa_fast.models.transformer import (
+    Transformer, TransformerConfig, TransformerOutput, gathered, mean_pool, num_parameters,
+)  # fmt: skip
 
 __all__ = [
-    "Transformer", "TransformerConfig", "TransformerOutput", "default_layer_map", "every_kth_layer",
+    "Transformer", "TransformerConfig", "TransformerOutput", "default_layer_map", "every_kth_layer", "gathered",
     "init_from_teacher", "mean_pool", "num_parameters",
 ]

@@ -13,10 +13,12 @@ that the fused linear loss can take `hidden` and `lm_head_weight` without materi
 DeepSpeed: blocks are built one by one (zero.Init partitions each module's parameters as it is built);
 initializing the weights again after construction, under zero.Init, must be done inside
 `deepspeed.zero.GatheredParameters(model.parameters(), modifier_rank=0)`: call `model.reset_parameters()`.
+The tied LM head is used outside the embedding's forward: `logits` gathers it (`gathered`) under ZeRO-3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -230,7 +232,8 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., d_model) final hidden states -> (..., vocab_size) logits, through the tied embedding."""
-        return F.linear(hidden, self.lm_head_weight)
+        with gathered(self.lm_head_weight):
+            return F.linear(hidden, self.lm_head_weight)
 
     def classify(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(B, N, d_model) final hidden states -> (B, num_classes) logits: the mean over real tokens (all when
@@ -294,6 +297,19 @@ def mean_pool(hidden: Tensor, keep: Tensor | None) -> Tensor:
         return hidden.mean(dim=1)
     weights = keep.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def gathered(*params: Tensor | None):
+    """A context in which those of `params` that DeepSpeed ZeRO-3 holds partitioned are whole on every rank, for
+    a use outside their module's forward; they are partitioned again on exit. Anything else (None, ordinary
+    tensors, a parameter DeepSpeed has already gathered for a running forward) is left alone, so that without
+    DeepSpeed this is a no-op. Under ZeRO-3 the backward of `F.linear` gathers its weight again by itself."""
+    partitioned = [p for p in params if getattr(getattr(p, "ds_status", None), "name", None) == "NOT_AVAILABLE"]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed  # partitioned parameters exist only where it is installed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
 
 
 def num_parameters(model: nn.Module) -> int:
