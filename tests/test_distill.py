@@ -9,7 +9,10 @@ import torch.nn.functional as F
 
 from tsa_fast.distill.adversarial import adversarial_delta
 from tsa_fast.distill.batches import in_order, take, training_indices
-from tsa_fast.distill.config import LossConfig, RecipeConfig, Schedule, TeacherConfig, load_config, value_at
+from tsa_fast.distill.config import (
+    LoggingConfig, LossConfig, RecipeConfig, Schedule, TeacherConfig, TrainingConfig, load_config, value_at,
+)
+from tsa_fast.distill.distiller import Distiller, Phase
 from tsa_fast.distill.evaluate import macro_f1
 from tsa_fast.distill.metrics import MetricsLog, read_metrics
 from tsa_fast.distill.objective import DistillationObjective
@@ -241,3 +244,23 @@ def test_metrics_log_truncates_on_resume(tmp_path):
     resumed.write({"step": 30, "loss": 0.5})
     rows = read_metrics(path)
     assert [r["step"] for r in rows] == ["10", "20", "30"] and rows[-1]["loss"] == "0.5"
+
+
+# --- training loop --------------------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    """grad_accum=2 with batch 2 takes the same examples as batch 4 in one micro-batch, and the same step."""
+    data = type("Data", (), {"task": "lm", "train": lm_split(n=16), "validation": lm_split(n=4)})()
+    cfg = TransformerConfig(**TINY)
+    params = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        training = TrainingConfig(steps=2, batch_size=batch_size, grad_accum=accum, warmup_steps=0)
+        phase = Phase("p", tmp_path, training, 0, torch.device("cpu"), logging=LoggingConfig(progress=False, tensorboard=False))
+        distiller = Distiller(model, DistillationObjective(LossConfig(), "lm", cfg, None), data, phase)
+        distiller.train_step()
+        distiller.train_step()
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert_rel_close(params[1], params[0], 1e-5, "parameters after two steps")

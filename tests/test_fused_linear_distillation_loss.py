@@ -179,6 +179,19 @@ def test_bf16_weights_accumulate_in_fp32():
     assert naive_error > 3 * fused_error
 
 
+@pytest.mark.parametrize("teacher", ["hidden", "topk"])
+def test_under_autocast(backend, teacher):
+    """A training loop's autocast (bf16 on the CPU here) does not reach inside the op: it picks its own
+    dtypes, so fp32 inputs give the fp32 result."""
+    student, teachers, labels = make_problem(teacher=teacher)
+    expected, expected_grads = loss_and_grads(tsa_fast.fused_linear_distillation_loss, student, teachers, labels)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(tsa_fast.fused_linear_distillation_loss, student, teachers, labels)
+    assert_rel_close(loss, expected, 1e-6, "loss")
+    for name, grad in grads.items():
+        assert_rel_close(grad, expected_grads[name], 1e-6, f"grad {name}")
+
+
 def test_default_chunk_size():
     assert default_chunk_size(65536, 4096, 32000) == 8192  # logits tile ~ hidden states
     assert default_chunk_size(4096, 512, 32000) == 256  # at least 256 rows

@@ -120,8 +120,9 @@ def test_killed_run_resumes_on_the_same_curve(cache_dir, tmp_path):
         ["loss.hidden_weight=1.0", "loss.attention_weight={start: 1.0, end: 0.0}", "student.model.d_model=16",
          "loss.attention_relations=[qq, kk, vv]", "loss.relation_heads=2"],
         ["student.init=teacher_layers", "student.model.n_layers=1", "loss.fused=false", "loss.temperature={start: 4, end: 1}"],
+        ["precision=bf16", "loss.hidden_weight=1.0", "loss.attention_weight=1.0", "training.grad_accum=2"],
     ],
-    ids=["fgm", "pgd", "teacher_cache", "two_teachers", "hidden_attention", "teacher_layers_unfused"],
+    ids=["fgm", "pgd", "teacher_cache", "two_teachers", "hidden_attention", "teacher_layers_unfused", "bf16_accum"],
 )
 def test_recipe_options(options, cache_dir, tmp_path):
     overrides = [*TINY, *options, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}", "baseline=false"]

@@ -188,7 +188,13 @@ def _rows_and_logit_grad(student_logits: Tensor, teacher, labels: Tensor | None,
 
 def _chunked_pass(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs):
     """Per-row losses (N,) and, for `needs` = (hidden, weight, bias) flags, the gradients of
-    sum(row_weights * rows); row_weights is a scalar tensor or (N,)."""
+    sum(row_weights * rows); row_weights is a scalar tensor or (N,). Autocast is off inside: the pass
+    chooses its own dtypes."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _chunks(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, row_weights, needs)
+
+
+def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs):
     n_rows = hidden.shape[0]
     # Logits, their gradient and the weight gradients in fp32 (float64 for float64 inputs), never rounded
     # to a low-precision dtype.
