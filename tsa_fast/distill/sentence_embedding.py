@@ -114,7 +114,7 @@ class SentenceEvaluationConfig(Section):
     probe_l2: float = Field(1e-3, ge=0, description="L2 penalty of the probe (on standardized embeddings)")
     probe_iterations: int = Field(200, ge=1, description="L-BFGS iterations of the probe")
     speed_sentences: int = Field(256, ge=1, description="test sentences timed for the throughput")
-    speed_repeats: int = Field(3, ge=1, description="timing rounds; each model keeps its best")
+    speed_repeats: int = Field(5, ge=1, description="timings of each batch; each model keeps the fastest")
 
 
 class SentenceEmbeddingConfig(Section):
@@ -297,20 +297,28 @@ class EmbeddingDistiller(Distiller):
 # Evaluation
 
 
+def length_sorted_batches(split: dict[str, Tensor], batch_size: int,
+                          device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:  # fmt: skip
+    """The split's rows, longest first, in batches cut to their longest sentence (padding costs almost nothing):
+    (rows (b,) int64 on the CPU, input_ids (b, n), attention_mask (b, n) on `device`) each."""
+    lengths = split["attention_mask"].sum(1)
+    order = lengths.argsort(descending=True, stable=True)
+    batches = []
+    for rows in order.split(batch_size):
+        n = int(lengths[rows[0]])
+        batches.append((rows, split["input_ids"][rows, :n].to(device), split["attention_mask"][rows, :n].to(device)))
+    return batches
+
+
 @torch.no_grad()
 def embed(model: HFModel, split: dict[str, Tensor], *, batch_size: int, device: torch.device,
           autocast=contextlib.nullcontext) -> Tensor:  # fmt: skip
-    """(M, d_model) float32 unit sentence embeddings of the split's rows, in row order, on the CPU. Rows run
-    longest first in batches cut to their longest sentence, so that padding costs (almost) nothing."""
+    """(M, d_model) float32 unit sentence embeddings of the split's rows, in row order, on the CPU (the model
+    in eval mode meanwhile)."""
     was_training = model.training
     model.eval()
-    lengths = split["attention_mask"].sum(1)
-    order = lengths.argsort(descending=True, stable=True)
-    embeddings = torch.empty(len(order), model.config.d_model)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        n = int(lengths[rows[0]])
-        ids, mask = split["input_ids"][rows, :n].to(device), split["attention_mask"][rows, :n].to(device)
+    embeddings = torch.empty(len(split["input_ids"]), model.config.d_model)
+    for rows, ids, mask in length_sorted_batches(split, batch_size, device):
         with autocast():
             embeddings[rows] = sentence_embeddings(model(ids, mask).hidden, mask).cpu()
     model.train(was_training)
@@ -347,17 +355,22 @@ def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
     return ((test_x @ weight + bias).argmax(1) == test_y).double().mean().item()
 
 
+@torch.no_grad()
 def sentences_per_second(models: dict[str, HFModel], split: dict[str, Tensor], *, batch_size: int, device: torch.device,
                          repeats: int, autocast=contextlib.nullcontext) -> dict[str, float]:  # fmt: skip
-    """Inference throughput (`embed`) of each model on the split. The models are timed in turn, `repeats`
-    rounds, and each keeps its best round, so that the load of a shared machine weighs on all of them alike."""
-    best = dict.fromkeys(models, math.inf)
+    """Inference throughput of each model (in eval mode) as `embed` runs it on the split. Each batch is timed
+    `repeats` times per model, the models in turn, and keeps its fastest time, so that bursts of load from
+    other processes on a shared machine drop out and weigh on no model more than on another."""
+    batches = length_sorted_batches(split, batch_size, device)
+    best = {name: [math.inf] * len(batches) for name in models}
     for _ in range(repeats):
         for name, model in models.items():
-            start = time.perf_counter()
-            embed(model, split, batch_size=batch_size, device=device, autocast=autocast)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: len(split["labels"]) / seconds for name, seconds in best.items()}
+            for i, (_, ids, mask) in enumerate(batches):
+                start = time.perf_counter()
+                with autocast():
+                    sentence_embeddings(model(ids, mask).hidden, mask).cpu()  # .cpu() waits for a GPU
+                best[name][i] = min(best[name][i], time.perf_counter() - start)
+    return {name: len(split["input_ids"]) / sum(seconds) for name, seconds in best.items()}
 
 
 def evaluate_models(models: dict[str, HFModel], data: SentenceData, config: SentenceEvaluationConfig,
@@ -365,19 +378,21 @@ def evaluate_models(models: dict[str, HFModel], data: SentenceData, config: Sent
     """Per model (the teacher first): parameters, blocks, and on the test split the mean cosine to the
     teacher's embeddings, the top-1 retrieval agreement with the teacher (the share of sentences whose nearest
     other sentence is the teacher's), the probe accuracy (fit on the labeled train sentences, scored on the
-    labeled test ones), sentences per second and the speed-up over the teacher."""
+    labeled test ones), sentences per second and the speed-up over the teacher. Leaves the models in eval mode."""
+    for model in models.values():
+        model.eval()
     options = dict(batch_size=config.batch_size, device=device, autocast=autocast)
     labeled = {name: tensor[data.train["labels"] >= 0] for name, tensor in data.train.items()}
     probe_train = _random_rows(labeled, config.probe_train_sentences or math.inf)
     test_labeled = data.test["labels"] >= 0
-    results, teacher, teacher_neighbours = {}, None, None
+    results, teacher_test, teacher_neighbours = {}, None, None
     for name, model in models.items():
         test = embed(model, data.test, **options)
-        if teacher is None:
-            teacher, teacher_neighbours = test, nearest_neighbours(test)
+        if teacher_test is None:
+            teacher_test, teacher_neighbours = test, nearest_neighbours(test)
         results[name] = {
             "parameters": num_parameters(model), "blocks": model.config.n_layers,
-            "cosine_to_teacher": (test * teacher).sum(-1).mean().item(),
+            "cosine_to_teacher": (test * teacher_test).sum(-1).mean().item(),
             "retrieval_agreement": (nearest_neighbours(test) == teacher_neighbours).double().mean().item(),
             "probe_accuracy": probe_accuracy(
                 embed(model, probe_train, **options), probe_train["labels"], test[test_labeled],
@@ -386,9 +401,9 @@ def evaluate_models(models: dict[str, HFModel], data: SentenceData, config: Sent
         }  # fmt: skip
     timed = {name: tensor[: config.speed_sentences] for name, tensor in data.test.items()}
     speeds = sentences_per_second(models, timed, repeats=config.speed_repeats, **options)
-    first = next(iter(models))
+    teacher = next(iter(models))
     for name, row in results.items():
-        row.update(sentences_per_s=speeds[name], speedup_vs_teacher=speeds[name] / speeds[first])
+        row.update(sentences_per_s=speeds[name], speedup_vs_teacher=speeds[name] / speeds[teacher])
     return results
 
 
