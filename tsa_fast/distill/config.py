@@ -146,7 +146,7 @@ class RecipeConfig(Section):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
     data: DataConfig = DataConfig()
     teachers: list[TeacherConfig] = Field([TeacherConfig()], min_length=1)
-    teacher_training: TrainingConfig = TrainingConfig(steps=300, lr=2e-3)
+    teacher_training: TrainingConfig = TrainingConfig(steps=300, lr=2e-3, eval_every=150, checkpoint_every=150)
     student: StudentConfig = StudentConfig()
     training: TrainingConfig = TrainingConfig(steps=200, lr=2e-3, eval_every=50)
     loss: LossConfig = LossConfig()

@@ -98,7 +98,7 @@ def macro_f1(predicted: Tensor, target: Tensor) -> float:
 
 @torch.no_grad()
 def tokens_per_second(models: dict[str, nn.Module], split: dict[str, Tensor], task: str, *, batch_size: int,
-                      device: torch.device, batches: int = 8, repeats: int = 3,
+                      device: torch.device, batches: int = 4, repeats: int = 3,
                       autocast=contextlib.nullcontext) -> dict[str, float]:  # fmt: skip
     """Inference throughput (forward + head) of each model on the same first `batches` batches of `split`.
     The models are timed in turn, `repeats` rounds, and each keeps its best round, so that the load of a

@@ -223,7 +223,8 @@ def build_teacher_cache(config: RecipeConfig, data: TaskData, teachers: Teachers
 
 
 def evaluate_all(config, data, teachers, models, fits, device, precision) -> dict:
-    """Validation and test metrics of every model, agreement with the teachers, inference throughput."""
+    """Validation and test metrics of every model, agreement with the teachers (on validation), inference
+    throughput."""
     autocast = Phase("eval", Path(), config.training, config.seed, device, precision).autocast
     epsilon = config.adversarial.epsilon if config.adversarial.method != "none" else None
     results = {}
@@ -232,7 +233,8 @@ def evaluate_all(config, data, teachers, models, fits, device, precision) -> dic
         kwargs = dict(batch_size=config.training.batch_size, device=device, autocast=autocast)
         row = {"parameters": num_parameters(model)}
         for split in ("validation", "test"):
-            metrics = evaluate(model, getattr(data, split), data.task, teachers=compare, **kwargs)
+            metrics = evaluate(model, getattr(data, split), data.task, teachers=compare if split == "validation" else None,
+                               **kwargs)  # fmt: skip
             row.update({f"{split}_{k}": v for k, v in metrics.items()})
         if epsilon is not None:
             perturbed = evaluate(model, data.validation, data.task, epsilon=epsilon, **kwargs)
@@ -281,7 +283,7 @@ def write_report(config: RecipeConfig, data: TaskData, results: dict, out_dir: P
     if config.adversarial.method != "none":
         key, title, fmt = headline_metrics(data.task)[0]
         columns.append((f"validation_perturbed_{key}", f"val {title} (perturbed, eps={config.adversarial.epsilon})", fmt))
-    columns += [("validation_agreement", "top-1 agreement", "{:.1%}"), ("validation_kl", "KL(teacher||model)", "{:.3f}"),
+    columns += [("validation_agreement", "top-1 agreement", "{:.1%}"), ("validation_kl", "KL(teacher, model)", "{:.3f}"),
                 ("inference_tokens_per_s", "tokens/s", "{:,.0f}"), ("speedup_vs_teacher", "speed-up", "{:.2f}x")]  # fmt: skip
     write_table(f"{config.name}: {data.task}, validation and test", columns, results, out_dir)
     metric = headline_metrics(data.task)[0][0]
