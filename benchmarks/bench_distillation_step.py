@@ -144,7 +144,7 @@ class EngineStep:
         return loss
 
     def clear_grads(self) -> None:
-        self.distiller.optimizer.zero_grad(set_to_none=True)
+        self.distiller.optimization.optimizer.zero_grad(set_to_none=True)
 
 
 class PlainStep:
