@@ -5,8 +5,14 @@ The student logits are `student_hidden @ student_weight.T (+ bias)`; the teacher
 tail bucket (see `tsa_fast.reference.fused_linear_distillation_loss`). Rows are processed in chunks: per
 chunk both logit tiles are computed in fp32, the fused loss kernel gives the per-row losses and the
 logit gradient, and the gradient is folded at once into grad_hidden (that chunk) and grad_weight /
-grad_bias (fp32 accumulators). Extra memory is O(chunk_size x V) whatever N is, plus the fp32
-weight-gradient accumulators and fp32 copies of low-precision weights (O(V x H)).
+grad_bias. Extra memory is O(chunk_size x V) whatever N is, plus O(V x H) for the weight gradient:
+
+- fp32 weights: an fp32 accumulator (the gradient itself).
+- fp16/bf16 weights: the gradient and one more copy in the weight's dtype, a compensated pair that sums
+  the chunks at ~2x the dtype's precision (`kernels/fused_linear_distillation_loss.py`). On CUDA the GEMMs
+  read fp16/bf16 operands as they are and write fp32 results (tensor cores, no fp32 weight copies; the
+  logit gradient is rounded to the weight's dtype for them, as in any bf16 backward); on other devices
+  the weights are upcast once per pass.
 
 For a scalar reduction the gradients are computed in the forward pass (backward scales them); for
 `reduction="none"` backward recomputes the chunks with the per-row incoming gradients as weights.
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tsa_fast.backends import select_backend, triton_kernels
 from tsa_fast.ops.distillation_loss import (
     LOSS_OPTIONS,
     _check_labels,
@@ -29,7 +36,7 @@ from tsa_fast.ops.distillation_loss import (
     distillation_loss_rows_and_grad,
     rows_and_grad_by_autograd,
 )
-from tsa_fast.reference.fused_linear_distillation_loss import linear_logits, topk_distillation_loss_rows
+from tsa_fast.reference.fused_linear_distillation_loss import topk_distillation_loss_rows
 
 
 def fused_linear_distillation_loss(
@@ -148,14 +155,14 @@ class _Teacher:
             return self.logits.shape[-1]
         return student_vocab if self.weight is None else self.weight.shape[0]
 
-    def rows(self, start: int, end: int, weight: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
-        """The teacher for rows [start, end): logits (N, V_t) (in `weight`'s dtype when computed from the
-        hidden states with this converted weight), or the top-k pair."""
+    def rows(self, start: int, end: int, weight: Tensor | None, compute_dtype: torch.dtype) -> Tensor | tuple[Tensor, Tensor]:
+        """The teacher for rows [start, end): logits (N, V_t) (in compute_dtype when computed from the hidden
+        states with `weight`, the teacher weight as `_gemm_weight` gives it), or the top-k pair."""
         if self.topk_indices is not None:
             return self.topk_indices[start:end], self.topk_logprobs[start:end]
         if self.logits is not None:
             return self.logits[start:end]
-        return linear_logits(self.hidden[start:end], weight, self.bias, weight.dtype)
+        return _logits(self.hidden[start:end], weight, self.bias, compute_dtype)
 
 
 def _check_linear(model: str, weight, bias, hidden: Tensor) -> None:
@@ -186,6 +193,44 @@ def _rows_and_logit_grad(student_logits: Tensor, teacher, labels: Tensor | None,
     return distillation_loss_rows_and_grad(student_logits, teacher, labels, options, vocab)
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _native_gemm(a: Tensor, b: Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether a @ b runs as one fp16/bf16 GEMM with an fp32 result (CUDA), reading the operands as they are."""
+    return a.is_cuda and compute_dtype == torch.float32 and a.dtype == b.dtype and a.dtype in LOW_PRECISION
+
+
+def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """a @ b accumulated and returned in compute_dtype, never rounded to a low-precision dtype."""
+    if _native_gemm(a, b, compute_dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.to(compute_dtype), b.to(compute_dtype))
+
+
+def _gemm_weight(weight: Tensor, hidden: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """The LM-head weight as the chunks' GEMMs read it: as it is where `_mm` multiplies it natively with the
+    hidden states, else upcast once for the whole pass (not once per chunk)."""
+    weight = weight.detach()
+    return weight if _native_gemm(hidden, weight, compute_dtype) else weight.to(compute_dtype)
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, compute_dtype: torch.dtype) -> Tensor:
+    logits = _mm(hidden.detach(), weight.T, compute_dtype)
+    return logits if bias is None else logits.add_(bias.detach())
+
+
+def _accumulate_weight_grad_pair(high: Tensor, low: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+    """(high + low) += grad_logits^T @ hidden for a weight gradient held as a compensated fp16/bf16 pair: the
+    Triton kernel, or the same math in torch (through an fp32 V x H update) on the other backends."""
+    if select_backend(hidden.device, hidden.dtype) == "triton":
+        triton_kernels.weight_grad_accumulate(high, low, grad_logits, hidden)
+        return
+    total = high.to(grad_logits.dtype) + low.to(grad_logits.dtype) + grad_logits.T @ hidden.to(grad_logits.dtype)
+    high.copy_(total)
+    low.copy_(total - high.to(total.dtype))
+
+
 def _chunked_pass(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs):
     """Per-row losses (N,) and, for `needs` = (hidden, weight, bias) flags, the gradients of
     sum(row_weights * rows); row_weights is a scalar tensor or (N,). Autocast is off inside: the pass
@@ -200,18 +245,22 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
     # to a low-precision dtype.
     compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows = torch.empty(n_rows, dtype=compute_dtype, device=hidden.device)
-    weight_c = weight.detach().to(compute_dtype)
-    teacher_weight_c = None if teacher.weight is None else teacher.weight.to(compute_dtype)
+    gemm_weight = _gemm_weight(weight, hidden, compute_dtype)
+    teacher_gemm_weight = None if teacher.weight is None else _gemm_weight(teacher.weight, teacher.hidden, compute_dtype)
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
-    grad_weight = torch.zeros_like(weight, dtype=compute_dtype) if needs[1] else None
+    # The weight gradient: an accumulator in compute_dtype, or for fp16/bf16 weights the compensated pair
+    # (grad_weight, grad_weight_low) in the weight's dtype.
+    pair = needs[1] and weight.dtype in LOW_PRECISION
+    grad_weight = torch.zeros_like(weight, dtype=weight.dtype if pair else compute_dtype) if needs[1] else None
+    grad_weight_low = torch.zeros_like(weight) if pair else None
     grad_bias = torch.zeros_like(bias, dtype=compute_dtype) if needs[2] else None
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         chunk_hidden = hidden[start:end].detach()
-        student_logits = linear_logits(chunk_hidden, weight_c, None if bias is None else bias.detach(), compute_dtype)
+        student_logits = _logits(chunk_hidden, gemm_weight, bias, compute_dtype)
         chunk_labels = None if labels is None else labels[start:end]
         chunk_rows, grad_logits = _rows_and_logit_grad(
-            student_logits, teacher.rows(start, end, teacher_weight_c), chunk_labels, options, vocab
+            student_logits, teacher.rows(start, end, teacher_gemm_weight, compute_dtype), chunk_labels, options, vocab
         )
         rows[start:end] = chunk_rows
         if not any(needs):
@@ -219,8 +268,10 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
         del student_logits
         grad_logits.mul_(row_weights if row_weights.dim() == 0 else row_weights[start:end, None])
         if grad_hidden is not None:
-            grad_hidden[start:end] = grad_logits @ weight_c
-        if grad_weight is not None:
+            grad_hidden[start:end] = _mm(grad_logits.to(gemm_weight.dtype), gemm_weight, compute_dtype)
+        if grad_weight_low is not None:
+            _accumulate_weight_grad_pair(grad_weight, grad_weight_low, grad_logits, chunk_hidden)
+        elif grad_weight is not None:
             grad_weight.addmm_(grad_logits.T, chunk_hidden.to(compute_dtype))
         if grad_bias is not None:
             grad_bias += grad_logits.sum(0)
