@@ -14,6 +14,8 @@ over rows):
 Each checks its loss against the reference's (`common.check_loss`).
 CPU: N=4096, H=512, V=32000 fp32 (target: peak memory <= 1/5 of the reference's, time <= 1.1x).
 GPU: N=8192, H_s=H_t=4096, V=128256 bf16 (target: loss memory < 2 GB, >= 1.3x faster than the reference).
+The peaks below include the .grad buffers a step creates (at the GPU size bf16 grad_weight + grad_hidden
+= 1.12 GB for every implementation); the loss's own memory is the peak minus those.
 Roofline: FLOPs over the measured matrix-product rate: the two logit products (2 N H V each) forward, and
 the grad_hidden and grad_weight products (2 N H V each) backward. Peak extra memory: CUDA allocator peak,
 or the RSS growth of a fresh process on the CPU (`python -m benchmarks.bench_fused_linear_distillation_loss
