@@ -61,9 +61,10 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> str:
     return forced
 
 
-def select_triton_or_torch(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """For an op with no cpp kernel: the backend `select_backend` picks, with torch (the reference) where it
-    would pick cpp. A forced TSA_FAST_BACKEND=cpp raises ValueError naming the op."""
+def select_triton_or_torch(device: torch.device, dtype: torch.dtype) -> str:
+    """For an op with no cpp kernel: triton where `select_backend` picks it, else torch (the reference). A
+    forced TSA_FAST_BACKEND=cpp applies to the ops that have a cpp kernel; the others take their default
+    (triton on CUDA, torch on the CPU), so forcing the losses' C++ kernels leaves attention working."""
     if os.environ.get("TSA_FAST_BACKEND", "").strip() == "cpp":
-        raise ValueError(f"TSA_FAST_BACKEND='cpp': {op} has no cpp kernel; its backends are triton and torch")
+        return "triton" if available_backends(device, dtype)[0] == "triton" else "torch"
     return "triton" if select_backend(device, dtype) == "triton" else "torch"

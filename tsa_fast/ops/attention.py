@@ -127,7 +127,7 @@ def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 
 def _backend(q: Tensor) -> str:
     """triton or torch (the reference; always for float64)."""
-    return select_triton_or_torch("attention", q.device, q.dtype)
+    return select_triton_or_torch(q.device, q.dtype)
 
 
 def _check_inputs(q, k, v, key_padding_mask) -> None:

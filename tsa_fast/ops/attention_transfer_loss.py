@@ -89,7 +89,7 @@ def _backend(q_s: Tensor, q_t: Tensor) -> str:
     """The backend `select_backend` picks, with torch (the reference) where it picks cpp, which has no kernel
     for this op; float64 always runs the reference."""
     dtype = torch.float64 if torch.float64 in (q_s.dtype, q_t.dtype) else q_s.dtype
-    return select_triton_or_torch("attention_transfer_loss", q_s.device, dtype)
+    return select_triton_or_torch(q_s.device, dtype)
 
 
 def _check_inputs(q_s, k_s, q_t, k_t, key_padding_mask, relation_heads) -> None:
