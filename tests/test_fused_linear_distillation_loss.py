@@ -16,6 +16,8 @@ from tsa_fast.backends import triton_kernels
 from conftest import DEVICE, assert_rel_close, rel_error
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+# bf16 and model sizes: GPU only, run by benchmarks/gpu.sh (`-m gpu`).
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def make_problem(rows=12, hidden=16, teacher_hidden=24, vocab=70, *, bias=True, ignore="some", teacher="hidden",
@@ -190,7 +192,7 @@ def test_bf16_weight_gradient_rounds_once():
 
 
 @pytest.mark.skipif(triton_kernels is None, reason="needs Triton")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=[gpu, pytest.mark.gpu])])
 def test_weight_grad_pair_kernel(dtype):
     """The Triton kernel that sums a low-precision weight gradient over chunks as a compensated pair: the
     pair holds the float64 sum to ~2x the dtype's bits, and `high` is that sum rounded once. Shapes cross
@@ -298,7 +300,6 @@ def test_labels_out_of_range_raise():
         tsa_fast.fused_linear_distillation_loss(**_student(), labels=torch.tensor([0, 25, 1, 2]), teacher_logits=torch.randn(4, 20))
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @gpu
