@@ -7,6 +7,8 @@
 """
 
 import os
+import subprocess
+import sys
 import zlib
 
 import torch
@@ -56,3 +58,29 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
     finite = expected.isfinite()
     error = rel_error(actual[finite], expected[finite])
     assert error <= tol, f"{what}: relative error {error:.3e} > {tol:.0e}"
+
+
+def compile_for_gpus(kernel, config, constants: dict, types: dict) -> None:
+    """Compile an autotuned Triton kernel with one of its configs for sm_80 and sm_90, no GPU needed (Triton
+    ships ptxas): `constants` fix constexpr arguments, `types` maps the other arguments to Triton types
+    (pointers default to "*bf16", scalars to "i32"). Run compiled, not interpreted: TRITON_INTERPRET=0."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn
+    constants = {**constants, **config.kwargs}
+    signature = {
+        name: "constexpr" if name in constants else types.get(name, "*bf16" if name.endswith("_ptr") else "i32")
+        for name in fn.arg_names
+    }
+    source = ASTSource(fn, signature, {(fn.arg_names.index(name),): value for name, value in constants.items()})
+    for arch in (80, 90):
+        compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))  # fmt: skip
+        print(fn.__name__, f"sm_{arch}", config, f"{compiled.metadata.shared} bytes of shared memory")
+
+
+def run_compiled(test_file: str) -> None:
+    """Run `python test_file` (its `__main__` compiles its kernels for GPUs) with the interpreter off."""
+    subprocess.run([sys.executable, test_file], env={**os.environ, "TRITON_INTERPRET": "0"}, check=True, timeout=300)

@@ -3,8 +3,6 @@ float64 reference (output, lse and the gradients through both) by the FlashAtten
 GQA/MQA, head dims, rows with no key, the SDPA drop-in and its hand-offs to PyTorch, compile, errors."""
 
 import math
-import os
-import subprocess
 import sys
 
 import pytest
@@ -18,7 +16,7 @@ from tsa_fast.backends import triton_kernels
 from tsa_fast.reference.attention import attention as reference_attention
 from tsa_fast.reference.attention_transfer_loss import visible_keys
 
-from conftest import DEVICE, assert_rel_close, rel_error
+from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled
 
 # The "small atol" of the test rule, on relative norm errors: err <= 2 err(PyTorch, same dtype) + ATOL.
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -403,36 +401,21 @@ def test_forced_cpp_backend_takes_the_default(monkeypatch):
 # Compiled for GPUs without one: Triton ships ptxas.
 
 
-def compile_for_gpus():
-    """Compile each kernel (its largest tile, bf16, head dim 80, causal, padding mask) for sm_80 and sm_90.
-    Run compiled, not interpreted: in a process with TRITON_INTERPRET=0."""
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def compile_attention_kernels():
+    """Each kernel (its largest tile, bf16, head dim 80, causal, padding mask) for sm_80 and sm_90."""
     kernels = tsa_fast.kernels.attention
-    pointer_types = dict(mask_ptr="*i1", lse_ptr="*fp32", delta_ptr="*fp32")
+    types = dict(mask_ptr="*i1", lse_ptr="*fp32", delta_ptr="*fp32", sm_scale="fp32")
     for kernel, configs in ((kernels._attention_fwd_kernel, kernels.FWD_CONFIGS),
                             (kernels._attention_bwd_dkdv_kernel, kernels.DKDV_CONFIGS),
                             (kernels._attention_bwd_dq_kernel, kernels.DQ_CONFIGS)):  # fmt: skip
         config = max(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-        fn = kernel.fn
-        constants = dict(CAUSAL=True, HAS_MASK=True, UPCAST=False, BLOCK_D=128, BLOCK_DV=128, **config.kwargs)
-        signature = {
-            name: "constexpr" if name in constants else pointer_types.get(name, "*bf16") if name.endswith("_ptr")
-            else "fp32" if name == "sm_scale" else "i32"
-            for name in fn.arg_names
-        }  # fmt: skip
-        source = ASTSource(fn, signature, {(fn.arg_names.index(name),): value for name, value in constants.items()})
-        for arch in (80, 90):
-            compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages))  # fmt: skip
-            print(fn.__name__, f"sm_{arch}", config, f"{compiled.metadata.shared} bytes of shared memory")
+        constants = dict(CAUSAL=True, HAS_MASK=True, UPCAST=False, BLOCK_D=128, BLOCK_DV=128)
+        compile_for_gpus(kernel, config, constants, types)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas")
 def test_kernels_compile_for_ampere_and_hopper():
-    subprocess.run([sys.executable, __file__], env={**os.environ, "TRITON_INTERPRET": "0"}, check=True, timeout=300)
+    run_compiled(__file__)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -463,4 +446,4 @@ def test_gpu_long_sequence_deterministic(backend):
 
 
 if __name__ == "__main__":  # test_kernels_compile_for_ampere_and_hopper
-    compile_for_gpus()
+    compile_attention_kernels()

@@ -2,6 +2,7 @@
 against the float64 reference, for the three teacher forms; memory measured, errors named."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from tsa_fast.reference.fused_linear_distillation_loss import fused_linear_disti
 
 from tsa_fast.backends import triton_kernels
 
-from conftest import DEVICE, assert_rel_close, rel_error
+from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 # bf16 and model sizes: GPU only, run by benchmarks/gpu.sh (`-m gpu`).
@@ -213,6 +214,21 @@ def test_weight_grad_pair_kernel(dtype):
     assert rel_error(high, expected) <= 1.01 * floor
 
 
+def compile_pair_kernel():
+    """Every autotuning config of the pair kernel, fp32 gradients and bf16 / fp16 hidden states and pair."""
+    from tsa_fast.kernels import fused_linear_distillation_loss as kernels
+
+    for dtype in ("bf16", "fp16"):
+        types = dict(grad_ptr="*fp32", hidden_ptr=f"*{dtype}", high_ptr=f"*{dtype}", low_ptr=f"*{dtype}")
+        for config in kernels.CONFIGS:
+            compile_for_gpus(kernels._weight_grad_accumulate_kernel, config, dict(UPCAST=False), types)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas")
+def test_pair_kernel_compiles_for_ampere_and_hopper():
+    run_compiled(__file__)
+
+
 @pytest.mark.parametrize("teacher", ["hidden", "topk"])
 def test_under_autocast(backend, teacher):
     """A training loop's autocast (bf16 on the CPU here) does not reach inside the op: it picks its own
@@ -333,3 +349,7 @@ def test_gpu_bf16_peak_memory_has_no_fp32_weight_copies():
     bound = 2 * weight_bytes + rows * hidden * 2 + 8 * chunk * vocab * 4
     print(f"peak extra {peak / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB, one fp32 weight copy {2 * weight_bytes / 2**20:.0f} MB")
     assert peak < bound
+
+
+if __name__ == "__main__":  # test_pair_kernel_compiles_for_ampere_and_hopper
+    compile_pair_kernel()
