@@ -2,6 +2,7 @@
 adversarial perturbations, metrics, checkpoints. End-to-end runs of train.py are in test_train.py."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from tsa_fast.distill.config import (
     LoggingConfig, LossConfig, RecipeConfig, Schedule, TeacherConfig, TrainingConfig, load_config, value_at,
 )
 from tsa_fast.distill.distiller import Distiller, Phase
-from tsa_fast.distill.evaluate import macro_f1
+from tsa_fast.distill.evaluate import macro_f1, throughput
 from tsa_fast.distill.metrics import MetricsLog, read_metrics
 from tsa_fast.distill.objective import DistillationObjective
 from tsa_fast.distill.teacher_cache import TopkTeacherCache
@@ -232,6 +233,25 @@ def test_macro_f1():
     predicted, target = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 2])
     # class 0: tp 1 fp 1 fn 0 -> 2/3; class 1: tp 1 fp 0 fn 1 -> 2/3; class 2: 1
     assert math.isclose(macro_f1(predicted, target), (2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_throughput_warms_up_times_in_turn_and_keeps_each_batch_fastest(monkeypatch):
+    """One untimed warm-up batch per model, then rounds of every batch of every model in turn; a model's time is
+    the sum over batches of each batch's fastest time (here 1 + 2 = 3 s for a: not its best round, 5 s)."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr("tsa_fast.distill.evaluate.time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    models = {"a": torch.nn.Linear(1, 1), "b": torch.nn.Linear(1, 1)}
+    names = {id(model): name for name, model in models.items()}
+    seconds = iter([9, 9, 1, 5, 2, 2, 3, 2, 4, 4])  # in call order: warm-up a, b; round 1: a, b; round 2: a, b
+
+    def forward(model, batch):
+        calls.append((names[id(model)], batch))
+        clock[0] += next(seconds)
+
+    speeds = throughput(models, [0, 1], forward, 12, repeats=2, device=torch.device("cpu"))
+    assert calls == [("a", 0), ("b", 0), *[(name, batch) for _ in range(2) for name in "ab" for batch in (0, 1)]]
+    assert speeds == {"a": 12 / 3, "b": 12 / 4}
+    assert not any(model.training for model in models.values())
 
 
 def test_metrics_log_truncates_on_resume(tmp_path):

@@ -55,7 +55,9 @@ class TrainingConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     clip_grad: float | None = Field(1.0, gt=0, description="max global grad norm; null: no clipping")
     eval_every: int = Field(100, ge=1, description="validation every N steps (and at the end)")
-    eval_batches: int | None = Field(None, ge=1, description="validation batches per evaluation; null: all")
+    eval_batches: int | None = Field(
+        None, ge=1, description="validation batches per evaluation during training (the final one: all); null: all"
+    )
     checkpoint_every: int = Field(100, ge=1, description="checkpoint every N steps (and at the end)")
     log_every: int = Field(10, ge=1, description="metrics row every N steps")
 

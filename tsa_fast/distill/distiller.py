@@ -32,6 +32,7 @@ from tsa_fast.distill.config import AdversarialConfig, LoggingConfig, TrainingCo
 from tsa_fast.distill.evaluate import evaluate
 from tsa_fast.distill.metrics import MetricsLog
 from tsa_fast.distill.objective import DistillationObjective
+from tsa_fast.distill.teachers import Teachers
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -109,13 +110,16 @@ class TorchOptimization:
 
 class Distiller:
     """Trains `model` on `objective` over `data` (a TaskData), teachers optional (Teachers or a top-k cache).
-    `optimization`: how (default: `TorchOptimization` of the model and the objective's parameters)."""
+    `optimization`: how (default: `TorchOptimization` of the model and the objective's parameters).
+    `agreement_with`: Teachers that the final validation compares the model with (top-1 agreement, KL), whatever
+    it trained on (those teachers, their top-k cache, no teacher)."""
 
     def __init__(self, model: nn.Module, objective: DistillationObjective, data, phase: Phase, teachers=None,
-                 optimization=None):  # fmt: skip
+                 optimization=None, agreement_with: Teachers | None = None):  # fmt: skip
         if objective.has_teacher != (teachers is not None):
             raise ValueError(f"{phase.name}: the objective {'needs' if objective.has_teacher else 'takes no'} teachers")
         self.model, self.objective, self.data, self.phase, self.teachers = model, objective, data, phase, teachers
+        self.agreement_with = agreement_with
         self.model.to(phase.device).train()
         self.objective.to(phase.device)
         self.optimization = optimization or TorchOptimization(
@@ -146,7 +150,7 @@ class Distiller:
 
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Train to `training.steps` (from the last checkpoint when `resume` and one exists); returns the
-        final validation metrics and the training throughput."""
+        final validation metrics (`validate` after the last step) and the training throughput."""
         phase, t = self.phase, self.phase.training
         phase.out_dir.mkdir(parents=True, exist_ok=True)
         resumed = resume and self.optimization.has_checkpoint(phase.out_dir)
@@ -179,10 +183,14 @@ class Distiller:
         return {**final, "train_tokens_per_s": self.train_tokens / max(self.train_seconds, 1e-9)}
 
     def validate(self) -> dict[str, float]:
+        """Metrics on the validation split: during training on its first eval_batches batches; after the last
+        step (the final validation) on all of it, with the agreement with `agreement_with` when given."""
         t = self.phase.training
+        final = self.step >= t.steps
         return evaluate(
             self.model, self.data.validation, self.data.task, batch_size=t.batch_size, device=self.phase.device,
-            max_batches=t.eval_batches, autocast=self.phase.autocast,
+            teachers=self.agreement_with if final else None, max_batches=None if final else t.eval_batches,
+            autocast=self.phase.autocast,
         )  # fmt: skip
 
     def train_step(self) -> tuple[float, dict[str, float]]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,24 +99,39 @@ def macro_f1(predicted: Tensor, target: Tensor) -> float:
 
 
 @torch.no_grad()
+def throughput(models: dict[str, nn.Module], batches: list, forward: Callable[[nn.Module, Any], Any], units: float, *,
+               repeats: int, device: torch.device, autocast=contextlib.nullcontext) -> dict[str, float]:  # fmt: skip
+    """`units` (what `batches` hold in all: tokens, sentences) per second of each model running `forward(model,
+    batch)` under `autocast` over `batches`, in eval mode (the models are left so). Each model first runs the
+    first batch once, untimed (warm-up); then `repeats` rounds time every batch of every model, the models in
+    turn, so that the changing load of a shared machine weighs on all of them alike; each batch keeps its
+    fastest time (a burst of load spoils one timing, not a model's result), and a model's time is the sum."""
+    for model in models.values():
+        model.eval()
+        with autocast():
+            forward(model, batches[0])
+    best = {name: [math.inf] * len(batches) for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            for i, batch in enumerate(batches):
+                start = time.perf_counter()
+                with autocast():
+                    forward(model, batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best[name][i] = min(best[name][i], time.perf_counter() - start)
+    return {name: units / sum(seconds) for name, seconds in best.items()}
+
+
 def tokens_per_second(models: dict[str, nn.Module], split: dict[str, Tensor], task: str, *, batch_size: int,
                       device: torch.device, batches: int = 4, repeats: int = 3,
                       autocast=contextlib.nullcontext) -> dict[str, float]:  # fmt: skip
-    """Inference throughput (forward + head) of each model on the same first `batches` batches of `split`.
-    The models are timed in turn, `repeats` rounds, and each keeps its best round, so that the load of a
-    shared machine weighs on all of them alike. Counts real tokens (attention_mask) where there is padding."""
+    """Inference throughput (forward + head, `throughput`'s rule) of each model on the same first `batches`
+    batches of `split`, in real tokens (attention_mask) where there is padding."""
     data = list(in_order(split, batch_size, device, batches))
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in data)
-    best = {name: math.inf for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            model.eval()
-            with autocast():
-                student_head(model, model(data[0]["input_ids"], data[0].get("attention_mask")), data[0], task)  # warm-up
-                start = time.perf_counter()
-                for batch in data:
-                    student_head(model, model(batch["input_ids"], batch.get("attention_mask")), batch, task)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: tokens / seconds for name, seconds in best.items()}
+
+    def forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return student_head(model, model(batch["input_ids"], batch.get("attention_mask")), batch, task)
+
+    return throughput(models, data, forward, tokens, repeats=repeats, device=device, autocast=autocast)

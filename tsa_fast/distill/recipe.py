@@ -114,16 +114,18 @@ def run(config: RecipeConfig, resume: bool = False, data: TaskData | None = None
         student = build_student(config, data, teacher_models[0])
         objective = DistillationObjective(config.loss, data.task, student_config(config, data), teacher_models[0].config)
         optimization = runtime.optimization(student, objective, config.training)
-        distiller = Distiller(student, objective, data, student_phase(name, adversarial), source, optimization)
+        distiller = Distiller(student, objective, data, student_phase(name, adversarial), source, optimization,
+                              agreement_with=teachers)  # fmt: skip
         runs[name] = (student, distiller.fit(resume))
     if config.baseline:
         student = build_student(config, data, teacher_models[0])
         objective = DistillationObjective(config.loss, data.task, student_config(config, data), None)
         optimization = runtime.optimization(student, objective, config.training)
-        distiller = Distiller(student, objective, data, student_phase("baseline", config.adversarial), None, optimization)
+        distiller = Distiller(student, objective, data, student_phase("baseline", config.adversarial), None, optimization,
+                              agreement_with=teachers)  # fmt: skip
         runs["baseline"] = (student, distiller.fit(resume))
 
-    results = evaluate_all(config, data, teachers, {"teacher": teacher_models[0], **{k: m for k, (m, _) in runs.items()}},
+    results = evaluate_all(config, data, {"teacher": teacher_models[0], **{k: m for k, (m, _) in runs.items()}},
                            {k: fit for k, (_, fit) in runs.items()}, device, precision)  # fmt: skip
     if runtime.rank == 0:
         write_report(config, data, results, out_dir)
@@ -222,25 +224,26 @@ def build_teacher_cache(config: RecipeConfig, data: TaskData, teachers: Teachers
     )  # fmt: skip
 
 
-def evaluate_all(config, data, teachers, models, fits, device, precision) -> dict:
-    """Validation and test metrics of every model, agreement with the teachers (on validation), inference
-    throughput."""
+def evaluate_all(config, data, models, fits, device, precision) -> dict:
+    """Validation and test metrics of every model, inference throughput. A student's validation metrics, with its
+    agreement with the teachers, are its final validation in `fits` (name -> `Distiller.fit`'s result), which
+    evaluated the whole split: only the teacher's are measured here."""
     autocast = Phase("eval", Path(), config.training, config.seed, device, precision).autocast
     epsilon = config.adversarial.epsilon if config.adversarial.method != "none" else None
+    kwargs = dict(batch_size=config.training.batch_size, device=device, autocast=autocast)
     results = {}
     for name, model in models.items():
-        compare = None if name == "teacher" else teachers
-        kwargs = dict(batch_size=config.training.batch_size, device=device, autocast=autocast)
-        row = {"parameters": num_parameters(model)}
-        for split in ("validation", "test"):
-            metrics = evaluate(model, getattr(data, split), data.task, teachers=compare if split == "validation" else None,
-                               **kwargs)  # fmt: skip
-            row.update({f"{split}_{k}": v for k, v in metrics.items()})
+        fit = fits.get(name)
+        validation = ({k: v for k, v in fit.items() if k != "train_tokens_per_s"} if fit
+                      else evaluate(model, data.validation, data.task, **kwargs))  # fmt: skip
+        test = evaluate(model, data.test, data.task, **kwargs)
+        row = {"parameters": num_parameters(model), **{f"validation_{k}": v for k, v in validation.items()},
+               **{f"test_{k}": v for k, v in test.items()}}  # fmt: skip
         if epsilon is not None:
             perturbed = evaluate(model, data.validation, data.task, epsilon=epsilon, **kwargs)
             row.update({f"validation_perturbed_{k}": v for k, v in perturbed.items()})
-        if name in fits:
-            row["train_tokens_per_s"] = fits[name]["train_tokens_per_s"]
+        if fit:
+            row["train_tokens_per_s"] = fit["train_tokens_per_s"]
         results[name] = row
     speeds = tokens_per_second(models, data.validation, data.task, **kwargs)
     for name, row in results.items():

@@ -27,7 +27,6 @@ import importlib
 import json
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +45,7 @@ from tsa_fast.distill.data import (
     stdlib_families,
 )  # fmt: skip
 from tsa_fast.distill.distiller import Distiller, Phase
+from tsa_fast.distill.evaluate import throughput
 from tsa_fast.distill.metrics import plot_curves
 from tsa_fast.distill.objective import DistillationObjective
 from tsa_fast.distill.recipe import console, resolve_device, resolve_precision, write_table
@@ -114,7 +114,7 @@ class SentenceEvaluationConfig(Section):
     probe_l2: float = Field(1e-3, ge=0, description="L2 penalty of the probe (on standardized embeddings)")
     probe_iterations: int = Field(200, ge=1, description="L-BFGS iterations of the probe")
     speed_sentences: int = Field(256, ge=1, description="test sentences timed for the throughput")
-    speed_repeats: int = Field(5, ge=1, description="timings of each batch; each model keeps the fastest")
+    speed_repeats: int = Field(5, ge=1, description="timed rounds (evaluate.throughput); each batch keeps its fastest")
 
 
 class SentenceEmbeddingConfig(Section):
@@ -355,24 +355,6 @@ def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
     return ((test_x @ weight + bias).argmax(1) == test_y).double().mean().item()
 
 
-@torch.no_grad()
-def sentences_per_second(models: dict[str, HFModel], split: dict[str, Tensor], *, batch_size: int, device: torch.device,
-                         repeats: int, autocast=contextlib.nullcontext) -> dict[str, float]:  # fmt: skip
-    """Inference throughput of each model (in eval mode) as `embed` runs it on the split. Each batch is timed
-    `repeats` times per model, the models in turn, and keeps its fastest time, so that bursts of load from
-    other processes on a shared machine drop out and weigh on no model more than on another."""
-    batches = length_sorted_batches(split, batch_size, device)
-    best = {name: [math.inf] * len(batches) for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            for i, (_, ids, mask) in enumerate(batches):
-                start = time.perf_counter()
-                with autocast():
-                    sentence_embeddings(model(ids, mask).hidden, mask).cpu()  # .cpu() waits for a GPU
-                best[name][i] = min(best[name][i], time.perf_counter() - start)
-    return {name: len(split["input_ids"]) / sum(seconds) for name, seconds in best.items()}
-
-
 def evaluate_models(models: dict[str, HFModel], data: SentenceData, config: SentenceEvaluationConfig,
                     device: torch.device, autocast=contextlib.nullcontext) -> dict[str, dict[str, float]]:  # fmt: skip
     """Per model (the teacher first): parameters, blocks, and on the test split the mean cosine to the
@@ -399,8 +381,14 @@ def evaluate_models(models: dict[str, HFModel], data: SentenceData, config: Sent
                 data.test["labels"][test_labeled], l2=config.probe_l2, iterations=config.probe_iterations,
             ),
         }  # fmt: skip
+
+    def forward(model: HFModel, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        _, ids, mask = batch
+        return sentence_embeddings(model(ids, mask).hidden, mask)
+
     timed = {name: tensor[: config.speed_sentences] for name, tensor in data.test.items()}
-    speeds = sentences_per_second(models, timed, repeats=config.speed_repeats, **options)
+    speeds = throughput(models, length_sorted_batches(timed, config.batch_size, device), forward,
+                        len(timed["input_ids"]), repeats=config.speed_repeats, device=device, autocast=autocast)  # fmt: skip
     teacher = next(iter(models))
     for name, row in results.items():
         row.update(sentences_per_s=speeds[name], speedup_vs_teacher=speeds[name] / speeds[teacher])
