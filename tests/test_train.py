@@ -69,6 +69,8 @@ def test_recipe_runs_end_to_end(recipe, cache_dir, tmp_path):
     assert (out / "curves.png").stat().st_size > 0 and "| distilled |" in (out / "results.md").read_text()
     rows = read_metrics(out / "distilled" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 7)) and all(r["loss"] for r in rows)
+    # The table's validation is the distillation's final validation (evaluated once, the whole split).
+    assert float(rows[-1]["val_agreement"]) == pytest.approx(results["distilled"]["validation_agreement"])
     second = finished(train_py(*args[:-2], f"output_dir={tmp_path / 'again'}", f"data.cache_dir={cache_dir}"))
     assert "loaded the cached teacher" in second
 
