@@ -13,9 +13,9 @@ Compared on student and teacher both B x 12 heads x N x 64, no mask:
 GPU: bf16, (B, N) = (8, 2048) and (2, 8192) (target: triton time <= 2x attention_forward).
 CPU: fp32, B=8, N=2048, time of the references only (target: the fused op's peak memory <= 1/10 of the
 reference's). The fused op's CPU peak memory is measured under the interpreter by
-`test_cpu_peak_memory_interpreted`, against the reference's at the same size, at B=1, H=8, N=2048: the
-full B=8, H=12 takes the interpreter about half an hour. Both peaks grow linearly in B x H (the maps in
-B x H x N^2, the fused op's row statistics and gradients in B x H x N), so their ratio carries over.
+`test_cpu_peak_memory_interpreted`, against the reference's at the same size, at B=1, H=8, N=2048; the
+full B=8, H=12 (about half an hour under the interpreter) was measured once with this module's command
+line: results/2026-11-29-cpu-2core/attention_transfer_peak_memory.md (99.5 MB vs 8452 MB, 1/85).
 Roofline: FLOPs over the measured matrix-product rate, counting the kernels' products: forward the two score
 products, 2 N^2 (D_s + D_t) per (b, h); backward the dq and the dk kernel each recompute both and add
 2 N^2 D_s for the gradient (16 B H N^2 D in forward + backward with D_s = D_t = D).
