@@ -203,7 +203,14 @@ class DeepSpeedRuntime(Runtime):
             report = {"world_size": self.world_size, "teacher": self.ds["teacher"], "student": self.ds["student"], "ranks": ranks}
             (Path(config.output_dir) / "deepspeed.json").write_text(json.dumps(report, indent=2))
             print_report(report)
-        dist.destroy_process_group()
+        # Release the ZeRO-3 teachers (their partitioned parameters and hooks) and let every rank finish its
+        # collectives before the groups go, through deepspeed.comm so that DeepSpeed drops its references
+        # too: torch's destroy_process_group alone left Gloo work alive until interpreter exit, which
+        # aborted a rank now and then ("terminate called without an active exception").
+        for engine in self.teacher_engines:
+            engine.destroy()
+        dist.barrier()
+        deepspeed.comm.destroy_process_group()
         return results
 
 
