@@ -242,6 +242,24 @@ def test_under_autocast(backend, teacher):
         assert_rel_close(grad, expected_grads[name], 1e-6, f"grad {name}")
 
 
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+def test_torch_compile_fullgraph(backend, teacher):
+    """A compiled caller traces the op (chunk loop, custom ops, the top-k path's autograd as one node) without
+    a graph break and gives the eager result; bias and ignored labels included."""
+    student, teachers, labels = make_problem(teacher=teacher)
+
+    def step(labels, **tensors):
+        return tsa_fast.fused_linear_distillation_loss(labels=labels, **tensors, chunk_size=5, hard_weight=0.5) * 3.0
+
+    torch._dynamo.reset()  # graphs traced under another test's forced backend (not a guarded input) are dropped
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, grads = loss_and_grads(lambda **kw: compiled(**kw), student, teachers, labels)
+    expected_loss, expected_grads = loss_and_grads(step, student, teachers, labels)
+    assert_rel_close(loss, expected_loss, 1e-6, "loss")
+    for name, grad in grads.items():
+        assert_rel_close(grad, expected_grads[name], 1e-6, f"grad {name}")
+
+
 def test_default_chunk_size():
     assert default_chunk_size(65536, 4096, 32000) == 8192  # logits tile ~ hidden states
     assert default_chunk_size(4096, 512, 32000) == 256  # at least 256 rows

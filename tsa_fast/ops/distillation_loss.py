@@ -112,7 +112,7 @@ def distillation_loss_rows_and_grad(
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) and d(row loss)/d(student) (N, V_s), outside autograd, on the selected backend."""
     if select_backend(student.device, student.dtype) == "torch":
-        if labels is not None:
+        if labels is not None and not torch.compiler.is_compiling():
             _check_labels(labels, vocab, options["ignore_index"])
         return rows_and_grad_by_autograd(lambda z: _reference_rows(z, teacher, labels, options, vocab), student)
     return _kernel_rows(student, teacher, labels, options, vocab, True)

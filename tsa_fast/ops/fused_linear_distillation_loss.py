@@ -93,7 +93,7 @@ def fused_linear_distillation_loss(
     flat_labels = None if labels is None else labels.reshape(-1)
     if flat_labels is not None and not torch.compiler.is_compiling():
         _check_labels(flat_labels, vocab, options["ignore_index"])
-    if teacher.topk_indices is not None:
+    if teacher.topk_indices is not None and not torch.compiler.is_compiling():
         _check_topk_indices(teacher.topk_indices, vocab)
     loss = _FusedLinearDistillation.apply(
         student_hidden.reshape(n_rows, -1), student_weight, student_bias, teacher, flat_labels, options, vocab, chunk_size
@@ -184,6 +184,7 @@ def _check_topk_indices(indices: Tensor, vocab: int) -> None:
             raise ValueError(f"teacher_topk indices must be in [0, {vocab}), got {indices[bad][:8].tolist()}")
 
 
+@torch.compiler.allow_in_graph  # the top-k and torch paths run autograd inside: one node, no graph break
 def _rows_and_logit_grad(student_logits: Tensor, teacher, labels: Tensor | None, options: dict, vocab: int):
     """Per-row losses and their gradient w.r.t. the chunk's fp32 student logits."""
     if isinstance(teacher, tuple):  # top-k with a tail bucket: the reference math on the chunk
