@@ -104,6 +104,15 @@ def test_fp16(backend, teacher):
     check_against_reference(student, teachers, labels, TOL[torch.float16], divergence="jsd", hard_weight=0.5, chunk_size=4)
 
 
+@pytest.mark.parametrize("fold_rows, chunk_size", [(7, 3), (2, 5), (1000, 4)])
+def test_fp16_weight_gradient_folds(backend, monkeypatch, fold_rows, chunk_size):
+    """fp16 weights: the logit gradients of several chunks are folded into the pair at once; folds of 2
+    chunks with a partial last one (12 rows in chunks of 3), one chunk per fold, and a single fold."""
+    monkeypatch.setattr(sys.modules["tsa_fast.ops.fused_linear_distillation_loss"], "PAIR_FOLD_ROWS", fold_rows)
+    student, teachers, labels = make_problem(dtype=torch.float16)
+    check_against_reference(student, teachers, labels, TOL[torch.float16], reduction="sum", chunk_size=chunk_size)
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_matches_distillation_loss_on_materialized_logits(backend, divergence):
     """Where both apply, the fused op and `distillation_loss` give the same loss and gradients."""
@@ -348,7 +357,8 @@ def test_gpu_bf16(backend, teacher):
 @pytest.mark.gpu
 def test_gpu_bf16_peak_memory_has_no_fp32_weight_copies():
     """Measured on the GPU: with bf16 weights the pass holds its outputs (bf16 grad_weight, grad_hidden),
-    one bf16 weight-sized compensation buffer and a few chunk x V fp32 tiles, never an fp32 copy of
+    one bf16 weight-sized compensation buffer, the bf16 logit gradients of the rows folded at once and a few
+    chunk x V fp32 tiles, never an fp32 copy of
     either weight or an fp32 weight-gradient accumulator (those alone would be 3 x 512 MB here)."""
     from benchmarks.common import cuda_peak_extra_bytes
 
@@ -364,7 +374,8 @@ def test_gpu_bf16_peak_memory_has_no_fp32_weight_copies():
     fused()  # first call: kernels compiled and autotuned
     peak = cuda_peak_extra_bytes(fused)
     weight_bytes = vocab * hidden * 2
-    bound = 2 * weight_bytes + rows * hidden * 2 + 8 * chunk * vocab * 4
+    fold_buffer = sys.modules["tsa_fast.ops.fused_linear_distillation_loss"].PAIR_FOLD_ROWS * vocab * 2
+    bound = 2 * weight_bytes + rows * hidden * 2 + 8 * chunk * vocab * 4 + fold_buffer
     print(f"peak extra {peak / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB, one fp32 weight copy {2 * weight_bytes / 2**20:.0f} MB")
     assert peak < bound
 

@@ -9,7 +9,8 @@ grad_bias. Extra memory is O(chunk_size x V) whatever N is, plus O(V x H) for th
 
 - fp32 weights: an fp32 accumulator (the gradient itself).
 - fp16/bf16 weights: the gradient and one more copy in the weight's dtype, a compensated pair that sums
-  the chunks at ~2x the dtype's precision (`kernels/fused_linear_distillation_loss.py`). On CUDA the GEMMs
+  the chunks at ~2x the dtype's precision (`kernels/fused_linear_distillation_loss.py`), fed PAIR_FOLD_ROWS
+  rows of logit gradient at a time. On CUDA the GEMMs
   read fp16/bf16 operands as they are and write fp32 results (tensor cores, no fp32 weight copies; the
   logit gradient is rounded to the weight's dtype for them, as in any bf16 backward); on other devices
   the weights are upcast once per pass.
@@ -249,11 +250,9 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
     gemm_weight = _gemm_weight(weight, hidden, compute_dtype)
     teacher_gemm_weight = None if teacher.weight is None else _gemm_weight(teacher.weight, teacher.hidden, compute_dtype)
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
-    # The weight gradient: an accumulator in compute_dtype, or for fp16/bf16 weights the compensated pair
-    # (grad_weight, grad_weight_low) in the weight's dtype.
-    pair = needs[1] and weight.dtype in LOW_PRECISION
-    grad_weight = torch.zeros_like(weight, dtype=weight.dtype if pair else compute_dtype) if needs[1] else None
-    grad_weight_low = torch.zeros_like(weight) if pair else None
+    # The weight gradient: an accumulator in compute_dtype, or for fp16/bf16 weights a compensated pair.
+    pair = _WeightGradPair(weight, hidden, gemm_weight.dtype, chunk_size) if needs[1] and weight.dtype in LOW_PRECISION else None
+    grad_weight = pair.high if pair else torch.zeros_like(weight, dtype=compute_dtype) if needs[1] else None
     grad_bias = torch.zeros_like(bias, dtype=compute_dtype) if needs[2] else None
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
@@ -270,13 +269,49 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
         grad_logits.mul_(row_weights if row_weights.dim() == 0 else row_weights[start:end, None])
         if grad_hidden is not None:
             grad_hidden[start:end] = _mm(grad_logits.to(gemm_weight.dtype), gemm_weight, compute_dtype)
-        if grad_weight_low is not None:
-            _accumulate_weight_grad_pair(grad_weight, grad_weight_low, grad_logits, chunk_hidden)
+        if pair is not None:
+            pair.add(start, grad_logits)
         elif grad_weight is not None:
             grad_weight.addmm_(grad_logits.T, chunk_hidden.to(compute_dtype))
         if grad_bias is not None:
             grad_bias += grad_logits.sum(0)
+    if pair is not None:
+        pair.fold()
     return rows, grad_hidden, grad_weight, grad_bias
+
+
+# Rows of logit gradient folded into a compensated pair at a time. Each fold streams the V x H pair once
+# (8 bytes per weight read and written) for 2 x rows FLOPs per weight: at 1024 rows that is 256 FLOP/byte,
+# above an H100/H200's bf16 ridge (~206-295), so the fold is bound by its GEMM, not by the pair.
+PAIR_FOLD_ROWS = 1024
+
+
+class _WeightGradPair:
+    """The weight gradient of fp16/bf16 weights as a compensated pair (`high` is the gradient, `low` what its
+    rounding dropped), fed chunk by chunk: the logit gradients of consecutive chunks are gathered in the
+    dtype the weight-gradient GEMM reads and folded in PAIR_FOLD_ROWS rows (whole chunks) at a time."""
+
+    def __init__(self, weight: Tensor, hidden: Tensor, gemm_dtype: torch.dtype, chunk_size: int):
+        self.high, self.low, self.hidden = torch.zeros_like(weight), torch.zeros_like(weight), hidden.detach()
+        rows = min(hidden.shape[0], max(1, PAIR_FOLD_ROWS // chunk_size) * chunk_size)
+        self.pending = torch.empty(rows, weight.shape[0], dtype=gemm_dtype, device=weight.device)
+        self.start = self.filled = 0
+
+    def add(self, start: int, grad_logits: Tensor) -> None:
+        """Queue the logit gradient of rows [start, start + len(grad_logits)), the rows after the queued ones."""
+        if self.filled + len(grad_logits) > len(self.pending):
+            self.fold()
+        if self.filled == 0:
+            self.start = start
+        self.pending[self.filled : self.filled + len(grad_logits)] = grad_logits
+        self.filled += len(grad_logits)
+
+    def fold(self) -> None:
+        """(high + low) += queued gradients^T @ their hidden states."""
+        if self.filled:
+            end = self.start + self.filled
+            _accumulate_weight_grad_pair(self.high, self.low, self.pending[: self.filled], self.hidden[self.start : end])
+            self.filled = 0
 
 
 def _reduction_weight(labels: Tensor | None, n_rows: int, options: dict, dtype, device) -> Tensor:
