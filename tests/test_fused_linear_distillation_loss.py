@@ -251,11 +251,13 @@ def test_under_autocast(backend, teacher):
         assert_rel_close(grad, expected_grads[name], 1e-6, f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
-def test_torch_compile_fullgraph(backend, teacher):
-    """A compiled caller traces the op (chunk loop, custom ops, the top-k path's autograd as one node) without
-    a graph break and gives the eager result; bias and ignored labels included."""
-    student, teachers, labels = make_problem(teacher=teacher)
+def test_torch_compile_fullgraph(backend, teacher, dtype):
+    """A compiled caller traces the op (chunk loop, custom ops, the top-k path's autograd as one node, the
+    fp16 weight-gradient pair) without a graph break and gives the eager result; bias and ignored labels
+    included."""
+    student, teachers, labels = make_problem(teacher=teacher, dtype=dtype)
 
     def step(labels, **tensors):
         return tsa_fast.fused_linear_distillation_loss(labels=labels, **tensors, chunk_size=5, hard_weight=0.5) * 3.0

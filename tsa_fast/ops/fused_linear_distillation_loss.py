@@ -222,7 +222,8 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, compute_dtype: 
     return logits if bias is None else logits.add_(bias.detach())
 
 
-def _accumulate_weight_grad_pair(high: Tensor, low: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+@torch.library.custom_op("tsa_fast::weight_grad_pair_accumulate", mutates_args=("high", "low"))
+def weight_grad_pair_accumulate(high: Tensor, low: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
     """(high + low) += grad_logits^T @ hidden for a weight gradient held as a compensated fp16/bf16 pair: the
     Triton kernel, or the same math in torch (through an fp32 V x H update) on the other backends."""
     if select_backend(hidden.device, hidden.dtype) == "triton":
@@ -310,7 +311,7 @@ class _WeightGradPair:
         """(high + low) += queued gradients^T @ their hidden states."""
         if self.filled:
             end = self.start + self.filled
-            _accumulate_weight_grad_pair(self.high, self.low, self.pending[: self.filled], self.hidden[self.start : end])
+            weight_grad_pair_accumulate(self.high, self.low, self.pending[: self.filled], self.hidden[self.start : end])
             self.filled = 0
 
 
