@@ -229,7 +229,8 @@ def weight_grad_pair_accumulate(high: Tensor, low: Tensor, grad_logits: Tensor, 
     if select_backend(hidden.device, hidden.dtype) == "triton":
         triton_kernels.weight_grad_accumulate(high, low, grad_logits, hidden)
         return
-    total = high.to(grad_logits.dtype) + low.to(grad_logits.dtype) + grad_logits.T @ hidden.to(grad_logits.dtype)
+    update = _mm(grad_logits.T, hidden, torch.promote_types(grad_logits.dtype, torch.float32))
+    total = high.to(update.dtype) + low.to(update.dtype) + update
     high.copy_(total)
     low.copy_(total - high.to(total.dtype))
 
@@ -244,8 +245,8 @@ def _chunked_pass(hidden, weight, bias, teacher: _Teacher, labels, options, voca
 
 def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs):
     n_rows = hidden.shape[0]
-    # Logits, their gradient and the weight gradients in fp32 (float64 for float64 inputs), never rounded
-    # to a low-precision dtype.
+    # Logits and their gradient in fp32 (float64 for float64 inputs), never rounded to a low-precision dtype
+    # before the loss.
     compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows = torch.empty(n_rows, dtype=compute_dtype, device=hidden.device)
     gemm_weight = _gemm_weight(weight, hidden, compute_dtype)
