@@ -100,7 +100,7 @@ def distillation_loss_rows_autograd(student: Tensor, teacher: Tensor, labels: Te
     if select_backend(student.device, student.dtype) == "torch":
         # The reference itself, differentiated by autograd (and traced by torch.compile as plain ops;
         # there the data-dependent label check is left to the ops that index with the labels).
-        if labels is not None and not torch.compiler.is_compiling():
+        if labels is not None:
             _check_labels(labels, vocab, options["ignore_index"])
         return _reference_rows(student, teacher, labels, options, vocab)
     rows, _ = _kernel_rows(student, teacher, labels, options, vocab, student.requires_grad and torch.is_grad_enabled())
@@ -112,7 +112,7 @@ def distillation_loss_rows_and_grad(
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) and d(row loss)/d(student) (N, V_s), outside autograd, on the selected backend."""
     if select_backend(student.device, student.dtype) == "torch":
-        if labels is not None and not torch.compiler.is_compiling():
+        if labels is not None:
             _check_labels(labels, vocab, options["ignore_index"])
         return rows_and_grad_by_autograd(lambda z: _reference_rows(z, teacher, labels, options, vocab), student)
     return _kernel_rows(student, teacher, labels, options, vocab, True)
@@ -231,7 +231,10 @@ def _is_real(value) -> bool:
 
 def _check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
     """Labels must be in [0, vocab) or ignore_index. On CPU: ValueError. On CUDA: an asynchronous device
-    assert (as PyTorch's cross_entropy does), so the hot path never waits for the host."""
+    assert (as PyTorch's cross_entropy does), so the hot path never waits for the host. Skipped while
+    torch.compile traces (the kernels' custom op checks again when it runs)."""
+    if torch.compiler.is_compiling():
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if labels.device.type == "cpu":
         if bad.any():
