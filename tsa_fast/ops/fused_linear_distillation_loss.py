@@ -10,10 +10,9 @@ grad_bias. Extra memory is O(chunk_size x V) whatever N is, plus O(V x H) for th
 - fp32 weights: an fp32 accumulator (the gradient itself).
 - fp16/bf16 weights: the gradient and one more copy in the weight's dtype, a compensated pair that sums
   the chunks at ~2x the dtype's precision (`kernels/fused_linear_distillation_loss.py`), fed PAIR_FOLD_ROWS
-  rows of logit gradient at a time. On CUDA the GEMMs
-  read fp16/bf16 operands as they are and write fp32 results (tensor cores, no fp32 weight copies; the
-  logit gradient is rounded to the weight's dtype for them, as in any bf16 backward); on other devices
-  the weights are upcast once per pass.
+  rows of logit gradient at a time. On CUDA the GEMMs read fp16/bf16 operands as they are and write fp32
+  results (tensor cores, no fp32 weight copies; the logit gradient is rounded to the weight's dtype for
+  them, as in any bf16 backward); on other devices the weights are upcast once per pass.
 
 For a scalar reduction the gradients are computed in the forward pass (backward scales them); for
 `reduction="none"` backward recomputes the chunks with the per-row incoming gradients as weights.
@@ -92,9 +91,9 @@ def fused_linear_distillation_loss(
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
     flat_labels = None if labels is None else labels.reshape(-1)
-    if flat_labels is not None and not torch.compiler.is_compiling():
+    if flat_labels is not None:
         _check_labels(flat_labels, vocab, options["ignore_index"])
-    if teacher.topk_indices is not None and not torch.compiler.is_compiling():
+    if teacher.topk_indices is not None:
         _check_topk_indices(teacher.topk_indices, vocab)
     loss = _FusedLinearDistillation.apply(
         student_hidden.reshape(n_rows, -1), student_weight, student_bias, teacher, flat_labels, options, vocab, chunk_size
@@ -179,7 +178,8 @@ def _check_linear(model: str, weight, bias, hidden: Tensor) -> None:
 
 
 def _check_topk_indices(indices: Tensor, vocab: int) -> None:
-    if indices.device.type == "cpu":
+    """On CPU (a host-side check), outside torch.compile's tracing, as `_check_labels`."""
+    if indices.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (indices < 0) | (indices >= vocab)
         if bad.any():
             raise ValueError(f"teacher_topk indices must be in [0, {vocab}), got {indices[bad][:8].tolist()}")
@@ -269,11 +269,11 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
             continue
         del student_logits
         grad_logits.mul_(row_weights if row_weights.dim() == 0 else row_weights[start:end, None])
+        # The logit gradient in the dtype the GEMMs read: queued for the pair's next fold, or converted here.
+        gemm_grad = pair.add(grad_logits) if pair is not None else grad_logits.to(gemm_weight.dtype)
         if grad_hidden is not None:
-            grad_hidden[start:end] = _mm(grad_logits.to(gemm_weight.dtype), gemm_weight, compute_dtype)
-        if pair is not None:
-            pair.add(start, grad_logits)
-        elif grad_weight is not None:
+            grad_hidden[start:end] = _mm(gemm_grad, gemm_weight, compute_dtype)
+        if pair is None and grad_weight is not None:
             grad_weight.addmm_(grad_logits.T, chunk_hidden.to(compute_dtype))
         if grad_bias is not None:
             grad_bias += grad_logits.sum(0)
@@ -297,23 +297,23 @@ class _WeightGradPair:
         self.high, self.low, self.hidden = torch.zeros_like(weight), torch.zeros_like(weight), hidden.detach()
         rows = min(hidden.shape[0], max(1, PAIR_FOLD_ROWS // chunk_size) * chunk_size)
         self.pending = torch.empty(rows, weight.shape[0], dtype=gemm_dtype, device=weight.device)
-        self.start = self.filled = 0
+        self.folded = self.filled = 0  # rows folded into the pair so far; rows queued after them
 
-    def add(self, start: int, grad_logits: Tensor) -> None:
-        """Queue the logit gradient of rows [start, start + len(grad_logits)), the rows after the queued ones."""
+    def add(self, grad_logits: Tensor) -> Tensor:
+        """Queue the logit gradient of the next chunk's rows; returns it as queued (in the GEMM dtype)."""
         if self.filled + len(grad_logits) > len(self.pending):
             self.fold()
-        if self.filled == 0:
-            self.start = start
-        self.pending[self.filled : self.filled + len(grad_logits)] = grad_logits
+        queued = self.pending[self.filled : self.filled + len(grad_logits)]
+        queued.copy_(grad_logits)
         self.filled += len(grad_logits)
+        return queued
 
     def fold(self) -> None:
         """(high + low) += queued gradients^T @ their hidden states."""
         if self.filled:
-            end = self.start + self.filled
-            weight_grad_pair_accumulate(self.high, self.low, self.pending[: self.filled], self.hidden[self.start : end])
-            self.filled = 0
+            rows = self.hidden[self.folded : self.folded + self.filled]
+            weight_grad_pair_accumulate(self.high, self.low, self.pending[: self.filled], rows)
+            self.folded, self.filled = self.folded + self.filled, 0
 
 
 def _reduction_weight(labels: Tensor | None, n_rows: int, options: dict, dtype, device) -> Tensor:
