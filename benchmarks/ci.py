@@ -7,7 +7,7 @@ they measure nothing worth keeping (2 minutes or so on 2 cores, most of it torch
 pytest log, the report and its plots go to DIR (default: a new temporary directory); nothing is uploaded.
 Exit status: non-zero only when a benchmark errors or fails (or the report cannot be made), whatever the
 timings. Triton runs on the CPU only under its interpreter, which is no speed measurement: the suites skip
-it (TRITON_INTERPRET is cleared here), except the attention-transfer memory check that sets it itself.
+it (TRITON_INTERPRET is cleared here).
 """
 
 from __future__ import annotations

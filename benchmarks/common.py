@@ -8,6 +8,8 @@ kind, op, mode, sizes, and `figure` / `x` for the plots of time and memory again
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import os
 import subprocess
@@ -88,10 +90,20 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _return_free_heap_pages() -> None:
+    """Give the free pages of malloc's heap back to the OS (glibc's malloc_trim; elsewhere nothing)."""
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
 def cpu_peak_extra_bytes_of(fn) -> int:
     """Peak resident memory during fn() above the resident memory before it, sampled every 0.5 ms.
 
-    Large tensors are mmap'd and returned to the OS when freed, so RSS follows the live allocations."""
+    Tensors above malloc's mmap threshold are mmap'd and returned to the OS when freed; the threshold grows
+    (up to 32 MiB) as such blocks are freed, so smaller ones may land in heap pages freed earlier, which
+    are first handed back to the OS here: either way RSS follows the live allocations."""
+    _return_free_heap_pages()
     baseline, peak, done = _rss_bytes(), [0], threading.Event()
 
     def sample():

@@ -1,19 +1,24 @@
 // bindings.cpp: the pybind11 module tsa_fast._C. No torch here: Python passes raw data pointers
-// (tensor.data_ptr()) as ints, row strides in elements and dtype codes (0 float32, 1 float16, 2 bfloat16);
-// DistillationParams in distillation_loss.h is the contract. Unknown dtype or divergence codes raise
-// ValueError (the dispatch throws std::invalid_argument), CUDA errors RuntimeError.
+// (tensor.data_ptr()) as ints, strides in elements and dtype codes (0 float32, 1 float16, 2 bfloat16);
+// DistillationParams (distillation_loss.h) and AttentionTransferParams (attention_transfer_loss.h) are the
+// contracts. Unknown dtype or divergence codes raise ValueError (the dispatch throws std::invalid_argument),
+// CUDA errors RuntimeError.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <tuple>
 
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
 
+#include "attention_transfer_loss.h"
 #include "distillation_loss.h"
 
 namespace py = pybind11;
+using tsa_fast::AttentionTransferParams;
 using tsa_fast::DistillationParams;
+using tsa_fast::HeadTensor;
 
 namespace {
 
@@ -62,6 +67,54 @@ void forward_cpu_without_gil(const DistillationParams& params) {
   tsa_fast::distillation_loss_forward_cpu(params);
 }
 
+// A (B, H, N, D) tensor from Python: (data_ptr, dtype code, stride_b, stride_h, stride_n), unit D stride.
+using HeadTuple = std::tuple<std::uintptr_t, int, int64_t, int64_t, int64_t>;
+
+HeadTensor head_tensor(const HeadTuple& t) {
+  return {reinterpret_cast<void*>(std::get<0>(t)), std::get<1>(t), std::get<2>(t), std::get<3>(t), std::get<4>(t)};
+}
+
+// Defines `name`(q_s, k_s, q_t, k_t, mask_ptr, ..., dq_s, dk_s) calling run(params) without the GIL. The
+// forward and the backward take the same arguments; each reads or writes the ones the contract gives it
+// (unused pointers may be 0).
+void def_attention_transfer(py::module_& m, const char* name, const char* doc,
+                            void (*run)(const AttentionTransferParams&)) {
+  m.def(
+      name,
+      [run](HeadTuple q_s, HeadTuple k_s, HeadTuple q_t, HeadTuple k_t, std::uintptr_t mask_ptr, int64_t mask_stride_b,
+            int64_t batch, int64_t heads, int64_t n_q, int64_t n_k, int64_t d_s, int64_t d_t, float scale_s,
+            float scale_t, bool causal, std::uintptr_t kl_ptr, std::uintptr_t lse_s_ptr, std::uintptr_t lse_t_ptr,
+            std::uintptr_t row_weights_ptr, HeadTuple dq_s, HeadTuple dk_s) {
+        const AttentionTransferParams params{head_tensor(q_s),
+                                             head_tensor(k_s),
+                                             head_tensor(q_t),
+                                             head_tensor(k_t),
+                                             reinterpret_cast<const uint8_t*>(mask_ptr),
+                                             mask_stride_b,
+                                             batch,
+                                             heads,
+                                             n_q,
+                                             n_k,
+                                             d_s,
+                                             d_t,
+                                             scale_s,
+                                             scale_t,
+                                             causal,
+                                             reinterpret_cast<float*>(kl_ptr),
+                                             reinterpret_cast<float*>(lse_s_ptr),
+                                             reinterpret_cast<float*>(lse_t_ptr),
+                                             reinterpret_cast<const float*>(row_weights_ptr),
+                                             head_tensor(dq_s),
+                                             head_tensor(dk_s)};
+        py::gil_scoped_release no_gil;
+        run(params);
+      },
+      doc, py::arg("q_s"), py::arg("k_s"), py::arg("q_t"), py::arg("k_t"), py::arg("mask_ptr"),
+      py::arg("mask_stride_b"), py::arg("batch"), py::arg("heads"), py::arg("n_q"), py::arg("n_k"), py::arg("d_s"),
+      py::arg("d_t"), py::arg("scale_s"), py::arg("scale_t"), py::arg("causal"), py::arg("kl_ptr"),
+      py::arg("lse_s_ptr"), py::arg("lse_t_ptr"), py::arg("row_weights_ptr"), py::arg("dq_s"), py::arg("dk_s"));
+}
+
 // Ask Linux to back the 2 MiB pages inside [ptr, ptr + nbytes) with transparent huge pages. Called on
 // a fresh, untouched output buffer, it turns the first-touch page faults of the kernel's writes (one per
 // 4 KiB: ~200 ms for a 512 MiB gradient) into one per 2 MiB. A no-op where unsupported.
@@ -96,4 +149,10 @@ PYBIND11_MODULE(_C, m) {
   def_forward(m, "distillation_loss_forward_cpu",
               "Per-row distillation losses (float32) and optionally their gradient, for host memory.",
               &forward_cpu_without_gil);
+  def_attention_transfer(m, "attention_transfer_forward_cpu",
+                         "Per-row KL(A_t || A_s), lse_s, lse_t (float32) of host tensors, without N x N maps.",
+                         &tsa_fast::attention_transfer_forward_cpu);
+  def_attention_transfer(m, "attention_transfer_backward_cpu",
+                         "dq_s, dk_s of sum(row_weights * kl) for host tensors, recomputing the scores.",
+                         &tsa_fast::attention_transfer_backward_cpu);
 }

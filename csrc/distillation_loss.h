@@ -18,26 +18,14 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
-// Per-column functions: host and device under nvcc; always inlined by the C++ compiler, so that the CPU
-// kernel's loops vectorize whatever the inlining budget of a large row function.
-#ifdef __CUDACC__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#define TSA_HOST_DEVICE __host__ __device__
-#elif defined(__GNUC__)
-#define TSA_HOST_DEVICE __attribute__((always_inline))
-#else
-#define TSA_HOST_DEVICE
-#endif
+#include "numerics.h"  // TSA_HOST_DEVICE, dtypes and their conversions, fast_exp, dispatch_dtype
 
 namespace tsa_fast {
 
-enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum DivergenceCode : int { kForwardKL = 0, kReverseKL = 1, kSymmetricKL = 2, kJSD = 3, kTVD = 4 };
 
 struct DistillationParams {
@@ -67,127 +55,7 @@ struct DistillationParams {
 void distillation_loss_forward_cpu(const DistillationParams& params);
 void distillation_loss_forward_cuda(const DistillationParams& params, std::uintptr_t stream);
 
-// ---- Bit casts and 16-bit floats ---------------------------------------------------------------------
-
-TSA_HOST_DEVICE inline uint32_t float_bits(float x) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(x);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return bits;
-#endif
-}
-
-TSA_HOST_DEVICE inline float bits_float(uint32_t bits) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(bits);
-#else
-  float x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-#endif
-}
-
-struct Half {  // IEEE binary16, as stored
-  uint16_t bits;
-};
-struct BFloat16 {  // bfloat16, as stored
-  uint16_t bits;
-};
-
-TSA_HOST_DEVICE inline float to_float(float x) { return x; }
-
-TSA_HOST_DEVICE inline float to_float(BFloat16 x) { return bits_float(uint32_t(x.bits) << 16); }
-
-TSA_HOST_DEVICE inline float to_float(Half x) {
-#ifdef __CUDA_ARCH__
-  return __half2float(__ushort_as_half(x.bits));
-#else
-  // Move exponent and mantissa into place and rebias the exponent (15 -> 127). Inf/nan need the largest
-  // exponent; subnormals are rebuilt as (2^-14 + m 2^-24) - 2^-14 (F. Giesen's half_to_float_fast).
-  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
-  const uint32_t shifted = uint32_t(x.bits & 0x7fffu) << 13;
-  const uint32_t exponent = shifted & 0x0f800000u;
-  const uint32_t normal = shifted + (112u << 23);
-  const uint32_t inf_nan = normal + (112u << 23);
-  const uint32_t subnormal = float_bits(bits_float(normal + (1u << 23)) - bits_float(113u << 23));
-  const uint32_t magnitude = exponent == 0x0f800000u ? inf_nan : (exponent == 0 ? subnormal : normal);
-  return bits_float(magnitude | sign);
-#endif
-}
-
-// float -> T, rounding to nearest even.
-template <class T>
-TSA_HOST_DEVICE inline T from_float(float x);
-
-template <>
-TSA_HOST_DEVICE inline float from_float<float>(float x) {
-  return x;
-}
-
-template <>
-TSA_HOST_DEVICE inline BFloat16 from_float<BFloat16>(float x) {
-#ifdef __CUDA_ARCH__
-  return {__bfloat16_as_ushort(__float2bfloat16_rn(x))};
-#else
-  // Add half an ulp of bf16 (less one when the kept mantissa is even) and truncate; nan stays a quiet nan.
-  const uint32_t bits = float_bits(x);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return {uint16_t(x != x ? (bits >> 16) | 0x40u : rounded)};
-#endif
-}
-
-template <>
-TSA_HOST_DEVICE inline Half from_float<Half>(float x) {
-#ifdef __CUDA_ARCH__
-  return {__half_as_ushort(__float2half_rn(x))};
-#else
-  // F. Giesen's float_to_half_fast3_rtne, branch-free.
-  const uint32_t bits = float_bits(x);
-  const uint32_t sign = (bits >> 16) & 0x8000u;
-  const uint32_t magnitude = bits & 0x7fffffffu;
-  // |x| >= 2^16 (or inf/nan): inf, or a quiet nan.
-  const uint32_t overflow = magnitude > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  // |x| < 2^-14 (subnormal half): adding 0.5, whose ulp is 2^-24, makes the FPU round at the right bit.
-  const uint32_t subnormal = float_bits(bits_float(magnitude) + 0.5f) - 0x3f000000u;
-  // Normal: rebias the exponent (127 -> 15), add half an ulp (less one when the kept mantissa is even),
-  // truncate; a carry into the exponent is the correct rounding (up to inf above 65504).
-  const uint32_t normal = (magnitude - (112u << 23) + 0xfffu + ((magnitude >> 13) & 1u)) >> 13;
-  const uint32_t half = magnitude >= 0x47800000u ? overflow : (magnitude < 0x38800000u ? subnormal : normal);
-  return {uint16_t(half | sign)};
-#endif
-}
-
-// ---- exp, tanh, softcap ------------------------------------------------------------------------------
-
-// e^x in fp32 (CUDA: expf). Host: within 1 ulp on [-87.3, 88.3]: x = n ln2 + r with |r| <= ln2 / 2
-// (Cody-Waite split of ln2), e^r by Cephes' expf polynomial, 2^n built in the exponent bits. Returns 0
-// below -87.34 (subnormal results) and for -inf, +inf above 88.3, nan for nan. Branch-free, so GCC
-// vectorizes the loops that call it.
-TSA_HOST_DEVICE inline float fast_exp(float x) {
-#ifdef __CUDA_ARCH__
-  return expf(x);
-#else
-  constexpr float kLowest = -87.3365f, kHighest = 88.3f;
-  const bool below = x < kLowest, above = x > kHighest;  // both false for nan, which flows through
-  const float clamped = below ? kLowest : (above ? kHighest : x);
-  // n = round(x / ln2): adding 1.5 * 2^23 rounds to an integer and leaves n in the low mantissa bits.
-  constexpr float kRoundToInt = 12582912.0f;
-  const float shifted = clamped * 1.44269504088896341f + kRoundToInt;
-  const float n = shifted - kRoundToInt;
-  const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  const float exp_r = poly * r * r + r + 1.0f;
-  const uint32_t two_n = (float_bits(shifted) - float_bits(kRoundToInt) + 127u) << 23;
-  return below ? 0.0f : (above ? INFINITY : exp_r * bits_float(two_n));
-#endif
-}
+// ---- tanh, softcap -----------------------------------------------------------------------------------
 
 // tanh in fp32 (CUDA: tanhf). Host: Cephes' tanhf, branch-free: an odd polynomial for |x| < 0.625,
 // 1 - 2 / (e^(2|x|) + 1) with the sign of x above.
@@ -221,11 +89,6 @@ TSA_HOST_DEVICE inline float softcap_slope(float capped, float inv_softcap) {
 }
 
 // ---- Divergences -------------------------------------------------------------------------------------
-
-// a log(a / b) from log a and log b, with 0 log 0 = 0 (teacher -inf logits give p = 0, log p = -inf).
-TSA_HOST_DEVICE inline float xlog_ratio(float a, float log_a, float log_b) {
-  return a > 0.0f ? a * (log_a - log_b) : 0.0f;
-}
 
 struct DivergenceTerms {
   float value;   // d_j: column j's share of D
@@ -280,24 +143,7 @@ TSA_HOST_DEVICE inline float smoothed_cross_entropy(float lse, float label_logit
   return (1.0f - eps) * (lse - label_logit) + eps * (lse - mean_logit);
 }
 
-// ---- Dispatch from runtime codes to template arguments (host) -----------------------------------------
-
-template <class T>
-struct TypeTag {
-  using type = T;
-};
-
-// f(TypeTag<float | Half | BFloat16>{}) for a DTypeCode.
-template <class F>
-void dispatch_dtype(int code, F&& f) {
-  switch (code) {
-    case kFloat32: return f(TypeTag<float>{});
-    case kFloat16: return f(TypeTag<Half>{});
-    case kBFloat16: return f(TypeTag<BFloat16>{});
-  }
-  throw std::invalid_argument("tsa_fast: unknown dtype code " + std::to_string(code) +
-                              " (0: float32, 1: float16, 2: bfloat16)");
-}
+// ---- Dispatch from a runtime divergence code to a template argument (host) ---------------------------
 
 // f(std::integral_constant<int, code>{}) for a DivergenceCode.
 template <class F>

@@ -15,24 +15,14 @@
 //
 // The loops are plain j = 0..K-1 loops over float pointers calling branch-free inline functions, so GCC
 // vectorizes them at -O3; `omp simd reduction` lets it vectorize the sums and maxima, which it would not
-// reorder on its own without -ffast-math. Row sums accumulate in double.
+// reorder on its own without -ffast-math. Row sums accumulate in double. The row function is compiled for
+// AVX-512, AVX2 and baseline x86-64, picked at load time (TSA_CPU_CLONES, numerics.h).
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <vector>
 
 #include "distillation_loss.h"
-
-// Runtime ISA dispatch (GCC on x86-64 Linux): the row function is compiled for x86-64-v4 (AVX-512),
-// x86-64-v3 (AVX2, FMA) and baseline x86-64, and the dynamic loader picks the best the CPU runs (ifunc).
-// The helpers are always inlined into it, so they are compiled for each. TSA_FAST_NATIVE builds
-// (-march=native) need no clones.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && !defined(TSA_FAST_NATIVE)
-#define TSA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TSA_CPU_CLONES
-#endif
-#define TSA_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace tsa_fast {
 namespace {

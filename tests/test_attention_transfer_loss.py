@@ -1,7 +1,9 @@
-"""`tsa_fast.attention_transfer_loss`: the triton and torch backends against the float64 reference that
-materializes the maps (loss and gradients), masks, relation heads, edges, errors, compile, measured memory."""
+"""`tsa_fast.attention_transfer_loss`: the three backends (triton, cpp on the CPU, torch) against the float64
+reference that materializes the maps (loss and gradients), masks, relation heads, edges, errors, compile,
+measured memory."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -12,10 +14,9 @@ import tsa_fast
 from tsa_fast.reference.attention_transfer_loss import attention_transfer_loss as reference_loss
 from tsa_fast.reference.attention_transfer_loss import relation_heads_split
 
-from conftest import DEVICE, assert_rel_close
+from conftest import DEVICE, assert_rel_close, rel_error
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-both_backends = pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)  # no cpp kernel
 
 
 def make_inputs(batch=2, heads=3, n_q=37, n_k=None, d_s=24, d_t=40, heads_t=None, dtype=torch.float32):
@@ -42,17 +43,20 @@ def loss_and_grads(fn, q_s, k_s, q_t, k_t, **options):
 
 
 def check_against_reference(q_s, k_s, q_t, k_t, tol=TOL[torch.float32], grad_tol=None, **options):
-    """Loss and gradients against the reference in float64 from the same input values."""
+    """Loss and gradients against the reference in float64 from the same input values, by the FlashAttention
+    rule: the error may be tol plus twice the error of the fp32 reference (which computes in fp32 from the
+    same inputs). A KL near 0 (close distributions, rows with 2 keys) has an fp32 floor far above tol."""
     results = loss_and_grads(tsa_fast.attention_transfer_loss, q_s, k_s, q_t, k_t, **options)
     expected = loss_and_grads(reference_loss, *(x.double() for x in (q_s, k_s, q_t, k_t)), **options)
+    in_fp32 = loss_and_grads(reference_loss, q_s, k_s, q_t, k_t, **options)
     loss, dq, dk = results
     assert loss.dtype == torch.float32 and dq.dtype == q_s.dtype and dk.dtype == k_s.dtype
-    for actual, wanted, what in zip(results, expected, ("loss", "dq_s", "dk_s")):
-        assert_rel_close(actual, wanted, tol if what == "loss" else grad_tol or tol, what)
+    for actual, wanted, fp32, what in zip(results, expected, in_fp32, ("loss", "dq_s", "dk_s")):
+        own_tol = tol if what == "loss" else grad_tol or tol
+        assert_rel_close(actual, wanted, own_tol + 2 * rel_error(fp32, wanted), what)
     return results
 
 
-@both_backends
 @pytest.mark.parametrize(
     "shape, options",
     [
@@ -79,7 +83,16 @@ def test_matches_reference(backend, shape, options):
     check_against_reference(q_s, k_s, q_t, k_t, **options)
 
 
-@both_backends
+@pytest.mark.parametrize("backend", ["cpp"], indirect=True)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpp_work_split(backend, causal):
+    """The C++ forward splits heads into chunks of 256 query rows and each chunk into blocks of 16: N_q = 700
+    (a partial chunk and block) against N_k = 650 and 1100 keys, with padding."""
+    for n_k in (650, 1100):
+        q_s, k_s, q_t, k_t = make_inputs(batch=2, heads=2, n_q=700, n_k=n_k, d_s=8, d_t=12)
+        check_against_reference(q_s, k_s, q_t, k_t, causal=causal, key_padding_mask=padding_mask(2, n_k))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(backend, dtype):
     """fp16/bf16 inputs, math in fp32; the reference computes in float64 from the same values."""
@@ -88,13 +101,11 @@ def test_half_precision_inputs(backend, dtype):
     check_against_reference(q_s, k_s, q_t, k_t, grad_tol=TOL[dtype], causal=True, key_padding_mask=mask)
 
 
-@both_backends
 def test_mixed_model_dtypes(backend):
     q_s, k_s, q_t, k_t = make_inputs(n_q=33)
     check_against_reference(q_s, k_s, q_t.half(), k_t.half())
 
 
-@both_backends
 @pytest.mark.parametrize("options", [dict(), dict(causal=True, key_padding_mask="mask", reduction="sum")])
 def test_relation_heads(backend, options):
     """MiniLM-v2: H_s * D_s = 3 * 24 and H_t * D_t = 2 * 40 split into 4 heads of 18 and 20 dims."""
@@ -104,7 +115,6 @@ def test_relation_heads(backend, options):
     check_against_reference(q_s, k_s, q_t, k_t, relation_heads=4, **options)
 
 
-@both_backends
 @pytest.mark.parametrize("relation_heads, heads_t", [(8, 2), (None, 3)])
 def test_value_relation_accumulates_gradient(backend, relation_heads, heads_t):
     """attention_transfer_loss(v_s, v_s, v_t, v_t): one tensor as queries and keys gets both gradients."""
@@ -126,7 +136,6 @@ def test_value_relation_accumulates_gradient(backend, relation_heads, heads_t):
     assert_rel_close(grad, dq + dk, 1e-6, "dq + dk")
 
 
-@both_backends
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_all_rows_masked_gives_zero_loss_and_grads(backend, reduction):
     q_s, k_s, q_t, k_t = make_inputs(n_q=20)
@@ -135,7 +144,6 @@ def test_all_rows_masked_gives_zero_loss_and_grads(backend, reduction):
     assert loss.item() == 0.0 and torch.all(dq == 0) and torch.all(dk == 0)
 
 
-@both_backends
 def test_rows_without_keys_do_not_count(backend):
     """Causal with N_q > N_k: the first N_q - N_k rows see no key; the mean is over the other rows."""
     q_s, k_s, q_t, k_t = make_inputs(n_q=30, n_k=10)
@@ -144,7 +152,6 @@ def test_rows_without_keys_do_not_count(backend):
     assert mean.isfinite() and torch.allclose(mean * (2 * 3 * 10), total, rtol=1e-6)
 
 
-@both_backends
 def test_padded_query_rows_do_not_count(backend):
     """Self-attention: the rows of padded positions do not count; cross lengths: the mask is keys only."""
     q_s, k_s, q_t, k_t = make_inputs(n_q=24)
@@ -174,7 +181,7 @@ def test_padded_query_rows_do_not_count(backend):
     masked=st.booleans(),
     half=st.booleans(),
 )
-@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("backend", ["triton", "cpp"], indirect=True)
 def test_property_random_shapes(backend, batch, heads, n_q, n_k, d_s, d_t, causal, masked, half):
     dtype = torch.float16 if half else torch.float32
     q_s, k_s, q_t, k_t = make_inputs(batch, heads, n_q, n_k, d_s, d_t, dtype=dtype)
@@ -182,14 +189,12 @@ def test_property_random_shapes(backend, batch, heads, n_q, n_k, d_s, d_t, causa
     check_against_reference(q_s, k_s, q_t, k_t, grad_tol=TOL[dtype], causal=causal, key_padding_mask=mask)
 
 
-@both_backends
 def test_teacher_gets_no_gradient(backend):
     q_s, k_s, q_t, k_t = (x.requires_grad_() for x in make_inputs(n_q=20))
     tsa_fast.attention_transfer_loss(q_s, k_s, q_t, k_t).backward()
     assert q_t.grad is None and k_t.grad is None and q_s.grad is not None and k_s.grad is not None
 
 
-@both_backends
 def test_no_grad_forward_matches(backend):
     q_s, k_s, q_t, k_t = make_inputs(n_q=40)
     with torch.no_grad():
@@ -198,7 +203,6 @@ def test_no_grad_forward_matches(backend):
     assert_rel_close(loss, expected, TOL[torch.float32], "loss")
 
 
-@both_backends
 def test_non_contiguous_inputs(backend):
     """Queries as (B, N, H, D) transposed views and keys sliced from a wider head dim: strides, no copies."""
     q_s = torch.randn(2, 33, 3, 24, device=DEVICE).transpose(1, 2)
@@ -208,7 +212,6 @@ def test_non_contiguous_inputs(backend):
     check_against_reference(q_s, k_s, q_t, k_t, causal=True)
 
 
-@both_backends
 def test_peaked_distributions(backend):
     """Large scales: near one-hot attention in both models stays finite and matches."""
     q_s, k_s, q_t, k_t = make_inputs(n_q=40)
@@ -216,7 +219,6 @@ def test_peaked_distributions(backend):
     assert all(x.isfinite().all() for x in results)
 
 
-@both_backends
 def test_module_matches_functional(backend):
     q_s, k_s, q_t, k_t = make_inputs(n_q=20, heads=3, heads_t=2, d_t=36)
     mask = padding_mask(2, 20, fully_padded=())
@@ -232,7 +234,6 @@ def test_module_rejects_unknown_option():
         tsa_fast.nn.AttentionTransferLoss(relation_head=4)
 
 
-@both_backends
 def test_torch_compile_fullgraph(backend):
     """A compiled caller traces the custom ops (forward and backward) without a graph break."""
     q_s, k_s, q_t, k_t = make_inputs(n_q=30, heads=3, heads_t=2, d_t=36)
@@ -282,9 +283,11 @@ def test_float64_uses_reference_and_gradchecks():
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU resident memory; the GPU benchmarks measure the allocator")
-def test_peak_memory_is_linear_in_rows():
+@pytest.mark.parametrize("backend", ["triton", "cpp"], indirect=True)
+def test_peak_memory_is_linear_in_rows(backend):
     """Measured: at N=1024 the reference's N x N maps take tens of MB; the fused op (forward + backward)
-    stays within a few times its O(B x H x N) row statistics and O(B x H x N x D) gradients."""
+    stays within a few times its O(B x H x N) row statistics and O(B x H x N x D) gradients, plus, for the
+    C++ kernels, each thread's O(N x D) scratch (keys in fp32, a block of score rows, dk)."""
     from benchmarks.common import cpu_peak_extra_bytes_of
 
     batch, heads, n, head_dim = 1, 1, 1024, 32
@@ -295,15 +298,16 @@ def test_peak_memory_is_linear_in_rows():
     def run(fn, *inputs):
         return lambda: fn(*inputs, causal=True, key_padding_mask=mask[:, : inputs[0].shape[2]]).backward()
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TSA_FAST_BACKEND", "triton")
-        run(tsa_fast.attention_transfer_loss, *(x[:, :, :64] for x in (q_s, k_s, q_t, k_t)))()  # one-time allocations
-        fused_peak = cpu_peak_extra_bytes_of(run(tsa_fast.attention_transfer_loss, q_s, k_s, q_t, k_t))
+    run(tsa_fast.attention_transfer_loss, *(x[:, :, :64] for x in (q_s, k_s, q_t, k_t)))()  # one-time allocations
+    fused_peak = cpu_peak_extra_bytes_of(run(tsa_fast.attention_transfer_loss, q_s, k_s, q_t, k_t))
     reference_peak = cpu_peak_extra_bytes_of(run(reference_loss, q_s, k_s, q_t, k_t))
     map_bytes, linear_bytes = batch * heads * n * n * 4, batch * heads * n * (4 * 4 + 2 * head_dim * 4)
+    # The C++ backward's fp32 scratch per thread: transposed keys of both models (2 D rows), row-major keys
+    # and dk (2 D columns; D = 32 needs no padding), 3 x 16 rows of scores and dS, each of N (+ at most 48).
+    scratch_bytes = len(os.sched_getaffinity(0)) * (4 * head_dim + 3 * 16) * (n + 48) * 4 if backend == "cpp" else 0
     print(f"peak extra: fused {fused_peak / 2**20:.2f} MB, reference {reference_peak / 2**20:.1f} MB")
-    assert reference_peak > 4 * map_bytes
-    assert fused_peak < min(4 * linear_bytes + 2**20, reference_peak / 20)
+    assert reference_peak > 3 * map_bytes  # the reference holds several N x N maps at once
+    assert fused_peak < min(4 * linear_bytes + scratch_bytes + 2**20, reference_peak / 10)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,9 +361,20 @@ def test_bad_tensors_raise():
         tsa_fast.attention_transfer_loss(q_s, k_s, q_t, k_t.to("meta"))
 
 
-def test_forced_cpp_backend_takes_the_default(monkeypatch):
-    """No cpp kernel: a forced TSA_FAST_BACKEND=cpp (for the losses) leaves this op on its default backend."""
-    tensors = _tensors()
+def test_default_backend_is_a_kernel(monkeypatch):
+    """Unforced, fp32/fp16/bf16 run a fused kernel: the C++ one on the CPU, Triton on CUDA."""
+    monkeypatch.delenv("TSA_FAST_BACKEND", raising=False)
+    from tsa_fast.ops.attention_transfer_loss import _backend
+
+    q = torch.randn(1, 1, 4, 8, device=DEVICE)
+    assert _backend(q, q) == ("cpp" if DEVICE.type == "cpu" else "triton")
+    assert _backend(q, q.double()) == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_forced_cpp_backend_on_cuda_takes_triton(monkeypatch):
+    """A forced TSA_FAST_BACKEND=cpp (for the losses' CUDA kernels) leaves CUDA tensors on Triton."""
+    tensors = [x.cuda() for x in _tensors()]
     monkeypatch.delenv("TSA_FAST_BACKEND", raising=False)
     expected = tsa_fast.attention_transfer_loss(*tensors)
     monkeypatch.setenv("TSA_FAST_BACKEND", "cpp")

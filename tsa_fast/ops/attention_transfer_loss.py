@@ -1,11 +1,12 @@
 """`attention_transfer_loss`: KL(A_t || A_s) between a teacher's and a student's attention distributions
 (TinyBERT, MiniLM; MiniLM-v2 relations with `relation_heads`), without the N x N attention maps.
 
-The per-row KL is a `torch.library` custom op, `tsa_fast::attention_transfer_rows`, on the Triton
-kernels: the forward writes the per-row KL and the two log-sum-exps (O(B x H x N)), the backward is a
-second custom op that recomputes the scores tile by tile and folds the gradient into dq_s and dk_s.
-`torch.compile(fullgraph=True)` traces both without a graph break; the reduction over rows is plain
-PyTorch around them. There is no C++ kernel: the torch backend is the reference (it materializes the maps).
+The per-row KL is a `torch.library` custom op, `tsa_fast::attention_transfer_rows`, on the Triton kernels
+(CUDA) or the C++ kernels of `tsa_fast._C` (CPU, OpenMP): the forward writes the per-row KL and the two
+log-sum-exps (O(B x H x N)), the backward is a second custom op that recomputes the scores block by block
+and folds the gradient into dq_s and dk_s. `torch.compile(fullgraph=True)` traces both without a graph
+break; the reduction over rows is plain PyTorch around them. The torch backend is the reference, which
+materializes the maps.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import math
 import torch
 from torch import Tensor
 
-from tsa_fast.backends import select_triton_or_torch, triton_kernels
+from tsa_fast.backends import cpp_extension, select_backend, select_triton_or_torch, triton_kernels
 from tsa_fast.ops.attention import check_head_tensor, check_key_padding_mask
-from tsa_fast.ops.distillation_loss import _is_real
+from tsa_fast.ops.distillation_loss import DTYPE_CODES, _is_real
 from tsa_fast.reference import attention_transfer_loss as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import REDUCTIONS, default_scale, relation_heads_split
 from tsa_fast.reference.distillation_loss import reduce_rows
@@ -57,7 +58,7 @@ def attention_transfer_loss(
 
     Raises:
         TypeError: a non-tensor input. ValueError: a bad shape, dtype, device, mask, scale, relation_heads
-            or reduction, naming the offending values; or TSA_FAST_BACKEND=cpp (this op has no C++ kernel).
+            or reduction, naming the offending values.
     """
     _check_inputs(q_s, k_s, q_t, k_t, key_padding_mask, relation_heads)
     _check_options(causal, scale_s, scale_t, reduction)
@@ -86,9 +87,11 @@ TRANSFER_OPTIONS = {
 
 
 def _backend(q_s: Tensor, q_t: Tensor) -> str:
-    """The backend `select_backend` picks, with torch (the reference) where it picks cpp, which has no kernel
-    for this op; float64 always runs the reference."""
+    """The backend `select_backend` picks; the C++ kernels are CPU-only, so on CUDA triton or torch. float64
+    always runs the reference."""
     dtype = torch.float64 if torch.float64 in (q_s.dtype, q_t.dtype) else q_s.dtype
+    if q_s.device.type == "cpu":
+        return select_backend(q_s.device, dtype)
     return select_triton_or_torch(q_s.device, dtype)
 
 
@@ -150,9 +153,10 @@ def attention_transfer_rows(
     scale_t: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row KL(A_t || A_s), lse_s, lse_t: (B, H, N_q) float32 each (kl 0 and lse -inf where a row does not
-    count), by the Triton kernels. Differentiable w.r.t. q_s and k_s."""
+    count), by the triton or cpp kernels. Differentiable w.r.t. q_s and k_s."""
     kl, lse_s, lse_t = (q_s.new_empty(q_s.shape[:3], dtype=torch.float32) for _ in range(3))
-    triton_kernels.attention_transfer_forward(q_s, k_s, q_t, k_t, key_padding_mask, kl, lse_s, lse_t, causal, scale_s, scale_t)
+    forward, _ = _kernels(q_s, q_t)
+    forward(q_s, k_s, q_t, k_t, key_padding_mask, kl, lse_s, lse_t, causal, scale_s, scale_t)
     return kl, lse_s, lse_t
 
 
@@ -176,17 +180,16 @@ def attention_transfer_rows_backward(
     scale_t: float,
 ) -> tuple[Tensor, Tensor]:
     """(dq_s, dk_s): the gradient of sum(grad_rows * kl) w.r.t. q_s and k_s, recomputing the scores."""
-    dq_s, dk_s = torch.empty_like(q_s), torch.empty_like(k_s)
-    triton_kernels.attention_transfer_backward(
-        q_s, k_s, q_t, k_t, key_padding_mask, lse_s, lse_t, grad_rows.float().contiguous(), dq_s, dk_s,
-        causal, scale_s, scale_t,
-    )  # fmt: skip
+    dq_s, dk_s = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q_s, k_s))
+    _, backward = _kernels(q_s, q_t)
+    backward(q_s, k_s, q_t, k_t, key_padding_mask, lse_s, lse_t, grad_rows.float().contiguous(), dq_s, dk_s,
+             causal, scale_s, scale_t)  # fmt: skip
     return dq_s, dk_s
 
 
 @attention_transfer_rows_backward.register_fake
 def _(grad_rows, q_s, k_s, q_t, k_t, key_padding_mask, lse_s, lse_t, causal, scale_s, scale_t):
-    return torch.empty_like(q_s), torch.empty_like(k_s)
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q_s, k_s))
 
 
 def _setup_context(ctx, inputs, output):
@@ -203,3 +206,46 @@ def _backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
 
 
 attention_transfer_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+
+def _kernels(q_s: Tensor, q_t: Tensor):
+    """The (forward, backward) launchers of the selected backend, with one contract (the Triton launchers')."""
+    backend = _backend(q_s, q_t)
+    if backend == "torch":
+        raise ValueError(f"no kernel backend for {q_s.dtype} on {q_s.device.type}: call attention_transfer_loss")
+    if backend == "cpp":
+        return _cpp_forward, _cpp_backward
+    return triton_kernels.attention_transfer_forward, triton_kernels.attention_transfer_backward
+
+
+def _cpp_forward(q_s, k_s, q_t, k_t, key_padding_mask, kl, lse_s, lse_t, causal, scale_s, scale_t):
+    _run_cpp(cpp_extension.attention_transfer_forward_cpu, q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s,
+             scale_t, kl=kl, lse_s=lse_s, lse_t=lse_t)  # fmt: skip
+
+
+def _cpp_backward(q_s, k_s, q_t, k_t, key_padding_mask, lse_s, lse_t, row_weights, dq_s, dk_s, causal, scale_s,
+                  scale_t):  # fmt: skip
+    _run_cpp(cpp_extension.attention_transfer_backward_cpu, q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s,
+             scale_t, lse_s=lse_s, lse_t=lse_t, row_weights=row_weights, dq_s=dq_s, dk_s=dk_s)  # fmt: skip
+
+
+def _run_cpp(kernel, q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s, scale_t, *, lse_s, lse_t, kl=None,
+             row_weights=None, dq_s=None, dk_s=None):  # fmt: skip
+    """Call a kernel of `tsa_fast._C` with raw pointers. It needs a unit head-dim stride (inputs without one
+    are copied; the outputs are allocated with one) and a unit column stride of the mask; other strides are
+    free. The forward writes kl, lse_s, lse_t; the backward reads lse_s, lse_t, row_weights, writes dq_s, dk_s."""
+
+    def head(x: Tensor | None) -> tuple[int, int, int, int, int]:
+        """(data_ptr, dtype code, stride_b, stride_h, stride_n), zeros for an absent tensor."""
+        return (0,) * 5 if x is None else (x.data_ptr(), DTYPE_CODES[x.dtype], *x.stride()[:3])
+
+    q_s, k_s, q_t, k_t = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_s, k_s, q_t, k_t))
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    batch, heads, n_q, d_s = q_s.shape
+    pointer = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
+    kernel(
+        head(q_s), head(k_s), head(q_t), head(k_t), pointer(mask), 0 if mask is None else mask.stride(0),
+        batch, heads, n_q, k_s.shape[2], d_s, q_t.shape[3], scale_s, scale_t, causal,
+        pointer(kl), pointer(lse_s), pointer(lse_t), pointer(row_weights), head(dq_s), head(dk_s),
+    )  # fmt: skip
