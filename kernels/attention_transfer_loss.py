@@ -18,7 +18,9 @@ A row counts when it has a visible key and, in self-attention (N_q == N_k), its 
 Tiling (as FlashAttention):
     forward  one program per (BLOCK_M query rows, b, h) holds q_s and q_t and sweeps BLOCK_N-key tiles:
              both score tiles by tl.dot, the online log-sum-exp of both, and the running sum
-             sum_j exp(s_t,j - m_t) (s_t,j - s_s,j), rescaled whenever the teacher's max m_t grows: one pass.
+             sum_j exp(s_t,j - m_t) ((s_t,j - m_t) - (s_s,j - m_s)) against both running maxima m,
+             rescaled and shifted when they move: one pass. (Differences from the maxima, not raw scores,
+             keep fp32 rounding at the size of the log-ratios, not of the scores.)
     dq       the same sweep, recomputing both score tiles; A from the stored lse; dq += dS k_s.
     dk       one program per (BLOCK_N keys, b, h) holds k_s and k_t and sweeps the query tiles: dk += dS^T q_s.
 Every output element is written by one program: deterministic, no atomics. Causal sweeps end (forward,
@@ -134,7 +136,7 @@ def _attention_transfer_fwd_kernel(
     m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
     m_t = m_s
     l_s = tl.zeros([BLOCK_M], tl.float32)
-    l_t, acc = l_s, l_s
+    l_t, acc, shift = l_s, l_s, l_s
     end = n_k
     if CAUSAL:  # keys past the block's last diagonal are invisible to all its rows
         end = tl.minimum(n_k, start_m + BLOCK_M + n_k - n_q)
@@ -146,21 +148,26 @@ def _attention_transfer_fwd_kernel(
         s_s = _scores(q_s, k_s, scale_s, visible)
         s_t = _scores(q_t, k_t, scale_t, visible)
         m_s, l_s = _online_logsumexp(m_s, l_s, s_s)
-        # Teacher: l_t = sum exp(s_t - m_t) and acc = sum exp(s_t - m_t) (s_t - s_s), both rescaled by
-        # exp(m_t_old - m_t_new) when the running max grows.
+        # Teacher: l_t = sum exp(s_t - m_t) and acc = sum exp(s_t - m_t) ((s_t - m_t) - (s_s - m_s)), the
+        # log-ratio taken against both running maxima, so that it stays small where the models agree (and is
+        # exactly 0 for a row with one visible key). When the maxima move, the old terms are rescaled by
+        # exp(m_t_old - m_t_new) and their shift m_t - m_s updated.
         m_new = tl.maximum(m_t, tl.max(s_t, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: keep exp() finite
+        shift_new = m_safe - tl.where(m_s == float("-inf"), 0.0, m_s)
         alpha = tl.exp(m_t - m_safe)
         p_t = tl.exp(s_t - m_safe[:, None])
+        acc = alpha * (acc - l_t * (shift_new - shift))
+        acc += tl.sum(p_t * tl.where(visible, (s_t - s_s) - shift_new[:, None], 0.0), axis=1)
         l_t = l_t * alpha + tl.sum(p_t, axis=1)
-        acc = acc * alpha + tl.sum(p_t * tl.where(visible, s_t - s_s, 0.0), axis=1)
-        m_t = m_new
+        m_t, shift = m_new, shift_new
 
-    # KL = lse_s - lse_t + E_{A_t}[s_t - s_s]. A row with no visible key has m = -inf and l = 0: it
-    # writes lse = -inf (the mark of a row that does not count) and kl = 0.
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
-    kl = tl.where(l_t > 0, (lse_s - lse_t) + acc / l_t, 0.0)
+    # KL = E_{A_t}[log A_t - log A_s] = acc / l_t - log l_t + log l_s. A row with no visible key has
+    # m = -inf and l = 0: it writes lse = -inf (the mark of a row that does not count) and kl = 0.
+    log_l_s, log_l_t = tl.log(l_s), tl.log(l_t)
+    lse_s = m_s + log_l_s
+    lse_t = m_t + log_l_t
+    kl = tl.where(l_t > 0, acc / l_t + (log_l_s - log_l_t), 0.0)
     row_base = tl.program_id(1).to(tl.int64) * n_q
     tl.store(kl_ptr + row_base + rows, kl, mask=rows < n_q)
     tl.store(lse_s_ptr + row_base + rows, lse_s, mask=rows < n_q)

@@ -61,14 +61,15 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
 
 
 def compile_for_gpus(kernel, config, constants: dict, types: dict) -> None:
-    """Compile an autotuned Triton kernel with one of its configs for sm_80 and sm_90, no GPU needed (Triton
+    """Compile a Triton kernel (autotuned or plain) with one config for sm_80 and sm_90, no GPU needed (Triton
     ships ptxas): `constants` fix constexpr arguments, `types` maps the other arguments to Triton types
     (pointers default to "*bf16", scalars to "i32"). Run compiled, not interpreted: TRITON_INTERPRET=0."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime import JITFunction
 
-    fn = kernel.fn
+    fn = kernel if isinstance(kernel, JITFunction) else kernel.fn  # an Autotuner wraps the JITFunction
     constants = {**constants, **config.kwargs}
     signature = {
         name: "constexpr" if name in constants else types.get(name, "*bf16" if name.endswith("_ptr") else "i32")
