@@ -6,7 +6,8 @@ PNG of time and of peak memory against size, one line per implementation, log ax
 
     python -m benchmarks.report RESULTS [RESULTS ...] [--out DIR_OR_MD] [--readme README.md]
 
-RESULTS are pytest-benchmark JSON files, or results directories holding them (and an environment.txt).
+RESULTS are pytest-benchmark JSON files, or results directories holding them (and an environment.txt;
+other JSON files in a directory are ignored).
 The Markdown goes to stdout; with --out also to that .md file (or DIR/report.md), the plots beside it.
 With --readme every RESULTS must be a results directory: each one's report.md and plots are regenerated in
 place, and README.md's section between the markers below is rewritten from them (a summary per
@@ -54,7 +55,8 @@ def _num(x: float) -> str:
 
 
 def _ratio(x: float) -> str:
-    return f"{x:.2f}x"
+    """2 decimals; below 0.1, 2 significant digits (a memory ratio of 0.0005 is not 0.00)."""
+    return f"{x:.2f}x" if x >= 0.1 else f"{x:.2g}x"
 
 
 # Optional per-benchmark figures, shown when a group has them: (extra_info key, column title, format).
@@ -219,9 +221,11 @@ LEGEND = (
 
 
 def results_files(results: list[Path]) -> list[Path]:
+    """The JSON files named, and in each directory named the pytest-benchmark ones (other JSON there, such as
+    a one-off measurement's record, is left alone)."""
     files = []
     for path in results:
-        files += sorted(path.glob("*.json")) if path.is_dir() else [path]
+        files += sorted(f for f in path.glob("*.json") if "benchmarks" in json.loads(f.read_text())) if path.is_dir() else [path]
     return files
 
 

@@ -378,6 +378,7 @@ def test_default_backend_is_a_kernel(monkeypatch):
     assert _backend(q, q.double()) == "torch"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_forced_cpp_backend_on_cuda_takes_triton(monkeypatch):
     """A forced TSA_FAST_BACKEND=cpp (for the losses' CUDA kernels) leaves CUDA tensors on Triton."""

@@ -208,7 +208,6 @@ def _backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
 attention_transfer_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
-
 def _kernels(q_s: Tensor, q_t: Tensor):
     """The (forward, backward) launchers of the selected backend, with one contract (the Triton launchers')."""
     backend = _backend(q_s, q_t)
