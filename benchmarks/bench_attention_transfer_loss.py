@@ -11,8 +11,8 @@ Compared on student and teacher both B x 12 heads x N x 64, no mask:
   reference_compiled  the same under torch.compile (forward + backward only)
   attention_forward   GPU only, the yardstick: one fused attention forward (SDPA) of each model, no loss
 GPU: bf16, (B, N) = (8, 2048) and (2, 8192) (target: triton time <= 2x attention_forward).
-CPU: fp32, B=8, N=2048 (target: cpp peak memory <= 1/10 of the reference's; the report's "memory vs
-reference" column). The Triton kernels under the interpreter were measured once at that size:
+CPU: fp32, B=8, N = 512, 1024, 2048 (target at N=2048: cpp peak memory <= 1/10 of the reference's; the
+report's "memory vs reference" column). The Triton kernels under the interpreter were measured once at that size:
 results/2026-11-29-cpu-2core/attention_transfer_peak_memory.md (99.5 MB vs 8452 MB, 1/85).
 Roofline: FLOPs over the measured matrix-product rate, counting each kernel's own products: forward the two
 score products, 2 N^2 (D_s + D_t) per (b, h); backward on Triton the dq and the dk kernel each recompute
@@ -52,7 +52,7 @@ if SMOKE:
 elif DEVICE.type == "cuda":
     SIZES, HEADS, HEAD_DIM, DTYPE = [(8, 2048), (2, 8192)], 12, 64, torch.bfloat16
 else:
-    SIZES, HEADS, HEAD_DIM, DTYPE = [(8, 2048)], 12, 64, torch.float32
+    SIZES, HEADS, HEAD_DIM, DTYPE = [(8, 512), (8, 1024), (8, 2048)], 12, 64, torch.float32
 IMPLS = (["triton", "attention_forward"] if DEVICE.type == "cuda" else ["cpp"]) + ["reference", "reference_compiled"]
 MODES = ["fwd", "fwd+bwd"]
 
