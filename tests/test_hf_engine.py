@@ -177,7 +177,7 @@ def test_hf_teacher_and_student_train_in_the_distiller(arch, tmp_path):
     objective = DistillationObjective(config, task, student.config, teacher.config)
     training = TrainingConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=0, log_every=1, eval_every=8)
     phase = Phase("distilled", tmp_path, training, 0, CPU, logging=LoggingConfig(progress=False, tensorboard=False))
-    final = Distiller(student, objective, data, phase, Teachers([teacher], [1.0], task)).fit()
+    final = Distiller(student, objective, data, phase, Teachers([teacher], [1.0], task)).fit().validation
     rows = read_metrics(tmp_path / "metrics.csv")
     assert {"logit", "hidden", "attention"} <= set(rows[0])
     assert float(rows[-1]["loss"]) < 0.8 * float(rows[0]["loss"]), [r["loss"] for r in rows]

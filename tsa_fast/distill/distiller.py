@@ -108,6 +108,15 @@ class TorchOptimization:
         return state
 
 
+@dataclass(frozen=True)
+class FitResult:
+    """What `Distiller.fit` returns: the final validation (after the last step, on the whole validation
+    split, with the agreement with `agreement_with` when given) and the training throughput."""
+
+    validation: dict[str, float]
+    train_tokens_per_s: float
+
+
 class Distiller:
     """Trains `model` on `objective` over `data` (a TaskData), teachers optional (Teachers or a top-k cache).
     `optimization`: how (default: `TorchOptimization` of the model and the objective's parameters).
@@ -148,7 +157,7 @@ class Distiller:
 
     # --- training ----------------------------------------------------------------------------------------
 
-    def fit(self, resume: bool = False) -> dict[str, float]:
+    def fit(self, resume: bool = False) -> FitResult:
         """Train to `training.steps` (from the last checkpoint when `resume` and one exists); returns the
         final validation metrics (`validate` after the last step) and the training throughput."""
         phase, t = self.phase, self.phase.training
@@ -180,7 +189,7 @@ class Distiller:
                     self.save_checkpoint()
         if not final:  # the run was already complete
             final = self.validate()
-        return {**final, "train_tokens_per_s": self.train_tokens / max(self.train_seconds, 1e-9)}
+        return FitResult(final, self.train_tokens / max(self.train_seconds, 1e-9))
 
     def validate(self) -> dict[str, float]:
         """Metrics on the validation split: during training on its first eval_batches batches; after the last

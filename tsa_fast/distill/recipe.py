@@ -32,7 +32,7 @@ from torch import nn
 
 from tsa_fast.distill.config import RecipeConfig, TrainingConfig
 from tsa_fast.distill.data import TaskData, build_data
-from tsa_fast.distill.distiller import Distiller, Phase
+from tsa_fast.distill.distiller import Distiller, FitResult, Phase
 from tsa_fast.distill.evaluate import evaluate, tokens_per_second
 from tsa_fast.distill.metrics import plot_curves
 from tsa_fast.distill.objective import DistillationObjective
@@ -106,7 +106,7 @@ def run(config: RecipeConfig, resume: bool = False, data: TaskData | None = None
     if config.teacher_cache.enabled:
         source = build_teacher_cache(config, data, teachers, [key for _, key in obtained], device, runtime)
 
-    runs: dict[str, tuple[Transformer, dict]] = {}
+    runs: dict[str, tuple[Transformer, FitResult]] = {}
     variants = [("distilled", config.adversarial)]
     if config.adversarial.method != "none" and config.adversarial.compare:
         variants.append(("distilled_no_adversarial", config.adversarial.model_copy(update={"method": "none"})))
@@ -224,7 +224,7 @@ def build_teacher_cache(config: RecipeConfig, data: TaskData, teachers: Teachers
     )  # fmt: skip
 
 
-def evaluate_all(config, data, models, fits, device, precision) -> dict:
+def evaluate_all(config, data, models, fits: dict[str, FitResult], device, precision) -> dict:
     """Validation and test metrics of every model, inference throughput. A student's validation metrics, with its
     agreement with the teachers, are its final validation in `fits` (name -> `Distiller.fit`'s result), which
     evaluated the whole split: only the teacher's are measured here."""
@@ -234,8 +234,7 @@ def evaluate_all(config, data, models, fits, device, precision) -> dict:
     results = {}
     for name, model in models.items():
         fit = fits.get(name)
-        validation = ({k: v for k, v in fit.items() if k != "train_tokens_per_s"} if fit
-                      else evaluate(model, data.validation, data.task, **kwargs))  # fmt: skip
+        validation = fit.validation if fit else evaluate(model, data.validation, data.task, **kwargs)
         test = evaluate(model, data.test, data.task, **kwargs)
         row = {"parameters": num_parameters(model), **{f"validation_{k}": v for k, v in validation.items()},
                **{f"test_{k}": v for k, v in test.items()}}  # fmt: skip
@@ -243,7 +242,7 @@ def evaluate_all(config, data, models, fits, device, precision) -> dict:
             perturbed = evaluate(model, data.validation, data.task, epsilon=epsilon, **kwargs)
             row.update({f"validation_perturbed_{k}": v for k, v in perturbed.items()})
         if fit:
-            row["train_tokens_per_s"] = fit["train_tokens_per_s"]
+            row["train_tokens_per_s"] = fit.train_tokens_per_s
         results[name] = row
     speeds = tokens_per_second(models, data.validation, data.task, **kwargs)
     for name, row in results.items():

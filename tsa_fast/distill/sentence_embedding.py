@@ -427,7 +427,7 @@ def run(config: SentenceEmbeddingConfig, resume: bool = False) -> dict[str, dict
 
     models = {"teacher": teacher, "distilled": distilled, "undistilled": undistilled.to(device)}
     results = evaluate_models(models, data, config.evaluation, device, phase.autocast)
-    results["distilled"]["train_tokens_per_s"] = fit["train_tokens_per_s"]
+    results["distilled"]["train_tokens_per_s"] = fit.train_tokens_per_s
     write_report(config, results, out_dir)
     return results
 
