@@ -3,18 +3,25 @@
 # benchmarks, JSON + Markdown report + PNG plots in $OUT (the device tool's output folder) or
 # benchmarks/results/DATE-DEVICE. Copy that folder to benchmarks/results/ and regenerate the README with
 #   python -m benchmarks.report benchmarks/results/<cpu run> benchmarks/results/<this run> --readme README.md
-# The device image has torch, triton, pytest, pytest-benchmark, hypothesis, scikit-build-core, pybind11,
-# matplotlib; nothing is downloaded. Liger-Kernel (a peer in the loss suites) is installed only from a local
-# wheel, ${LIGER_WHEELS:-shared/wheels}/liger_kernel-*.whl, when there is one; without it those benchmarks skip.
+# The device image has torch, triton, pytest, pytest-benchmark, hypothesis, scikit-build-core, pybind11, cmake,
+# ninja, matplotlib, but not pydantic (the engine, which the end-to-end benchmark imports) nor Liger-Kernel (a
+# peer in the loss suites), and nothing can be downloaded there: `bash benchmarks/gpu_wheels.sh` fetches their
+# wheels into .whl/ beforehand, to be carried with the working tree. Without them those benchmarks fail or skip.
+# Everything is installed into a private venv that sees the image's packages through a .pth file (the image's
+# python3 is itself a venv, which may be read-only; a venv made from it would not see its packages otherwise).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
 out=${OUT:-benchmarks/results/$(date +%F)-$device}
 mkdir -p "$out"
 
-wheels=${LIGER_WHEELS:-shared/wheels}
-if ! python3 -c "import liger_kernel" 2>/dev/null && compgen -G "$wheels/liger_kernel-*.whl" >/dev/null; then
-  timeout 15 python3 -m pip install --quiet --no-index --no-deps "$wheels"/liger_kernel-*.whl 2>&1 | tail -2
+purelib() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
+image_site=$(purelib python3)
+python3 -m venv --without-pip /tmp/tsa_fast-venv && echo "$image_site" >"$(purelib /tmp/tsa_fast-venv/bin/python3)/image.pth"
+. /tmp/tsa_fast-venv/bin/activate
+wheels=${WHEELS:-.whl}
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  timeout 15 python3 -m pip install --quiet --no-index --no-deps "$wheels"/*.whl 2>&1 | tail -2
 fi
 {
   date -u +"date: %F %T UTC"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -27,15 +34,18 @@ fi
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" TSA_FAST_CUDA=ON \
   timeout 90 python3 -m pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$out/build.log"
 
-# Worst case, every step at its timeout plus 3 s of grace after SIGINT: 15 (liger) + 90 (build) + 73 (tests)
-# + 68 + 48 + 83 + 43 + 43 (benchmarks) + 15 (report) = 478 s = 7.97 min; typically far less. A suite stopped
-# by its timeout (SIGINT) still writes the JSON of the benchmarks it finished; each suite runs its fastest
-# implementations (tsa_fast's) first.
+# Worst case, every step at its timeout plus 3 s of grace after SIGINT: 15 (wheels) + 90 (build) + 73 (tests)
+# + 68 + 48 + 83 + 43 + 43 (benchmarks) + 15 (report) = 478 s = 7.97 min, plus the venv (seconds); typically
+# far less. A suite stopped by its timeout (SIGINT) still writes the JSON of the benchmarks it finished; each
+# suite runs its fastest implementations (tsa_fast's) first.
 status=0
 run() {  # TIMEOUT COMMAND...: SIGINT at the timeout (pytest then saves what it has), SIGKILL 3 s later
   timeout -s INT -k 3 "$@"
 }
-TSA_FAST_REQUIRE_BACKENDS=triton,cpp,torch run 70 python3 -m pytest tests -q -m gpu \
+# The gpu tests live in the kernels' test files (the engine's tests need none, and import pydantic).
+kernel_tests="tests/test_distillation_loss.py tests/test_fused_linear_distillation_loss.py tests/test_attention.py
+  tests/test_attention_transfer_loss.py"
+TSA_FAST_REQUIRE_BACKENDS=triton,cpp,torch run 70 python3 -m pytest $kernel_tests -q -m gpu \
   --junitxml="$out/gpu-tests.xml" 2>&1 | tail -15 | tee "$out/gpu-tests.txt" || status=1
 bench() {  # NAME TIMEOUT FILE: one suite, its own JSON (attention autotunes on first use: alone)
   run "$2" python3 -m pytest "$3" -q -p no:cacheprovider --benchmark-json="$out/$1.json" 2>&1 | tail -20 \

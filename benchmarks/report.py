@@ -203,8 +203,9 @@ def markdown(groups: dict[str, list[dict]], plot_dir: Path | None = None, headin
 README_INTRO = (
     "Every figure below is generated from the results directories named, with the device and date of each run. "
     "Reproduce: `python -m pytest benchmarks --benchmark-json=results.json && python -m benchmarks.report "
-    "results.json --out DIR` (CPU), `bash benchmarks/gpu.sh` (a GPU), `python -m benchmarks.ci` (CI's smoke "
-    "run). What each suite compares, and its targets, is in its docstring (`benchmarks/bench_<op>.py`)."
+    "results.json --out DIR` (CPU), `bash benchmarks/gpu.sh` (a GPU; on a machine without network, first "
+    "`bash benchmarks/gpu_wheels.sh` elsewhere and bring `.whl/`), `python -m benchmarks.ci` (CI's smoke run). "
+    "What each suite compares, and its targets, is in its docstring (`benchmarks/bench_<op>.py`)."
 )
 NO_GPU = (
     "No GPU results yet: `benchmarks/gpu.sh` is the prepared run for a GPU (its correctness tests and the "
