@@ -1,7 +1,8 @@
 // attention_transfer_loss_cpu.cpp: the CPU kernels of the attention-transfer loss (contract and math:
 // attention_transfer_loss.h). Nothing of size N_q x N_k is ever allocated.
 //
-// Tiling. A thread takes one head (b, h) (the forward: one chunk of kChunkRows query rows of a head),
+// Tiling. A thread takes one head (b, h) (the forward: one chunk of kChunkRows query rows of a head; the
+// backward, with fewer heads than threads: a part of its query rows, see attention_transfer_backward_cpu),
 // converts its keys to fp32 once, transposed (D x N_k), and walks the queries in blocks of kBlockRows rows:
 //   scores   S_s = (scale_s q_s) k_s^T and S_t = (scale_t q_t) k_t^T for the block's rows, kBlockRows x N_k
 //            each (2 x 128 KiB at N_k = 2048: they stay in L2), each one small GEMM;
@@ -18,12 +19,18 @@
 // against the reference, which writes and reads N_q x N_k maps. Work: 2 N_q N_k (D_s + D_t) FLOPs
 // forward; the backward adds 4 N_q N_k D_s for dq and dk.
 //
-// Per-thread scratch: O(N_k (D_s + D_t) + kBlockRows N_k) floats (about 2.5 MiB at N = 2048, D = 64).
-// Every output element is written by one thread: deterministic whatever the thread count. The functions
+// Per-thread scratch: O(N_k (D_s + D_t) + kBlockRows N_k) floats (about 2.5 MiB at N = 2048, D = 64), plus,
+// for a backward split into parts, an N_k x D_s fp32 buffer per part (about one per thread).
+// Deterministic: every output element is written by one thread, and for a given thread count the parts of a
+// split backward are summed in one order (the count of parts follows the thread count). The functions
 // that loop are compiled for AVX-512, AVX2 and baseline x86-64 (TSA_CPU_CLONES, numerics.h).
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "attention_transfer_loss.h"
 #include "numerics.h"
@@ -37,6 +44,14 @@ constexpr int64_t kBlockRows = 16;   // query rows per block, a multiple of kRow
 constexpr int64_t kChunkRows = 256;  // query rows per forward work item
 
 int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+int64_t max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 // c[r, j] = (c[r, j] if kAccumulate) + sum_k a[r, k] b[k, j] for r < rows, j < cols; fp32, row-major with
 // leading dimensions lda, ldb, ldc; rows a multiple of kRows, cols of kLanes. For each kLanes-wide column
@@ -152,14 +167,15 @@ struct Workspace {
   std::vector<float> exp_t;                   // ldk: the teacher's exps of one row (forward)
   std::vector<float> keys_s;                  // ldk x ld_ds: the student's keys, row-major (backward)
   std::vector<float> grad_scores_t;           // ldk x kBlockRows: dS^T (backward)
-  std::vector<float> grad_q, grad_k;          // kBlockRows x ld_ds, ldk x ld_ds (backward)
+  std::vector<float> grad_q;                  // kBlockRows x ld_ds: dq of a block (backward)
+  std::vector<float> grad_k;                  // ldk x ld_ds: a head's dk (backward, one item per head)
 
-  Workspace(const Geometry& g, bool backward)
+  Workspace(const Geometry& g, bool backward, bool with_grad_k = false)
       : keys_s_t(g.p.d_s * g.ldk), keys_t_t(g.p.d_t * g.ldk), queries_s(kBlockRows * g.ld_ds),
         queries_t(kBlockRows * g.p.d_t), scores_s(kBlockRows * g.ldk), scores_t(kBlockRows * g.ldk),
         exp_t(backward ? 0 : g.ldk), keys_s(backward ? g.ldk * g.ld_ds : 0),
         grad_scores_t(backward ? g.ldk * kBlockRows : 0), grad_q(backward ? kBlockRows * g.ld_ds : 0),
-        grad_k(backward ? g.ldk * g.ld_ds : 0) {}
+        grad_k(with_grad_k ? g.ldk * g.ld_ds : 0) {}
 };
 
 // Both models' scores for query rows [first, first + n) against keys [0, cols) (cols a multiple of kLanes).
@@ -223,18 +239,19 @@ TSA_CPU_CLONES void forward_chunk(const Geometry& g, int64_t b, int64_t h, int64
   }
 }
 
-// Backward of head (b, h): its dq_s rows and dk_s.
+// Backward of query rows [first, last) of head (b, h): their dq_s rows, and their share of dk_s added to
+// grad_k (fp32, ldk x ld_ds).
 template <class Student, class Teacher>
-TSA_CPU_CLONES void backward_head(const Geometry& g, int64_t b, int64_t h, Workspace& ws) {
+TSA_CPU_CLONES void backward_rows(const Geometry& g, int64_t b, int64_t h, int64_t first, int64_t last, float* grad_k,
+                                  Workspace& ws) {
   const AttentionTransferParams& p = g.p;
   const uint8_t* keep = g.keep(b);
-  const Head<Student> dq = head_of<Student>(p.dq_s, b, h), dk = head_of<Student>(p.dk_s, b, h);
+  const Head<Student> dq = head_of<Student>(p.dq_s, b, h);
   load_transposed(head_of<Student>(p.k_s, b, h), p.n_k, p.d_s, g.ldk, ws.keys_s_t.data());
   load_transposed(head_of<Teacher>(p.k_t, b, h), p.n_k, p.d_t, g.ldk, ws.keys_t_t.data());
   load_rows(head_of<Student>(p.k_s, b, h), 0, p.n_k, p.d_s, 1.0f, g.ldk, g.ld_ds, ws.keys_s.data());
-  std::fill(ws.grad_k.begin(), ws.grad_k.end(), 0.0f);
-  for (int64_t i0 = 0; i0 < p.n_q; i0 += kBlockRows) {
-    const int64_t n = std::min(kBlockRows, p.n_q - i0);
+  for (int64_t i0 = first; i0 < last; i0 += kBlockRows) {
+    const int64_t n = std::min(kBlockRows, last - i0);
     const int64_t cols = round_up(std::max<int64_t>(0, g.key_end(i0 + n - 1)), kLanes);
     if (cols == 0) {  // no row of the block sees a key
       for (int64_t r = 0; r < n; ++r) std::fill(dq.row(i0 + r), dq.row(i0 + r) + p.d_s, from_float<Student>(0.0f));
@@ -265,9 +282,8 @@ TSA_CPU_CLONES void backward_head(const Geometry& g, int64_t b, int64_t h, Works
     for (int64_t j = 0; j < cols; ++j)
       for (int64_t r = 0; r < kBlockRows; ++r) ws.grad_scores_t[j * kBlockRows + r] = ws.scores_s[r * g.ldk + j];
     tile_product<true>(ws.grad_scores_t.data(), kBlockRows, ws.queries_s.data(), g.ld_ds, kBlockRows, cols, g.ld_ds,
-                       ws.grad_k.data(), g.ld_ds);
+                       grad_k, g.ld_ds);
   }
-  store_rows(ws.grad_k.data(), g.ld_ds, p.n_k, p.d_s, 1.0f, dk, 0);
 }
 
 // f(TypeTag<Student>, TypeTag<Teacher>) for the params' dtype codes (unknown codes throw).
@@ -304,12 +320,41 @@ void attention_transfer_backward_cpu(const AttentionTransferParams& params) {
     using Student = typename decltype(student)::type;
     using Teacher = typename decltype(teacher)::type;
     const Geometry g(params);
+    const int64_t heads = params.batch * params.heads, grad_k_size = g.ldk * g.ld_ds;
+    // A work item is one head, its dk summed in the thread's grad_k and written when the head is done. With
+    // fewer heads than threads, an item is one of `splits` parts of a head's query rows (whole blocks), whose
+    // share of dk goes to its own buffer in `parts`; the parts of each head are summed at the end.
+    const int64_t blocks = (params.n_q + kBlockRows - 1) / kBlockRows;
+    const int64_t splits = std::min(blocks, (max_threads() + heads - 1) / heads);
+    const int64_t rows_per_split = (blocks + splits - 1) / splits * kBlockRows;
+    std::vector<float> parts(splits > 1 ? heads * splits * grad_k_size : 0);
 #pragma omp parallel
     {
-      Workspace ws(g, true);
+      Workspace ws(g, true, splits == 1);
 #pragma omp for schedule(dynamic)
-      for (int64_t bh = 0; bh < params.batch * params.heads; ++bh)
-        backward_head<Student, Teacher>(g, bh / params.heads, bh % params.heads, ws);
+      for (int64_t item = 0; item < heads * splits; ++item) {
+        const int64_t b = item / splits / params.heads, h = item / splits % params.heads;
+        const int64_t first = item % splits * rows_per_split;
+        float* grad_k = splits == 1 ? ws.grad_k.data() : parts.data() + item * grad_k_size;
+        std::fill(grad_k, grad_k + grad_k_size, 0.0f);
+        backward_rows<Student, Teacher>(g, b, h, first, std::min(params.n_q, first + rows_per_split), grad_k, ws);
+        if (splits == 1) {
+          store_rows(grad_k, g.ld_ds, params.n_k, params.d_s, 1.0f, head_of<Student>(params.dk_s, b, h), 0);
+        }
+      }
+      if (splits > 1) {
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < heads; ++bh) {
+          float* sum = parts.data() + bh * splits * grad_k_size;
+          for (int64_t part = 1; part < splits; ++part) {
+            const float* share = sum + part * grad_k_size;
+#pragma omp simd
+            for (int64_t e = 0; e < grad_k_size; ++e) sum[e] += share[e];
+          }
+          store_rows(sum, g.ld_ds, params.n_k, params.d_s, 1.0f,
+                     head_of<Student>(params.dk_s, bh / params.heads, bh % params.heads), 0);
+        }
+      }
     }
   });
 }

@@ -4,6 +4,7 @@ measured memory."""
 
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -98,6 +99,32 @@ def test_cpp_work_split(backend, causal):
     for n_k in (650, 1100):
         q_s, k_s, q_t, k_t = make_inputs(batch=2, heads=2, n_q=700, n_k=n_k, d_s=8, d_t=12)
         check_against_reference(q_s, k_s, q_t, k_t, causal=causal, key_padding_mask=padding_mask(2, n_k))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels run on the CPU")
+@pytest.mark.parametrize("threads", [1, 4])
+def test_cpp_backward_on_any_thread_count(tmp_path, threads):
+    """With fewer heads than threads the C++ backward splits a head's query rows into parts and sums their dk
+    shares: one head on 4 OpenMP threads (4 parts) and on 1 (none), each in a fresh process, against the
+    reference."""
+    q_s, k_s, q_t, k_t = make_inputs(batch=1, heads=1, n_q=150, n_k=130)
+    mask = padding_mask(1, 130, fully_padded=())
+    torch.save((q_s, k_s, q_t, k_t, mask), tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch, tsa_fast\n"
+        "from test_attention_transfer_loss import loss_and_grads\n"
+        "q_s, k_s, q_t, k_t, mask = torch.load(sys.argv[1])\n"
+        "results = loss_and_grads(tsa_fast.attention_transfer_loss, q_s, k_s, q_t, k_t, causal=True, key_padding_mask=mask)\n"
+        "torch.save([x.detach() for x in results], sys.argv[2])\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TSA_FAST_BACKEND": "cpp", "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.path.dirname(__file__)}  # fmt: skip
+    subprocess.run([sys.executable, "-c", script, tmp_path / "inputs.pt", tmp_path / "out.pt"], env=env, check=True,
+                   timeout=120)  # fmt: skip
+    expected = loss_and_grads(reference_loss, *(x.double() for x in (q_s, k_s, q_t, k_t)), causal=True,
+                              key_padding_mask=mask)  # fmt: skip
+    for actual, wanted, what in zip(torch.load(tmp_path / "out.pt"), expected, ("loss", "dq_s", "dk_s")):
+        assert_rel_close(actual, wanted, TOL[torch.float32], what)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
