@@ -17,7 +17,8 @@ mkdir -p "$out"
 
 purelib() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
 image_site=$(purelib python3)
-python3 -m venv --without-pip /tmp/tsa_fast-venv && echo "$image_site" >"$(purelib /tmp/tsa_fast-venv/bin/python3)/image.pth"
+python3 -m venv --without-pip /tmp/tsa_fast-venv  # the .pth adds the image's site dir, its own .pth files included
+echo "import site; site.addsitedir('$image_site')" >"$(purelib /tmp/tsa_fast-venv/bin/python3)/image.pth"
 . /tmp/tsa_fast-venv/bin/activate
 wheels=${WHEELS:-.whl}
 if compgen -G "$wheels/*.whl" >/dev/null; then
