@@ -90,11 +90,17 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere."""
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
 def _return_free_heap_pages() -> None:
     """Give the free pages of malloc's heap back to the OS (glibc's malloc_trim; elsewhere nothing)."""
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-        ctypes.CDLL(libc).malloc_trim(0)
+    if _malloc_trim() is not None:
+        _malloc_trim()(0)
 
 
 def cpu_peak_extra_bytes_of(fn) -> int:

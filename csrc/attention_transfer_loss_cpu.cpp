@@ -325,8 +325,10 @@ void attention_transfer_backward_cpu(const AttentionTransferParams& params) {
     // fewer heads than threads, an item is one of `splits` parts of a head's query rows (whole blocks), whose
     // share of dk goes to its own buffer in `parts`; the parts of each head are summed at the end.
     const int64_t blocks = (params.n_q + kBlockRows - 1) / kBlockRows;
-    const int64_t splits = std::min(blocks, (max_threads() + heads - 1) / heads);
-    const int64_t rows_per_split = (blocks + splits - 1) / splits * kBlockRows;
+    const int64_t wanted = std::min(blocks, (max_threads() + heads - 1) / heads);  // parts per head
+    const int64_t blocks_per_split = (blocks + wanted - 1) / wanted;
+    const int64_t splits = (blocks + blocks_per_split - 1) / blocks_per_split;  // none of them empty
+    const int64_t rows_per_split = blocks_per_split * kBlockRows;
     std::vector<float> parts(splits > 1 ? heads * splits * grad_k_size : 0);
 #pragma omp parallel
     {
