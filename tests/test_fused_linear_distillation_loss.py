@@ -1,7 +1,6 @@
 """`tsa_fast.fused_linear_distillation_loss`: against `distillation_loss` on materialized logits and
 against the float64 reference, for the three teacher forms; memory measured, errors named."""
 
-import math
 import sys
 
 import pytest
