@@ -6,7 +6,10 @@
 - Errors are relative norm errors against a float64 reference (`assert_rel_close`).
 """
 
+import contextlib
+import io
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -60,26 +63,62 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
     assert error <= tol, f"{what}: relative error {error:.3e} > {tol:.0e}"
 
 
-def compile_for_gpus(kernel, config, constants: dict, types: dict) -> None:
-    """Compile a Triton kernel (autotuned or plain) with one config for sm_80 and sm_90, no GPU needed (Triton
-    ships ptxas): `constants` fix constexpr arguments, `types` maps the other arguments to Triton types
-    (pointers default to "*bf16", scalars to "i32"). Run compiled, not interpreted: TRITON_INTERPRET=0."""
+# Shared memory one block may opt in to: A100 (sm_80) 163 KB, H100 / H200 (sm_90) 227 KB.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def compile_for_gpus(kernel, config, constants: dict, types: dict, archs=(80, 90)) -> dict:
+    """Compile a Triton kernel (autotuned or plain) with one config for each arch, no GPU needed (Triton ships
+    ptxas); check that its shared memory fits that GPU; print and return {arch: (shared bytes, registers,
+    spilled bytes)} from ptxas. `constants` fix constexpr arguments, `types` maps the other arguments to
+    Triton types (pointers default to "*bf16", scalars to "i32"). Specialized as a launch on contiguous
+    model-sized tensors is: unit strides belong in `constants` (Triton makes an int argument of 1 a constant),
+    pointers and the other integers are taken as multiples of 16 (which lets masked loads vectorize and the
+    loops pipeline). Run with TRITON_INTERPRET=0."""
     from triton import compile as triton_compile
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime import JITFunction
 
-    fn = kernel if isinstance(kernel, JITFunction) else kernel.fn  # an Autotuner wraps the JITFunction
+    fn = _jit_function(kernel)
     constants = {**constants, **config.kwargs}
     signature = {
         name: "constexpr" if name in constants else types.get(name, "*bf16" if name.endswith("_ptr") else "i32")
         for name in fn.arg_names
     }
-    source = ASTSource(fn, signature, {(fn.arg_names.index(name),): value for name, value in constants.items()})
-    for arch in (80, 90):
-        compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))  # fmt: skip
-        print(fn.__name__, f"sm_{arch}", config, f"{compiled.metadata.shared} bytes of shared memory")
+    index = {name: (position,) for position, name in enumerate(fn.arg_names)}
+    aligned = {index[name]: [["tt.divisibility", 16]] for name, kind in signature.items() if kind.startswith(("*", "i"))}
+    source = ASTSource(fn, signature, {index[name]: value for name, value in constants.items()}, attrs=aligned)
+    report = {}
+    for arch in archs:
+        log = io.StringIO()
+        with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True  # ptxas -v: "Used R registers", "S bytes spill stores"
+            knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its report
+            compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages))  # fmt: skip
+        ptxas = log.getvalue()
+        registers = int(re.search(r"Used (\d+) registers", ptxas)[1])
+        spilled = int(re.search(r"(\d+) bytes spill stores", ptxas)[1])
+        shared = compiled.metadata.shared
+        report[arch] = shared, registers, spilled
+        print(f"{fn.__name__} sm_{arch} {config}: {shared} bytes of shared memory, {registers} registers, {spilled} spilled")
+        assert shared <= SHARED_MEMORY_LIMIT[arch], f"{fn.__name__} {config}: {shared} bytes of shared memory on sm_{arch}"
+    return report
+
+
+def unit_strides(kernel, suffixes: tuple[str, ...]) -> dict:
+    """{name: 1} for the kernel's `stride_*` arguments ending in one of `suffixes`: the strides of the
+    contiguous dimensions, which a launch on contiguous tensors specializes to the constant 1."""
+    names = _jit_function(kernel).arg_names
+    return {name: 1 for name in names if name.startswith("stride_") and name.endswith(suffixes)}
+
+
+def _jit_function(kernel):
+    """The JITFunction of a Triton kernel, autotuned (an Autotuner wraps it) or plain."""
+    from triton.runtime import JITFunction
+
+    return kernel if isinstance(kernel, JITFunction) else kernel.fn
 
 
 def run_compiled(test_file: str) -> None:

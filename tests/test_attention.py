@@ -16,7 +16,7 @@ from tsa_fast.backends import triton_kernels
 from tsa_fast.reference.attention import attention as reference_attention
 from tsa_fast.reference.attention_transfer_loss import visible_keys
 
-from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled
+from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled, unit_strides
 
 # The "small atol" of the test rule, on relative norm errors: err <= 2 err(PyTorch, same dtype) + ATOL.
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -402,15 +402,29 @@ def test_forced_cpp_backend_takes_the_default(monkeypatch):
 
 
 def compile_attention_kernels():
-    """Each kernel (its largest tile, bf16, head dim 80, causal, padding mask) for sm_80 and sm_90."""
+    """Each kernel (its largest tile, bf16, head dim 80, causal, padding mask; the forward also with no option,
+    and in fp32 at head dim 64) for sm_80 and sm_90, on contiguous inputs."""
+    import triton
+
     kernels = tsa_fast.kernels.attention
-    types = dict(mask_ptr="*i1", lse_ptr="*fp32", delta_ptr="*fp32", sm_scale="fp32")
+    types = dict(mask_ptr="*i1", lse_ptr="*fp32", delta_ptr="*fp32", grad_lse_ptr="*fp32", sm_scale="fp32")
+    options = dict(CAUSAL=True, HAS_MASK=True, UPCAST=False, BLOCK_D=128, BLOCK_DV=128)
     for kernel, configs in ((kernels._attention_fwd_kernel, kernels.FWD_CONFIGS),
                             (kernels._attention_bwd_dkdv_kernel, kernels.DKDV_CONFIGS),
                             (kernels._attention_bwd_dq_kernel, kernels.DQ_CONFIGS)):  # fmt: skip
+        contiguous = unit_strides(kernel, ("d", "mask_n"))
         config = max(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-        constants = dict(CAUSAL=True, HAS_MASK=True, UPCAST=False, BLOCK_D=128, BLOCK_DV=128)
-        compile_for_gpus(kernel, config, constants, types)
+        compile_for_gpus(kernel, config, dict(options, **contiguous), types)
+        if kernel is kernels._attention_fwd_kernel:
+            no_options = dict(options, CAUSAL=False, HAS_MASK=False, mask_ptr=None, **contiguous)
+            compile_for_gpus(kernel, config, no_options, types)
+            # fp32: full-precision dots on the CUDA cores (_prune: 64 x 64 tiles at most), head dim 64.
+            fp32 = {name: "*fp32" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+            compile_for_gpus(kernel, triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
+                             dict(options, BLOCK_D=64, BLOCK_DV=64, **contiguous), {**types, **fp32})  # fmt: skip
+    delta_blocks = dict(BLOCK_M=32, BLOCK_DV=128)  # attention_backward's tile for head dims 65-128
+    contiguous = unit_strides(kernels._attention_bwd_delta_kernel, ("d",))
+    compile_for_gpus(kernels._attention_bwd_delta_kernel, triton.Config(delta_blocks), contiguous, types)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas")

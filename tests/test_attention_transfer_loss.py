@@ -16,7 +16,7 @@ import tsa_fast
 from tsa_fast.reference.attention_transfer_loss import attention_transfer_loss as reference_loss
 from tsa_fast.reference.attention_transfer_loss import relation_heads_split
 
-from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled
+from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled, unit_strides
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LOSS_ATOL = 1e-6  # per row: about 16 eps_fp32 x log N_k at the test sizes
@@ -422,22 +422,27 @@ def test_forced_cpp_backend_on_cuda_takes_triton(monkeypatch):
 
 def compile_attention_transfer_kernels():
     """The three kernels with the launcher's tiles for head dims (64, 80) and (256, 256), bf16, causal, padding
-    mask, for sm_80 and sm_90."""
+    mask (and (64, 80) with neither), on contiguous inputs, for sm_80 and sm_90."""
     import triton
 
     from tsa_fast.kernels import attention_transfer_loss as kernels
 
     types = dict(mask_ptr="*i1", kl_ptr="*fp32", lse_s_ptr="*fp32", lse_t_ptr="*fp32", w_ptr="*fp32",
                  scale_s="fp32", scale_t="fp32")  # fmt: skip
-    for d_s, d_t in ((64, 80), (256, 256)):
+    mask = torch.empty(1, 4096, dtype=torch.bool, device="meta")
+    for d_s, d_t, options in ((64, 80, (mask, True)), (256, 256, (mask, True)), (64, 80, (None, False))):
         q_s, q_t = torch.empty(1, 1, 4096, d_s, device="meta"), torch.empty(1, 1, 4096, d_t, device="meta")
-        mask = torch.empty(1, 4096, dtype=torch.bool, device="meta")
-        _, meta, _ = kernels._launch_args(q_s, q_s, q_t, q_t, mask, True, 1.0, 1.0)
+        _, meta, _ = kernels._launch_args(q_s, q_s, q_t, q_t, *options, 1.0, 1.0)
         blocks = {name: meta.pop(name) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_DS", "BLOCK_DT")}
         config = triton.Config(blocks, num_warps=meta.pop("num_warps"))
-        compile_for_gpus(kernels._attention_transfer_fwd_kernel, config, dict(meta, QUERY_PADDING=True), types)
-        compile_for_gpus(kernels._attention_transfer_bwd_dq_kernel, config, meta, types)
-        compile_for_gpus(kernels._attention_transfer_bwd_dk_kernel, config, meta, types)
+        for kernel in (kernels._attention_transfer_fwd_kernel, kernels._attention_transfer_bwd_dq_kernel,
+                       kernels._attention_transfer_bwd_dk_kernel):  # fmt: skip
+            constants = dict(meta, **unit_strides(kernel, ("_d", "mask_n")))
+            if not meta["HAS_MASK"]:
+                constants["mask_ptr"] = None  # as launched without a mask
+            if kernel is kernels._attention_transfer_fwd_kernel:
+                constants["QUERY_PADDING"] = meta["HAS_MASK"]
+            compile_for_gpus(kernel, config, constants, types)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas")

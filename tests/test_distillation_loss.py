@@ -1,6 +1,7 @@
 """`tsa_fast.distillation_loss`: every backend against the float64 reference, edges, errors, compile."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import tsa_fast
 from tsa_fast.reference.distillation_loss import distillation_loss as reference_loss
 from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS
 
-from conftest import DEVICE, assert_rel_close, rel_error
+from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -307,6 +308,36 @@ def test_unknown_forced_backend_raises(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Compiled for GPUs without one: Triton ships ptxas.
+
+
+def compile_distillation_loss_kernel():
+    """The kernel at the launcher's tiles for an LLM vocabulary (every divergence, every option on: bf16
+    logits, labels, hard term, softcap, gradient; forward KL also with none, as a no-grad forward without
+    labels launches it) and for a small one, for sm_80 and sm_90."""
+    import triton
+
+    from tsa_fast.kernels import distillation_loss as kernels
+
+    types = dict(labels_ptr="*i64", loss_ptr="*fp32", inv_temperature="fp32", beta="fp32", soft_scale="fp32",
+                 hard_weight="fp32", label_smoothing="fp32", softcap="fp32")  # fmt: skip
+    options = dict(HAS_LABELS=True, HAS_HARD=True, HAS_SOFTCAP=True, COMPUTE_GRAD=True)
+    for vocab, divergences in ((128256, DIVERGENCES), (50, ["forward_kl"])):
+        block_rows, block_v, num_warps = kernels.tiles(8192, vocab)
+        config = triton.Config(dict(BLOCK_ROWS=block_rows, BLOCK_V=block_v), num_warps=num_warps)
+        for divergence in divergences:
+            constants = dict(options, DIVERGENCE=DIVERGENCES.index(divergence))
+            compile_for_gpus(kernels._distillation_loss_fwd_kernel, config, constants, types)
+    no_options = {name: False for name in options} | dict(labels_ptr=None, grad_ptr=None, DIVERGENCE=0)  # forward KL
+    compile_for_gpus(kernels._distillation_loss_fwd_kernel, config, no_options, types)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas")
+def test_kernel_compiles_for_ampere_and_hopper():
+    run_compiled(__file__)
+
+
+# ---------------------------------------------------------------------------------------------------
 # GPU only (run by benchmarks/gpu.sh where a GPU is lent): bf16 and LLM-sized vocabularies.
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -327,3 +358,7 @@ def test_large_gradient_buffer_on_huge_pages(backend):
 
     student, teacher, labels = make_inputs((4,), HUGE_PAGE_MIN_BYTES // 16)
     check_against_reference(student, teacher, labels, TOL[torch.float32], divergence="symmetric_kl")
+
+
+if __name__ == "__main__":  # test_kernel_compiles_for_ampere_and_hopper
+    compile_distillation_loss_kernel()

@@ -13,7 +13,7 @@ from tsa_fast.reference.fused_linear_distillation_loss import fused_linear_disti
 
 from tsa_fast.backends import triton_kernels
 
-from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled
+from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled, unit_strides
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 # bf16 and model sizes: GPU only, run by benchmarks/gpu.sh (`-m gpu`).
@@ -223,13 +223,15 @@ def test_weight_grad_pair_kernel(dtype):
 
 
 def compile_pair_kernel():
-    """Every autotuning config of the pair kernel, fp32 gradients and bf16 / fp16 hidden states and pair."""
+    """Every autotuning config of the pair kernel as the op launches it on a GPU: contiguous bf16 / fp16 logit
+    gradients (queued in the weight's dtype), hidden states and pair."""
     from tsa_fast.kernels import fused_linear_distillation_loss as kernels
 
+    kernel = kernels._weight_grad_accumulate_kernel
     for dtype in ("bf16", "fp16"):
-        types = dict(grad_ptr="*fp32", hidden_ptr=f"*{dtype}", high_ptr=f"*{dtype}", low_ptr=f"*{dtype}")
+        types = {name: f"*{dtype}" for name in ("grad_ptr", "hidden_ptr", "high_ptr", "low_ptr")}
         for config in kernels.CONFIGS:
-            compile_for_gpus(kernels._weight_grad_accumulate_kernel, config, dict(UPCAST=False), types)
+            compile_for_gpus(kernel, config, dict(UPCAST=False, **unit_strides(kernel, ("gv", "hh", "wh"))), types)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas")
