@@ -31,9 +31,15 @@ fi
     || echo "liger-kernel: not installed (its benchmarks skip)"
 } | tee "$out/environment.txt"
 
-# The extension with its CUDA kernels for this GPU (no downloads: build deps come from the image).
-CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" TSA_FAST_CUDA=ON \
-  timeout 90 python3 -m pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$out/build.log"
+# The extension with its CUDA kernels for this GPU (no downloads: build deps come from the image); should they
+# fail to build, without them (the Triton kernels need neither), within the same 90 s.
+build() {  # TSA_FAST_CUDA=ON|OFF
+  CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" TSA_FAST_CUDA=$1 python3 -m pip install --quiet --no-build-isolation --no-deps -e .
+}
+export -f build
+timeout 90 bash -c 'build ON || { echo "tsa_fast: the CUDA kernels failed to build; building without them"; build OFF; }' \
+  >"$out/build.log" 2>&1
+tail -8 "$out/build.log"
 
 # Worst case, every step at its timeout plus 3 s of grace after SIGINT: 15 (wheels) + 90 (build) + 73 (tests)
 # + 68 + 48 + 83 + 43 + 43 (benchmarks) + 15 (report) = 478 s = 7.97 min, plus the venv (seconds); typically
