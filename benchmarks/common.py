@@ -66,10 +66,9 @@ def describe(benchmark, *, op: str, mode: str, impl: str, dtype: torch.dtype, si
     )  # fmt: skip
 
 
-def measure(benchmark, step, *args) -> float:
-    """Time step(*args) (ROUNDS rounds after one warm-up round); returns the median in seconds."""
+def measure(benchmark, step, *args) -> None:
+    """Time step(*args): ROUNDS rounds after one warm-up round (one call with --benchmark-disable)."""
     benchmark.pedantic(step, args=args, rounds=ROUNDS, warmup_rounds=1)
-    return benchmark.stats.stats.median
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -179,7 +178,10 @@ def record_roofline(benchmark, dtype: torch.dtype, *, bytes_moved: float | None 
     """The roofline of the problem against this device's measured ceilings (`measured_ceilings`):
     bytes_moved (the least traffic the problem needs: each input read once, each output written once) over
     the copy bandwidth, and flops over the matrix-product rate in `dtype`; the achieved rates and fractions
-    go to extra_info (achieved_GBps, roofline_fraction; TFLOPs, flops_fraction) with the ceilings used."""
+    go to extra_info (achieved_GBps, roofline_fraction; TFLOPs, flops_fraction) with the ceilings used. Nothing
+    with --benchmark-disable (nothing was timed)."""
+    if benchmark.disabled:
+        return
     seconds = benchmark.stats.stats.median
     ceilings = measured_ceilings(dtype)
     basis = []

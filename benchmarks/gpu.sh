@@ -41,28 +41,37 @@ timeout 90 bash -c 'build ON || { echo "tsa_fast: the CUDA kernels failed to bui
   >"$out/build.log" 2>&1
 tail -8 "$out/build.log"
 
-# Worst case, every step at its timeout plus 3 s of grace after SIGINT: 15 (wheels) + 90 (build) + 73 (tests)
-# + 68 + 48 + 83 + 43 + 43 (benchmarks) + 15 (report) = 478 s = 7.97 min, plus the venv (seconds); typically
-# far less. A suite stopped by its timeout (SIGINT) still writes the JSON of the benchmarks it finished; each
-# suite runs its fastest implementations (tsa_fast's) first.
+# Compiling the Triton kernels, once per autotuning candidate and set of compile-time options (~1.5 s each, one
+# at a time in a process; the attention suite alone compiles ~60), would take most of the time. So the tests run
+# in 8 processes (pytest-xdist, in the image), and the benchmark bodies run once first in 8 processes, which
+# leaves every kernel in Triton's disk cache for the timed runs (their timings, outcome and output discarded;
+# each timed run still autotunes by itself, alone on the GPU).
+# Worst case, every step at its timeout plus 3 s of grace after SIGINT: 15 (wheels) + 90 (build) + 63 (tests)
+# + 53 (compile warm-up) + 53 + 43 + 71 + 38 + 38 (benchmarks) + 15 (report) = 479 s = 7.98 min, plus the venv
+# (seconds); typically far less. A suite stopped by its timeout (SIGINT) still writes the JSON of the benchmarks
+# it finished; each suite runs its fastest implementations (tsa_fast's) first.
 status=0
 run() {  # TIMEOUT COMMAND...: SIGINT at the timeout (pytest then saves what it has), SIGKILL 3 s later
   timeout -s INT -k 3 "$@"
 }
+parallel=()
+python3 -c "import xdist" 2>/dev/null && parallel=(-n 8) || echo "pytest-xdist missing: tests and warm-up in one process"
 # The gpu tests live in the kernels' test files (the engine's tests need none, and import pydantic).
 kernel_tests="tests/test_distillation_loss.py tests/test_fused_linear_distillation_loss.py tests/test_attention.py
   tests/test_attention_transfer_loss.py"
-TSA_FAST_REQUIRE_BACKENDS=triton,cpp,torch run 70 python3 -m pytest $kernel_tests -q -m gpu \
-  --junitxml="$out/gpu-tests.xml" 2>&1 | tail -15 | tee "$out/gpu-tests.txt" || status=1
-bench() {  # NAME TIMEOUT FILE: one suite, its own JSON (attention autotunes on first use: alone)
-  run "$2" python3 -m pytest "$3" -q -p no:cacheprovider --benchmark-json="$out/$1.json" 2>&1 | tail -20 \
-    | tee "$out/$1.txt" || status=1
+TSA_FAST_REQUIRE_BACKENDS=triton,cpp,torch run 60 python3 -m pytest $kernel_tests -q -m gpu "${parallel[@]}" \
+  -p no:cacheprovider --junitxml="$out/gpu-tests.xml" 2>&1 | tail -15 | tee "$out/gpu-tests.txt" || status=1
+run 50 python3 -m pytest benchmarks/bench_*.py -q "${parallel[@]}" -p no:cacheprovider --benchmark-disable >/dev/null 2>&1
+echo "compile warm-up done"
+bench() {  # NAME TIMEOUT: one suite, its own JSON
+  run "$2" python3 -m pytest "benchmarks/bench_$1.py" -q -p no:cacheprovider --benchmark-json="$out/$1.json" 2>&1 \
+    | tail -20 | tee "$out/$1.txt" || status=1
 }
-bench distillation_loss 65 benchmarks/bench_distillation_loss.py
-bench fused_linear_distillation_loss 45 benchmarks/bench_fused_linear_distillation_loss.py
-bench attention 80 benchmarks/bench_attention.py
-bench attention_transfer_loss 40 benchmarks/bench_attention_transfer_loss.py
-bench distillation_step 40 benchmarks/bench_distillation_step.py  # last: Triton's disk cache has its kernels
+bench distillation_loss 50
+bench fused_linear_distillation_loss 40
+bench attention 68
+bench attention_transfer_loss 35
+bench distillation_step 35
 timeout 15 python3 -m benchmarks.report "$out" --out "$out" >/dev/null || status=1
 ls "$out"
 exit $status
