@@ -77,7 +77,7 @@ def _dot(a, b):
     """a @ b accumulated in fp32. fp32 tiles multiply in full precision (no TF32), as torch.matmul does by
     default; fp16/bf16 tiles on the tensor cores."""
     if a.dtype == tl.float32:
-        c = tl.dot(a, b, input_precision="tf32x3")
+        c = tl.dot(a, b, input_precision="ieee")
     else:
         c = tl.dot(a, b)
     return c
