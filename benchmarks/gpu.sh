@@ -40,6 +40,8 @@ export -f build
 timeout 90 bash -c 'build ON || { echo "tsa_fast: the CUDA kernels failed to build; building without them"; build OFF; }' \
   >"$out/build.log" 2>&1
 tail -8 "$out/build.log"
+python3 -c "import tsa_fast, tsa_fast._C as C; print('tsa_fast', tsa_fast.__file__, '| _C CUDA kernels:', C.has_cuda)" \
+  2>&1 | tail -1 | tee -a "$out/environment.txt"
 
 # Compiling the Triton kernels, once per autotuning candidate and set of compile-time options (~1.5 s each, one
 # at a time in a process; the attention suite alone compiles ~60), would take most of the time. So the tests run
