@@ -139,6 +139,21 @@ def test_other_tile_shapes(backend, monkeypatch, fwd, dkdv, dq):
         check_against_reference(q, k, v, causal=True, key_padding_mask=padding_mask(1, n_k))
 
 
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("candidate", range(5))
+def test_autotuning_candidate_tiles(backend, monkeypatch, candidate):
+    """The tiles the GPU autotuner may pick (candidate i of each kernel, cycling), here under the interpreter:
+    sequences crossing several tiles, partial tiles and the causal diagonal in both directions."""
+    kernels = tsa_fast.kernels.attention
+    configs = {kernels._attention_fwd_kernel: kernels.FWD_CONFIGS, kernels._attention_bwd_dkdv_kernel: kernels.DKDV_CONFIGS,
+               kernels._attention_bwd_dq_kernel: kernels.DQ_CONFIGS}  # fmt: skip
+    blocks = {kernel: candidates[candidate % len(candidates)].kwargs for kernel, candidates in configs.items()}
+    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", blocks)
+    for (n_q, n_k), causal in (((300, 300), True), ((170, 290), True), ((290, 170), False)):
+        q, k, v = make_inputs(batch=1, heads=2, heads_kv=1, n_q=n_q, n_k=n_k, d=24)
+        check_against_reference(q, k, v, causal=causal, key_padding_mask=padding_mask(1, n_k))
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     batch=st.integers(1, 2),

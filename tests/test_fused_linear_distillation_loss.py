@@ -206,7 +206,20 @@ def test_weight_grad_pair_kernel(dtype):
     """The Triton kernel that sums a low-precision weight gradient over chunks as a compensated pair: the
     pair holds the float64 sum to ~2x the dtype's bits, and `high` is that sum rounded once. Shapes cross
     partial tiles; the chunks have very different scales (small updates are not lost)."""
-    vocab, hidden_size, rows = 77, 45, 37
+    check_weight_grad_pair_kernel(dtype, vocab=77, hidden_size=45, rows=37)
+
+
+@pytest.mark.skipif(triton_kernels is None, reason="needs Triton")
+@pytest.mark.parametrize("candidate", range(4))
+def test_weight_grad_pair_kernel_candidate_tiles(monkeypatch, candidate):
+    """The same with the tiles the GPU autotuner may pick (here under the interpreter), on shapes that cross
+    several of them and partial ones in each dimension."""
+    candidates = triton_kernels.fused_linear_distillation_loss.CONFIGS
+    monkeypatch.setattr(triton_kernels.fused_linear_distillation_loss, "INTERPRETER_BLOCKS", candidates[candidate].kwargs)
+    check_weight_grad_pair_kernel(torch.float16, vocab=300, hidden_size=150, rows=100)
+
+
+def check_weight_grad_pair_kernel(dtype, vocab: int, hidden_size: int, rows: int) -> None:
     high = torch.zeros(vocab, hidden_size, device=DEVICE, dtype=dtype)
     low = torch.zeros_like(high)
     expected = torch.zeros(vocab, hidden_size, dtype=torch.float64)
