@@ -422,15 +422,18 @@ def test_forced_cpp_backend_on_cuda_takes_triton(monkeypatch):
 
 def compile_attention_transfer_kernels():
     """The three kernels with the launcher's tiles for head dims (64, 80) and (256, 256), bf16, causal, padding
-    mask (and (64, 80) with neither), on contiguous inputs, for sm_80 and sm_90."""
+    mask (and (64, 80) with neither, and in fp32), on contiguous inputs, for sm_80 and sm_90."""
     import triton
 
     from tsa_fast.kernels import attention_transfer_loss as kernels
 
     types = dict(mask_ptr="*i1", kl_ptr="*fp32", lse_s_ptr="*fp32", lse_t_ptr="*fp32", w_ptr="*fp32",
                  scale_s="fp32", scale_t="fp32")  # fmt: skip
+    tensors = ("q_s_ptr", "k_s_ptr", "q_t_ptr", "k_t_ptr", "dq_ptr", "dk_ptr")
     mask = torch.empty(1, 4096, dtype=torch.bool, device="meta")
-    for d_s, d_t, options in ((64, 80, (mask, True)), (256, 256, (mask, True)), (64, 80, (None, False))):
+    cases = ((64, 80, (mask, True), "*bf16"), (256, 256, (mask, True), "*bf16"), (64, 80, (None, False), "*bf16"),
+             (64, 80, (mask, True), "*fp32"))  # fmt: skip
+    for d_s, d_t, options, dtype in cases:
         q_s, q_t = torch.empty(1, 1, 4096, d_s, device="meta"), torch.empty(1, 1, 4096, d_t, device="meta")
         _, meta, _ = kernels._launch_args(q_s, q_s, q_t, q_t, *options, 1.0, 1.0)
         blocks = {name: meta.pop(name) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_DS", "BLOCK_DT")}
@@ -442,7 +445,7 @@ def compile_attention_transfer_kernels():
                 constants["mask_ptr"] = None  # as launched without a mask
             if kernel is kernels._attention_transfer_fwd_kernel:
                 constants["QUERY_PADDING"] = meta["HAS_MASK"]
-            compile_for_gpus(kernel, config, constants, types)
+            compile_for_gpus(kernel, config, constants, {**types, **dict.fromkeys(tensors, dtype)})
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas")
