@@ -70,6 +70,11 @@ OPTIONAL_COLUMNS = [
 ]
 
 
+def _median_iqr(row: dict) -> str:
+    """Median time in ms with its IQR in parentheses."""
+    return f"{_num(row['median'] * 1e3)} ({_num(row['iqr'] * 1e3)})"
+
+
 def _speedup(row: dict, base: dict | None) -> str:
     """How many times faster row is than base."""
     return _ratio(base["median"] / row["median"]) if base else "-"
@@ -90,7 +95,7 @@ def group_table(rows: list[dict]) -> list[str]:
         memory = "-"
         if reference and "peak_extra_MB" in row and reference.get("peak_extra_MB", 0) > 0:
             memory = _ratio(row["peak_extra_MB"] / reference["peak_extra_MB"])
-        cells = [row["impl"], row["kind"], f"{_num(row['median'] * 1e3)} ({_num(row['iqr'] * 1e3)})",
+        cells = [row["impl"], row["kind"], _median_iqr(row),
                  _speedup(row, reference), _speedup(row, compiled),
                  _num(row["peak_extra_MB"]) if "peak_extra_MB" in row else "-", memory]  # fmt: skip
         cells += [fmt(row[key]) if key in row else "-" for key, _, fmt in optional]
@@ -243,7 +248,7 @@ def run_title(files: list[Path], groups: dict[str, list[dict]]) -> str:
 
 def summary_table(groups: dict[str, list[dict]]) -> list[str]:
     """One row per (problem, tsa_fast implementation): the figures a reader looks for first."""
-    header = ["problem", "impl", "median ms", "vs reference", "vs compiled reference", "vs fastest peer",
+    header = ["problem", "impl", "median ms (IQR)", "vs reference", "vs compiled reference", "vs fastest peer",
               "peak extra MB", "memory vs reference", "of roofline"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, rows in groups.items():
@@ -253,7 +258,7 @@ def summary_table(groups: dict[str, list[dict]]) -> list[str]:
             peer = f"{_speedup(row, peers[0])} ({peers[0]['impl']})" if peers else "-"
             memory = _ratio(row["peak_extra_MB"] / reference["peak_extra_MB"]) if reference and reference.get("peak_extra_MB") else "-"
             fraction = row.get("roofline_fraction", row.get("flops_fraction"))
-            cells = [group, row["impl"], _num(row["median"] * 1e3), _speedup(row, reference), _speedup(row, compiled), peer,
+            cells = [group, row["impl"], _median_iqr(row), _speedup(row, reference), _speedup(row, compiled), peer,
                      _num(row.get("peak_extra_MB", 0)), memory, "-" if fraction is None else f"{fraction:.0%}"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -64,6 +64,26 @@ def test_config_errors_name_the_value(overrides, match):
         load_config(None, overrides)
 
 
+def test_every_option_is_documented():
+    """Every field of every recipe section has a description (and, being a pydantic field, a typed default)."""
+    import inspect
+
+    import pydantic
+
+    from tsa_fast.distill import config, data, sentence_embedding
+    from tsa_fast.models import transformer
+
+    undocumented = [
+        f"{model.__name__}.{name}"
+        for module in (config, data, sentence_embedding, transformer)
+        for model in vars(module).values()
+        if inspect.isclass(model) and issubclass(model, pydantic.BaseModel) and model.__module__ == module.__name__
+        for name, field in model.model_fields.items()
+        if not field.description
+    ]
+    assert not undocumented
+
+
 def test_config_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")

@@ -26,9 +26,9 @@ class Section(BaseModel):
 class Schedule(Section):
     """A value that moves from `start` to `end` over the training steps."""
 
-    start: float
-    end: float
-    shape: Literal["linear", "cosine"] = "linear"
+    start: float = Field(description="value at the first step")
+    end: float = Field(description="value at the last step")
+    shape: Literal["linear", "cosine"] = Field("linear", description="how it moves from start to end")
 
     def at(self, progress: float) -> float:
         """The value at progress in [0, 1] (step / total steps)."""
@@ -52,7 +52,7 @@ class TrainingConfig(Section):
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr (cosine decay)")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (matrices only)")
     clip_grad: float | None = Field(1.0, gt=0, description="max global grad norm; null: no clipping")
     eval_every: int = Field(100, ge=1, description="validation every N steps (and at the end)")
     eval_batches: int | None = Field(
@@ -63,14 +63,18 @@ class TrainingConfig(Section):
 
 
 class TeacherConfig(Section):
-    model: TransformerConfig = TransformerConfig(d_model=128, n_layers=4, n_heads=4)
+    model: TransformerConfig = Field(
+        TransformerConfig(d_model=128, n_layers=4, n_heads=4), description="its architecture"
+    )
     checkpoint: str | None = Field(None, description="a teacher checkpoint to load; null: train it (cached)")
     weight: float = Field(1.0, gt=0, description="its weight in the teachers' mixture")
     seed: int = Field(0, description="initialization / data-order seed when trained by the recipe")
 
 
 class StudentConfig(Section):
-    model: TransformerConfig = TransformerConfig(d_model=128, n_layers=2, n_heads=4)
+    model: TransformerConfig = Field(
+        TransformerConfig(d_model=128, n_layers=2, n_heads=4), description="its architecture"
+    )
     init: Literal["random", "teacher_layers"] = Field(
         "random", description="teacher_layers: DistilBERT-style copy of embeddings and every k-th teacher block"
     )
@@ -80,17 +84,19 @@ class StudentConfig(Section):
 class LossConfig(Section):
     """Total loss = logit_weight * T^2 * divergence + hard_weight * CE + hidden + attention terms."""
 
-    divergence: Literal["forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd"] = "forward_kl"
+    divergence: Literal["forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd"] = Field(
+        "forward_kl", description="between the teacher's and the student's distributions (tsa_fast.distillation_loss)"
+    )
     beta: float = Field(0.5, gt=0, lt=1, description="jsd mixture weight")
-    temperature: Scheduled = 2.0
-    scale_by_t2: bool = True
+    temperature: Scheduled = Field(2.0, description="softmax temperature T of both models' logits")
+    scale_by_t2: bool = Field(True, description="multiply the divergence by T^2 (Hinton et al.)")
     logit_weight: Scheduled = Field(1.0, description="weight of the logit divergence (soft targets)")
     hard_weight: Scheduled = Field(0.5, description="weight of the cross-entropy to the labels")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     fused: bool = Field(True, description="LM: fused_linear_distillation_loss (no N x V logits)")
     chunk_size: int | None = Field(None, ge=1, description="rows per chunk of the fused loss; null: automatic")
     hidden_weight: Scheduled = Field(0.0, description="weight of the hidden-state loss")
-    hidden_loss: Literal["mse", "cosine"] = "mse"
+    hidden_loss: Literal["mse", "cosine"] = Field("mse", description="distance between mapped hidden states")
     hidden_layer_map: list[tuple[int, int]] | None = Field(
         None, description="(student, teacher) hidden-state indices (0 = embeddings); null: uniform"
     )
@@ -114,7 +120,7 @@ class LossConfig(Section):
 class AdversarialConfig(Section):
     """Perturbations of the student's input embeddings (FGM: one step; PGD: `steps` projected steps)."""
 
-    method: Literal["none", "fgm", "pgd"] = "none"
+    method: Literal["none", "fgm", "pgd"] = Field("none", description="none: no adversarial term")
     epsilon: float = Field(0.1, gt=0, description="L2 radius of each token's perturbation / its embedding's norm")
     steps: int = Field(3, ge=1, description="PGD steps")
     weight: float = Field(1.0, ge=0, description="weight of the loss on perturbed inputs")
@@ -125,8 +131,8 @@ class TeacherCacheConfig(Section):
     """Precompute the teachers' top-k log-probs over the training set once (memory-mapped on disk), then
     distill with `teacher_topk`, without the teacher in memory. LM only; logit loss only."""
 
-    enabled: bool = False
-    top_k: int = Field(32, ge=1)
+    enabled: bool = Field(False, description="distill from the cache instead of the live teachers")
+    top_k: int = Field(32, ge=1, description="tokens kept per position (the rest of the mass is one tail bucket)")
     dir: str | None = Field(None, description="where the cache lives; null: under data.cache_dir")
 
 
@@ -138,24 +144,29 @@ class LoggingConfig(Section):
 class RecipeConfig(Section):
     """A whole recipe: data, teachers, student, losses, training, and where results go."""
 
-    name: str = "stdlib_lm"
+    name: str = Field("stdlib_lm", description="the recipe's name, in its results")
     output_dir: str = Field("runs/stdlib_lm", description="checkpoints, metrics, table and plots")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, description="seed of the student's initialization and the data order")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype; auto: bf16 on a GPU that has it, else fp32"
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
-    data: DataConfig = DataConfig()
-    teachers: list[TeacherConfig] = Field([TeacherConfig()], min_length=1)
-    teacher_training: TrainingConfig = TrainingConfig(steps=300, lr=2e-3, eval_every=150, checkpoint_every=150)
-    student: StudentConfig = StudentConfig()
-    training: TrainingConfig = TrainingConfig(steps=200, lr=2e-3, eval_every=50)
-    loss: LossConfig = LossConfig()
-    adversarial: AdversarialConfig = AdversarialConfig()
-    teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
+    data: DataConfig = Field(DataConfig(), description="corpus, tokenizer and task (tsa_fast.distill.data)")
+    teachers: list[TeacherConfig] = Field([TeacherConfig()], min_length=1, description="one or more (a mixture)")
+    teacher_training: TrainingConfig = Field(
+        TrainingConfig(steps=300, lr=2e-3, eval_every=150, checkpoint_every=150),
+        description="how a teacher without a checkpoint is trained",
+    )
+    student: StudentConfig = Field(StudentConfig(), description="the student's architecture and initialization")
+    training: TrainingConfig = Field(
+        TrainingConfig(steps=200, lr=2e-3, eval_every=50), description="distillation (and the baseline)"
+    )
+    loss: LossConfig = Field(LossConfig(), description="the distillation objective")
+    adversarial: AdversarialConfig = Field(AdversarialConfig(), description="adversarial distillation; off by default")
+    teacher_cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="offline teacher top-k; off by default")
     baseline: bool = Field(True, description="also train the student without a teacher, for the same steps")
-    logging: LoggingConfig = LoggingConfig()
+    logging: LoggingConfig = Field(LoggingConfig(), description="TensorBoard and progress bars")
 
     @model_validator(mode="after")
     def _consistent(self):

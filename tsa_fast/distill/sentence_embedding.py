@@ -124,7 +124,7 @@ class SentenceEmbeddingConfig(Section):
     name: str = Field("minilm_compress", description="the title of the results table")
     output_dir: str = Field("runs/minilm_compress", description="checkpoints, metrics, the student, table and plots")
     seed: int = Field(0, description="seed of the data order (and of dropout, where the student has any)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype; auto: bf16 on a GPU that has it, else fp32"
     )
@@ -139,13 +139,14 @@ class SentenceEmbeddingConfig(Section):
     student_config: dict[str, Any] = Field(
         {}, description="changes to the student's Hugging Face config, e.g. {hidden_dropout_prob: 0.0}"
     )
-    data: SentenceDataConfig = SentenceDataConfig()
-    training: TrainingConfig = TrainingConfig(
-        steps=200, batch_size=32, lr=5e-4, warmup_steps=20, eval_every=50, checkpoint_every=50
+    data: SentenceDataConfig = Field(SentenceDataConfig(), description="the sentences distilled on and evaluated")
+    training: TrainingConfig = Field(
+        TrainingConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=20, eval_every=50, checkpoint_every=50),
+        description="the distillation run",
     )
-    loss: SentenceLossConfig = SentenceLossConfig()
-    evaluation: SentenceEvaluationConfig = SentenceEvaluationConfig()
-    logging: LoggingConfig = LoggingConfig()
+    loss: SentenceLossConfig = Field(SentenceLossConfig(), description="the distillation objective")
+    evaluation: SentenceEvaluationConfig = Field(SentenceEvaluationConfig(), description="what is measured after")
+    logging: LoggingConfig = Field(LoggingConfig(), description="TensorBoard and progress bars")
 
     @field_validator("teacher")
     @classmethod
