@@ -26,12 +26,15 @@ def close(actual, expected):
 
 torch.manual_seed(0)
 s, t, labels = torch.randn(6, 50), torch.randn(6, 50), torch.randint(0, 50, (6,))
-close(tsa_fast.distillation_loss(s, t, labels, hard_weight=0.5), reference_distillation(s.double(), t.double(), labels, hard_weight=0.5))
+expected = reference_distillation(s.double(), t.double(), labels, hard_weight=0.5)
+close(tsa_fast.distillation_loss(s, t, labels, hard_weight=0.5), expected)
 h, w, th, tw = torch.randn(6, 8), torch.randn(50, 8), torch.randn(6, 12), torch.randn(50, 12)
-close(tsa_fast.fused_linear_distillation_loss(h, w, th, tw, labels), reference_fused(h.double(), w.double(), th.double(), tw.double(), labels))
+expected = reference_fused(h.double(), w.double(), th.double(), tw.double(), labels)
+close(tsa_fast.fused_linear_distillation_loss(h, w, th, tw, labels), expected)
 q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
 close(tsa_fast.attention(q, k, v, causal=True), reference_attention(q.double(), k.double(), v.double(), causal=True))
-close(tsa_fast.attention_transfer_loss(q, k, v, k), reference_attention_transfer(q.double(), k.double(), v.double(), k.double()))
+expected = reference_attention_transfer(q.double(), k.double(), v.double(), k.double())
+close(tsa_fast.attention_transfer_loss(q, k, v, k), expected)
 mha = tsa_fast.nn.MultiheadAttention(16, 2, batch_first=True)
 assert mha(q[0], q[0], q[0])[0].isfinite().all()
 print(",".join(backends.available_backends(torch.device("cpu"))))
@@ -46,6 +49,7 @@ print(",".join(backends.available_backends(torch.device("cpu"))))
 def test_works_without(blocked, backends):
     # Neither TRITON_INTERPRET nor a forced backend: CPU tensors take what the default dispatch picks.
     env = {name: value for name, value in os.environ.items() if name not in ("TRITON_INTERPRET", "TSA_FAST_BACKEND")}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, *blocked], capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-c", SCRIPT, *blocked]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == backends
