@@ -224,7 +224,9 @@ def check_weight_grad_pair_kernel(dtype, vocab: int, hidden_size: int, rows: int
     low = torch.zeros_like(high)
     expected = torch.zeros(vocab, hidden_size, dtype=torch.float64)
     for scale in (1.0, 1e-3, 1e-3, 1e-3, 1e-2):
-        grad = torch.randn(rows, vocab, device=DEVICE) * scale
+        # The logit gradient in the weight's dtype, as the op queues it on CUDA (an fp32 one would be rounded to
+        # it for the tensor cores on a GPU, and that rounding, not the pair, would be measured).
+        grad = (torch.randn(rows, vocab, device=DEVICE) * scale).to(dtype)
         hidden = torch.randn(rows, 2 * hidden_size, device=DEVICE, dtype=dtype)[:, ::2]  # strided
         triton_kernels.weight_grad_accumulate(high, low, grad, hidden)
         expected += grad.double().cpu().T @ hidden.double().cpu()
