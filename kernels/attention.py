@@ -401,6 +401,11 @@ def attention_forward(
     _launch(_attention_fwd_kernel, grid, meta["UPCAST"], q, k, v, key_padding_mask, out, lse, *args, *out.stride(), **meta)
 
 
+def delta_rows(block_dv: int) -> int:
+    """BLOCK_M of the delta kernel, a memory-bound row reduction: one fixed tile of about 4K elements."""
+    return max(16, 4096 // block_dv)
+
+
 def attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -421,7 +426,7 @@ def attention_backward(
     args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale)
     batch, heads, n_q = q.shape[:3]
     delta = torch.empty_like(lse)
-    block_delta = max(16, 4096 // meta["BLOCK_DV"])  # a memory-bound row reduction: one fixed tile
+    block_delta = delta_rows(meta["BLOCK_DV"])
     _attention_bwd_delta_kernel[(triton.cdiv(n_q, block_delta), batch * heads)](
         out, grad_out, grad_lse, delta, *out.stride(), *grad_out.stride(), heads, n_q, v.shape[3],
         BLOCK_M=block_delta, BLOCK_DV=meta["BLOCK_DV"],

@@ -67,10 +67,10 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
-def compile_for_gpus(kernel, config, constants: dict, types: dict, archs=(80, 90)) -> dict:
-    """Compile a Triton kernel (autotuned or plain) with one config for each arch, no GPU needed (Triton ships
-    ptxas); check that its shared memory fits that GPU; print and return {arch: (shared bytes, registers,
-    spilled bytes)} from ptxas. `constants` fix constexpr arguments, `types` maps the other arguments to
+def compile_for_gpus(kernel, config, constants: dict, types: dict) -> None:
+    """Compile a Triton kernel (autotuned or plain) with one config for sm_80 and sm_90, no GPU needed (Triton
+    ships ptxas); check that its shared memory fits that GPU; print its shared bytes, registers and spilled
+    bytes (from ptxas). `constants` fix constexpr arguments, `types` maps the other arguments to
     Triton types (pointers default to "*bf16", scalars to "i32"). Specialized as a launch on contiguous
     model-sized tensors is: unit strides belong in `constants` (Triton makes an int argument of 1 a constant),
     pointers and the other integers are taken as multiples of 16 (which lets masked loads vectorize and the
@@ -89,8 +89,7 @@ def compile_for_gpus(kernel, config, constants: dict, types: dict, archs=(80, 90
     index = {name: (position,) for position, name in enumerate(fn.arg_names)}
     aligned = {index[name]: [["tt.divisibility", 16]] for name, kind in signature.items() if kind.startswith(("*", "i"))}
     source = ASTSource(fn, signature, {index[name]: value for name, value in constants.items()}, attrs=aligned)
-    report = {}
-    for arch in archs:
+    for arch in SHARED_MEMORY_LIMIT:
         log = io.StringIO()
         with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
             knobs.nvidia.dump_ptxas_log = True  # ptxas -v: "Used R registers", "S bytes spill stores"
@@ -101,10 +100,8 @@ def compile_for_gpus(kernel, config, constants: dict, types: dict, archs=(80, 90
         registers = int(re.search(r"Used (\d+) registers", ptxas)[1])
         spilled = int(re.search(r"(\d+) bytes spill stores", ptxas)[1])
         shared = compiled.metadata.shared
-        report[arch] = shared, registers, spilled
         print(f"{fn.__name__} sm_{arch} {config}: {shared} bytes of shared memory, {registers} registers, {spilled} spilled")
         assert shared <= SHARED_MEMORY_LIMIT[arch], f"{fn.__name__} {config}: {shared} bytes of shared memory on sm_{arch}"
-    return report
 
 
 def unit_strides(kernel, suffixes: tuple[str, ...]) -> dict:

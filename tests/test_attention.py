@@ -437,7 +437,7 @@ def compile_attention_kernels():
             fp32 = {name: "*fp32" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
             compile_for_gpus(kernel, triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
                              dict(options, BLOCK_D=64, BLOCK_DV=64, **contiguous), {**types, **fp32})  # fmt: skip
-    delta_blocks = dict(BLOCK_M=32, BLOCK_DV=128)  # attention_backward's tile for head dims 65-128
+    delta_blocks = dict(BLOCK_M=kernels.delta_rows(128), BLOCK_DV=128)
     contiguous = unit_strides(kernels._attention_bwd_delta_kernel, ("d",))
     compile_for_gpus(kernels._attention_bwd_delta_kernel, triton.Config(delta_blocks), contiguous, types)
 

@@ -322,14 +322,14 @@ def compile_distillation_loss_kernel():
     types = dict(labels_ptr="*i64", loss_ptr="*fp32", inv_temperature="fp32", beta="fp32", soft_scale="fp32",
                  hard_weight="fp32", label_smoothing="fp32", softcap="fp32")  # fmt: skip
     options = dict(HAS_LABELS=True, HAS_HARD=True, HAS_SOFTCAP=True, COMPUTE_GRAD=True)
-    for vocab, divergences in ((128256, DIVERGENCES), (50, ["forward_kl"])):
+    no_options = {name: False for name in options} | dict(labels_ptr=None, grad_ptr=None)
+    forward_kl = DIVERGENCES.index("forward_kl")
+    cases = [(128256, dict(options, DIVERGENCE=DIVERGENCES.index(d))) for d in DIVERGENCES]
+    cases += [(128256, dict(no_options, DIVERGENCE=forward_kl)), (50, dict(options, DIVERGENCE=forward_kl))]
+    for vocab, constants in cases:
         block_rows, block_v, num_warps = kernels.tiles(8192, vocab)
         config = triton.Config(dict(BLOCK_ROWS=block_rows, BLOCK_V=block_v), num_warps=num_warps)
-        for divergence in divergences:
-            constants = dict(options, DIVERGENCE=DIVERGENCES.index(divergence))
-            compile_for_gpus(kernels._distillation_loss_fwd_kernel, config, constants, types)
-    no_options = {name: False for name in options} | dict(labels_ptr=None, grad_ptr=None, DIVERGENCE=0)  # forward KL
-    compile_for_gpus(kernels._distillation_loss_fwd_kernel, config, no_options, types)
+        compile_for_gpus(kernels._distillation_loss_fwd_kernel, config, constants, types)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas")
