@@ -349,7 +349,7 @@ def _attention_bwd_dkdv_kernel(
 # Launchers: the autotuned kernels on a GPU, one fixed configuration under the interpreter.
 
 # Under the interpreter (CPU tensors): small tiles of unequal sizes, so that short test sequences cross
-# several tiles, partial tiles and the causal diagonal. Tests may swap these.
+# several tiles, partial tiles and the causal diagonal. Tests may swap these, or set None to autotune there.
 INTERPRETER_BLOCKS = {
     _attention_fwd_kernel: dict(BLOCK_M=32, BLOCK_N=16),
     _attention_bwd_dkdv_kernel: dict(BLOCK_M=16, BLOCK_N=32),
@@ -360,7 +360,7 @@ INTERPRETER_BLOCKS = {
 def _launch(kernel, grid, interpreted, *args, **meta):
     """Run an autotuned kernel; under the interpreter with INTERPRETER_BLOCKS (timing configs there
     would measure nothing)."""
-    if interpreted:
+    if interpreted and INTERPRETER_BLOCKS is not None:
         blocks = INTERPRETER_BLOCKS[kernel]
         kernel.fn[grid(blocks)](*args, **meta, **blocks)
     else:

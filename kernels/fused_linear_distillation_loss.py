@@ -29,8 +29,11 @@ import triton.language as tl
 from .attention_transfer_loss import _dot
 
 # Candidates (BLOCK_V, BLOCK_H, BLOCK_K, num_warps, num_stages); autotuned per (V, H, dtype): the chunk
-# length K changes only the loop count. Under the interpreter (CPU tensors) one small fixed tile, so that
-# test shapes cross several tiles and partial tiles; tests may swap it.
+# length K changes only the loop count. The kernel adds to the pair in place, so the autotuner, which times
+# each candidate by launching it again and again on the real arguments, restores the pair after each
+# (a copy of it held during the first launch of each key only). Under the interpreter (CPU tensors) one
+# small fixed tile, so that test shapes cross several tiles and partial tiles; tests may swap it, or set it
+# to None to run the autotuner there too.
 CONFIGS = [
     triton.Config(dict(BLOCK_V=v, BLOCK_H=h, BLOCK_K=k), num_warps=w, num_stages=s)
     for v, h, k, w, s in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4))
@@ -38,7 +41,7 @@ CONFIGS = [
 INTERPRETER_BLOCKS = dict(BLOCK_V=32, BLOCK_H=16, BLOCK_K=16)
 
 
-@triton.autotune(CONFIGS, key=["vocab", "hidden_size"])
+@triton.autotune(CONFIGS, key=["vocab", "hidden_size"], restore_value=["high_ptr", "low_ptr"])
 @triton.jit
 def _weight_grad_accumulate_kernel(
     grad_ptr, hidden_ptr, high_ptr, low_ptr, n_rows, vocab, hidden_size,
@@ -65,7 +68,7 @@ def _weight_grad_accumulate_kernel(
         update += _dot(grad_t, hidden)
 
     # Epilogue: fold U into the pair, S split into its rounding (high) and the rest (low).
-    offsets = rows_v[:, None] * stride_wv + cols_h[None, :] * stride_wh
+    offsets = rows_v.to(tl.int64)[:, None] * stride_wv + cols_h[None, :] * stride_wh  # V x H may pass 2^31
     mask = in_v[:, None] & in_h[None, :]
     total = tl.load(high_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     total += tl.load(low_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + update
@@ -81,7 +84,8 @@ def weight_grad_accumulate(high: torch.Tensor, low: torch.Tensor, grad_logits: t
     args = (grad_logits, hidden, high, low, hidden.shape[0], vocab, hidden_size,
             *grad_logits.stride(), *hidden.stride(), *high.stride())  # fmt: skip
     grid = lambda blocks: (triton.cdiv(vocab, blocks["BLOCK_V"]), triton.cdiv(hidden_size, blocks["BLOCK_H"]))  # noqa: E731
-    if hidden.device.type == "cpu":  # the interpreter: one fixed tile (timing configs would measure nothing)
+    interpreted = hidden.device.type == "cpu"  # the interpreter has no bf16 arithmetic: upcast there
+    if interpreted and INTERPRETER_BLOCKS is not None:  # one fixed tile (timing configs would measure nothing)
         _weight_grad_accumulate_kernel.fn[grid(INTERPRETER_BLOCKS)](*args, UPCAST=True, **INTERPRETER_BLOCKS)
     else:
-        _weight_grad_accumulate_kernel[grid](*args, UPCAST=False)
+        _weight_grad_accumulate_kernel[grid](*args, UPCAST=interpreted)

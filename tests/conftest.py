@@ -104,6 +104,25 @@ def compile_for_gpus(kernel, config, constants: dict, types: dict) -> None:
         assert shared <= SHARED_MEMORY_LIMIT[arch], f"{fn.__name__} {config}: {shared} bytes of shared memory on sm_{arch}"
 
 
+def autotune_under_interpreter(monkeypatch, *kernels, launches: int = 3) -> list:
+    """Let Triton autotuners run under the interpreter as they do on a GPU at the first launch of a tuning key:
+    each candidate that pruning keeps is timed by launching it `launches` times on the real arguments (the GPU
+    timer launches it dozens of times), then the winner runs. All candidates time alike, so the first kept one
+    wins. Returns a list that gets one entry (the kernel's name) per candidate timed."""
+    timed = []
+    for kernel in kernels:
+
+        def launch_repeatedly(kernel_call, quantiles, name=kernel.base_fn.__name__):
+            for _ in range(launches):
+                kernel_call()
+            timed.append(name)
+            return [1.0] * len(quantiles)
+
+        monkeypatch.setattr(kernel, "cache", {})  # tune again, whatever ran before
+        monkeypatch.setitem(kernel.__dict__, "do_bench", launch_repeatedly)  # over a cached_property that needs a GPU
+    return timed
+
+
 def unit_strides(kernel, suffixes: tuple[str, ...]) -> dict:
     """{name: 1} for the kernel's `stride_*` arguments ending in one of `suffixes`: the strides of the
     contiguous dimensions, which a launch on contiguous tensors specializes to the constant 1."""

@@ -16,7 +16,7 @@ from tsa_fast.backends import triton_kernels
 from tsa_fast.reference.attention import attention as reference_attention
 from tsa_fast.reference.attention_transfer_loss import visible_keys
 
-from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled, unit_strides
+from conftest import DEVICE, assert_rel_close, autotune_under_interpreter, compile_for_gpus, rel_error, run_compiled, unit_strides
 
 # The "small atol" of the test rule, on relative norm errors: err <= 2 err(PyTorch, same dtype) + ATOL.
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -152,6 +152,21 @@ def test_autotuning_candidate_tiles(backend, monkeypatch, candidate):
     for (n_q, n_k), causal in (((300, 300), True), ((170, 290), True), ((290, 170), False)):
         q, k, v = make_inputs(batch=1, heads=2, heads_kv=1, n_q=n_q, n_k=n_k, d=24)
         check_against_reference(q, k, v, causal=causal, key_padding_mask=padding_mask(1, n_k))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_through_the_autotuner(backend, monkeypatch, dtype):
+    """The GPU's launch path, run here: Triton's autotuner prunes the candidates with this module's rule on the
+    real arguments and launches each one it keeps 3 times before the winner runs (the kernels write their
+    outputs, never add to them, so the repeats leave no trace)."""
+    kernels = tsa_fast.kernels.attention
+    tuned = (kernels._attention_fwd_kernel, kernels._attention_bwd_dkdv_kernel, kernels._attention_bwd_dq_kernel)
+    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", None)
+    timed = autotune_under_interpreter(monkeypatch, *tuned)
+    q, k, v = make_inputs(batch=1, heads=2, heads_kv=1, n_q=150, n_k=200, d=24, dtype=dtype)
+    check_against_reference(q, k, v, causal=True, key_padding_mask=padding_mask(1, 200))
+    assert {kernel.base_fn.__name__ for kernel in tuned} == set(timed)  # each tuned, on more than one candidate
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,7 +13,7 @@ from tsa_fast.reference.fused_linear_distillation_loss import fused_linear_disti
 
 from tsa_fast.backends import triton_kernels
 
-from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled, unit_strides
+from conftest import DEVICE, assert_rel_close, autotune_under_interpreter, compile_for_gpus, rel_error, run_compiled, unit_strides
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 # bf16 and model sizes: GPU only, run by benchmarks/gpu.sh (`-m gpu`).
@@ -217,6 +217,18 @@ def test_weight_grad_pair_kernel_candidate_tiles(monkeypatch, candidate):
     candidates = triton_kernels.fused_linear_distillation_loss.CONFIGS
     monkeypatch.setattr(triton_kernels.fused_linear_distillation_loss, "INTERPRETER_BLOCKS", candidates[candidate].kwargs)
     check_weight_grad_pair_kernel(torch.float16, vocab=300, hidden_size=150, rows=100)
+
+
+@pytest.mark.skipif(triton_kernels is None, reason="needs Triton")
+def test_weight_grad_pair_kernel_through_the_autotuner(monkeypatch):
+    """On a GPU the first launch for a (V, H, dtype) autotunes, launching every candidate again and again on
+    the real pair, which the kernel adds to in place: those launches must leave no trace. Run here through
+    Triton's autotuner under the interpreter, each candidate launched 3 times."""
+    kernels = triton_kernels.fused_linear_distillation_loss
+    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", None)
+    timed = autotune_under_interpreter(monkeypatch, kernels._weight_grad_accumulate_kernel)
+    check_weight_grad_pair_kernel(torch.float16, vocab=300, hidden_size=150, rows=100)
+    assert len(timed) == len(kernels.CONFIGS)  # tuned once, every candidate timed
 
 
 def check_weight_grad_pair_kernel(dtype, vocab: int, hidden_size: int, rows: int) -> None:
