@@ -229,11 +229,17 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _traced(tensor: Tensor) -> bool:
+    """Whether torch.compile is tracing `tensor`, whose values are then unknown: Dynamo, or AOT autograd
+    tracing a function allowed in the graph on fake tensors (torch 2.11's is_compiling says False there)."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode(tensor) is not None
+
+
 def _check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
     """Labels must be in [0, vocab) or ignore_index. On CPU: ValueError. On CUDA: an asynchronous device
     assert (as PyTorch's cross_entropy does), so the hot path never waits for the host. Skipped while
     torch.compile traces (the kernels' custom op checks again when it runs)."""
-    if torch.compiler.is_compiling():
+    if _traced(labels):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if labels.device.type == "cpu":

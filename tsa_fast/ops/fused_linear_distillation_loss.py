@@ -31,6 +31,7 @@ from tsa_fast.ops.distillation_loss import (
     LOSS_OPTIONS,
     _check_labels,
     _check_tensor,
+    _traced,
     check_labels_tensor,
     check_loss_options,
     distillation_loss_rows_and_grad,
@@ -179,7 +180,7 @@ def _check_linear(model: str, weight, bias, hidden: Tensor) -> None:
 
 def _check_topk_indices(indices: Tensor, vocab: int) -> None:
     """On CPU (a host-side check), outside torch.compile's tracing, as `_check_labels`."""
-    if indices.device.type == "cpu" and not torch.compiler.is_compiling():
+    if indices.device.type == "cpu" and not _traced(indices):
         bad = (indices < 0) | (indices >= vocab)
         if bad.any():
             raise ValueError(f"teacher_topk indices must be in [0, {vocab}), got {indices[bad][:8].tolist()}")
