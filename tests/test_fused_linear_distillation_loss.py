@@ -11,7 +11,7 @@ from tsa_fast.ops.fused_linear_distillation_loss import default_chunk_size
 from tsa_fast.reference.distillation_loss import DIVERGENCES
 from tsa_fast.reference.fused_linear_distillation_loss import fused_linear_distillation_loss as reference_loss
 
-from tsa_fast.backends import triton_kernels
+from tsa_fast.backends import available_backends, triton_kernels
 
 from conftest import DEVICE, assert_rel_close, autotune_under_interpreter, compile_for_gpus, rel_error, run_compiled, unit_strides
 
@@ -373,6 +373,27 @@ def test_labels_out_of_range_raise():
         tsa_fast.fused_linear_distillation_loss(**_student(), labels=torch.tensor([0, 25, 1, 2]), teacher_logits=torch.randn(4, 20))
 
 
+
+
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="needs a torch built with CUDA (CI's torch 2.11 run)")
+@pytest.mark.parametrize("backend", ["triton", "cpp"], indirect=True)
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_code_paths_on_fake_cuda_tensors(backend, monkeypatch, teacher, dtype):
+    """The op's CUDA-only branches, traced without a GPU: fp16/bf16 GEMMs with an fp32 result, the weight
+    gradient as a compensated pair, the device-side label check. The forward (which computes the gradients
+    too) runs on fake CUDA tensors, the kernels standing in by their fake implementations, and gives an fp32
+    scalar on the device. (The top-k and torch paths run autograd inside, whose engine needs a real device.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if backend not in available_backends(torch.device("cuda"), dtype):
+        pytest.skip(f"the {backend} backend has no CUDA kernels in this build")
+    monkeypatch.setitem(globals(), "DEVICE", torch.device("cuda"))  # make_problem's device
+    with FakeTensorMode():
+        student, teachers, labels = make_problem(ignore="none", teacher=teacher, dtype=dtype)
+        student = {k: v.requires_grad_() for k, v in student.items()}
+        loss = tsa_fast.fused_linear_distillation_loss(**student, **teachers, labels=labels, chunk_size=5, hard_weight=0.5)
+    assert (loss.shape, loss.dtype, loss.device.type) == ((), torch.float32, "cuda")
 
 
 @gpu
