@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_transfer_loss import _dot, _head, _load_tile, _scores, _visible
+from .attention_transfer_loss import _dot, _head, _load_tile, _scores, _visible, launch_autotuned
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -358,13 +358,9 @@ INTERPRETER_BLOCKS = {
 
 
 def _launch(kernel, grid, interpreted, *args, **meta):
-    """Run an autotuned kernel; under the interpreter with INTERPRETER_BLOCKS (timing configs there
-    would measure nothing)."""
-    if interpreted and INTERPRETER_BLOCKS is not None:
-        blocks = INTERPRETER_BLOCKS[kernel]
-        kernel.fn[grid(blocks)](*args, **meta, **blocks)
-    else:
-        kernel[grid](*args, **meta)
+    """Run an autotuned kernel; under the interpreter with its INTERPRETER_BLOCKS."""
+    blocks = INTERPRETER_BLOCKS[kernel] if interpreted and INTERPRETER_BLOCKS is not None else None
+    launch_autotuned(kernel, grid, blocks, *args, **meta)
 
 
 def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale):

@@ -255,6 +255,15 @@ def _attention_transfer_bwd_dk_kernel(
     tl.store(dk_ptrs, (dk * scale_s).to(dk_ptr.dtype.element_ty), mask=(cols[:, None] < n_k) & (dims_s[None, :] < d_s))
 
 
+def launch_autotuned(kernel, grid, fixed_blocks: dict | None, *args, **meta) -> None:
+    """Launch an autotuned kernel with the tile `fixed_blocks` (under the interpreter, where timing candidates
+    would measure nothing), or with None through its autotuner. `grid` maps a tile's blocks to the grid."""
+    if fixed_blocks is None:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid(fixed_blocks)](*args, **meta, **fixed_blocks)
+
+
 def _launch_args(q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s, scale_t):
     """The arguments every kernel shares (strides, sizes, scales) and its compile-time options."""
     batch, heads, n_q, d_s = q_s.shape

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_transfer_loss import _dot
+from .attention_transfer_loss import _dot, launch_autotuned
 
 # Candidates (BLOCK_V, BLOCK_H, BLOCK_K, num_warps, num_stages); autotuned per (V, H, dtype): the chunk
 # length K changes only the loop count. The kernel adds to the pair in place, so the autotuner, which times
@@ -85,7 +85,5 @@ def weight_grad_accumulate(high: torch.Tensor, low: torch.Tensor, grad_logits: t
             *grad_logits.stride(), *hidden.stride(), *high.stride())  # fmt: skip
     grid = lambda blocks: (triton.cdiv(vocab, blocks["BLOCK_V"]), triton.cdiv(hidden_size, blocks["BLOCK_H"]))  # noqa: E731
     interpreted = hidden.device.type == "cpu"  # the interpreter has no bf16 arithmetic: upcast there
-    if interpreted and INTERPRETER_BLOCKS is not None:  # one fixed tile (timing configs would measure nothing)
-        _weight_grad_accumulate_kernel.fn[grid(INTERPRETER_BLOCKS)](*args, UPCAST=True, **INTERPRETER_BLOCKS)
-    else:
-        _weight_grad_accumulate_kernel[grid](*args, UPCAST=interpreted)
+    launch_autotuned(_weight_grad_accumulate_kernel, grid, INTERPRETER_BLOCKS if interpreted else None, *args,
+                     UPCAST=interpreted)  # fmt: skip
