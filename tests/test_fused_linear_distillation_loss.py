@@ -21,20 +21,20 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 
 def make_problem(rows=12, hidden=16, teacher_hidden=24, vocab=70, *, bias=True, ignore="some", teacher="hidden",
-                 topk=9, temperature=1.0, dtype=torch.float32):  # fmt: skip
+                 topk=9, temperature=1.0, dtype=torch.float32, device=DEVICE):  # fmt: skip
     """Student tensors (requires_grad), teacher keyword arguments, labels."""
     student = dict(
-        student_hidden=torch.randn(rows, hidden, device=DEVICE, dtype=dtype),
-        student_weight=(torch.randn(vocab, hidden, device=DEVICE) / hidden**0.5).to(dtype),
+        student_hidden=torch.randn(rows, hidden, device=device, dtype=dtype),
+        student_weight=(torch.randn(vocab, hidden, device=device) / hidden**0.5).to(dtype),
     )
     if bias:
-        student["student_bias"] = torch.randn(vocab, device=DEVICE, dtype=dtype)
-    teacher_hidden_states = torch.randn(rows, teacher_hidden, device=DEVICE, dtype=dtype)
-    teacher_weight = (2 * torch.randn(vocab, teacher_hidden, device=DEVICE) / teacher_hidden**0.5).to(dtype)
+        student["student_bias"] = torch.randn(vocab, device=device, dtype=dtype)
+    teacher_hidden_states = torch.randn(rows, teacher_hidden, device=device, dtype=dtype)
+    teacher_weight = (2 * torch.randn(vocab, teacher_hidden, device=device) / teacher_hidden**0.5).to(dtype)
     if teacher == "hidden":
         teachers = dict(teacher_hidden=teacher_hidden_states, teacher_weight=teacher_weight)
         if bias:
-            teachers["teacher_bias"] = torch.randn(vocab, device=DEVICE, dtype=dtype)
+            teachers["teacher_bias"] = torch.randn(vocab, device=device, dtype=dtype)
     else:
         logits = (teacher_hidden_states.float() @ teacher_weight.float().T).to(dtype)
         if teacher == "logits":
@@ -42,9 +42,9 @@ def make_problem(rows=12, hidden=16, teacher_hidden=24, vocab=70, *, bias=True, 
         else:
             logprobs, indices = torch.log_softmax(logits.float() / temperature, -1).topk(topk, -1)
             teachers = dict(teacher_topk=(indices, logprobs))
-    labels = torch.randint(0, vocab, (rows,), device=DEVICE)
+    labels = torch.randint(0, vocab, (rows,), device=device)
     if ignore == "some":
-        labels[torch.rand(rows, device=DEVICE) < 0.35] = -100
+        labels[torch.rand(rows, device=device) < 0.35] = -100
     elif ignore == "all":
         labels.fill_(-100)
     return student, teachers, labels
@@ -379,7 +379,7 @@ def test_labels_out_of_range_raise():
 @pytest.mark.parametrize("backend", ["triton", "cpp"], indirect=True)
 @pytest.mark.parametrize("teacher", ["hidden", "logits"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_code_paths_on_fake_cuda_tensors(backend, monkeypatch, teacher, dtype):
+def test_cuda_code_paths_on_fake_cuda_tensors(backend, teacher, dtype):
     """The op's CUDA-only branches, traced without a GPU: fp16/bf16 GEMMs with an fp32 result, the weight
     gradient as a compensated pair, the device-side label check. The forward (which computes the gradients
     too) runs on fake CUDA tensors, the kernels standing in by their fake implementations, and gives an fp32
@@ -388,9 +388,8 @@ def test_cuda_code_paths_on_fake_cuda_tensors(backend, monkeypatch, teacher, dty
 
     if backend not in available_backends(torch.device("cuda"), dtype):
         pytest.skip(f"the {backend} backend has no CUDA kernels in this build")
-    monkeypatch.setitem(globals(), "DEVICE", torch.device("cuda"))  # make_problem's device
     with FakeTensorMode():
-        student, teachers, labels = make_problem(ignore="none", teacher=teacher, dtype=dtype)
+        student, teachers, labels = make_problem(ignore="none", teacher=teacher, dtype=dtype, device="cuda")
         student = {k: v.requires_grad_() for k, v in student.items()}
         loss = tsa_fast.fused_linear_distillation_loss(**student, **teachers, labels=labels, chunk_size=5, hard_weight=0.5)
     assert (loss.shape, loss.dtype, loss.device.type) == ((), torch.float32, "cuda")
