@@ -24,8 +24,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a YAML recipe (default: the built-in recipe)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in output_dir")
-    parser.add_argument("--deepspeed", action="append", metavar="DS.json",
-                        help="run under DeepSpeed with these teacher / student engine configs (configs/ds/); repeatable")
+    parser.add_argument(
+        "--deepspeed",
+        action="append",
+        metavar="DS.json",
+        help="run under DeepSpeed with these teacher / student engine configs (configs/ds/); repeatable",
+    )
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher; unused
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe options")
     args = parser.parse_args()

@@ -103,8 +103,18 @@ def test_attention(benchmark, impl, problem, causal, mode):
         step(fn, q, k, v, grad_out)  # warm-up: autotuning, compilation, first touch of memory
     except RuntimeError as error:  # an SDPA backend that cannot run this problem on this device
         pytest.skip(f"{impl}: {error}".splitlines()[0])
-    describe(benchmark, op="attention", mode=mode, impl=impl, dtype=DTYPE, size={"B": batch, "N": n}, x="N",
-             H=HEADS, D=d, mask="causal" if causal else "full")  # fmt: skip
+    describe(
+        benchmark,
+        op="attention",
+        mode=mode,
+        impl=impl,
+        dtype=DTYPE,
+        size={"B": batch, "N": n},
+        x="N",
+        H=HEADS,
+        D=d,
+        mask="causal" if causal else "full",
+    )
     measure(benchmark, step, fn, q, k, v, grad_out)
     flops = 4 * batch * HEADS * n * n * d * (3.5 if mode == "fwd+bwd" else 1) / (2 if causal else 1)
     record_roofline(benchmark, DTYPE, flops=flops)

@@ -111,8 +111,17 @@ def test_attention_transfer_loss(benchmark, impl, size, mode):
     inputs = make_inputs(batch, HEADS, n, DTYPE, mode)
     fn = loss_fn(impl)
     step(fn, *inputs)  # warm-up: compilation, autotuning, first touch of memory, the .grad buffers
-    describe(benchmark, op="attention_transfer_loss", mode=mode, impl=impl, dtype=DTYPE, size={"B": batch, "N": n},
-             x="N", H=HEADS, D=HEAD_DIM)  # fmt: skip
+    describe(
+        benchmark,
+        op="attention_transfer_loss",
+        mode=mode,
+        impl=impl,
+        dtype=DTYPE,
+        size={"B": batch, "N": n},
+        x="N",
+        H=HEADS,
+        D=HEAD_DIM,
+    )
     measure(benchmark, step, fn, *inputs)
     if impl != "attention_forward":  # the yardstick's FLOPs are not these
         per_score_and_dim = 4 if mode == "fwd" else 12 if impl == "cpp" else 16

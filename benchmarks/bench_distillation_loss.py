@@ -62,14 +62,20 @@ MODES = ["fwd", "fwd+bwd"]
 
 # What is compared: each kernel backend that runs here, the reference and the peers (the Liger ones skip
 # without CUDA or the package).
-BACKENDS = [b for b in ("triton", "cpp") if b in available_backends(DEVICE, DTYPE) and not (b == "triton" and DEVICE.type == "cpu")]
+BACKENDS = [
+    b
+    for b in ("triton", "cpp")
+    if b in available_backends(DEVICE, DTYPE) and not (b == "triton" and DEVICE.type == "cpu")
+]
 IMPLS = BACKENDS + ["reference", "reference_compiled", "kldivloss", "kldivloss_compiled", "liger_kldiv", "liger_jsd"]
 
 
 def kldivloss(student, teacher):
     """Hinton's KD loss as KD toolkits write it (torchdistill's KDLoss, an nn.KLDivLoss, and most tutorials)."""
     T = TEMPERATURE
-    return nn.KLDivLoss(reduction="batchmean")(F.log_softmax(student / T, dim=-1), F.softmax(teacher / T, dim=-1)) * T**2
+    return (
+        nn.KLDivLoss(reduction="batchmean")(F.log_softmax(student / T, dim=-1), F.softmax(teacher / T, dim=-1)) * T**2
+    )
 
 
 def loss_fn(impl: str):

@@ -118,8 +118,12 @@ def autocast():
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Hinton's KD loss plus the hard-label term, as KD toolkits write it, on (tokens, V) logits."""
     T = TEMPERATURE
-    soft = F.kl_div(F.log_softmax(student_logits / T, dim=-1), F.softmax(teacher_logits / T, dim=-1),
-                    reduction="batchmean") * T**2  # fmt: skip
+    soft = (
+        F.kl_div(
+            F.log_softmax(student_logits / T, dim=-1), F.softmax(teacher_logits / T, dim=-1), reduction="batchmean"
+        )
+        * T**2
+    )
     return soft + HARD_WEIGHT * F.cross_entropy(student_logits, labels)
 
 
@@ -131,10 +135,18 @@ class EngineStep:
         self.student = copy.deepcopy(template)
         loss = LossConfig(fused=fused, temperature=TEMPERATURE, hard_weight=HARD_WEIGHT)
         objective = DistillationObjective(loss, "lm", self.student.config, teacher.config)
-        training = TrainingConfig(steps=10**9, batch_size=BATCH, lr=LR, warmup_steps=0, weight_decay=WEIGHT_DECAY,
-                                  clip_grad=CLIP)  # fmt: skip
-        phase = Phase(name="distill", out_dir=Path(tempfile.gettempdir()), training=training, seed=0, device=DEVICE,
-                      precision=PRECISION, logging=LoggingConfig(tensorboard=False, progress=False))  # fmt: skip
+        training = TrainingConfig(
+            steps=10**9, batch_size=BATCH, lr=LR, warmup_steps=0, weight_decay=WEIGHT_DECAY, clip_grad=CLIP
+        )
+        phase = Phase(
+            name="distill",
+            out_dir=Path(tempfile.gettempdir()),
+            training=training,
+            seed=0,
+            device=DEVICE,
+            precision=PRECISION,
+            logging=LoggingConfig(tensorboard=False, progress=False),
+        )
         data = SimpleNamespace(task="lm", train=batch())
         self.distiller = Distiller(self.student, objective, data, phase, Teachers([teacher], [1.0], "lm"))
 
@@ -187,8 +199,9 @@ def reference_value() -> torch.Tensor:
     with torch.no_grad():
         student_logits = student.logits(student(data["input_ids"]).hidden).flatten(0, 1).float()
         teacher_logits = teacher.logits(teacher(data["input_ids"]).hidden).flatten(0, 1).float()
-        return reference_loss(student_logits, teacher_logits, data["labels"].flatten(), temperature=TEMPERATURE,
-                              hard_weight=HARD_WEIGHT)  # fmt: skip
+        return reference_loss(
+            student_logits, teacher_logits, data["labels"].flatten(), temperature=TEMPERATURE, hard_weight=HARD_WEIGHT
+        )
 
 
 def forward_flops(model: TransformerConfig, tokens: int) -> int:
@@ -207,9 +220,19 @@ def step_flops() -> int:
 def test_distillation_step(benchmark, impl):
     step = make_step(impl)
     loss = step()  # warm-up at the initial weights: compilation, autotuning, optimizer state, the .grad buffers
-    describe(benchmark, op="distillation_step", mode="fwd+bwd+step", impl=impl, dtype=DTYPE,
-             size={"tokens": BATCH * SEQ}, x="tokens", N=SEQ, V=VOCAB, student=shape_name(STUDENT),
-             teacher=shape_name(TEACHER))  # fmt: skip
+    describe(
+        benchmark,
+        op="distillation_step",
+        mode="fwd+bwd+step",
+        impl=impl,
+        dtype=DTYPE,
+        size={"tokens": BATCH * SEQ},
+        x="tokens",
+        N=SEQ,
+        V=VOCAB,
+        student=shape_name(STUDENT),
+        teacher=shape_name(TEACHER),
+    )
     check_loss(impl, torch.tensor(loss, dtype=torch.float64), reference_value(), DTYPE, benchmark)
     measure(benchmark, step)
     record_roofline(benchmark, DTYPE, flops=step_flops())

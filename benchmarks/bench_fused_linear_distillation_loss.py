@@ -118,8 +118,17 @@ def test_fused_linear_distillation_loss(benchmark, impl, mode):
     fn = loss_fn(impl)
     inputs = make_inputs(ROWS, HIDDEN, VOCAB, DTYPE, mode)
     loss = step(fn, inputs)  # warm-up: compilation, first touch of memory
-    describe(benchmark, op="fused_linear_distillation_loss", mode=mode, impl=impl, dtype=DTYPE, size={"N": ROWS},
-             x="N", H=HIDDEN, V=VOCAB)  # fmt: skip
+    describe(
+        benchmark,
+        op="fused_linear_distillation_loss",
+        mode=mode,
+        impl=impl,
+        dtype=DTYPE,
+        size={"N": ROWS},
+        x="N",
+        H=HIDDEN,
+        V=VOCAB,
+    )
     check_loss(impl, loss, reference_value(), DTYPE, benchmark)
     measure(benchmark, step, fn, inputs)
     record_roofline(benchmark, DTYPE, flops=(8 if mode == "fwd+bwd" else 4) * ROWS * HIDDEN * VOCAB)

@@ -23,7 +23,9 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="where the JSON, log, report and plots go (default: a temporary directory)")
+    parser.add_argument(
+        "--out", type=Path, help="where the JSON, log, report and plots go (default: a temporary directory)"
+    )
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="tsa_fast-bench-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -32,17 +34,43 @@ def main(argv: list[str] | None = None) -> int:
         env.pop(name, None)
     root = Path(__file__).resolve().parent.parent
     start = time.monotonic()
-    command = [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "-rfE",
-               f"--benchmark-json={out / 'smoke.json'}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "benchmarks",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rfE",
+        f"--benchmark-json={out / 'smoke.json'}",
+    ]
     with open(out / "pytest.log", "w") as log:
-        status = subprocess.run(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        status = subprocess.run(
+            command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, check=False
+        ).returncode
     lines = (out / "pytest.log").read_text().splitlines()
-    summary = next((line for line in reversed(lines) if " in " in line and ("passed" in line or "failed" in line or "error" in line)), "")
-    print(f"benchmarks (smoke, CPU): {summary or 'no summary'} [{time.monotonic() - start:.0f} s; log, JSON, report and plots in {out}]")
+    summary = next(
+        (
+            line
+            for line in reversed(lines)
+            if " in " in line and ("passed" in line or "failed" in line or "error" in line)
+        ),
+        "",
+    )
+    print(
+        f"benchmarks (smoke, CPU): {summary or 'no summary'} [{time.monotonic() - start:.0f} s;"
+        f" log, JSON, report and plots in {out}]"
+    )
     if status != 0:
         print(f"pytest exit status {status}; the end of its log:\n" + "\n".join(lines[-60:]))
         return 1
-    report = subprocess.run([sys.executable, "-m", "benchmarks.report", str(out / "smoke.json"), "--out", str(out)], cwd=root, env=env, check=False)
+    report = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", str(out / "smoke.json"), "--out", str(out)],
+        cwd=root,
+        env=env,
+        check=False,
+    )
     return 0 if report.returncode == 0 else 1
 
 

@@ -60,10 +60,18 @@ def describe(benchmark, *, op: str, mode: str, impl: str, dtype: torch.dtype, si
     tail = f"{dtype_name(dtype)} {device_name()}"
     benchmark.group = " ".join(part for part in (op, mode, sizes, params, tail) if part)
     benchmark.extra_info.update(
-        impl=impl, kind=impl_kind(impl), op=op, mode=mode, **size, **fixed, dtype=dtype_name(dtype),
-        device=device_name(), figure=" ".join(part for part in (op, mode, params, tail) if part),
-        x=x, size=size[x],
-    )  # fmt: skip
+        impl=impl,
+        kind=impl_kind(impl),
+        op=op,
+        mode=mode,
+        **size,
+        **fixed,
+        dtype=dtype_name(dtype),
+        device=device_name(),
+        figure=" ".join(part for part in (op, mode, params, tail) if part),
+        x=x,
+        size=size[x],
+    )
 
 
 def measure(benchmark, step, *args) -> None:
@@ -192,7 +200,11 @@ def record_roofline(benchmark, dtype: torch.dtype, *, bytes_moved: float | None 
     if flops is not None:
         benchmark.extra_info["TFLOPs"] = flops / seconds / 1e12
         benchmark.extra_info["flops_fraction"] = flops / seconds / ceilings["flops"]
-        rate = f"{ceilings['flops'] / 1e12:.0f} TFLOP/s" if ceilings["flops"] >= 1e13 else f"{ceilings['flops'] / 1e9:.0f} GFLOP/s"
+        rate = (
+            f"{ceilings['flops'] / 1e12:.0f} TFLOP/s"
+            if ceilings["flops"] >= 1e13
+            else f"{ceilings['flops'] / 1e9:.0f} GFLOP/s"
+        )
         basis.append(f"{dtype_name(dtype)} matmul {rate}")
     note = f"; {DATASHEET[device_name()]}" if device_name() in DATASHEET else ""
     benchmark.extra_info["roofline"] = f"{device_name()}: measured {', '.join(basis)}{note}"
@@ -209,7 +221,9 @@ def check_loss(impl: str, loss: torch.Tensor, expected: torch.Tensor, dtype: tor
     if benchmark is not None:
         benchmark.extra_info["loss_rel_err"] = error
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    assert error <= tolerance, f"{impl}: loss {loss.item()} differs from the reference's {expected.item()} (rel {error:.1e})"
+    assert error <= tolerance, (
+        f"{impl}: loss {loss.item()} differs from the reference's {expected.item()} (rel {error:.1e})"
+    )
 
 
 def liger(module: str):
@@ -220,4 +234,3 @@ def liger(module: str):
     if DEVICE.type != "cuda":
         pytest.skip("Liger-Kernel runs on CUDA only")
     return pytest.importorskip(f"liger_kernel.transformers.{module}", reason="liger-kernel is not installed")
-

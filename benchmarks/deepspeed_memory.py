@@ -45,7 +45,9 @@ RUNS = [  # (directory, name, DeepSpeed config: None for plain `python train.py`
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where results.json and results.md go")
-    parser.add_argument("--teacher", default="{d_model: 1024, n_layers: 16, n_heads: 16}", help="the teacher's shape (YAML)")
+    parser.add_argument(
+        "--teacher", default="{d_model: 1024, n_layers: 16, n_heads: 16}", help="the teacher's shape (YAML)"
+    )
     parser.add_argument("--steps", type=int, default=4, help="distillation steps per run")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -63,18 +65,36 @@ def benchmark(teacher: str, steps: int, out: Path) -> dict:
     corpus = out / "corpus.txt"
     corpus.write_text("\n\n".join(topics[name] for name in sorted(topics))[:150_000])
     recipe = [
-        f"data.source={corpus}", "data.vocab_size=4096", "data.seq_len=128", "data.splits=[0.96, 0.02, 0.02]",
-        f"data.cache_dir={out / 'cache'}", f"teachers.0.model={teacher}", f"teachers.0.checkpoint={out / 'teacher.pt'}",
-        "student.model={d_model: 256, n_layers: 2, n_heads: 4}", f"training.steps={steps}", "training.batch_size=4",
-        "training.warmup_steps=1", "baseline=false", "threads=1", "logging.progress=false", "logging.tensorboard=false",
-    ]  # fmt: skip
+        f"data.source={corpus}",
+        "data.vocab_size=4096",
+        "data.seq_len=128",
+        "data.splits=[0.96, 0.02, 0.02]",
+        f"data.cache_dir={out / 'cache'}",
+        f"teachers.0.model={teacher}",
+        f"teachers.0.checkpoint={out / 'teacher.pt'}",
+        "student.model={d_model: 256, n_layers: 2, n_heads: 4}",
+        f"training.steps={steps}",
+        "training.batch_size=4",
+        "training.warmup_steps=1",
+        "baseline=false",
+        "threads=1",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+    ]
     teacher_bytes = write_random_teacher(recipe, out / "teacher.pt")
 
-    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
-               "teacher": yaml.safe_load(teacher), "steps": steps, "runs": {}}  # fmt: skip
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "teacher": yaml.safe_load(teacher),
+        "steps": steps,
+        "runs": {},
+    }
     for directory, name, ds_config in RUNS:
         print(f"{name} ...", flush=True)
-        results["runs"][name] = measure([*recipe, f"output_dir={out / directory}"], ds_config, out / directory, teacher_bytes)
+        results["runs"][name] = measure(
+            [*recipe, f"output_dir={out / directory}"], ds_config, out / directory, teacher_bytes
+        )
     return results
 
 
@@ -99,8 +119,15 @@ def measure(recipe: list[str], ds_config: str | None, run_dir: Path, teacher_byt
         if status:
             raise RuntimeError(f"train.py failed: {recipe}")
         tokens = json.loads((run_dir / "results.json").read_text())["distilled"]["train_tokens_per_s"]
-        return [{"rank": 0, "teacher_param_bytes": teacher_bytes, "teacher_param_bytes_total": teacher_bytes,
-                 "peak_memory_bytes": usage.ru_maxrss * 1024, "distilled_tokens_per_s": tokens}]  # fmt: skip
+        return [
+            {
+                "rank": 0,
+                "teacher_param_bytes": teacher_bytes,
+                "teacher_param_bytes_total": teacher_bytes,
+                "peak_memory_bytes": usage.ru_maxrss * 1024,
+                "distilled_tokens_per_s": tokens,
+            }
+        ]
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2"]
     ds = ["--deepspeed", str(ROOT / "configs" / "ds" / ds_config)]
     subprocess.run([*launcher, train[0], *ds, *train[1:]], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -109,15 +136,21 @@ def measure(recipe: list[str], ds_config: str | None, run_dir: Path, teacher_byt
 
 def markdown(results: dict) -> str:
     lines = [
-        (f"Teacher {results['teacher']}, {results['steps']} distillation steps, one thread per process;"
-         f" {results['machine']}, torch {results['torch']}."), "",
-        "| run | rank | teacher parameters held | of the teacher | peak memory | distillation tokens/s |", "|---|---|---|---|---|---|",
-    ]  # fmt: skip
+        (
+            f"Teacher {results['teacher']}, {results['steps']} distillation steps, one thread per process;"
+            f" {results['machine']}, torch {results['torch']}."
+        ),
+        "",
+        "| run | rank | teacher parameters held | of the teacher | peak memory | distillation tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, ranks in results["runs"].items():
         for r in ranks:
             share = r["teacher_param_bytes"] / r["teacher_param_bytes_total"]
-            lines.append(f"| {name} | {r['rank']} | {r['teacher_param_bytes'] / 2**20:,.0f} MiB | {share:.0%} |"
-                         f" {r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['distilled_tokens_per_s']:,.0f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {r['rank']} | {r['teacher_param_bytes'] / 2**20:,.0f} MiB | {share:.0%} |"
+                f" {r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['distilled_tokens_per_s']:,.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -43,9 +43,16 @@ def load_rows(paths: list[Path]) -> dict[str, list[dict]]:
         for bench in json.loads(path.read_text())["benchmarks"]:
             stats, info = bench["stats"], bench["extra_info"]
             groups[bench["group"]].append(
-                dict(info, median=stats["median"], iqr=stats["iqr"], rounds=stats["rounds"], group=bench["group"],
-                     kind=info.get("kind", impl_kind(info["impl"])), figure=info.get("figure", bench["group"]))
-            )  # fmt: skip
+                dict(
+                    info,
+                    median=stats["median"],
+                    iqr=stats["iqr"],
+                    rounds=stats["rounds"],
+                    group=bench["group"],
+                    kind=info.get("kind", impl_kind(info["impl"])),
+                    figure=info.get("figure", bench["group"]),
+                )
+            )
     return groups
 
 
@@ -88,16 +95,29 @@ def group_table(rows: list[dict]) -> list[str]:
     """The table of one group: every implementation, fastest first."""
     reference, compiled = _find(rows, "reference"), _find(rows, "reference_compiled")
     optional = [column for column in OPTIONAL_COLUMNS if any(column[0] in row for row in rows)]
-    header = ["impl", "kind", "median ms (IQR)", "speed-up vs reference", "vs compiled reference", "peak extra MB",
-              "memory vs reference"] + [title for _, title, _ in optional]  # fmt: skip
+    header = [
+        "impl",
+        "kind",
+        "median ms (IQR)",
+        "speed-up vs reference",
+        "vs compiled reference",
+        "peak extra MB",
+        "memory vs reference",
+    ] + [title for _, title, _ in optional]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in sorted(rows, key=lambda r: r["median"]):
         memory = "-"
         if reference and "peak_extra_MB" in row and reference.get("peak_extra_MB", 0) > 0:
             memory = _ratio(row["peak_extra_MB"] / reference["peak_extra_MB"])
-        cells = [row["impl"], row["kind"], _median_iqr(row),
-                 _speedup(row, reference), _speedup(row, compiled),
-                 _num(row["peak_extra_MB"]) if "peak_extra_MB" in row else "-", memory]  # fmt: skip
+        cells = [
+            row["impl"],
+            row["kind"],
+            _median_iqr(row),
+            _speedup(row, reference),
+            _speedup(row, compiled),
+            _num(row["peak_extra_MB"]) if "peak_extra_MB" in row else "-",
+            memory,
+        ]
         cells += [fmt(row[key]) if key in row else "-" for key, _, fmt in optional]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -110,8 +130,10 @@ def peer_table(rows: list[dict]) -> list[str]:
     peers = sorted((row for row in rows if row["kind"] == "peer"), key=lambda r: r["median"])
     if not ours or not peers:
         return []
-    lines = ["| tsa_fast | " + " | ".join(f"vs {peer['impl']}: speed-up, memory" for peer in peers) + " |",
-             "|" + "---|" * (len(peers) + 1)]  # fmt: skip
+    lines = [
+        "| tsa_fast | " + " | ".join(f"vs {peer['impl']}: speed-up, memory" for peer in peers) + " |",
+        "|" + "---|" * (len(peers) + 1),
+    ]
     for row in ours:
         cells = []
         for peer in peers:
@@ -150,10 +172,15 @@ def plot_figure(figure: str, groups: list[tuple[str, list[dict]]], path: Path) -
     impls = sorted({row["impl"] for row in rows}, key=lambda impl: (order[impl_kind(impl)], impl))
     sized = len({row.get("size") for row in rows}) > 1
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, scale, title in ((axes[0], "median", 1e3, "median time (ms)"), (axes[1], "peak_extra_MB", 1, "peak extra memory (MB)")):
+    for ax, key, scale, title in (
+        (axes[0], "median", 1e3, "median time (ms)"),
+        (axes[1], "peak_extra_MB", 1, "peak extra memory (MB)"),
+    ):
         if sized:
             for impl in impls:
-                points = sorted((row["size"], row[key] * scale) for row in rows if row["impl"] == impl and row.get(key, 0) > 0)
+                points = sorted(
+                    (row["size"], row[key] * scale) for row in rows if row["impl"] == impl and row.get(key, 0) > 0
+                )
                 if points:
                     style = "--" if impl_kind(impl) == "reference" else ":" if impl_kind(impl) == "peer" else "-"
                     ax.plot(*zip(*points), style, marker="o", label=impl)
@@ -163,7 +190,9 @@ def plot_figure(figure: str, groups: list[tuple[str, list[dict]]], path: Path) -
             ax.minorticks_off()
             ax.set_xlabel(rows[0].get("x", "size"))
         else:
-            values = [next((row[key] * scale for row in rows if row["impl"] == impl and key in row), 0) for impl in impls]
+            values = [
+                next((row[key] * scale for row in rows if row["impl"] == impl and key in row), 0) for impl in impls
+            ]
             ax.bar(range(len(impls)), values, color=[f"C{i}" for i in range(len(impls))])
             ax.set_xticks(range(len(impls)), impls, rotation=30, ha="right")
         if sized and any(row.get(key, 0) > 0 for row in rows):
@@ -219,7 +248,8 @@ NO_GPU = (
 LEGEND = (
     "Median over the timed rounds, IQR in parentheses. *peak extra MB*: on a GPU the CUDA allocator's peak "
     "during one step above what was allocated before it; on the CPU the growth of resident memory during one "
-    "step in a fresh process (in this process for smoke runs), the new `.grad` included. *kind*: `tsa_fast` (this package), `reference` "
+    "step in a fresh process (in this process for smoke runs), the new `.grad` included. "
+    "*kind*: `tsa_fast` (this package), `reference` "
     "(its pure-PyTorch reference, eager or under torch.compile), `peer` (what users would otherwise pick). "
     "Rooflines: the least bytes the problem moves over the copy bandwidth, or its FLOPs over the "
     "matrix-product rate, both measured on the device in the same run."
@@ -231,7 +261,11 @@ def results_files(results: list[Path]) -> list[Path]:
     a one-off measurement's record, is left alone)."""
     files = []
     for path in results:
-        files += sorted(f for f in path.glob("*.json") if "benchmarks" in json.loads(f.read_text())) if path.is_dir() else [path]
+        files += (
+            sorted(f for f in path.glob("*.json") if "benchmarks" in json.loads(f.read_text()))
+            if path.is_dir()
+            else [path]
+        )
     return files
 
 
@@ -242,24 +276,48 @@ def run_title(files: list[Path], groups: dict[str, list[dict]]) -> str:
     data = json.loads(files[0].read_text())
     devices = sorted({row.get("device", "?") for rows in groups.values() for row in rows})
     cpu = data["machine_info"]["cpu"]
-    devices = [f"CPU ({cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores)" if d == "cpu" else d for d in devices]
+    devices = [
+        f"CPU ({cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores)" if d == "cpu" else d for d in devices
+    ]
     return f"{', '.join(devices)}, {data['datetime'][:10]}"
 
 
 def summary_table(groups: dict[str, list[dict]]) -> list[str]:
     """One row per (problem, tsa_fast implementation): the figures a reader looks for first."""
-    header = ["problem", "impl", "median ms (IQR)", "vs reference", "vs compiled reference", "vs fastest peer",
-              "peak extra MB", "memory vs reference", "of roofline"]  # fmt: skip
+    header = [
+        "problem",
+        "impl",
+        "median ms (IQR)",
+        "vs reference",
+        "vs compiled reference",
+        "vs fastest peer",
+        "peak extra MB",
+        "memory vs reference",
+        "of roofline",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, rows in groups.items():
         reference, compiled = _find(rows, "reference"), _find(rows, "reference_compiled")
         peers = sorted((row for row in rows if row["kind"] == "peer"), key=lambda r: r["median"])
         for row in sorted((row for row in rows if row["kind"] == "tsa_fast"), key=lambda r: r["median"]):
             peer = f"{_speedup(row, peers[0])} ({peers[0]['impl']})" if peers else "-"
-            memory = _ratio(row["peak_extra_MB"] / reference["peak_extra_MB"]) if reference and reference.get("peak_extra_MB") else "-"
+            memory = (
+                _ratio(row["peak_extra_MB"] / reference["peak_extra_MB"])
+                if reference and reference.get("peak_extra_MB")
+                else "-"
+            )
             fraction = row.get("roofline_fraction", row.get("flops_fraction"))
-            cells = [group, row["impl"], _median_iqr(row), _speedup(row, reference), _speedup(row, compiled), peer,
-                     _num(row.get("peak_extra_MB", 0)), memory, "-" if fraction is None else f"{fraction:.0%}"]  # fmt: skip
+            cells = [
+                group,
+                row["impl"],
+                _median_iqr(row),
+                _speedup(row, reference),
+                _speedup(row, compiled),
+                peer,
+                _num(row.get("peak_extra_MB", 0)),
+                memory,
+                "-" if fraction is None else f"{fraction:.0%}",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -271,7 +329,9 @@ def write_report(results: list[Path], out: Path) -> tuple[str, dict[str, list[di
     files = results_files(results)
     groups = load_rows(files)
     sources = ", ".join(str(path) for path in results)
-    header = f"# Benchmarks: {run_title(files, groups)}\n\nFrom {sources}; generated by `python -m benchmarks.report`.\n\n"
+    header = (
+        f"# Benchmarks: {run_title(files, groups)}\n\nFrom {sources}; generated by `python -m benchmarks.report`.\n\n"
+    )
     text = header + markdown(groups, report.parent)
     report.write_text(text + "\n")
     return text, groups
@@ -295,7 +355,12 @@ def readme_section(directories: list[Path], readme: Path) -> str:
         environment_file = directory / "environment.txt"
         environment = environment_file.read_text().strip().splitlines() if environment_file.exists() else []
         gpu |= any(row.get("device", "cpu") != "cpu" for rows in groups.values() for row in rows)
-        lines += [f"### {title}", "", f"From `{rel(directory)}` (full tables: [report.md]({rel(directory / 'report.md')})).", ""]
+        lines += [
+            f"### {title}",
+            "",
+            f"From `{rel(directory)}` (full tables: [report.md]({rel(directory / 'report.md')})).",
+            "",
+        ]
         lines += [f"- {line}" for line in environment] + ([""] if environment else [])
         lines += [*summary_table(groups), ""]
         for figure in by_figure(groups):
@@ -312,14 +377,18 @@ def update_readme(readme: Path, section: str) -> None:
     begin, end = text.find(README_BEGIN), text.find(README_END)
     if begin < 0 or end < begin:
         raise SystemExit(f"{readme}: no {README_BEGIN} ... {README_END} markers")
-    readme.write_text(text[:begin] + section + text[end + len(README_END):])
+    readme.write_text(text[:begin] + section + text[end + len(README_END) :])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="pytest-benchmark JSON files or results directories")
-    parser.add_argument("--out", type=Path, help="write the Markdown here (a .md file, or DIR/report.md) and the plots beside it")
-    parser.add_argument("--readme", type=Path, help="regenerate this README's performance section from results directories")
+    parser.add_argument(
+        "--out", type=Path, help="write the Markdown here (a .md file, or DIR/report.md) and the plots beside it"
+    )
+    parser.add_argument(
+        "--readme", type=Path, help="regenerate this README's performance section from results directories"
+    )
     args = parser.parse_args(argv)
     if args.readme:
         not_dirs = [str(path) for path in args.results if not path.is_dir()]

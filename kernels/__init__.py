@@ -6,6 +6,10 @@ from .distillation_loss import distillation_loss_forward
 from .fused_linear_distillation_loss import weight_grad_accumulate
 
 __all__ = [
-    "attention_backward", "attention_forward", "attention_transfer_backward", "attention_transfer_forward",
-    "distillation_loss_forward", "weight_grad_accumulate",
+    "attention_backward",
+    "attention_forward",
+    "attention_transfer_backward",
+    "attention_transfer_forward",
+    "distillation_loss_forward",
+    "weight_grad_accumulate",
 ]

@@ -13,7 +13,8 @@ bool, True = keep, any strides, or None.
 
 Math, per (b, h, query row i), over the visible keys j (kept, and j <= i + N_k - N_q when causal: aligned
 bottom-right), in base 2 with the scale folded in (qk_scale = scale * log2(e), exp2 is the fast path):
-    s_ij = qk_scale q_i . k_j,   m_i = max_j s_ij,   l_i = sum_j 2^(s_ij - m_i),   out_i = sum_j 2^(s_ij - m_i) v_j / l_i
+    s_ij = qk_scale q_i . k_j,   m_i = max_j s_ij,   l_i = sum_j 2^(s_ij - m_i),
+    out_i = sum_j 2^(s_ij - m_i) v_j / l_i
     lse_i = ln(2) (m_i + log2 l_i),   p_ij = 2^(s_ij - lse_i log2(e))   (recomputed in the backward)
     dv_j = sum_i p_ij do_i,   ds_ij = p_ij (do_i . v_j - delta_i),   delta_i = do_i . out_i - dlse_i
     dq_i = scale sum_j ds_ij k_j,   dk_j = scale sum_i ds_ij q_i
@@ -89,8 +90,20 @@ DQ_CONFIGS = _configs((64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 
 
 
 @triton.jit
-def _tile_scores(q, k, rows, cols, mask_ptr, stride_mask_n, n_q, n_k, qk_scale,
-                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+def _tile_scores(
+    q,
+    k,
+    rows,
+    cols,
+    mask_ptr,
+    stride_mask_n,
+    n_q,
+    n_k,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """qk_scale * q k^T for (rows, cols); with MASKED, -inf where key j is out of range, padded (HAS_MASK) or
     past row i's diagonal (CAUSAL). Tiles that every row sees in full skip the mask (MASKED=False)."""
     if MASKED:
@@ -138,10 +151,35 @@ def _row_stats(lse_ptr, delta_ptr, rows, n_q):
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, mask_ptr, rows, start, end, stride_kn, stride_kd, stride_vn, stride_vd,
-               stride_mask_n, n_q, n_k, d, d_v, qk_scale, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-               MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr):  # fmt: skip
+def _fwd_tiles(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    rows,
+    start,
+    end,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_mask_n,
+    n_q,
+    n_k,
+    d,
+    d_v,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """Fold the key tiles [start, end) into each row's running max m_i, sum l_i and unnormalized output acc."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -162,18 +200,53 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, mask_ptr, rows, start, end, strid
 @triton.autotune(FWD_CONFIGS, TUNE_KEY, prune_configs_by=dict(early_config_prune=_prune))
 @triton.jit
 def _attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
-    stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd, stride_mask_b, stride_mask_n,
-    n_heads, group, n_q, n_k, d, d_v, sm_scale, tune_n_q, tune_n_k,
-    stride_ob, stride_oh, stride_on, stride_od,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mask_b,
+    stride_mask_n,
+    n_heads,
+    group,
+    n_q,
+    n_k,
+    d,
+    d_v,
+    sm_scale,
+    tune_n_q,
+    tune_n_k,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     start_m = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     rows = start_m + tl.arange(0, BLOCK_M)
-    q = _load_tile(_head(q_ptr, b, h, stride_qb, stride_qh), rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST)
+    q = _load_tile(
+        _head(q_ptr, b, h, stride_qb, stride_qh), rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST
+    )
     k_ptr = _head(k_ptr, b, h // group, stride_kb, stride_kh)  # GQA: `group` query heads share one k, v head
     v_ptr = _head(v_ptr, b, h // group, stride_vb, stride_vh)
     if HAS_MASK:
@@ -187,12 +260,46 @@ def _attention_fwd_kernel(
     full, end = _key_range(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
     # Key tiles [0, full) are visible to every row of the block: no mask but the padding. [full, end): the
     # partial last tile and the causal diagonal.
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, mask_ptr, rows, 0, full, *tile_args, CAUSAL=False,
-                               HAS_MASK=HAS_MASK, MASKED=HAS_MASK, UPCAST=UPCAST, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                               BLOCK_DV=BLOCK_DV)  # fmt: skip
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, mask_ptr, rows, full, end, *tile_args, CAUSAL=CAUSAL,
-                               HAS_MASK=HAS_MASK, MASKED=True, UPCAST=UPCAST, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                               BLOCK_DV=BLOCK_DV)  # fmt: skip
+    acc, m_i, l_i = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_ptr,
+        v_ptr,
+        mask_ptr,
+        rows,
+        0,
+        full,
+        *tile_args,
+        CAUSAL=False,
+        HAS_MASK=HAS_MASK,
+        MASKED=HAS_MASK,
+        UPCAST=UPCAST,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV,
+    )
+    acc, m_i, l_i = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_ptr,
+        v_ptr,
+        mask_ptr,
+        rows,
+        full,
+        end,
+        *tile_args,
+        CAUSAL=CAUSAL,
+        HAS_MASK=HAS_MASK,
+        MASKED=True,
+        UPCAST=UPCAST,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV,
+    )
 
     # A row with no visible key has l_i = 0 and acc = 0: it writes zeros and lse = -inf.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -204,10 +311,24 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_delta_kernel(
-    out_ptr, do_ptr, grad_lse_ptr, delta_ptr,
-    stride_ob, stride_oh, stride_on, stride_od, stride_dob, stride_doh, stride_don, stride_dod,
-    n_heads, n_q, d_v, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
+    out_ptr,
+    do_ptr,
+    grad_lse_ptr,
+    delta_ptr,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dod,
+    n_heads,
+    n_q,
+    d_v,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims_v = tl.arange(0, BLOCK_DV)
@@ -220,10 +341,36 @@ def _attention_bwd_delta_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_ptr, v_ptr, mask_ptr, rows, start, end, stride_kn, stride_kd, stride_vn,
-              stride_vd, stride_mask_n, n_q, n_k, d, d_v, qk_scale, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-              MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr):  # fmt: skip
+def _dq_tiles(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    rows,
+    start,
+    end,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_mask_n,
+    n_q,
+    n_k,
+    d,
+    d_v,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """Add the key tiles [start, end) to dq (before the scale): sum_j ds_ij k_j."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -239,20 +386,68 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptr, v_ptr, mask_ptr, rows, start, end, 
 @triton.autotune(DQ_CONFIGS, TUNE_KEY, prune_configs_by=dict(early_config_prune=_prune))
 @triton.jit
 def _attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd, stride_mask_b, stride_mask_n,
-    n_heads, group, n_q, n_k, d, d_v, sm_scale, tune_n_q, tune_n_k,
-    stride_dob, stride_doh, stride_don, stride_dod, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mask_b,
+    stride_mask_n,
+    n_heads,
+    group,
+    n_q,
+    n_k,
+    d,
+    d_v,
+    sm_scale,
+    tune_n_q,
+    tune_n_k,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqn,
+    stride_dqd,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     start_m = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     q = _load_tile(_head(q_ptr, b, h, stride_qb, stride_qh), rows, dims, stride_qn, stride_qd, n_q, d, UPCAST)
-    do = _load_tile(_head(do_ptr, b, h, stride_dob, stride_doh), rows, tl.arange(0, BLOCK_DV), stride_don, stride_dod, n_q, d_v, UPCAST)
+    do = _load_tile(
+        _head(do_ptr, b, h, stride_dob, stride_doh),
+        rows,
+        tl.arange(0, BLOCK_DV),
+        stride_don,
+        stride_dod,
+        n_q,
+        d_v,
+        UPCAST,
+    )
     k_ptr = _head(k_ptr, b, h // group, stride_kb, stride_kh)
     v_ptr = _head(v_ptr, b, h // group, stride_vb, stride_vh)
     if HAS_MASK:
@@ -265,21 +460,83 @@ def _attention_bwd_dq_kernel(
     tile_args = (stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, n_q, n_k, d, d_v, qk_scale)
     full, end = _key_range(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
     # As in the forward: tiles [0, full) unmasked but for the padding, [full, end) masked.
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptr, v_ptr, mask_ptr, rows, 0, full, *tile_args, CAUSAL=False,
-                   HAS_MASK=HAS_MASK, MASKED=HAS_MASK, UPCAST=UPCAST, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                   BLOCK_DV=BLOCK_DV)  # fmt: skip
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptr, v_ptr, mask_ptr, rows, full, end, *tile_args, CAUSAL=CAUSAL,
-                   HAS_MASK=HAS_MASK, MASKED=True, UPCAST=UPCAST, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                   BLOCK_DV=BLOCK_DV)  # fmt: skip
+    dq = _dq_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_ptr,
+        v_ptr,
+        mask_ptr,
+        rows,
+        0,
+        full,
+        *tile_args,
+        CAUSAL=False,
+        HAS_MASK=HAS_MASK,
+        MASKED=HAS_MASK,
+        UPCAST=UPCAST,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV,
+    )
+    dq = _dq_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_ptr,
+        v_ptr,
+        mask_ptr,
+        rows,
+        full,
+        end,
+        *tile_args,
+        CAUSAL=CAUSAL,
+        HAS_MASK=HAS_MASK,
+        MASKED=True,
+        UPCAST=UPCAST,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV,
+    )
 
     dq_ptrs = _head(dq_ptr, b, h, stride_dqb, stride_dqh) + rows[:, None] * stride_dqn + dims[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dims[None, :] < d))
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, cols, start, end, stride_qn, stride_qd,
-                stride_don, stride_dod, n_q, n_k, d, d_v, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
+def _dkdv_tiles(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    mask_ptr,
+    cols,
+    start,
+    end,
+    stride_qn,
+    stride_qd,
+    stride_don,
+    stride_dod,
+    n_q,
+    n_k,
+    d,
+    d_v,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """Add the query tiles [start, end) of one head to dk (before the scale) and dv. Rows past n_q load
     q = do = 0 and delta = 0, so they add nothing."""
     for start_m in range(start, end, BLOCK_M):
@@ -287,7 +544,9 @@ def _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, cols,
         q = _load_tile(q_ptr, rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST)
         do = _load_tile(do_ptr, rows, tl.arange(0, BLOCK_DV), stride_don, stride_dod, n_q, d_v, UPCAST)
         lse2, delta = _row_stats(lse_ptr, delta_ptr, rows, n_q)
-        p = tl.exp2(_tile_scores(q, k, rows, cols, mask_ptr, 0, n_q, n_k, qk_scale, CAUSAL, False, MASKED) - lse2[:, None])
+        p = tl.exp2(
+            _tile_scores(q, k, rows, cols, mask_ptr, 0, n_q, n_k, qk_scale, CAUSAL, False, MASKED) - lse2[:, None]
+        )
         dv += _dot(tl.trans(p).to(do.dtype), do)
         ds = p * (_dot(do, tl.trans(v)) - delta[:, None])
         dk += _dot(tl.trans(ds).to(q.dtype), q)
@@ -297,15 +556,58 @@ def _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, cols,
 @triton.autotune(DKDV_CONFIGS, TUNE_KEY, prune_configs_by=dict(early_config_prune=_prune))
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd, stride_mask_b, stride_mask_n,
-    n_heads, group, n_q, n_k, d, d_v, sm_scale, tune_n_q, tune_n_k,
-    stride_dob, stride_doh, stride_don, stride_dod, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mask_b,
+    stride_mask_n,
+    n_heads,
+    group,
+    n_q,
+    n_k,
+    d,
+    d_v,
+    sm_scale,
+    tune_n_q,
+    tune_n_k,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     start_n = tl.program_id(0) * BLOCK_N
     n_kv_heads = n_heads // group
     b, h_kv = tl.program_id(1) // n_kv_heads, tl.program_id(1) % n_kv_heads
@@ -327,10 +629,38 @@ def _attention_bwd_dkdv_kernel(
         tile_args = (q_head, do_head, lse_ptr + row_base, delta_ptr + row_base, mask_ptr, cols)
         strides = (stride_qn, stride_qd, stride_don, stride_dod, n_q, n_k, d, d_v, qk_scale)
         # Query tiles [start, full) meet the causal diagonal (masked), [full, n_q) see every key of the block.
-        dk, dv = _dkdv_tiles(dk, dv, k, v, *tile_args, start, full, *strides, CAUSAL=CAUSAL, MASKED=True,
-                             UPCAST=UPCAST, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)  # fmt: skip
-        dk, dv = _dkdv_tiles(dk, dv, k, v, *tile_args, full, n_q, *strides, CAUSAL=False, MASKED=False,
-                             UPCAST=UPCAST, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)  # fmt: skip
+        dk, dv = _dkdv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            *tile_args,
+            start,
+            full,
+            *strides,
+            CAUSAL=CAUSAL,
+            MASKED=True,
+            UPCAST=UPCAST,
+            BLOCK_M=BLOCK_M,
+            BLOCK_D=BLOCK_D,
+            BLOCK_DV=BLOCK_DV,
+        )
+        dk, dv = _dkdv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            *tile_args,
+            full,
+            n_q,
+            *strides,
+            CAUSAL=False,
+            MASKED=False,
+            UPCAST=UPCAST,
+            BLOCK_M=BLOCK_M,
+            BLOCK_D=BLOCK_D,
+            BLOCK_DV=BLOCK_DV,
+        )
 
     # Padding: a padded key's p above was never normalized by any row (garbage, even inf); it reaches only
     # this key's own dk, dv, which are zero.
@@ -369,14 +699,30 @@ def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale):
     _, heads, n_q, d = q.shape
     n_k, d_v = v.shape[2], v.shape[3]
     mask_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
-    args = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, heads, heads // k.shape[1], n_q, n_k, d, d_v,
-            softmax_scale, triton.next_power_of_2(n_q), triton.next_power_of_2(n_k))  # fmt: skip
+    args = (
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *mask_strides,
+        heads,
+        heads // k.shape[1],
+        n_q,
+        n_k,
+        d,
+        d_v,
+        softmax_scale,
+        triton.next_power_of_2(n_q),
+        triton.next_power_of_2(n_k),
+    )
     meta = dict(
         # CPU tensors run only under the interpreter, which has no bf16 arithmetic: tiles upcast to fp32.
-        CAUSAL=causal, HAS_MASK=key_padding_mask is not None, UPCAST=q.device.type == "cpu",
+        CAUSAL=causal,
+        HAS_MASK=key_padding_mask is not None,
+        UPCAST=q.device.type == "cpu",
         # Head dims padded to powers of two >= 16 (tl.dot) by masked loads.
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(d_v)),
-    )  # fmt: skip
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_DV=max(16, triton.next_power_of_2(d_v)),
+    )
     return args, meta
 
 
@@ -394,7 +740,9 @@ def attention_forward(
     args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale)
     batch, heads, n_q = q.shape[:3]
     grid = lambda blocks: (triton.cdiv(n_q, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
-    _launch(_attention_fwd_kernel, grid, meta["UPCAST"], q, k, v, key_padding_mask, out, lse, *args, *out.stride(), **meta)
+    _launch(
+        _attention_fwd_kernel, grid, meta["UPCAST"], q, k, v, key_padding_mask, out, lse, *args, *out.stride(), **meta
+    )
 
 
 def delta_rows(block_dv: int) -> int:
@@ -424,12 +772,34 @@ def attention_backward(
     delta = torch.empty_like(lse)
     block_delta = delta_rows(meta["BLOCK_DV"])
     _attention_bwd_delta_kernel[(triton.cdiv(n_q, block_delta), batch * heads)](
-        out, grad_out, grad_lse, delta, *out.stride(), *grad_out.stride(), heads, n_q, v.shape[3],
-        BLOCK_M=block_delta, BLOCK_DV=meta["BLOCK_DV"],
-    )  # fmt: skip
+        out,
+        grad_out,
+        grad_lse,
+        delta,
+        *out.stride(),
+        *grad_out.stride(),
+        heads,
+        n_q,
+        v.shape[3],
+        BLOCK_M=block_delta,
+        BLOCK_DV=meta["BLOCK_DV"],
+    )
     inputs = (q, k, v, key_padding_mask, grad_out, lse, delta)
     dkdv_grid = lambda blocks: (triton.cdiv(k.shape[2], blocks["BLOCK_N"]), batch * k.shape[1])  # noqa: E731
-    _launch(_attention_bwd_dkdv_kernel, dkdv_grid, meta["UPCAST"], *inputs, dk, dv, *args, *grad_out.stride(),
-            *dk.stride(), *dv.stride(), **meta)  # fmt: skip
+    _launch(
+        _attention_bwd_dkdv_kernel,
+        dkdv_grid,
+        meta["UPCAST"],
+        *inputs,
+        dk,
+        dv,
+        *args,
+        *grad_out.stride(),
+        *dk.stride(),
+        *dv.stride(),
+        **meta,
+    )
     dq_grid = lambda blocks: (triton.cdiv(n_q, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
-    _launch(_attention_bwd_dq_kernel, dq_grid, meta["UPCAST"], *inputs, dq, *args, *grad_out.stride(), *dq.stride(), **meta)
+    _launch(
+        _attention_bwd_dq_kernel, dq_grid, meta["UPCAST"], *inputs, dq, *args, *grad_out.stride(), *dq.stride(), **meta
+    )

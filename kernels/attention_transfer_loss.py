@@ -111,19 +111,58 @@ def _grad_scores(q_s, k_s, q_t, k_t, lse_s, lse_t, w, visible, scale_s, scale_t)
 
 @triton.jit
 def _attention_transfer_fwd_kernel(
-    q_s_ptr, k_s_ptr, q_t_ptr, k_t_ptr, mask_ptr, kl_ptr, lse_s_ptr, lse_t_ptr,
-    stride_qs_b, stride_qs_h, stride_qs_n, stride_qs_d, stride_ks_b, stride_ks_h, stride_ks_n, stride_ks_d,
-    stride_qt_b, stride_qt_h, stride_qt_n, stride_qt_d, stride_kt_b, stride_kt_h, stride_kt_n, stride_kt_d,
-    stride_mask_b, stride_mask_n, n_heads, n_q, n_k, d_s, d_t, scale_s, scale_t,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, QUERY_PADDING: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-):  # fmt: skip
+    q_s_ptr,
+    k_s_ptr,
+    q_t_ptr,
+    k_t_ptr,
+    mask_ptr,
+    kl_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    stride_qs_b,
+    stride_qs_h,
+    stride_qs_n,
+    stride_qs_d,
+    stride_ks_b,
+    stride_ks_h,
+    stride_ks_n,
+    stride_ks_d,
+    stride_qt_b,
+    stride_qt_h,
+    stride_qt_n,
+    stride_qt_d,
+    stride_kt_b,
+    stride_kt_h,
+    stride_kt_n,
+    stride_kt_d,
+    stride_mask_b,
+    stride_mask_n,
+    n_heads,
+    n_q,
+    n_k,
+    d_s,
+    d_t,
+    scale_s,
+    scale_t,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    QUERY_PADDING: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+):
     start_m = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     rows = start_m + tl.arange(0, BLOCK_M)
     dims_s, dims_t = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
-    q_s = _load_tile(_head(q_s_ptr, b, h, stride_qs_b, stride_qs_h), rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST)
-    q_t = _load_tile(_head(q_t_ptr, b, h, stride_qt_b, stride_qt_h), rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST)
+    q_s = _load_tile(
+        _head(q_s_ptr, b, h, stride_qs_b, stride_qs_h), rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST
+    )
+    q_t = _load_tile(
+        _head(q_t_ptr, b, h, stride_qt_b, stride_qt_h), rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST
+    )
     k_s_ptr = _head(k_s_ptr, b, h, stride_ks_b, stride_ks_h)
     k_t_ptr = _head(k_t_ptr, b, h, stride_kt_b, stride_kt_h)
     if HAS_MASK:
@@ -176,20 +215,62 @@ def _attention_transfer_fwd_kernel(
 
 @triton.jit
 def _attention_transfer_bwd_dq_kernel(
-    q_s_ptr, k_s_ptr, q_t_ptr, k_t_ptr, mask_ptr, lse_s_ptr, lse_t_ptr, w_ptr, dq_ptr,
-    stride_qs_b, stride_qs_h, stride_qs_n, stride_qs_d, stride_ks_b, stride_ks_h, stride_ks_n, stride_ks_d,
-    stride_qt_b, stride_qt_h, stride_qt_n, stride_qt_d, stride_kt_b, stride_kt_h, stride_kt_n, stride_kt_d,
-    stride_mask_b, stride_mask_n, n_heads, n_q, n_k, d_s, d_t, scale_s, scale_t,
-    stride_dq_b, stride_dq_h, stride_dq_n, stride_dq_d,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-):  # fmt: skip
+    q_s_ptr,
+    k_s_ptr,
+    q_t_ptr,
+    k_t_ptr,
+    mask_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    w_ptr,
+    dq_ptr,
+    stride_qs_b,
+    stride_qs_h,
+    stride_qs_n,
+    stride_qs_d,
+    stride_ks_b,
+    stride_ks_h,
+    stride_ks_n,
+    stride_ks_d,
+    stride_qt_b,
+    stride_qt_h,
+    stride_qt_n,
+    stride_qt_d,
+    stride_kt_b,
+    stride_kt_h,
+    stride_kt_n,
+    stride_kt_d,
+    stride_mask_b,
+    stride_mask_n,
+    n_heads,
+    n_q,
+    n_k,
+    d_s,
+    d_t,
+    scale_s,
+    scale_t,
+    stride_dq_b,
+    stride_dq_h,
+    stride_dq_n,
+    stride_dq_d,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+):
     start_m = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     rows = start_m + tl.arange(0, BLOCK_M)
     dims_s, dims_t = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
-    q_s = _load_tile(_head(q_s_ptr, b, h, stride_qs_b, stride_qs_h), rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST)
-    q_t = _load_tile(_head(q_t_ptr, b, h, stride_qt_b, stride_qt_h), rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST)
+    q_s = _load_tile(
+        _head(q_s_ptr, b, h, stride_qs_b, stride_qs_h), rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST
+    )
+    q_t = _load_tile(
+        _head(q_t_ptr, b, h, stride_qt_b, stride_qt_h), rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST
+    )
     k_s_ptr = _head(k_s_ptr, b, h, stride_ks_b, stride_ks_h)
     k_t_ptr = _head(k_t_ptr, b, h, stride_kt_b, stride_kt_h)
     if HAS_MASK:
@@ -211,26 +292,70 @@ def _attention_transfer_bwd_dq_kernel(
         dq += _dot(ds.to(k_s.dtype), k_s)
 
     # d s_s / d q_s = scale_s k_s: the scale is applied once, to the sum.
-    dq_ptrs = _head(dq_ptr, b, h, stride_dq_b, stride_dq_h) + rows[:, None] * stride_dq_n + dims_s[None, :] * stride_dq_d
+    dq_ptrs = (
+        _head(dq_ptr, b, h, stride_dq_b, stride_dq_h) + rows[:, None] * stride_dq_n + dims_s[None, :] * stride_dq_d
+    )
     tl.store(dq_ptrs, (dq * scale_s).to(dq_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dims_s[None, :] < d_s))
 
 
 @triton.jit
 def _attention_transfer_bwd_dk_kernel(
-    q_s_ptr, k_s_ptr, q_t_ptr, k_t_ptr, mask_ptr, lse_s_ptr, lse_t_ptr, w_ptr, dk_ptr,
-    stride_qs_b, stride_qs_h, stride_qs_n, stride_qs_d, stride_ks_b, stride_ks_h, stride_ks_n, stride_ks_d,
-    stride_qt_b, stride_qt_h, stride_qt_n, stride_qt_d, stride_kt_b, stride_kt_h, stride_kt_n, stride_kt_d,
-    stride_mask_b, stride_mask_n, n_heads, n_q, n_k, d_s, d_t, scale_s, scale_t,
-    stride_dk_b, stride_dk_h, stride_dk_n, stride_dk_d,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-):  # fmt: skip
+    q_s_ptr,
+    k_s_ptr,
+    q_t_ptr,
+    k_t_ptr,
+    mask_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    w_ptr,
+    dk_ptr,
+    stride_qs_b,
+    stride_qs_h,
+    stride_qs_n,
+    stride_qs_d,
+    stride_ks_b,
+    stride_ks_h,
+    stride_ks_n,
+    stride_ks_d,
+    stride_qt_b,
+    stride_qt_h,
+    stride_qt_n,
+    stride_qt_d,
+    stride_kt_b,
+    stride_kt_h,
+    stride_kt_n,
+    stride_kt_d,
+    stride_mask_b,
+    stride_mask_n,
+    n_heads,
+    n_q,
+    n_k,
+    d_s,
+    d_t,
+    scale_s,
+    scale_t,
+    stride_dk_b,
+    stride_dk_h,
+    stride_dk_n,
+    stride_dk_d,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+):
     start_n = tl.program_id(0) * BLOCK_N
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     cols = start_n + tl.arange(0, BLOCK_N)
     dims_s, dims_t = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
-    k_s = _load_tile(_head(k_s_ptr, b, h, stride_ks_b, stride_ks_h), cols, dims_s, stride_ks_n, stride_ks_d, n_k, d_s, UPCAST)
-    k_t = _load_tile(_head(k_t_ptr, b, h, stride_kt_b, stride_kt_h), cols, dims_t, stride_kt_n, stride_kt_d, n_k, d_t, UPCAST)
+    k_s = _load_tile(
+        _head(k_s_ptr, b, h, stride_ks_b, stride_ks_h), cols, dims_s, stride_ks_n, stride_ks_d, n_k, d_s, UPCAST
+    )
+    k_t = _load_tile(
+        _head(k_t_ptr, b, h, stride_kt_b, stride_kt_h), cols, dims_t, stride_kt_n, stride_kt_d, n_k, d_t, UPCAST
+    )
     q_s_ptr = _head(q_s_ptr, b, h, stride_qs_b, stride_qs_h)
     q_t_ptr = _head(q_t_ptr, b, h, stride_qt_b, stride_qt_h)
     if HAS_MASK:
@@ -251,7 +376,9 @@ def _attention_transfer_bwd_dk_kernel(
         ds = _grad_scores(q_s, k_s, q_t, k_t, lse_s, lse_t, w, visible, scale_s, scale_t)
         dk += _dot(tl.trans(ds).to(q_s.dtype), q_s)
 
-    dk_ptrs = _head(dk_ptr, b, h, stride_dk_b, stride_dk_h) + cols[:, None] * stride_dk_n + dims_s[None, :] * stride_dk_d
+    dk_ptrs = (
+        _head(dk_ptr, b, h, stride_dk_b, stride_dk_h) + cols[:, None] * stride_dk_n + dims_s[None, :] * stride_dk_d
+    )
     tl.store(dk_ptrs, (dk * scale_s).to(dk_ptr.dtype.element_ty), mask=(cols[:, None] < n_k) & (dims_s[None, :] < d_s))
 
 
@@ -269,18 +396,35 @@ def _launch_args(q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s, scale_t)
     batch, heads, n_q, d_s = q_s.shape
     n_k, d_t = k_s.shape[2], q_t.shape[3]
     mask_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
-    args = (*q_s.stride(), *k_s.stride(), *q_t.stride(), *k_t.stride(), *mask_strides,
-            heads, n_q, n_k, d_s, d_t, scale_s, scale_t)  # fmt: skip
+    args = (
+        *q_s.stride(),
+        *k_s.stride(),
+        *q_t.stride(),
+        *k_t.stride(),
+        *mask_strides,
+        heads,
+        n_q,
+        n_k,
+        d_s,
+        d_t,
+        scale_s,
+        scale_t,
+    )
     # Head dims padded to powers of two >= 16 (tl.dot); score tiles of 64 x 64, smaller for wide heads
     # so that the four q / k tiles stay in registers.
     block_ds, block_dt = (max(16, triton.next_power_of_2(d)) for d in (d_s, d_t))
     block = max(16, min(64, 8192 // max(block_ds, block_dt)))
     meta = dict(
         # CPU tensors run only under the interpreter, which has no bf16 arithmetic: tiles upcast to fp32.
-        CAUSAL=causal, HAS_MASK=key_padding_mask is not None, UPCAST=q_s.device.type == "cpu",
-        BLOCK_M=min(block, max(16, triton.next_power_of_2(n_q))), BLOCK_N=min(block, max(16, triton.next_power_of_2(n_k))),
-        BLOCK_DS=block_ds, BLOCK_DT=block_dt, num_warps=4,
-    )  # fmt: skip
+        CAUSAL=causal,
+        HAS_MASK=key_padding_mask is not None,
+        UPCAST=q_s.device.type == "cpu",
+        BLOCK_M=min(block, max(16, triton.next_power_of_2(n_q))),
+        BLOCK_N=min(block, max(16, triton.next_power_of_2(n_k))),
+        BLOCK_DS=block_ds,
+        BLOCK_DT=block_dt,
+        num_warps=4,
+    )
     return args, meta, batch * heads
 
 
@@ -303,9 +447,18 @@ def attention_transfer_forward(
     n_q, n_k = q_s.shape[2], k_s.shape[2]
     grid = (triton.cdiv(n_q, meta["BLOCK_M"]), heads_total)
     _attention_transfer_fwd_kernel[grid](
-        q_s, k_s, q_t, k_t, key_padding_mask, kl, lse_s, lse_t, *args,
-        QUERY_PADDING=key_padding_mask is not None and n_q == n_k, **meta,
-    )  # fmt: skip
+        q_s,
+        k_s,
+        q_t,
+        k_t,
+        key_padding_mask,
+        kl,
+        lse_s,
+        lse_t,
+        *args,
+        QUERY_PADDING=key_padding_mask is not None and n_q == n_k,
+        **meta,
+    )
 
 
 def attention_transfer_backward(

@@ -85,12 +85,31 @@ def _divergence_terms(p, q, log_p, log_q, beta, DIVERGENCE: tl.constexpr):
 
 @triton.jit
 def _distillation_loss_fwd_kernel(
-    student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr,
-    n_rows, n_cols, stride_student, stride_teacher, stride_grad,
-    inv_temperature, beta, soft_scale, hard_weight, label_smoothing, softcap, ignore_index,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    student_ptr,
+    teacher_ptr,
+    labels_ptr,
+    loss_ptr,
+    grad_ptr,
+    n_rows,
+    n_cols,
+    stride_student,
+    stride_teacher,
+    stride_grad,
+    inv_temperature,
+    beta,
+    soft_scale,
+    hard_weight,
+    label_smoothing,
+    softcap,
+    ignore_index,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_HARD: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     in_range = rows < n_rows
     if HAS_LABELS:
@@ -155,7 +174,9 @@ def _distillation_loss_fwd_kernel(
             grad = soft_scale * inv_temperature * (qg - q * row_constant[:, None])
             if HAS_HARD:
                 target = tl.where(start + cols == labels[:, None], 1.0 - label_smoothing, 0.0)
-                grad += hard_weight * (tl.exp((c_s - m_h[:, None]) - log_d_h[:, None]) - target - label_smoothing / n_cols)
+                grad += hard_weight * (
+                    tl.exp((c_s - m_h[:, None]) - log_d_h[:, None]) - target - label_smoothing / n_cols
+                )
             grad = tl.where(mask, grad * dc_s, 0.0)
             out = grad_ptr + rows.to(tl.int64)[:, None] * stride_grad + start + cols
             tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & in_cols)
@@ -163,7 +184,9 @@ def _distillation_loss_fwd_kernel(
     loss = soft_scale * div.to(tl.float32)
     if HAS_HARD:
         safe_labels = tl.where(counted, labels, 0)
-        c_y, _ = _load_capped(student_ptr + rows.to(tl.int64) * stride_student + safe_labels, counted, softcap, HAS_SOFTCAP)
+        c_y, _ = _load_capped(
+            student_ptr + rows.to(tl.int64) * stride_student + safe_labels, counted, softcap, HAS_SOFTCAP
+        )
         nll = (m_h - c_y) + log_d_h
         loss += hard_weight * ((1.0 - label_smoothing) * nll + label_smoothing * ((m_h - sum_h / n_cols) + log_d_h))
     tl.store(loss_ptr + rows, tl.where(counted, loss, 0.0), mask=in_range)
@@ -203,10 +226,29 @@ def distillation_loss_forward(
     block_rows, block_v, num_warps = tiles(n_rows, vocab_size)
     grid = (triton.cdiv(n_rows, block_rows),)
     _distillation_loss_fwd_kernel[grid](
-        student, teacher, labels, row_loss, grad,
-        n_rows, vocab_size, student.stride(0), teacher.stride(0), 0 if grad is None else grad.stride(0),
-        1.0 / temperature, beta, soft_scale, hard_weight, label_smoothing, softcap, ignore_index,
-        DIVERGENCE=divergence, HAS_LABELS=labels is not None, HAS_HARD=hard_weight != 0.0,
-        HAS_SOFTCAP=softcap != 0.0, COMPUTE_GRAD=grad is not None, BLOCK_ROWS=block_rows, BLOCK_V=block_v,
+        student,
+        teacher,
+        labels,
+        row_loss,
+        grad,
+        n_rows,
+        vocab_size,
+        student.stride(0),
+        teacher.stride(0),
+        0 if grad is None else grad.stride(0),
+        1.0 / temperature,
+        beta,
+        soft_scale,
+        hard_weight,
+        label_smoothing,
+        softcap,
+        ignore_index,
+        DIVERGENCE=divergence,
+        HAS_LABELS=labels is not None,
+        HAS_HARD=hard_weight != 0.0,
+        HAS_SOFTCAP=softcap != 0.0,
+        COMPUTE_GRAD=grad is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_V=block_v,
         num_warps=num_warps,
-    )  # fmt: skip
+    )

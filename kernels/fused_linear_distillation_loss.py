@@ -44,10 +44,24 @@ INTERPRETER_BLOCKS = dict(BLOCK_V=32, BLOCK_H=16, BLOCK_K=16)
 @triton.autotune(CONFIGS, key=["vocab", "hidden_size"], restore_value=["high_ptr", "low_ptr"])
 @triton.jit
 def _weight_grad_accumulate_kernel(
-    grad_ptr, hidden_ptr, high_ptr, low_ptr, n_rows, vocab, hidden_size,
-    stride_gk, stride_gv, stride_hk, stride_hh, stride_wv, stride_wh,
-    UPCAST: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    grad_ptr,
+    hidden_ptr,
+    high_ptr,
+    low_ptr,
+    n_rows,
+    vocab,
+    hidden_size,
+    stride_gk,
+    stride_gv,
+    stride_hk,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    UPCAST: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     cols_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_v, in_h = rows_v < vocab, cols_h < hidden_size
@@ -57,10 +71,16 @@ def _weight_grad_accumulate_kernel(
     for start in range(0, n_rows, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         in_k = ks < n_rows
-        grad_t = tl.load(grad_ptr + ks[None, :] * stride_gk + rows_v[:, None] * stride_gv,
-                         mask=in_k[None, :] & in_v[:, None], other=0.0)  # fmt: skip
-        hidden = tl.load(hidden_ptr + ks[:, None] * stride_hk + cols_h[None, :] * stride_hh,
-                         mask=in_k[:, None] & in_h[None, :], other=0.0)  # fmt: skip
+        grad_t = tl.load(
+            grad_ptr + ks[None, :] * stride_gk + rows_v[:, None] * stride_gv,
+            mask=in_k[None, :] & in_v[:, None],
+            other=0.0,
+        )
+        hidden = tl.load(
+            hidden_ptr + ks[:, None] * stride_hk + cols_h[None, :] * stride_hh,
+            mask=in_k[:, None] & in_h[None, :],
+            other=0.0,
+        )
         if UPCAST:  # the interpreter has no bf16 arithmetic
             grad_t, hidden = grad_t.to(tl.float32), hidden.to(tl.float32)
         else:
@@ -77,13 +97,26 @@ def _weight_grad_accumulate_kernel(
     tl.store(low_ptr + offsets, (total - high.to(tl.float32)).to(low_ptr.dtype.element_ty), mask=mask)
 
 
-def weight_grad_accumulate(high: torch.Tensor, low: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+def weight_grad_accumulate(
+    high: torch.Tensor, low: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor
+) -> None:
     """(high + low) += grad_logits^T @ hidden, in place; high and low (V, H) contiguous fp16/bf16 of one
     dtype, grad_logits (K, V) and hidden (K, H) any strides."""
     vocab, hidden_size = high.shape
-    args = (grad_logits, hidden, high, low, hidden.shape[0], vocab, hidden_size,
-            *grad_logits.stride(), *hidden.stride(), *high.stride())  # fmt: skip
+    args = (
+        grad_logits,
+        hidden,
+        high,
+        low,
+        hidden.shape[0],
+        vocab,
+        hidden_size,
+        *grad_logits.stride(),
+        *hidden.stride(),
+        *high.stride(),
+    )
     grid = lambda blocks: (triton.cdiv(vocab, blocks["BLOCK_V"]), triton.cdiv(hidden_size, blocks["BLOCK_H"]))  # noqa: E731
     interpreted = hidden.device.type == "cpu"  # the interpreter has no bf16 arithmetic: upcast there
-    launch_autotuned(_weight_grad_accumulate_kernel, grid, INTERPRETER_BLOCKS if interpreted else None, *args,
-                     UPCAST=interpreted)  # fmt: skip
+    launch_autotuned(
+        _weight_grad_accumulate_kernel, grid, INTERPRETER_BLOCKS if interpreted else None, *args, UPCAST=interpreted
+    )

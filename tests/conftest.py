@@ -87,21 +87,31 @@ def compile_for_gpus(kernel, config, constants: dict, types: dict) -> None:
         for name in fn.arg_names
     }
     index = {name: (position,) for position, name in enumerate(fn.arg_names)}
-    aligned = {index[name]: [["tt.divisibility", 16]] for name, kind in signature.items() if kind.startswith(("*", "i"))}
+    aligned = {
+        index[name]: [["tt.divisibility", 16]] for name, kind in signature.items() if kind.startswith(("*", "i"))
+    }
     source = ASTSource(fn, signature, {index[name]: value for name, value in constants.items()}, attrs=aligned)
     for arch in SHARED_MEMORY_LIMIT:
         log = io.StringIO()
         with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
             knobs.nvidia.dump_ptxas_log = True  # ptxas -v: "Used R registers", "S bytes spill stores"
             knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its report
-            compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages))  # fmt: skip
+            compiled = triton_compile(
+                source,
+                target=GPUTarget("cuda", arch, 32),
+                options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+            )
         ptxas = log.getvalue()
         registers = int(re.search(r"Used (\d+) registers", ptxas)[1])
         spilled = int(re.search(r"(\d+) bytes spill stores", ptxas)[1])
         shared = compiled.metadata.shared
-        print(f"{fn.__name__} sm_{arch} {config}: {shared} bytes of shared memory, {registers} registers, {spilled} spilled")
-        assert shared <= SHARED_MEMORY_LIMIT[arch], f"{fn.__name__} {config}: {shared} bytes of shared memory on sm_{arch}"
+        print(
+            f"{fn.__name__} sm_{arch} {config}: {shared} bytes of shared memory,"
+            f" {registers} registers, {spilled} spilled"
+        )
+        assert shared <= SHARED_MEMORY_LIMIT[arch], (
+            f"{fn.__name__} {config}: {shared} bytes of shared memory on sm_{arch}"
+        )
 
 
 def autotune_under_interpreter(monkeypatch, *kernels, launches: int = 3) -> list:

@@ -8,6 +8,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    DEVICE,
+    assert_rel_close,
+    autotune_under_interpreter,
+    compile_for_gpus,
+    rel_error,
+    run_compiled,
+    unit_strides,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,8 +24,6 @@ import tsa_fast
 from tsa_fast.backends import triton_kernels
 from tsa_fast.reference.attention import attention as reference_attention
 from tsa_fast.reference.attention_transfer_loss import visible_keys
-
-from conftest import DEVICE, assert_rel_close, autotune_under_interpreter, compile_for_gpus, rel_error, run_compiled, unit_strides
 
 # The "small atol" of the test rule, on relative norm errors: err <= 2 err(PyTorch, same dtype) + ATOL.
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -70,8 +77,12 @@ def check_against_reference(q, k, v, **options):
         lambda *x, **o: tsa_fast.attention(*x, return_lse=True, **o), q, k, v, grad_out, grad_lse, **options
     )
     expected = outputs_and_grads(
-        lambda *x, **o: reference_attention(*x, return_lse=True, **o), *(x.double() for x in (q, k, v)), grad_out, grad_lse, **options
-    )  # fmt: skip
+        lambda *x, **o: reference_attention(*x, return_lse=True, **o),
+        *(x.double() for x in (q, k, v)),
+        grad_out,
+        grad_lse,
+        **options,
+    )
     yardstick = outputs_and_grads(pytorch_attention, q, k, v, grad_out, grad_lse, **options)
     out, lse, dq, dk, dv = results
     assert out.dtype == q.dtype and lse.dtype == torch.float32 and (dq.dtype, dk.dtype, dv.dtype) == (q.dtype,) * 3
@@ -97,14 +108,27 @@ def check_against_reference(q, k, v, **options):
         (dict(n_q=20, n_k=45, d=16), dict(key_padding_mask="mask", softmax_scale=0.3)),
         (dict(batch=1, heads=1, n_q=150, n_k=130), dict(causal=True, key_padding_mask="mask")),
     ],
-    ids=["plain", "Nq<Nk-D48-Dv40", "causal", "causal-Nq<Nk", "causal-Nq>Nk", "padding", "padding-causal-Nq<Nk",
-         "GQA-causal-padding", "MQA-causal-Nq>Nk", "scale", "multi-block-causal-padding"],  # fmt: skip
+    ids=[
+        "plain",
+        "Nq<Nk-D48-Dv40",
+        "causal",
+        "causal-Nq<Nk",
+        "causal-Nq>Nk",
+        "padding",
+        "padding-causal-Nq<Nk",
+        "GQA-causal-padding",
+        "MQA-causal-Nq>Nk",
+        "scale",
+        "multi-block-causal-padding",
+    ],
 )
 def test_matches_reference(backend, shape, options):
     q, k, v = make_inputs(**shape)
     if options.get("key_padding_mask") == "mask":
         batch = q.shape[0]
-        options = dict(options, key_padding_mask=padding_mask(batch, k.shape[2], fully_padded=(1,) if batch > 1 else ()))
+        options = dict(
+            options, key_padding_mask=padding_mask(batch, k.shape[2], fully_padded=(1,) if batch > 1 else ())
+        )
     check_against_reference(q, k, v, **options)
 
 
@@ -132,8 +156,14 @@ def test_half_precision_inputs(backend, dtype):
 def test_other_tile_shapes(backend, monkeypatch, fwd, dkdv, dq):
     """Tiles longer along keys than queries and the reverse: the split of the causal sweeps at the diagonal."""
     kernels = tsa_fast.kernels.attention
-    blocks = {kernels._attention_fwd_kernel: fwd, kernels._attention_bwd_dkdv_kernel: dkdv, kernels._attention_bwd_dq_kernel: dq}
-    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", {kernel: dict(BLOCK_M=m, BLOCK_N=n) for kernel, (m, n) in blocks.items()})
+    blocks = {
+        kernels._attention_fwd_kernel: fwd,
+        kernels._attention_bwd_dkdv_kernel: dkdv,
+        kernels._attention_bwd_dq_kernel: dq,
+    }
+    monkeypatch.setattr(
+        kernels, "INTERPRETER_BLOCKS", {kernel: dict(BLOCK_M=m, BLOCK_N=n) for kernel, (m, n) in blocks.items()}
+    )
     for n_q, n_k in ((100, 100), (70, 150), (150, 70)):
         q, k, v = make_inputs(batch=1, heads=4, heads_kv=2, n_q=n_q, n_k=n_k, d=24)
         check_against_reference(q, k, v, causal=True, key_padding_mask=padding_mask(1, n_k))
@@ -145,8 +175,11 @@ def test_autotuning_candidate_tiles(backend, monkeypatch, candidate):
     """The tiles the GPU autotuner may pick (candidate i of each kernel, cycling), here under the interpreter:
     sequences crossing several tiles, partial tiles and the causal diagonal in both directions."""
     kernels = tsa_fast.kernels.attention
-    configs = {kernels._attention_fwd_kernel: kernels.FWD_CONFIGS, kernels._attention_bwd_dkdv_kernel: kernels.DKDV_CONFIGS,
-               kernels._attention_bwd_dq_kernel: kernels.DQ_CONFIGS}  # fmt: skip
+    configs = {
+        kernels._attention_fwd_kernel: kernels.FWD_CONFIGS,
+        kernels._attention_bwd_dkdv_kernel: kernels.DKDV_CONFIGS,
+        kernels._attention_bwd_dq_kernel: kernels.DQ_CONFIGS,
+    }
     blocks = {kernel: candidates[candidate % len(candidates)].kwargs for kernel, candidates in configs.items()}
     monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", blocks)
     for (n_q, n_k), causal in (((300, 300), True), ((170, 290), True), ((290, 170), False)):
@@ -271,11 +304,14 @@ def test_sdpa_runs_the_kernel_and_matches_pytorch(backend, kernel_calls, shape, 
     mask = kwargs.get("attn_mask")
     if mask is not None:
         keep = padding_mask(2, k.shape[2])
-        kwargs = dict(kwargs, attn_mask={
-            "keys (B, 1, 1, N_k)": keep[:, None, None, :],
-            "keys (1, N_k)": keep[:1],
-            "keys expanded (B, H, N_q, N_k)": keep[:, None, None, :].expand(2, q.shape[1], q.shape[2], k.shape[2]),
-        }[mask])  # fmt: skip
+        kwargs = dict(
+            kwargs,
+            attn_mask={
+                "keys (B, 1, 1, N_k)": keep[:, None, None, :],
+                "keys (1, N_k)": keep[:1],
+                "keys expanded (B, H, N_q, N_k)": keep[:, None, None, :].expand(2, q.shape[1], q.shape[2], k.shape[2]),
+            }[mask],
+        )
     results = sdpa_output_and_grads(tsa_fast.scaled_dot_product_attention, q, k, v, **kwargs)
     expected = sdpa_output_and_grads(F.scaled_dot_product_attention, q, k, v, **kwargs)
     for actual, wanted, what in zip(results, expected, ("out", "dq", "dk", "dv")):
@@ -286,8 +322,16 @@ def test_sdpa_runs_the_kernel_and_matches_pytorch(backend, kernel_calls, shape, 
 @both_backends
 @pytest.mark.parametrize(
     "case",
-    ["dropout", "float mask", "bool mask over queries", "1D bool mask", "causal Nq != Nk", "3D inputs", "float64",
-     "head dim 320"],  # fmt: skip
+    [
+        "dropout",
+        "float mask",
+        "bool mask over queries",
+        "1D bool mask",
+        "causal Nq != Nk",
+        "3D inputs",
+        "float64",
+        "head dim 320",
+    ],
 )
 def test_sdpa_hands_the_rest_to_pytorch(backend, kernel_calls, case):
     """What the kernels do not cover gives exactly PyTorch's result (the same random dropout too)."""
@@ -310,7 +354,9 @@ def test_sdpa_hands_the_rest_to_pytorch(backend, kernel_calls, case):
             results.append(fn(q, k, v, **kwargs))
         except Exception as error:  # PyTorch's own error, raised by both
             results.append(repr(error))
-    assert (torch.equal(*results) if isinstance(results[0], torch.Tensor) else results[0] == results[1]) and not kernel_calls
+    assert (
+        torch.equal(*results) if isinstance(results[0], torch.Tensor) else results[0] == results[1]
+    ) and not kernel_calls
 
 
 def test_sdpa_raises_pytorchs_errors():
@@ -381,10 +427,20 @@ def _tensors(**shapes):
     [
         (dict(q=(2, 4, 8)), dict(), ValueError, r"q must be a non-empty \(B, H, N, D\) tensor, got shape \(2, 4, 8\)"),
         (dict(k=(2, 4, 0, 16), v=(2, 4, 0, 16)), dict(), ValueError, r"k must be a non-empty.*\(2, 4, 0, 16\)"),
-        (dict(k=(2, 4, 9, 16)), dict(), ValueError, r"k, v must share H_kv and N_k: .*k \(2, 4, 9, 16\), v \(2, 4, 8, 16\)"),
+        (
+            dict(k=(2, 4, 9, 16)),
+            dict(),
+            ValueError,
+            r"k, v must share H_kv and N_k: .*k \(2, 4, 9, 16\), v \(2, 4, 8, 16\)",
+        ),
         (dict(q=(3, 4, 8, 16)), dict(), ValueError, r"must share B.*q \(3, 4, 8, 16\)"),
         (dict(k=(2, 4, 8, 12)), dict(), ValueError, r"q and k must share the head dim D: .*k \(2, 4, 8, 12\)"),
-        (dict(k=(2, 3, 8, 16), v=(2, 3, 8, 16)), dict(), ValueError, "the 4 query heads must be a multiple of the 3 key/value heads"),
+        (
+            dict(k=(2, 3, 8, 16), v=(2, 3, 8, 16)),
+            dict(),
+            ValueError,
+            "the 4 query heads must be a multiple of the 3 key/value heads",
+        ),
         (dict(q=(2, 4, 8, 288), k=(2, 4, 8, 288)), dict(), ValueError, "head dims must be <= 256, got D=288, D_v=16"),
         (dict(v=(2, 4, 8, 300)), dict(), ValueError, "head dims must be <= 256, got D=16, D_v=300"),
         (dict(), dict(softmax_scale=0.0), ValueError, "softmax_scale.*0.0"),
@@ -394,11 +450,25 @@ def _tensors(**shapes):
         (dict(), dict(causal=1), ValueError, "causal must be a bool, got 1"),
         (dict(), dict(return_lse=None), ValueError, "return_lse must be a bool, got None"),
         (dict(), dict(key_padding_mask=torch.ones(2, 8)), ValueError, "key_padding_mask must be bool.*torch.float32"),
-        (dict(), dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError,
-         r"key_padding_mask must be \(B, N_k\) = \(2, 8\), got \(2, 7\)"),
+        (
+            dict(),
+            dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)),
+            ValueError,
+            r"key_padding_mask must be \(B, N_k\) = \(2, 8\), got \(2, 7\)",
+        ),
         (dict(), dict(key_padding_mask=torch.ones(2, 1, 1, 8, dtype=torch.bool)), ValueError, r"got \(2, 1, 1, 8\)"),
-        (dict(), dict(key_padding_mask=[[True] * 8] * 2), TypeError, "key_padding_mask must be a torch.Tensor or None, got list"),
-        (dict(), dict(key_padding_mask=torch.ones(2, 8, dtype=torch.bool, device="meta")), ValueError, "key_padding_mask on meta"),
+        (
+            dict(),
+            dict(key_padding_mask=[[True] * 8] * 2),
+            TypeError,
+            "key_padding_mask must be a torch.Tensor or None, got list",
+        ),
+        (
+            dict(),
+            dict(key_padding_mask=torch.ones(2, 8, dtype=torch.bool, device="meta")),
+            ValueError,
+            "key_padding_mask on meta",
+        ),
     ],
 )
 def test_bad_input_raises(shapes, kwargs, error, match):
@@ -439,9 +509,11 @@ def compile_attention_kernels():
     kernels = tsa_fast.kernels.attention
     types = dict(mask_ptr="*i1", lse_ptr="*fp32", delta_ptr="*fp32", grad_lse_ptr="*fp32", sm_scale="fp32")
     options = dict(CAUSAL=True, HAS_MASK=True, UPCAST=False, BLOCK_D=128, BLOCK_DV=128)
-    for kernel, configs in ((kernels._attention_fwd_kernel, kernels.FWD_CONFIGS),
-                            (kernels._attention_bwd_dkdv_kernel, kernels.DKDV_CONFIGS),
-                            (kernels._attention_bwd_dq_kernel, kernels.DQ_CONFIGS)):  # fmt: skip
+    for kernel, configs in (
+        (kernels._attention_fwd_kernel, kernels.FWD_CONFIGS),
+        (kernels._attention_bwd_dkdv_kernel, kernels.DKDV_CONFIGS),
+        (kernels._attention_bwd_dq_kernel, kernels.DQ_CONFIGS),
+    ):
         contiguous = unit_strides(kernel, ("d", "mask_n"))
         config = max(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
         compile_for_gpus(kernel, config, dict(options, **contiguous), types)
@@ -450,8 +522,12 @@ def compile_attention_kernels():
             compile_for_gpus(kernel, config, no_options, types)
             # fp32: full-precision dots on the CUDA cores (_prune: 64 x 64 tiles at most), head dim 64.
             fp32 = {name: "*fp32" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
-            compile_for_gpus(kernel, triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
-                             dict(options, BLOCK_D=64, BLOCK_DV=64, **contiguous), {**types, **fp32})  # fmt: skip
+            compile_for_gpus(
+                kernel,
+                triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
+                dict(options, BLOCK_D=64, BLOCK_DV=64, **contiguous),
+                {**types, **fp32},
+            )
     delta_blocks = dict(BLOCK_M=kernels.delta_rows(128), BLOCK_DV=128)
     contiguous = unit_strides(kernels._attention_bwd_delta_kernel, ("d",))
     compile_for_gpus(kernels._attention_bwd_delta_kernel, triton.Config(delta_blocks), contiguous, types)
@@ -484,7 +560,10 @@ def test_gpu_model_sizes(backend, dtype, d):
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_gpu_long_sequence_deterministic(backend):
     q, k, v = (x.requires_grad_() for x in make_inputs(batch=1, heads=4, n_q=4096, d=128, dtype=torch.bfloat16))
-    grads = [torch.autograd.grad(tsa_fast.attention(q, k, v, causal=True).float().square().sum(), (q, k, v)) for _ in range(2)]
+    grads = [
+        torch.autograd.grad(tsa_fast.attention(q, k, v, causal=True).float().square().sum(), (q, k, v))
+        for _ in range(2)
+    ]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     check_against_reference(q.detach(), k.detach(), v.detach(), causal=True)
 

@@ -9,14 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled, unit_strides
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tsa_fast
 from tsa_fast.reference.attention_transfer_loss import attention_transfer_loss as reference_loss
 from tsa_fast.reference.attention_transfer_loss import relation_heads_split
-
-from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled, unit_strides
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LOSS_ATOL = 1e-6  # per row: about 16 eps_fp32 x log N_k at the test sizes
@@ -80,14 +79,27 @@ def check_against_reference(q_s, k_s, q_t, k_t, tol=TOL[torch.float32], grad_tol
         (dict(batch=1, heads=1, n_q=150, d_s=16, d_t=32), dict(causal=True, key_padding_mask="mask")),
         (dict(batch=1, heads=2, n_q=100, n_k=150, d_s=16, d_t=32), dict(causal=True)),
     ],
-    ids=["plain", "N70-sum", "causal", "causal-Nq<Nk", "causal-Nq>Nk-sum", "padding", "padding-causal-sum",
-         "padding-causal-Nq<Nk", "scales", "multi-block-causal-padding", "multi-block-causal-Nq<Nk"],  # fmt: skip
+    ids=[
+        "plain",
+        "N70-sum",
+        "causal",
+        "causal-Nq<Nk",
+        "causal-Nq>Nk-sum",
+        "padding",
+        "padding-causal-sum",
+        "padding-causal-Nq<Nk",
+        "scales",
+        "multi-block-causal-padding",
+        "multi-block-causal-Nq<Nk",
+    ],
 )
 def test_matches_reference(backend, shape, options):
     q_s, k_s, q_t, k_t = make_inputs(**shape)
     if options.get("key_padding_mask") == "mask":
         batch = q_s.shape[0]
-        options = dict(options, key_padding_mask=padding_mask(batch, k_s.shape[2], fully_padded=(1,) if batch > 1 else ()))
+        options = dict(
+            options, key_padding_mask=padding_mask(batch, k_s.shape[2], fully_padded=(1,) if batch > 1 else ())
+        )
     check_against_reference(q_s, k_s, q_t, k_t, **options)
 
 
@@ -114,15 +126,23 @@ def test_cpp_backward_on_any_thread_count(tmp_path, threads):
         "import sys, torch, tsa_fast\n"
         "from test_attention_transfer_loss import loss_and_grads\n"
         "q_s, k_s, q_t, k_t, mask = torch.load(sys.argv[1])\n"
-        "results = loss_and_grads(tsa_fast.attention_transfer_loss, q_s, k_s, q_t, k_t, causal=True, key_padding_mask=mask)\n"
+        "results = loss_and_grads("
+        "tsa_fast.attention_transfer_loss, q_s, k_s, q_t, k_t, causal=True, key_padding_mask=mask)\n"
         "torch.save([x.detach() for x in results], sys.argv[2])\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TSA_FAST_BACKEND": "cpp", "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.path.dirname(__file__)}  # fmt: skip
-    subprocess.run([sys.executable, "-c", script, tmp_path / "inputs.pt", tmp_path / "out.pt"], env=env, check=True,
-                   timeout=120)  # fmt: skip
-    expected = loss_and_grads(reference_loss, *(x.double() for x in (q_s, k_s, q_t, k_t)), causal=True,
-                              key_padding_mask=mask)  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "TSA_FAST_BACKEND": "cpp",
+        "TRITON_INTERPRET": "0",
+        "PYTHONPATH": os.path.dirname(__file__),
+    }
+    subprocess.run(
+        [sys.executable, "-c", script, tmp_path / "inputs.pt", tmp_path / "out.pt"], env=env, check=True, timeout=120
+    )
+    expected = loss_and_grads(
+        reference_loss, *(x.double() for x in (q_s, k_s, q_t, k_t)), causal=True, key_padding_mask=mask
+    )
     for actual, wanted, what in zip(torch.load(tmp_path / "out.pt"), expected, ("loss", "dq_s", "dk_s")):
         assert_rel_close(actual, wanted, TOL[torch.float32], what)
 
@@ -174,7 +194,9 @@ def test_value_relation_accumulates_gradient(backend, relation_heads, heads_t):
 def test_all_rows_masked_gives_zero_loss_and_grads(backend, reduction):
     q_s, k_s, q_t, k_t = make_inputs(n_q=20)
     mask = torch.zeros(2, 20, dtype=torch.bool, device=DEVICE)
-    loss, dq, dk = loss_and_grads(tsa_fast.attention_transfer_loss, q_s, k_s, q_t, k_t, key_padding_mask=mask, reduction=reduction)
+    loss, dq, dk = loss_and_grads(
+        tsa_fast.attention_transfer_loss, q_s, k_s, q_t, k_t, key_padding_mask=mask, reduction=reduction
+    )
     assert loss.item() == 0.0 and torch.all(dq == 0) and torch.all(dk == 0)
 
 
@@ -274,11 +296,15 @@ def test_torch_compile_fullgraph(backend):
     mask = padding_mask(2, 30, fully_padded=())
 
     def step(q_s, k_s, q_t, k_t):
-        return tsa_fast.attention_transfer_loss(q_s, k_s, q_t, k_t, key_padding_mask=mask, causal=True, relation_heads=6) * 3.0
+        return (
+            tsa_fast.attention_transfer_loss(q_s, k_s, q_t, k_t, key_padding_mask=mask, causal=True, relation_heads=6)
+            * 3.0
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    for actual, expected, what in zip(loss_and_grads(compiled, q_s, k_s, q_t, k_t), loss_and_grads(step, q_s, k_s, q_t, k_t),
-                                      ("loss", "dq_s", "dk_s")):  # fmt: skip
+    for actual, expected, what in zip(
+        loss_and_grads(compiled, q_s, k_s, q_t, k_t), loss_and_grads(step, q_s, k_s, q_t, k_t), ("loss", "dq_s", "dk_s")
+    ):
         assert_rel_close(actual, expected, 1e-6, what)
 
 
@@ -347,6 +373,7 @@ def test_peak_memory_is_linear_in_rows(backend):
 # ---------------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the bad value.
 
+
 def _tensors(**shapes):
     """(q_s, k_s, q_t, k_t) of shape (2, 3, 8, 4), with overrides by name."""
     return [torch.randn(shapes.get(name, (2, 3, 8, 4))) for name in ("q_s", "k_s", "q_t", "k_t")]
@@ -363,19 +390,58 @@ def _tensors(**shapes):
         (dict(), dict(causal=1), ValueError, "causal must be a bool, got 1"),
         (dict(), dict(relation_heads=0), ValueError, "relation_heads.*0"),
         (dict(), dict(relation_heads=2.0), ValueError, "relation_heads.*2.0"),
-        (dict(), dict(relation_heads=5), ValueError, r"relation_heads=5 must divide the student's H \* D = 3 \* 4 = 12"),
-        (dict(q_t=(2, 2, 8, 9), k_t=(2, 2, 8, 9)), dict(relation_heads=4), ValueError, "teacher's H \\* D = 2 \\* 9 = 18"),
-        (dict(q_t=(2, 4, 8, 4), k_t=(2, 4, 8, 4)), dict(), ValueError, "student has 3 heads and teacher 4: pass relation_heads"),
-        (dict(q_s=(2, 3, 8)), dict(), ValueError, r"q_s must be a non-empty \(B, H, N, D\) tensor, got shape \(2, 3, 8\)"),
+        (
+            dict(),
+            dict(relation_heads=5),
+            ValueError,
+            r"relation_heads=5 must divide the student's H \* D = 3 \* 4 = 12",
+        ),
+        (
+            dict(q_t=(2, 2, 8, 9), k_t=(2, 2, 8, 9)),
+            dict(relation_heads=4),
+            ValueError,
+            "teacher's H \\* D = 2 \\* 9 = 18",
+        ),
+        (
+            dict(q_t=(2, 4, 8, 4), k_t=(2, 4, 8, 4)),
+            dict(),
+            ValueError,
+            "student has 3 heads and teacher 4: pass relation_heads",
+        ),
+        (
+            dict(q_s=(2, 3, 8)),
+            dict(),
+            ValueError,
+            r"q_s must be a non-empty \(B, H, N, D\) tensor, got shape \(2, 3, 8\)",
+        ),
         (dict(k_t=(2, 3, 0, 4)), dict(), ValueError, r"k_t must be a non-empty.*\(2, 3, 0, 4\)"),
-        (dict(k_s=(2, 3, 8, 5)), dict(), ValueError, r"q_s \(2, 3, 8, 4\) and k_s \(2, 3, 8, 5\) must share B, H and D"),
+        (
+            dict(k_s=(2, 3, 8, 5)),
+            dict(),
+            ValueError,
+            r"q_s \(2, 3, 8, 4\) and k_s \(2, 3, 8, 5\) must share B, H and D",
+        ),
         (dict(q_t=(2, 3, 7, 4)), dict(), ValueError, r"share B, N_q, N_k.*q_t \(2, 3, 7, 4\)"),
         (dict(k_t=(1, 3, 8, 4), q_t=(1, 3, 8, 4)), dict(), ValueError, "share B, N_q, N_k"),
         (dict(), dict(key_padding_mask=torch.ones(2, 8)), ValueError, "key_padding_mask must be bool.*torch.float32"),
-        (dict(), dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError,
-         r"key_padding_mask must be \(B, N_k\) = \(2, 8\), got \(2, 7\)"),
-        (dict(), dict(key_padding_mask=[[True] * 8] * 2), TypeError, "key_padding_mask must be a torch.Tensor or None, got list"),
-        (dict(), dict(key_padding_mask=torch.ones(2, 8, dtype=torch.bool, device="meta")), ValueError, "key_padding_mask on meta"),
+        (
+            dict(),
+            dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)),
+            ValueError,
+            r"key_padding_mask must be \(B, N_k\) = \(2, 8\), got \(2, 7\)",
+        ),
+        (
+            dict(),
+            dict(key_padding_mask=[[True] * 8] * 2),
+            TypeError,
+            "key_padding_mask must be a torch.Tensor or None, got list",
+        ),
+        (
+            dict(),
+            dict(key_padding_mask=torch.ones(2, 8, dtype=torch.bool, device="meta")),
+            ValueError,
+            "key_padding_mask on meta",
+        ),
     ],
 )
 def test_bad_input_raises(shapes, kwargs, error, match):
@@ -427,19 +493,33 @@ def compile_attention_transfer_kernels():
 
     from tsa_fast.kernels import attention_transfer_loss as kernels
 
-    types = dict(mask_ptr="*i1", kl_ptr="*fp32", lse_s_ptr="*fp32", lse_t_ptr="*fp32", w_ptr="*fp32",
-                 scale_s="fp32", scale_t="fp32")  # fmt: skip
+    types = dict(
+        mask_ptr="*i1",
+        kl_ptr="*fp32",
+        lse_s_ptr="*fp32",
+        lse_t_ptr="*fp32",
+        w_ptr="*fp32",
+        scale_s="fp32",
+        scale_t="fp32",
+    )
     tensors = ("q_s_ptr", "k_s_ptr", "q_t_ptr", "k_t_ptr", "dq_ptr", "dk_ptr")
     mask = torch.empty(1, 4096, dtype=torch.bool, device="meta")
-    cases = ((64, 80, (mask, True), "*bf16"), (256, 256, (mask, True), "*bf16"), (64, 80, (None, False), "*bf16"),
-             (64, 80, (mask, True), "*fp32"))  # fmt: skip
+    cases = (
+        (64, 80, (mask, True), "*bf16"),
+        (256, 256, (mask, True), "*bf16"),
+        (64, 80, (None, False), "*bf16"),
+        (64, 80, (mask, True), "*fp32"),
+    )
     for d_s, d_t, options, dtype in cases:
         q_s, q_t = torch.empty(1, 1, 4096, d_s, device="meta"), torch.empty(1, 1, 4096, d_t, device="meta")
         _, meta, _ = kernels._launch_args(q_s, q_s, q_t, q_t, *options, 1.0, 1.0)
         blocks = {name: meta.pop(name) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_DS", "BLOCK_DT")}
         config = triton.Config(blocks, num_warps=meta.pop("num_warps"))
-        for kernel in (kernels._attention_transfer_fwd_kernel, kernels._attention_transfer_bwd_dq_kernel,
-                       kernels._attention_transfer_bwd_dk_kernel):  # fmt: skip
+        for kernel in (
+            kernels._attention_transfer_fwd_kernel,
+            kernels._attention_transfer_bwd_dq_kernel,
+            kernels._attention_transfer_bwd_dk_kernel,
+        ):
             constants = dict(meta, **unit_strides(kernel, ("_d", "mask_n")))
             if not meta["HAS_MASK"]:
                 constants["mask_ptr"] = None  # as launched without a mask

@@ -11,13 +11,42 @@ from pydantic import ValidationError
 
 from tsa_fast.distill import data
 from tsa_fast.distill.data import (
-    EXCLUDED_FAMILIES, SPLITS, DataConfig, build_data, lm_blocks, split_documents, stdlib_documents,
-)  # fmt: skip
+    EXCLUDED_FAMILIES,
+    SPLITS,
+    DataConfig,
+    build_data,
+    lm_blocks,
+    split_documents,
+    stdlib_documents,
+)
 
 WORDS = [
-    "the", "kernel", "fuses", "softmax", "and", "loss", "so", "memory", "stays", "small", "while", "student",
-    "learns", "from", "its", "teacher", "over", "many", "steps", "of", "careful", "training", "on", "text", "data",
-]  # fmt: skip
+    "the",
+    "kernel",
+    "fuses",
+    "softmax",
+    "and",
+    "loss",
+    "so",
+    "memory",
+    "stays",
+    "small",
+    "while",
+    "student",
+    "learns",
+    "from",
+    "its",
+    "teacher",
+    "over",
+    "many",
+    "steps",
+    "of",
+    "careful",
+    "training",
+    "on",
+    "text",
+    "data",
+]
 
 
 def sentences(count: int, seed: int) -> list[str]:
@@ -144,8 +173,13 @@ def test_txt_lm_round_trip(tmp_path):
 @pytest.mark.parametrize("labels", [("negative", "neutral", "positive"), (0, 1, 2)])
 def test_jsonl_classification_round_trip(tmp_path, labels):
     records = [{"text": text, "label": labels[i % 3], "id": i} for i, text in enumerate(sentences(60, seed=3))]
-    config = DataConfig(source=write_jsonl(tmp_path / "reviews.jsonl", records), task="classify",
-                        vocab_size=300, seq_len=24, cache_dir=str(tmp_path))  # fmt: skip
+    config = DataConfig(
+        source=write_jsonl(tmp_path / "reviews.jsonl", records),
+        task="classify",
+        vocab_size=300,
+        seq_len=24,
+        cache_dir=str(tmp_path),
+    )
     built = build_data(config)
     assert built.class_names == [str(label) for label in labels]
     assert built.class_counts() == {"train": [16, 16, 16], "validation": [2, 2, 2], "test": [2, 2, 2]}
@@ -159,8 +193,13 @@ def test_jsonl_classification_round_trip(tmp_path, labels):
 
 def test_jsonl_lm_reads_the_text_field(tmp_path):
     records = [{"body": text} for text in sentences(30, seed=4)]
-    config = DataConfig(source=write_jsonl(tmp_path / "docs.jsonl", records), text_field="body",
-                        vocab_size=300, seq_len=8, cache_dir=str(tmp_path))  # fmt: skip
+    config = DataConfig(
+        source=write_jsonl(tmp_path / "docs.jsonl", records),
+        text_field="body",
+        vocab_size=300,
+        seq_len=8,
+        cache_dir=str(tmp_path),
+    )
     built = build_data(config)
     assert built.num_documents == {"train": 24, "validation": 3, "test": 3}
     assert torch.equal(built.validation["labels"][:, :-1], built.validation["input_ids"][:, 1:])
@@ -170,14 +209,17 @@ def test_saved_datasets_round_trip(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = {"text": sentences(40, seed=5), "label": ["a", "b"] * 20}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "flat"))
-    built = build_data(DataConfig(source=str(tmp_path / "flat"), task="classify", vocab_size=300, seq_len=16,
-                                  cache_dir=str(tmp_path)))  # fmt: skip
+    built = build_data(
+        DataConfig(source=str(tmp_path / "flat"), task="classify", vocab_size=300, seq_len=16, cache_dir=str(tmp_path))
+    )
     assert built.class_names == ["a", "b"] and all(min(c) > 0 for c in built.class_counts().values())
 
     given = {"train": 30, "validation": 5, "test": 5}
     start = {"train": 0, "validation": 30, "test": 35}
-    splits = {name: datasets.Dataset.from_dict({"text": rows["text"][start[name]: start[name] + n]})
-              for name, n in given.items()}  # fmt: skip
+    splits = {
+        name: datasets.Dataset.from_dict({"text": rows["text"][start[name] : start[name] + n]})
+        for name, n in given.items()
+    }
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "split"))
     built = build_data(DataConfig(source=str(tmp_path / "split"), vocab_size=300, seq_len=8, cache_dir=str(tmp_path)))
     assert built.num_documents == given
@@ -205,20 +247,50 @@ BAD_SOURCES = {  # name: (file name, content, config overrides, error type, mess
     "no text field": ("t.jsonl", '{"body": "a"}\n', {}, ValueError, r"t.jsonl:1: no field 'text' \(fields: body\)"),
     "text not a string": ("n.jsonl", '{"text": 3}\n', {}, ValueError, "field 'text' must be a string, got int"),
     "no label": ("l.jsonl", '{"text": "a"}\n', {"task": "classify"}, ValueError, "l.jsonl:1: no field 'label'"),
-    "float label": ("f.jsonl", '{"text": "a", "label": 1.5}\n', {"task": "classify"}, ValueError,
-                    "label 1.5 must be a string or an integer"),
+    "float label": (
+        "f.jsonl",
+        '{"text": "a", "label": 1.5}\n',
+        {"task": "classify"},
+        ValueError,
+        "label 1.5 must be a string or an integer",
+    ),
     "txt for classify": ("c.txt", "a\n\nb\n", {"task": "classify"}, ValueError, "a .txt file has no labels"),
-    "too few documents": ("few.txt", "one\n\ntwo\n\nthree\n", {}, ValueError,
-                          r"the validation split is empty: 3 documents in 3 groups are too few"),
-    "too few tokens": ("short.txt", "\n\n".join(sentences(20, seed=7)), {"seq_len": 512}, ValueError,
-                       "the validation split has too few tokens for one block of seq_len \\+ 1 = 513"),
-    "unknown label": ("u.jsonl", labeled(30, lambda i: ("x", "y")[i % 2] if i < 20 else f"rare{i}"),
-                      {"task": "classify"}, ValueError, r"validation labels \['rare\d+'\] are not among the train"),
-    "one class": ("one.jsonl", labeled(20, lambda i: "x"), {"task": "classify"}, ValueError,
-                  r"1 class\(es\) \['x'\]; need at least 2"),
-    "mixed labels": ("m.jsonl", labeled(20, lambda i: ("x", 1)[i % 2]), {"task": "classify"}, ValueError,
-                     "labels mix strings and integers"),
-}  # fmt: skip
+    "too few documents": (
+        "few.txt",
+        "one\n\ntwo\n\nthree\n",
+        {},
+        ValueError,
+        r"the validation split is empty: 3 documents in 3 groups are too few",
+    ),
+    "too few tokens": (
+        "short.txt",
+        "\n\n".join(sentences(20, seed=7)),
+        {"seq_len": 512},
+        ValueError,
+        "the validation split has too few tokens for one block of seq_len \\+ 1 = 513",
+    ),
+    "unknown label": (
+        "u.jsonl",
+        labeled(30, lambda i: ("x", "y")[i % 2] if i < 20 else f"rare{i}"),
+        {"task": "classify"},
+        ValueError,
+        r"validation labels \['rare\d+'\] are not among the train",
+    ),
+    "one class": (
+        "one.jsonl",
+        labeled(20, lambda i: "x"),
+        {"task": "classify"},
+        ValueError,
+        r"1 class\(es\) \['x'\]; need at least 2",
+    ),
+    "mixed labels": (
+        "m.jsonl",
+        labeled(20, lambda i: ("x", 1)[i % 2]),
+        {"task": "classify"},
+        ValueError,
+        "labels mix strings and integers",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", BAD_SOURCES)
@@ -229,8 +301,9 @@ def test_bad_source_raises_a_clear_error(tmp_path, case):
         write_jsonl(path, content)
     elif content is not None:
         path.write_text(content)
-    config = DataConfig(**{"source": str(path), "vocab_size": 300, "seq_len": 8, "cache_dir": str(tmp_path),
-                           **overrides})  # fmt: skip
+    config = DataConfig(
+        **{"source": str(path), "vocab_size": 300, "seq_len": 8, "cache_dir": str(tmp_path), **overrides}
+    )
     with pytest.raises(error, match=message):
         build_data(config)
 
@@ -247,15 +320,18 @@ def test_builtin_classification_without_enough_families(stdlib_lm, stdlib_cache)
         build_data(config)
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"sources": "x.txt"}, "Extra inputs are not permitted"),
-    ({"splits": (0.8, 0.1, 0.2)}, "sum to 1"),
-    ({"splits": (1.0, 0.0, 0.0)}, "three positive fractions"),
-    ({"vocab_size": 100}, "greater than or equal to 258"),
-    ({"seq_len": 4}, "greater than or equal to 8"),
-    ({"task": "regress"}, "'lm' or 'classify'"),
-    ({"max_train_tokens": 100, "seq_len": 128}, "less than one block of seq_len=128"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"sources": "x.txt"}, "Extra inputs are not permitted"),
+        ({"splits": (0.8, 0.1, 0.2)}, "sum to 1"),
+        ({"splits": (1.0, 0.0, 0.0)}, "three positive fractions"),
+        ({"vocab_size": 100}, "greater than or equal to 258"),
+        ({"seq_len": 4}, "greater than or equal to 8"),
+        ({"task": "regress"}, "'lm' or 'classify'"),
+        ({"max_train_tokens": 100, "seq_len": 128}, "less than one block of seq_len=128"),
+    ],
+)
 def test_bad_config_raises(fields, message):
     with pytest.raises(ValidationError, match=message):
         DataConfig(**fields)

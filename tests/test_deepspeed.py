@@ -73,17 +73,41 @@ def launch(script: Path, *args: str) -> subprocess.Popen:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     PORTS.append(port)
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2", "--master_port", str(port)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_EXTENSIONS_DIR": os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}  # DeepSpeed's CPU comm op, built once  # fmt: skip
-    return subprocess.Popen([*launcher, str(script), *args], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_accelerators",
+        "2",
+        "--master_port",
+        str(port),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
+    }  # DeepSpeed's CPU comm op, built once
+    return subprocess.Popen(
+        [*launcher, str(script), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def deepspeed_train_py(workdir: Path, *args: str, student: str = "zero3_student.json") -> subprocess.Popen:
     """`train.py` under `launch`, with the ZeRO-3 teacher and `student` configs, every parameter partitioned."""
-    configs = ["--deepspeed", str(DS / "zero3_teacher.json"), "--deepspeed", str(DS / student),
-               "--deepspeed", str(workdir / "tiny.json")]  # fmt: skip
+    configs = [
+        "--deepspeed",
+        str(DS / "zero3_teacher.json"),
+        "--deepspeed",
+        str(DS / student),
+        "--deepspeed",
+        str(workdir / "tiny.json"),
+    ]
     return launch(ROOT / "train.py", *configs, *args)
 
 
@@ -143,7 +167,14 @@ def test_exported_student_loads_without_deepspeed(ds_run, workdir):
     expected = json.loads((ds_run / "results.json").read_text())["distilled"]["validation_perplexity"]
     config = load_config(None, options(workdir)).data
     for name in ("student.safetensors", "student.pt"):
-        command = [sys.executable, "-m", "tsa_fast.integrations.deepspeed", "export", str(ds_run / "distilled"), str(workdir / name)]
+        command = [
+            sys.executable,
+            "-m",
+            "tsa_fast.integrations.deepspeed",
+            "export",
+            str(ds_run / "distilled"),
+            str(workdir / name),
+        ]
         subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
         check_student = f"""
 import json, sys
@@ -166,7 +197,9 @@ model.load_state_dict(state)
 data = build_data(DataConfig.model_validate_json({config.model_dump_json()!r}))
 print(evaluate(model, data.validation, "lm", batch_size=8, device=torch.device("cpu"))["perplexity"])
 """
-        output = subprocess.run([sys.executable, "-c", check_student], cwd=ROOT, check=True, capture_output=True, text=True)
+        output = subprocess.run(
+            [sys.executable, "-c", check_student], cwd=ROOT, check=True, capture_output=True, text=True
+        )
         assert float(output.stdout.split()[-1]) == pytest.approx(expected, rel=1e-5), name
 
 
@@ -183,7 +216,11 @@ def test_bad_deepspeed_config_is_a_clear_error(workdir):
         ({"teacher": {"zero_optimization": {"stage": 2}}}, [], "teacher: zero_optimization.stage must be 3"),
         ({"teacher": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}}, [], "no optimizer to offload"),
         ({"student": {"scheduler": {"type": "WarmupLR"}}}, [], "remove 'scheduler'"),
-        ({"student": {"train_batch_size": 30}}, ["training.batch_size=8"], "train_batch_size=30, but the recipe gives 16"),
+        (
+            {"student": {"train_batch_size": 30}},
+            ["training.batch_size=8"],
+            "train_batch_size=30, but the recipe gives 16",
+        ),
         ({"student": {"gradient_accumulation_steps": 4}}, ["training.grad_accum=2"], "gradient_accumulation_steps=4"),
         ({"student": {"zero_optimization": {"offload_param": {"device": "cpu"}}}}, [], "offload_param needs"),
         ({}, ["precision=fp16"], "precision=fp16"),
@@ -202,7 +239,9 @@ def test_config_files_merge_and_reject_a_bare_deepspeed_config(tmp_path):
     override.write_text(json.dumps({"teacher": {"zero_optimization": {"offload_param": {"pin_memory": False}}}}))
     merged = read_config([DS / "zero3_teacher_offload.json", DS / "zero3_student.json", override])
     assert merged["teacher"]["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
-    assert merged["teacher"]["zero_optimization"]["stage"] == 3 and merged["student"]["zero_optimization"] == {"stage": 3}
+    assert merged["teacher"]["zero_optimization"]["stage"] == 3 and merged["student"]["zero_optimization"] == {
+        "stage": 3
+    }
     check(load_config(), merged, world_size=2)
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
@@ -215,8 +254,11 @@ def test_teacher_cache_built_by_ranks_is_the_one_process_cache(workdir):
     and it equals the cache one process builds."""
     shared = workdir / "topk"
     cache = ["teacher_cache.enabled=true", "teacher_cache.top_k=8", f"teacher_cache.dir={shared}", "training.steps=2"]
-    finished(deepspeed_train_py(workdir, *options(workdir, f"output_dir={workdir / 'cached'}", *cache),
-                                student="zero2_student.json"))  # fmt: skip
+    finished(
+        deepspeed_train_py(
+            workdir, *options(workdir, f"output_dir={workdir / 'cached'}", *cache), student="zero2_student.json"
+        )
+    )
     config = load_config(None, options(workdir, *cache))
     data, device = build_data(config.data), torch.device("cpu")
     teacher, key = obtain_teacher(0, config, data, None, False, Runtime())
@@ -224,8 +266,17 @@ def test_teacher_cache_built_by_ranks_is_the_one_process_cache(workdir):
     built = (shared / "indices.npy").stat().st_mtime_ns
     consumed = build_teacher_cache(config, data, teachers, [key], device, Runtime())
     assert (shared / "indices.npy").stat().st_mtime_ns == built, "the one-process run rebuilt the cache"
-    alone = TopkTeacherCache.build(teachers, data.train, workdir / "topk_alone", temperature=2.0, top_k=8,
-                                   fingerprint="alone", batch_size=8, device=device, progress=False)  # fmt: skip
+    alone = TopkTeacherCache.build(
+        teachers,
+        data.train,
+        workdir / "topk_alone",
+        temperature=2.0,
+        top_k=8,
+        fingerprint="alone",
+        batch_size=8,
+        device=device,
+        progress=False,
+    )
     assert np.array_equal(consumed.indices, alone.indices)
     np.testing.assert_allclose(consumed.logprobs, alone.logprobs, rtol=1e-5, atol=1e-6)
 
@@ -273,15 +324,34 @@ def test_hugging_face_teacher_and_student_under_zero3(workdir):
 
     config = load_config(None, options(workdir))
     torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=build_data(config.data).vocab_size, hidden_size=32,
-        intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))  # fmt: skip
+    teacher = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=build_data(config.data).vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     torch.save({"model": HFModel(teacher).state_dict()}, workdir / "hf_teacher.pt")
     (workdir / "hf.py").write_text(HF_SCRIPT)
     overrides = options(workdir, "training.steps=3")
     ds = [str(DS / "zero3_teacher.json"), str(DS / "zero3_student.json"), str(workdir / "tiny.json")]
-    one = subprocess.run([sys.executable, str(workdir / "hf.py"), str(workdir), "[]", json.dumps([*overrides, "training.batch_size=16"])],
-                         cwd=ROOT, capture_output=True, text=True, check=True)  # fmt: skip
+    one = subprocess.run(
+        [
+            sys.executable,
+            str(workdir / "hf.py"),
+            str(workdir),
+            "[]",
+            json.dumps([*overrides, "training.batch_size=16"]),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     two = finished(launch(workdir / "hf.py", str(workdir), json.dumps(ds), json.dumps(overrides)))
     losses = [[float(x) for x in re.search(r"LOSSES (.*)", out).group(1).split()] for out in (one.stdout, two)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-

@@ -7,11 +7,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_rel_close
 
 from tsa_fast.distill.adversarial import adversarial_delta
 from tsa_fast.distill.batches import in_order, take, training_indices
 from tsa_fast.distill.config import (
-    LoggingConfig, LossConfig, RecipeConfig, Schedule, TeacherConfig, TrainingConfig, load_config, value_at,
+    LoggingConfig,
+    LossConfig,
+    RecipeConfig,
+    Schedule,
+    TeacherConfig,
+    TrainingConfig,
+    load_config,
+    value_at,
 )
 from tsa_fast.distill.distiller import Distiller, Phase
 from tsa_fast.distill.evaluate import macro_f1, throughput
@@ -21,8 +29,6 @@ from tsa_fast.distill.teacher_cache import TopkTeacherCache
 from tsa_fast.distill.teachers import Teachers, mixture_logits
 from tsa_fast.models import Transformer, TransformerConfig
 from tsa_fast.reference.distillation_loss import distillation_loss as reference_distillation_loss
-
-from conftest import assert_rel_close
 
 TINY = dict(vocab_size=61, max_seq_len=12, d_model=32, n_layers=2, n_heads=4)
 
@@ -152,9 +158,16 @@ def test_teacher_cache_matches_the_teacher(tmp_path):
     teachers = Teachers([Transformer(TransformerConfig(**TINY))], [1.0], "lm")
     split = lm_split(n=6)
     build = lambda: TopkTeacherCache.build(  # noqa: E731
-        teachers, split, tmp_path, temperature=2.0, top_k=5, fingerprint="f", batch_size=4,
-        device=torch.device("cpu"), progress=False,
-    )  # fmt: skip
+        teachers,
+        split,
+        tmp_path,
+        temperature=2.0,
+        top_k=5,
+        fingerprint="f",
+        batch_size=4,
+        device=torch.device("cpu"),
+        progress=False,
+    )
     cache = build()
     mtime = (tmp_path / "indices.npy").stat().st_mtime_ns
     batch = take(split, torch.tensor([5, 1]), torch.device("cpu"))
@@ -182,9 +195,12 @@ def test_objective_logit_term_is_the_distillation_loss(fused):
     targets = Teachers([teacher], [1.0], "lm").targets(batch, 2.0, fused=fused)
     loss, terms = objective(student, student(batch["input_ids"]), batch, targets, progress=0.5)
     expected = reference_distillation_loss(
-        student.logits(student(batch["input_ids"]).hidden).double(), targets.full_logits().double(),
-        batch["labels"], temperature=2.0, hard_weight=0.3,
-    )  # fmt: skip
+        student.logits(student(batch["input_ids"]).hidden).double(),
+        targets.full_logits().double(),
+        batch["labels"],
+        temperature=2.0,
+        hard_weight=0.3,
+    )
     assert_rel_close(loss, expected, 1e-5, "objective")
     assert set(terms) == {"logit"}
 
@@ -206,9 +222,9 @@ def test_objective_hidden_and_attention_terms():
     assert torch.isclose(loss, sum(terms.values()), rtol=1e-5)
     loss.backward()
     assert objective.projection.weight.grad.abs().sum() > 0
-    expected_hidden = torch.stack([
-        F.mse_loss(objective.projection(out.hidden_states[s]), targets.hidden_states[t]) for s, t in [(0, 0), (1, 2)]
-    ]).mean()  # fmt: skip
+    expected_hidden = torch.stack(
+        [F.mse_loss(objective.projection(out.hidden_states[s]), targets.hidden_states[t]) for s, t in [(0, 0), (1, 2)]]
+    ).mean()
     assert torch.isclose(terms["hidden"], expected_hidden, rtol=1e-5)
 
 
@@ -222,7 +238,9 @@ def test_objective_without_teacher_is_cross_entropy():
     torch.manual_seed(0)
     cfg = TransformerConfig(**TINY)
     model, batch = Transformer(cfg), lm_split(n=2)
-    loss, terms = DistillationObjective(LossConfig(), "lm", cfg, None)(model, model(batch["input_ids"]), batch, None, 0.0)
+    loss, terms = DistillationObjective(LossConfig(), "lm", cfg, None)(
+        model, model(batch["input_ids"]), batch, None, 0.0
+    )
     logits = model.logits(model(batch["input_ids"]).hidden)
     assert torch.isclose(loss, F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()))
     assert set(terms) == {"ce"}
@@ -298,7 +316,9 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
         torch.manual_seed(0)
         model = Transformer(cfg)
         training = TrainingConfig(steps=2, batch_size=batch_size, grad_accum=accum, warmup_steps=0)
-        phase = Phase("p", tmp_path, training, 0, torch.device("cpu"), logging=LoggingConfig(progress=False, tensorboard=False))
+        phase = Phase(
+            "p", tmp_path, training, 0, torch.device("cpu"), logging=LoggingConfig(progress=False, tensorboard=False)
+        )
         distiller = Distiller(model, DistillationObjective(LossConfig(), "lm", cfg, None), data, phase)
         distiller.train_step()
         distiller.train_step()

@@ -5,14 +5,13 @@ import sys
 
 import pytest
 import torch
+from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tsa_fast
-from tsa_fast.reference.distillation_loss import distillation_loss as reference_loss
 from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS
-
-from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled
+from tsa_fast.reference.distillation_loss import distillation_loss as reference_loss
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -69,13 +68,17 @@ def test_matches_reference(backend, divergence, reduction, ignore, options):
     student, teacher, labels = make_inputs((7,), 300, ignore=ignore)
     if ignore == "none" and "hard_weight" not in options:
         labels = None
-    check_against_reference(student, teacher, labels, TOL[torch.float32], divergence=divergence, reduction=reduction, **options)
+    check_against_reference(
+        student, teacher, labels, TOL[torch.float32], divergence=divergence, reduction=reduction, **options
+    )
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_fp16_inputs(backend, divergence):
     student, teacher, labels = make_inputs((6,), 257, dtype=torch.float16)
-    check_against_reference(student, teacher, labels, TOL[torch.float16], divergence=divergence, hard_weight=0.5, temperature=2.0)
+    check_against_reference(
+        student, teacher, labels, TOL[torch.float16], divergence=divergence, hard_weight=0.5, temperature=2.0
+    )
 
 
 def test_mixed_input_dtypes(backend):
@@ -185,7 +188,9 @@ def test_module_matches_functional(backend):
     student, teacher, labels = make_inputs((2, 5), 64)
     options = dict(divergence="jsd", beta=0.25, temperature=3.0, hard_weight=0.2, reduction="sum")
     module = tsa_fast.nn.DistillationLoss(**options)
-    assert torch.equal(module(student, teacher, labels), tsa_fast.distillation_loss(student, teacher, labels, **options))
+    assert torch.equal(
+        module(student, teacher, labels), tsa_fast.distillation_loss(student, teacher, labels, **options)
+    )
     assert "beta=0.25" in repr(module)
 
 
@@ -242,6 +247,7 @@ def test_torch_compile_fullgraph(backend):
 
 # ---------------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the bad value, never a silent wrong number.
+
 
 def _logits(*shape, **kwargs):
     return torch.randn(*shape, **kwargs)
@@ -319,8 +325,16 @@ def compile_distillation_loss_kernel():
 
     from tsa_fast.kernels import distillation_loss as kernels
 
-    types = dict(labels_ptr="*i64", loss_ptr="*fp32", inv_temperature="fp32", beta="fp32", soft_scale="fp32",
-                 hard_weight="fp32", label_smoothing="fp32", softcap="fp32")  # fmt: skip
+    types = dict(
+        labels_ptr="*i64",
+        loss_ptr="*fp32",
+        inv_temperature="fp32",
+        beta="fp32",
+        soft_scale="fp32",
+        hard_weight="fp32",
+        label_smoothing="fp32",
+        softcap="fp32",
+    )
     options = dict(HAS_LABELS=True, HAS_HARD=True, HAS_SOFTCAP=True, COMPUTE_GRAD=True)
     no_options = {name: False for name in options} | dict(labels_ptr=None, grad_ptr=None)
     forward_kl = DIVERGENCES.index("forward_kl")

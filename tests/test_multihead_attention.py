@@ -3,11 +3,10 @@ outputs and gradients on the kernels (need_weights=False) and the same everythin
 
 import pytest
 import torch
+from conftest import DEVICE, assert_rel_close
 
 import tsa_fast
 from tsa_fast.backends import triton_kernels
-
-from conftest import DEVICE, assert_rel_close
 
 both_backends = pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
 CONFIGS = {
@@ -68,7 +67,14 @@ def test_state_dicts_load_both_ways(config):
         ("batch_first-no-bias", dict(self_attention=False, src_len=9), dict()),
         ("kdim-vdim", dict(self_attention=False, src_len=23), dict(key_padding_mask="pad")),
     ],
-    ids=["self", "self-causal-padding", "cross-padding", "batch_first-causal", "batch_first-cross", "kdim-vdim-padding"],
+    ids=[
+        "self",
+        "self-causal-padding",
+        "cross-padding",
+        "batch_first-causal",
+        "batch_first-cross",
+        "kdim-vdim-padding",
+    ],
 )
 def test_fused_path_matches_torch(backend, monkeypatch, config, inputs, kwargs):
     """need_weights=False: the kernels (triton backend) or PyTorch's own path (torch), the same outputs and

@@ -23,13 +23,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY_TEACHER = "{d_model: 32, n_layers: 2, n_heads: 2}"
 TINY = [
-    "data.vocab_size=512", "data.seq_len=32", "data.max_train_tokens=20000", "data.max_train_examples=200",
+    "data.vocab_size=512",
+    "data.seq_len=32",
+    "data.max_train_tokens=20000",
+    "data.max_train_examples=200",
     f"teachers.0.model={TINY_TEACHER}",
-    "student.model.d_model=32", "student.model.n_layers=1", "student.model.n_heads=2",
-    "teacher_training.steps=6", "teacher_training.batch_size=8", "teacher_training.eval_batches=2",
-    "training.steps=6", "training.batch_size=8", "training.eval_every=3", "training.eval_batches=2",
-    "training.log_every=1", "training.checkpoint_every=2", "logging.progress=false", "logging.tensorboard=false",
-]  # fmt: skip
+    "student.model.d_model=32",
+    "student.model.n_layers=1",
+    "student.model.n_heads=2",
+    "teacher_training.steps=6",
+    "teacher_training.batch_size=8",
+    "teacher_training.eval_batches=2",
+    "training.steps=6",
+    "training.batch_size=8",
+    "training.eval_every=3",
+    "training.eval_batches=2",
+    "training.log_every=1",
+    "training.checkpoint_every=2",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +53,15 @@ def cache_dir(tmp_path_factory) -> str:
 
 def train_py(*args: str, cwd: Path = ROOT, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **popen,
+    )
 
 
 def finished(process: subprocess.Popen, timeout: float = 600) -> str:
@@ -57,7 +77,13 @@ def test_default_recipe_file_is_the_builtin_recipe():
 @pytest.mark.parametrize("recipe", ["stdlib_lm", "classify"])
 def test_recipe_runs_end_to_end(recipe, cache_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["--config", str(ROOT / "configs" / f"{recipe}.yaml"), *TINY, f"output_dir={out}", f"data.cache_dir={cache_dir}"]
+    args = [
+        "--config",
+        str(ROOT / "configs" / f"{recipe}.yaml"),
+        *TINY,
+        f"output_dir={out}",
+        f"data.cache_dir={cache_dir}",
+    ]
     finished(train_py(*args))
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"teacher", "distilled", "baseline"}
@@ -117,11 +143,23 @@ def test_killed_run_resumes_on_the_same_curve(cache_dir, tmp_path):
         ["adversarial.method=fgm", "adversarial.epsilon=0.2"],
         ["adversarial.method=pgd", "adversarial.steps=2", "adversarial.compare=false"],
         ["teacher_cache.enabled=true", "teacher_cache.top_k=8"],
-        [f"teachers=[{{seed: 0, model: {TINY_TEACHER}}}, {{seed: 1, weight: 2.0, model: {TINY_TEACHER}}}]",
-         "loss.divergence=jsd"],
-        ["loss.hidden_weight=1.0", "loss.attention_weight={start: 1.0, end: 0.0}", "student.model.d_model=16",
-         "loss.attention_relations=[qq, kk, vv]", "loss.relation_heads=2"],
-        ["student.init=teacher_layers", "student.model.n_layers=1", "loss.fused=false", "loss.temperature={start: 4, end: 1}"],
+        [
+            f"teachers=[{{seed: 0, model: {TINY_TEACHER}}}, {{seed: 1, weight: 2.0, model: {TINY_TEACHER}}}]",
+            "loss.divergence=jsd",
+        ],
+        [
+            "loss.hidden_weight=1.0",
+            "loss.attention_weight={start: 1.0, end: 0.0}",
+            "student.model.d_model=16",
+            "loss.attention_relations=[qq, kk, vv]",
+            "loss.relation_heads=2",
+        ],
+        [
+            "student.init=teacher_layers",
+            "student.model.n_layers=1",
+            "loss.fused=false",
+            "loss.temperature={start: 4, end: 1}",
+        ],
         ["precision=bf16", "loss.hidden_weight=1.0", "loss.attention_weight=1.0", "training.grad_accum=2"],
     ],
     ids=["fgm", "pgd", "teacher_cache", "two_teachers", "hidden_attention", "teacher_layers_unfused", "bf16_accum"],

@@ -55,9 +55,7 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> str:
     if forced not in BACKENDS:
         raise ValueError(f"TSA_FAST_BACKEND must be one of {BACKENDS}, got {forced!r}")
     if forced not in names:
-        raise ValueError(
-            f"TSA_FAST_BACKEND={forced!r} cannot run {dtype} tensors on {device.type}; available: {names}"
-        )
+        raise ValueError(f"TSA_FAST_BACKEND={forced!r} cannot run {dtype} tensors on {device.type}; available: {names}")
     return forced
 
 

@@ -38,8 +38,9 @@ def training_indices(n: int, batch_size: int, micro_batch: int, seed: int) -> Te
     return torch.cat(pieces)
 
 
-def in_order(split: dict[str, Tensor], batch_size: int, device: torch.device,
-             max_batches: int | None = None) -> Iterator[dict[str, Tensor]]:  # fmt: skip
+def in_order(
+    split: dict[str, Tensor], batch_size: int, device: torch.device, max_batches: int | None = None
+) -> Iterator[dict[str, Tensor]]:
     """The split in order, batch by batch (evaluation)."""
     n = num_examples(split)
     for number, start in enumerate(range(0, n, batch_size)):

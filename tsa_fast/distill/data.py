@@ -40,10 +40,20 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
 __all__ = [
-    "DataConfig", "Document", "TaskData", "build_data", "classification_examples", "lm_blocks",
-    "load_or_train_tokenizer", "load_splits", "read_documents", "split_documents", "stdlib_documents",
-    "stdlib_families", "train_tokenizer",
-]  # fmt: skip
+    "DataConfig",
+    "Document",
+    "TaskData",
+    "build_data",
+    "classification_examples",
+    "lm_blocks",
+    "load_or_train_tokenizer",
+    "load_splits",
+    "read_documents",
+    "split_documents",
+    "stdlib_documents",
+    "stdlib_families",
+    "train_tokenizer",
+]
 
 SPLITS = ("train", "validation", "test")
 PAD, EOS = "<pad>", "<eos>"  # the special tokens, ids 0 and 1
@@ -161,8 +171,11 @@ def _parse_stdlib() -> list[tuple[str, str]]:
 
 def _docstrings(tree: ast.Module) -> list[str]:
     """The cleaned docstrings of a module, its classes and functions, in source order."""
-    owners = [node for node in ast.walk(tree)
-              if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]  # fmt: skip
+    owners = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
     owners.sort(key=lambda node: getattr(node, "lineno", 0))
     return [text.strip() for node in owners if (text := ast.get_docstring(node))]
 
@@ -289,8 +302,10 @@ def split_documents(documents: Sequence[Document], fractions: Sequence[float]) -
     splits = {name: [d for d in documents if split_of_group[d.group] == name] for name in SPLITS}
     for name, split in splits.items():
         if not split:
-            raise ValueError(f"the {name} split is empty: {len(documents)} documents in {len(sizes)} groups are "
-                             f"too few to split by {tuple(fractions)}")  # fmt: skip
+            raise ValueError(
+                f"the {name} split is empty: {len(documents)} documents in {len(sizes)} groups are "
+                f"too few to split by {tuple(fractions)}"
+            )
     return splits
 
 
@@ -318,7 +333,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
@@ -362,16 +379,16 @@ def lm_blocks(token_ids: Iterable[Sequence[int]], eos_id: int, seq_len: int) -> 
     return {"input_ids": stream[:-1].view(count, seq_len), "labels": stream[1:].view(count, seq_len)}
 
 
-def classification_examples(token_ids: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int,
-                            seq_len: int) -> dict[str, Tensor]:  # fmt: skip
+def classification_examples(
+    token_ids: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int, seq_len: int
+) -> dict[str, Tensor]:
     """`input_ids` (M, seq_len) int64: each text's first seq_len tokens, right-padded with pad_id;
     `attention_mask` (M, seq_len) bool, True on real tokens; `labels` (M,) int64 class ids."""
     lengths = torch.tensor([min(len(ids), seq_len) for ids in token_ids], dtype=torch.int64)
     attention_mask = torch.arange(seq_len) < lengths.unsqueeze(1)
     input_ids = torch.full(attention_mask.shape, pad_id, dtype=torch.int64)
     input_ids[attention_mask] = torch.tensor([token for ids in token_ids for token in ids[:seq_len]], dtype=torch.int64)
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "labels": torch.tensor(labels, dtype=torch.int64)}  # fmt: skip
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels, dtype=torch.int64)}
 
 
 def stdlib_families(splits: Mapping[str, Sequence[Document]], min_examples: int) -> list[str]:
@@ -379,9 +396,10 @@ def stdlib_families(splits: Mapping[str, Sequence[Document]], min_examples: int)
     at least min_examples docstrings in every split."""
     counts = {name: Counter(document.label for document in split) for name, split in splits.items()}
     return sorted(
-        family for family in counts["train"]
+        family
+        for family in counts["train"]
         if family not in EXCLUDED_FAMILIES and all(counts[name][family] >= min_examples for name in SPLITS)
-    )  # fmt: skip
+    )
 
 
 def _class_labels(splits: Mapping[str, Sequence[Document]], config: DataConfig) -> list[str | int]:
@@ -443,26 +461,34 @@ class TaskData:
         """classify: per split, the number of examples of each class (indexed like class_names)."""
         if self.class_names is None:
             raise ValueError("class_counts needs the classify task")
-        return {name: torch.bincount(self.split(name)["labels"], minlength=len(self.class_names)).tolist()
-                for name in SPLITS}  # fmt: skip
+        return {
+            name: torch.bincount(self.split(name)["labels"], minlength=len(self.class_names)).tolist()
+            for name in SPLITS
+        }
 
     def summary(self) -> str:
         """A few lines: documents, examples and tokens per split, and the class balance for classify."""
         seq_len = self.train["input_ids"].shape[1]
         unit = "blocks" if self.task == "lm" else "examples"
-        lines = [f"{self.task} data: vocabulary {self.vocab_size}, seq_len {seq_len}"
-                 + (f", {len(self.class_names)} classes" if self.class_names else "")]  # fmt: skip
+        lines = [
+            f"{self.task} data: vocabulary {self.vocab_size}, seq_len {seq_len}"
+            + (f", {len(self.class_names)} classes" if self.class_names else "")
+        ]
         for name in SPLITS:
             split = self.split(name)
             tokens = int(split["attention_mask"].sum()) if "attention_mask" in split else split["input_ids"].numel()
-            lines.append(f"  {name:<10} {self.num_documents[name]:>8,} documents {len(split['input_ids']):>8,} {unit}"
-                         f" {tokens:>10,} tokens")  # fmt: skip
+            lines.append(
+                f"  {name:<10} {self.num_documents[name]:>8,} documents {len(split['input_ids']):>8,} {unit}"
+                f" {tokens:>10,} tokens"
+            )
         if self.class_names is not None:
             counts = self.class_counts()
             lines.append("  class balance (train / validation / test):")
             width = max(map(len, self.class_names))
-            lines += [f"    {label:<{width}} " + " / ".join(str(counts[name][i]) for name in SPLITS)
-                      for i, label in enumerate(self.class_names)]  # fmt: skip
+            lines += [
+                f"    {label:<{width}} " + " / ".join(str(counts[name][i]) for name in SPLITS)
+                for i, label in enumerate(self.class_names)
+            ]
         return "\n".join(lines)
 
 
@@ -482,8 +508,10 @@ def build_data(config: DataConfig) -> TaskData:
         for name, documents in splits.items():
             tensors[name] = lm_blocks(encode(documents), eos_id, config.seq_len)
             if len(tensors[name]["input_ids"]) == 0:
-                raise ValueError(f"{config.source}: the {name} split has too few tokens for one block of "
-                                 f"seq_len + 1 = {config.seq_len + 1}; add text or lower seq_len")  # fmt: skip
+                raise ValueError(
+                    f"{config.source}: the {name} split has too few tokens for one block of "
+                    f"seq_len + 1 = {config.seq_len + 1}; add text or lower seq_len"
+                )
         if config.max_train_tokens is not None:
             tensors["train"] = _random_rows(tensors["train"], config.max_train_tokens // config.seq_len)
     else:
@@ -497,7 +525,12 @@ def build_data(config: DataConfig) -> TaskData:
             tensors["train"] = _random_rows(tensors["train"], config.max_train_examples)
         class_names = [str(label) for label in labels]
     return TaskData(
-        task=config.task, **tensors, tokenizer=tokenizer, pad_id=pad_id, eos_id=eos_id,
-        vocab_size=tokenizer.get_vocab_size(), class_names=class_names,
+        task=config.task,
+        **tensors,
+        tokenizer=tokenizer,
+        pad_id=pad_id,
+        eos_id=eos_id,
+        vocab_size=tokenizer.get_vocab_size(),
+        class_names=class_names,
         num_documents={name: len(documents) for name, documents in splits.items()},
     )

@@ -63,9 +63,13 @@ class TorchOptimization:
     decay on matrices only), warm-up + cosine learning rate, GradScaler for fp16, global-norm clipping.
     A checkpoint is one file, `checkpoint.pt`, written atomically."""
 
-    def __init__(self, module: nn.Module, training: TrainingConfig, device: torch.device, precision: torch.dtype | None):
+    def __init__(
+        self, module: nn.Module, training: TrainingConfig, device: torch.device, precision: torch.dtype | None
+    ):
         self.module, self.training = module, training
-        self.optimizer = torch.optim.AdamW(_param_groups(module.named_parameters(), training.weight_decay), lr=training.lr)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(module.named_parameters(), training.weight_decay), lr=training.lr
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(training))
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
 
@@ -92,9 +96,12 @@ class TorchOptimization:
 
     def save(self, directory: Path, client_state: dict) -> None:
         state = {
-            "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), **client_state,
-        }  # fmt: skip
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            **client_state,
+        }
         tmp = directory / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, directory / CHECKPOINT)
@@ -123,8 +130,16 @@ class Distiller:
     `agreement_with`: Teachers that the final validation compares the model with (top-1 agreement, KL), whatever
     it trained on (those teachers, their top-k cache, no teacher)."""
 
-    def __init__(self, model: nn.Module, objective: DistillationObjective, data, phase: Phase, teachers=None,
-                 optimization=None, agreement_with: Teachers | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: DistillationObjective,
+        data,
+        phase: Phase,
+        teachers=None,
+        optimization=None,
+        agreement_with: Teachers | None = None,
+    ):
         if objective.has_teacher != (teachers is not None):
             raise ValueError(f"{phase.name}: the objective {'needs' if objective.has_teacher else 'takes no'} teachers")
         self.model, self.objective, self.data, self.phase, self.teachers = model, objective, data, phase, teachers
@@ -142,11 +157,17 @@ class Distiller:
 
     def save_checkpoint(self) -> None:
         """Everything the run needs to continue: the optimization's state, the step, the RNG."""
-        self.optimization.save(self.phase.out_dir, {
-            "step": self.step, "done": self.step >= self.phase.training.steps, "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
-        })  # fmt: skip
+        self.optimization.save(
+            self.phase.out_dir,
+            {
+                "step": self.step,
+                "done": self.step >= self.phase.training.steps,
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "train_tokens": self.train_tokens,
+                "train_seconds": self.train_seconds,
+            },
+        )
 
     def load_checkpoint(self) -> None:
         state = self.optimization.load(self.phase.out_dir)
@@ -166,7 +187,11 @@ class Distiller:
         if resumed:
             self.load_checkpoint()
         main = phase.rank == 0  # only rank 0 writes metrics and shows progress
-        log = MetricsLog(phase.out_dir / "metrics.csv", self.step if resumed else None, phase.logging.tensorboard) if main else None
+        log = (
+            MetricsLog(phase.out_dir / "metrics.csv", self.step if resumed else None, phase.logging.tensorboard)
+            if main
+            else None
+        )
         final = {}
         with _progress(phase.logging.progress and main) as progress:
             bar = progress.add_task(phase.name, total=t.steps, completed=self.step, loss=float("nan"))
@@ -178,8 +203,13 @@ class Distiller:
                 last = self.step == t.steps
                 row = {}
                 if self.step % t.log_every == 0 or last:
-                    row = {"step": self.step, "loss": loss, **terms, "lr": self.optimization.lr,
-                           "tokens_per_s": self.train_tokens / self.train_seconds}  # fmt: skip
+                    row = {
+                        "step": self.step,
+                        "loss": loss,
+                        **terms,
+                        "lr": self.optimization.lr,
+                        "tokens_per_s": self.train_tokens / self.train_seconds,
+                    }
                 if self.step % t.eval_every == 0 or last:
                     final = self.validate()
                     row = {"step": self.step, **row, **{f"val_{k}": v for k, v in final.items()}}
@@ -197,10 +227,15 @@ class Distiller:
         t = self.phase.training
         final = self.step >= t.steps
         return evaluate(
-            self.model, self.data.validation, self.data.task, batch_size=t.batch_size, device=self.phase.device,
-            teachers=self.agreement_with if final else None, max_batches=None if final else t.eval_batches,
+            self.model,
+            self.data.validation,
+            self.data.task,
+            batch_size=t.batch_size,
+            device=self.phase.device,
+            teachers=self.agreement_with if final else None,
+            max_batches=None if final else t.eval_batches,
             autocast=self.phase.autocast,
-        )  # fmt: skip
+        )
 
     def train_step(self) -> tuple[float, dict[str, float]]:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss and its terms."""
@@ -208,8 +243,12 @@ class Distiller:
         progress = self.step / t.steps
         total, term_sums = 0.0, {}
         for micro in range(t.grad_accum):
-            global_batch = training_indices(num_examples(self.data.train), t.batch_size * phase.world_size,
-                                            self.step * t.grad_accum + micro, phase.seed)  # fmt: skip
+            global_batch = training_indices(
+                num_examples(self.data.train),
+                t.batch_size * phase.world_size,
+                self.step * t.grad_accum + micro,
+                phase.seed,
+            )
             index = global_batch[phase.rank * t.batch_size : (phase.rank + 1) * t.batch_size]
             batch = take(self.data.train, index, phase.device)
             loss, terms = self.micro_step_loss(batch, progress)
@@ -237,14 +276,21 @@ class Distiller:
         if self.teachers is not None:
             with self.phase.autocast():
                 teacher = self.teachers.targets(
-                    batch, objective.temperature(progress), fused=objective.config.fused,
-                    hidden_states=objective.needs_hidden_states, qkv=objective.needs_qkv,
-                )  # fmt: skip
+                    batch,
+                    objective.temperature(progress),
+                    fused=objective.config.fused,
+                    hidden_states=objective.needs_hidden_states,
+                    qkv=objective.needs_qkv,
+                )
         mask = batch.get("attention_mask")
         with self.phase.autocast():
             embeds = self.model.embed_tokens(batch["input_ids"])
-            out = self.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=objective.needs_hidden_states,
-                             output_qkv=objective.needs_qkv)  # fmt: skip
+            out = self.model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                output_hidden_states=objective.needs_hidden_states,
+                output_qkv=objective.needs_qkv,
+            )
             loss, terms = objective(self.model, out, batch, teacher, progress)
             if adversarial.method == "none":
                 return loss, terms
@@ -284,6 +330,11 @@ def lr_lambda(t: TrainingConfig):
 
 def _progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeRemainingColumn(), disable=not enabled, transient=False,
-    )  # fmt: skip
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )

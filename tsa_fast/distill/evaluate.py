@@ -99,8 +99,16 @@ def macro_f1(predicted: Tensor, target: Tensor) -> float:
 
 
 @torch.no_grad()
-def throughput(models: dict[str, nn.Module], batches: list, forward: Callable[[nn.Module, Any], Any], units: float, *,
-               repeats: int, device: torch.device, autocast=contextlib.nullcontext) -> dict[str, float]:  # fmt: skip
+def throughput(
+    models: dict[str, nn.Module],
+    batches: list,
+    forward: Callable[[nn.Module, Any], Any],
+    units: float,
+    *,
+    repeats: int,
+    device: torch.device,
+    autocast=contextlib.nullcontext,
+) -> dict[str, float]:
     """`units` (what `batches` hold in all: tokens, sentences) per second of each model running `forward(model,
     batch)` under `autocast` over `batches`, in eval mode (the models are left so). Each model first runs the
     first batch once, untimed (warm-up); then `repeats` rounds time every batch of every model, the models in
@@ -123,9 +131,17 @@ def throughput(models: dict[str, nn.Module], batches: list, forward: Callable[[n
     return {name: units / sum(seconds) for name, seconds in best.items()}
 
 
-def tokens_per_second(models: dict[str, nn.Module], split: dict[str, Tensor], task: str, *, batch_size: int,
-                      device: torch.device, batches: int = 4, repeats: int = 3,
-                      autocast=contextlib.nullcontext) -> dict[str, float]:  # fmt: skip
+def tokens_per_second(
+    models: dict[str, nn.Module],
+    split: dict[str, Tensor],
+    task: str,
+    *,
+    batch_size: int,
+    device: torch.device,
+    batches: int = 4,
+    repeats: int = 3,
+    autocast=contextlib.nullcontext,
+) -> dict[str, float]:
     """Inference throughput (forward + head, `throughput`'s rule) of each model on the same first `batches`
     batches of `split`, in real tokens (attention_mask) where there is padding."""
     data = list(in_order(split, batch_size, device, batches))

@@ -32,8 +32,9 @@ def student_head(student: nn.Module, out, batch: dict[str, Tensor], task: str) -
 class DistillationObjective(nn.Module):
     """Loss terms of one training phase. `teacher_config=None`: cross-entropy only (no teacher)."""
 
-    def __init__(self, config: LossConfig, task: str, student_config: TransformerConfig,
-                 teacher_config: TransformerConfig | None):  # fmt: skip
+    def __init__(
+        self, config: LossConfig, task: str, student_config: TransformerConfig, teacher_config: TransformerConfig | None
+    ):
         super().__init__()
         self.config, self.task, self.has_teacher = config, task, teacher_config is not None
         self.hidden_map = self.attention_map = []
@@ -62,8 +63,9 @@ class DistillationObjective(nn.Module):
     def temperature(self, progress: float) -> float:
         return value_at(self.config.temperature, progress)
 
-    def output_loss(self, student: nn.Module, out, batch: dict[str, Tensor], teacher: TeacherTargets | None,
-                    progress: float) -> Tensor:  # fmt: skip
+    def output_loss(
+        self, student: nn.Module, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float
+    ) -> Tensor:
         """The logit-level loss: distillation + hard labels with a teacher, cross-entropy without."""
         labels = batch["labels"]
         if teacher is None:
@@ -71,20 +73,32 @@ class DistillationObjective(nn.Module):
             return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
         c = self.config
         options = dict(
-            divergence=c.divergence, beta=c.beta, temperature=self.temperature(progress), scale_by_t2=c.scale_by_t2,
-            soft_weight=value_at(c.logit_weight, progress), hard_weight=value_at(c.hard_weight, progress),
+            divergence=c.divergence,
+            beta=c.beta,
+            temperature=self.temperature(progress),
+            scale_by_t2=c.scale_by_t2,
+            soft_weight=value_at(c.logit_weight, progress),
+            hard_weight=value_at(c.hard_weight, progress),
             label_smoothing=c.label_smoothing,
-        )  # fmt: skip
+        )
         if self.task == "lm" and (c.fused or teacher.topk is not None):
             with gathered(student.lm_head_weight, teacher.weight):  # ZeRO-3: whole for the loss only
                 return fused_linear_distillation_loss(
-                    out.hidden, student.lm_head_weight, teacher.hidden, teacher.weight, labels,
-                    teacher_logits=teacher.logits, teacher_topk=teacher.topk, chunk_size=c.chunk_size, **options,
-                )  # fmt: skip
+                    out.hidden,
+                    student.lm_head_weight,
+                    teacher.hidden,
+                    teacher.weight,
+                    labels,
+                    teacher_logits=teacher.logits,
+                    teacher_topk=teacher.topk,
+                    chunk_size=c.chunk_size,
+                    **options,
+                )
         return distillation_loss(student_head(student, out, batch, self.task), teacher.full_logits(), labels, **options)
 
-    def forward(self, student: nn.Module, out, batch: dict[str, Tensor], teacher: TeacherTargets | None,
-                progress: float) -> tuple[Tensor, dict[str, float]]:  # fmt: skip
+    def forward(
+        self, student: nn.Module, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float
+    ) -> tuple[Tensor, dict[str, float]]:
         """(total loss, {term name: value}) for one batch; `out` is the student's forward output."""
         loss = self.output_loss(student, out, batch, teacher, progress)
         terms = {"logit" if teacher is not None else "ce": loss.detach()}
@@ -121,11 +135,17 @@ class DistillationObjective(nn.Module):
         for s, t in self.attention_map:
             for relation in self.config.attention_relations:
                 a, b = pick[relation]
-                losses.append(attention_transfer_loss(
-                    student_qkv[s][a], student_qkv[s][b], teacher_qkv[t][a], teacher_qkv[t][b],
-                    causal=self.task == "lm", key_padding_mask=None if mask is None else mask.bool(),
-                    relation_heads=self.config.relation_heads,
-                ))  # fmt: skip
+                losses.append(
+                    attention_transfer_loss(
+                        student_qkv[s][a],
+                        student_qkv[s][b],
+                        teacher_qkv[t][a],
+                        teacher_qkv[t][b],
+                        causal=self.task == "lm",
+                        key_padding_mask=None if mask is None else mask.bool(),
+                        relation_heads=self.config.relation_heads,
+                    )
+                )
         return torch.stack(losses).mean()
 
 
@@ -136,5 +156,7 @@ def _may_be_nonzero(weight) -> bool:
 def _checked_map(pairs, n_student: int, n_teacher: int, name: str) -> list[tuple[int, int]]:
     for s, t in pairs:
         if not (0 <= s < n_student and 0 <= t < n_teacher):
-            raise ValueError(f"loss.{name}: pair ({s}, {t}) out of range (student < {n_student}, teacher < {n_teacher})")
+            raise ValueError(
+                f"loss.{name}: pair ({s}, {t}) out of range (student < {n_student}, teacher < {n_teacher})"
+            )
     return [tuple(pair) for pair in pairs]

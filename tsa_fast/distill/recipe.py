@@ -74,7 +74,9 @@ class Runtime:
         return None
 
 
-def run(config: RecipeConfig, resume: bool = False, data: TaskData | None = None, runtime: Runtime | None = None) -> dict:
+def run(
+    config: RecipeConfig, resume: bool = False, data: TaskData | None = None, runtime: Runtime | None = None
+) -> dict:
     """Run the recipe (on `data` when already built from config.data) in `runtime` (default: this process);
     returns {model name: {metric: value}} (also written to output_dir/results.json)."""
     runtime = runtime or Runtime()
@@ -99,7 +101,7 @@ def run(config: RecipeConfig, resume: bool = False, data: TaskData | None = None
     obtained = [
         obtain_teacher(i, config, data, phase(f"teacher_{i}", config.teacher_training), resume, runtime)
         for i in range(len(config.teachers))
-    ]  # fmt: skip
+    ]
     teacher_models = [model for model, _ in obtained]
     teachers = Teachers(teacher_models, [t.weight for t in config.teachers], data.task).to(device)
     source = teachers
@@ -112,21 +114,37 @@ def run(config: RecipeConfig, resume: bool = False, data: TaskData | None = None
         variants.append(("distilled_no_adversarial", config.adversarial.model_copy(update={"method": "none"})))
     for name, adversarial in variants:
         student = build_student(config, data, teacher_models[0])
-        objective = DistillationObjective(config.loss, data.task, student_config(config, data), teacher_models[0].config)
+        objective = DistillationObjective(
+            config.loss, data.task, student_config(config, data), teacher_models[0].config
+        )
         optimization = runtime.optimization(student, objective, config.training)
-        distiller = Distiller(student, objective, data, student_phase(name, adversarial), source, optimization,
-                              agreement_with=teachers)  # fmt: skip
+        distiller = Distiller(
+            student, objective, data, student_phase(name, adversarial), source, optimization, agreement_with=teachers
+        )
         runs[name] = (student, distiller.fit(resume))
     if config.baseline:
         student = build_student(config, data, teacher_models[0])
         objective = DistillationObjective(config.loss, data.task, student_config(config, data), None)
         optimization = runtime.optimization(student, objective, config.training)
-        distiller = Distiller(student, objective, data, student_phase("baseline", config.adversarial), None, optimization,
-                              agreement_with=teachers)  # fmt: skip
+        distiller = Distiller(
+            student,
+            objective,
+            data,
+            student_phase("baseline", config.adversarial),
+            None,
+            optimization,
+            agreement_with=teachers,
+        )
         runs["baseline"] = (student, distiller.fit(resume))
 
-    results = evaluate_all(config, data, {"teacher": teacher_models[0], **{k: m for k, (m, _) in runs.items()}},
-                           {k: fit for k, (_, fit) in runs.items()}, device, precision)  # fmt: skip
+    results = evaluate_all(
+        config,
+        data,
+        {"teacher": teacher_models[0], **{k: m for k, (m, _) in runs.items()}},
+        {k: fit for k, (_, fit) in runs.items()},
+        device,
+        precision,
+    )
     if runtime.rank == 0:
         write_report(config, data, results, out_dir)
     return results
@@ -151,7 +169,12 @@ def model_config(model: TransformerConfig, data: TaskData, seq_len: int) -> Tran
     """The model config with what the data determines: vocabulary, length, causal or not, classes."""
     classes = len(data.class_names) if data.task == "classify" else None
     return model.model_copy(
-        update={"vocab_size": data.vocab_size, "max_seq_len": seq_len, "causal": data.task == "lm", "num_classes": classes}
+        update={
+            "vocab_size": data.vocab_size,
+            "max_seq_len": seq_len,
+            "causal": data.task == "lm",
+            "num_classes": classes,
+        }
     )
 
 
@@ -172,22 +195,27 @@ def data_fingerprint(data: TaskData) -> str:
     return digest.hexdigest()[:16]
 
 
-def obtain_teacher(i: int, config: RecipeConfig, data: TaskData, phase: Phase, resume: bool,
-                   runtime: Runtime) -> tuple[nn.Module, str]:  # fmt: skip
+def obtain_teacher(
+    i: int, config: RecipeConfig, data: TaskData, phase: Phase, resume: bool, runtime: Runtime
+) -> tuple[nn.Module, str]:
     """Teacher i, placed by `runtime`, and a key identifying it: from its checkpoint, from the recipe's cache, or
     trained now (in one process, rank 0's, and cached)."""
     spec = config.teachers[i]
     model_cfg = model_config(spec.model, data, config.data.seq_len)
     path = Path(spec.checkpoint) if spec.checkpoint else None
     if path is None:
-        key = fingerprint(model_cfg.model_dump(), config.teacher_training.model_dump(), spec.seed, data_fingerprint(data))
+        key = fingerprint(
+            model_cfg.model_dump(), config.teacher_training.model_dump(), spec.seed, data_fingerprint(data)
+        )
         path = Path(config.data.cache_dir) / "teachers" / f"{key}.pt"
         with runtime.main_first():
             if not path.exists():
                 torch.manual_seed(spec.seed)
                 teacher = Transformer(model_cfg)
                 phase = dataclasses.replace(phase, seed=spec.seed)
-                Distiller(teacher, DistillationObjective(config.loss, data.task, model_cfg, None), data, phase).fit(resume)
+                Distiller(teacher, DistillationObjective(config.loss, data.task, model_cfg, None), data, phase).fit(
+                    resume
+                )
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 torch.save({"config": model_cfg.model_dump(), "model": teacher.state_dict()}, tmp)
@@ -211,17 +239,32 @@ def build_student(config: RecipeConfig, data: TaskData, teacher: Transformer) ->
     return student
 
 
-def build_teacher_cache(config: RecipeConfig, data: TaskData, teachers: Teachers, teacher_keys: list[str],
-                        device: torch.device, runtime: Runtime) -> TopkTeacherCache:  # fmt: skip
+def build_teacher_cache(
+    config: RecipeConfig,
+    data: TaskData,
+    teachers: Teachers,
+    teacher_keys: list[str],
+    device: torch.device,
+    runtime: Runtime,
+) -> TopkTeacherCache:
     """The teachers' top-k over the training split, built once per (teachers, weights, data), by every rank."""
     cache = config.teacher_cache
     directory = Path(cache.dir) if cache.dir else Path(config.data.cache_dir) / "teacher_topk"
     key = fingerprint(teacher_keys, teachers.log_weights, data_fingerprint(data))
     return TopkTeacherCache.build(
-        teachers, data.train, directory, temperature=float(config.loss.temperature), top_k=cache.top_k,
-        fingerprint=key, batch_size=config.training.batch_size, device=device, progress=config.logging.progress,
-        rank=runtime.rank, world_size=runtime.world_size, barrier=runtime.barrier,
-    )  # fmt: skip
+        teachers,
+        data.train,
+        directory,
+        temperature=float(config.loss.temperature),
+        top_k=cache.top_k,
+        fingerprint=key,
+        batch_size=config.training.batch_size,
+        device=device,
+        progress=config.logging.progress,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        barrier=runtime.barrier,
+    )
 
 
 def evaluate_all(config, data, models, fits: dict[str, FitResult], device, precision) -> dict:
@@ -236,8 +279,11 @@ def evaluate_all(config, data, models, fits: dict[str, FitResult], device, preci
         fit = fits.get(name)
         validation = fit.validation if fit else evaluate(model, data.validation, data.task, **kwargs)
         test = evaluate(model, data.test, data.task, **kwargs)
-        row = {"parameters": num_parameters(model), **{f"validation_{k}": v for k, v in validation.items()},
-               **{f"test_{k}": v for k, v in test.items()}}  # fmt: skip
+        row = {
+            "parameters": num_parameters(model),
+            **{f"validation_{k}": v for k, v in validation.items()},
+            **{f"test_{k}": v for k, v in test.items()},
+        }
         if epsilon is not None:
             perturbed = evaluate(model, data.validation, data.task, epsilon=epsilon, **kwargs)
             row.update({f"validation_perturbed_{k}": v for k, v in perturbed.items()})
@@ -261,7 +307,9 @@ def headline_metrics(task: str) -> list[tuple[str, str, str]]:
 def write_table(title: str, columns: list[tuple[str, str, str]], results: dict[str, dict], out_dir: Path) -> None:
     """Print `results` (model name -> metrics) as a table of `columns` (result key, column title, format; "-"
     where a model has no such key) and write it to out_dir/results.md, and the results to results.json."""
-    cells = {name: [fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns] for name, row in results.items()}
+    cells = {
+        name: [fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns] for name, row in results.items()
+    }
     table = Table(title=title)
     table.add_column("model")
     for _, column_title, _ in columns:
@@ -284,13 +332,24 @@ def write_report(config: RecipeConfig, data: TaskData, results: dict, out_dir: P
         columns += [(f"{split}_{key}", f"{short} {title}", fmt) for key, title, fmt in headline_metrics(data.task)]
     if config.adversarial.method != "none":
         key, title, fmt = headline_metrics(data.task)[0]
-        columns.append((f"validation_perturbed_{key}", f"val {title} (perturbed, eps={config.adversarial.epsilon})", fmt))
-    columns += [("validation_agreement", "top-1 agreement", "{:.1%}"), ("validation_kl", "KL(teacher, model)", "{:.3f}"),
-                ("inference_tokens_per_s", "tokens/s", "{:,.0f}"), ("speedup_vs_teacher", "speed-up", "{:.2f}x")]  # fmt: skip
+        columns.append(
+            (f"validation_perturbed_{key}", f"val {title} (perturbed, eps={config.adversarial.epsilon})", fmt)
+        )
+    columns += [
+        ("validation_agreement", "top-1 agreement", "{:.1%}"),
+        ("validation_kl", "KL(teacher, model)", "{:.3f}"),
+        ("inference_tokens_per_s", "tokens/s", "{:,.0f}"),
+        ("speedup_vs_teacher", "speed-up", "{:.2f}x"),
+    ]
     write_table(f"{config.name}: {data.task}, validation and test", columns, results, out_dir)
     metric = headline_metrics(data.task)[0][0]
     curves = {name: out_dir / name / "metrics.csv" for name in results if (out_dir / name / "metrics.csv").exists()}
-    curves.update({name: out_dir / name / "metrics.csv" for name in os.listdir(out_dir)
-                   if name.startswith("teacher_") and (out_dir / name / "metrics.csv").exists()})  # fmt: skip
+    curves.update(
+        {
+            name: out_dir / name / "metrics.csv"
+            for name in os.listdir(out_dir)
+            if name.startswith("teacher_") and (out_dir / name / "metrics.csv").exists()
+        }
+    )
     plot_curves(curves, out_dir / "curves.png", metric)
     console.print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'curves.png'}")

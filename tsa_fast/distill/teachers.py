@@ -49,21 +49,30 @@ class Teachers:
         self.log_weights = [math.log(w / total) for w in weights]
         self.task = task
 
-    def to(self, device: torch.device) -> "Teachers":
+    def to(self, device: torch.device) -> Teachers:
         self.models = [model.to(device) for model in self.models]
         return self
 
     @torch.no_grad()
     def targets(
-        self, batch: dict[str, Tensor], temperature: float = 1.0, *, fused: bool = False,
-        hidden_states: bool = False, qkv: bool = False,
-    ) -> TeacherTargets:  # fmt: skip
+        self,
+        batch: dict[str, Tensor],
+        temperature: float = 1.0,
+        *,
+        fused: bool = False,
+        hidden_states: bool = False,
+        qkv: bool = False,
+    ) -> TeacherTargets:
         """The teachers' outputs on `batch` (input_ids, optional attention_mask)."""
         outputs = [
-            model(batch["input_ids"], batch.get("attention_mask"), output_hidden_states=hidden_states and i == 0,
-                  output_qkv=qkv and i == 0)
+            model(
+                batch["input_ids"],
+                batch.get("attention_mask"),
+                output_hidden_states=hidden_states and i == 0,
+                output_qkv=qkv and i == 0,
+            )
             for i, model in enumerate(self.models)
-        ]  # fmt: skip
+        ]
         first = outputs[0]
         targets = TeacherTargets(hidden_states=first.hidden_states, qkv=first.qkv)
         if self.task == "lm" and fused and len(self.models) == 1:

@@ -80,8 +80,10 @@ def read_config(paths: list[str | Path]) -> dict:
             raise ValueError(f"{path}: not JSON: {error}") from None
         unknown = sorted(set(sections) - set(DEFAULTS)) if isinstance(sections, dict) else [type(sections).__name__]
         if unknown:
-            raise ValueError(f"{path}: a tsa_fast DeepSpeed config has the sections 'teacher' and 'student', "
-                             f"each a DeepSpeed config; got {unknown}")  # fmt: skip
+            raise ValueError(
+                f"{path}: a tsa_fast DeepSpeed config has the sections 'teacher' and 'student', "
+                f"each a DeepSpeed config; got {unknown}"
+            )
         _merge(config, sections)
     return config
 
@@ -101,14 +103,17 @@ def check(config: RecipeConfig, ds: dict, world_size: int) -> None:
     zero_t, zero_s = teacher.get("zero_optimization", {}), student.get("zero_optimization", {})
     problems = []
     if zero_t.get("stage") != 3:
-        problems.append(f"teacher: zero_optimization.stage must be 3 (parameters partitioned), got {zero_t.get('stage')}:"
-                        " a frozen teacher has no optimizer state or gradients for stages 1 and 2 to partition")  # fmt: skip
+        problems.append(
+            f"teacher: zero_optimization.stage must be 3 (parameters partitioned), got {zero_t.get('stage')}:"
+            " a frozen teacher has no optimizer state or gradients for stages 1 and 2 to partition"
+        )
     for name in ("optimizer", "scheduler"):
         if name in teacher:
             problems.append(f"teacher: a frozen teacher has no {name}; remove '{name}'")
         if name in student:
-            problems.append(f"student: the recipe's training section sets the {name} (AdamW, warm-up + cosine); "
-                            f"remove '{name}'")  # fmt: skip
+            problems.append(
+                f"student: the recipe's training section sets the {name} (AdamW, warm-up + cosine); remove '{name}'"
+            )
     if "offload_optimizer" in zero_t:
         problems.append("teacher: a frozen teacher has no optimizer to offload; use offload_param")
     if zero_s.get("stage") not in (0, 1, 2, 3):
@@ -116,26 +121,36 @@ def check(config: RecipeConfig, ds: dict, world_size: int) -> None:
     if "offload_param" in zero_s and zero_s.get("stage") != 3:
         problems.append(f"student: offload_param needs zero_optimization.stage 3, got {zero_s.get('stage')}")
     if "offload_optimizer" in zero_s and zero_s.get("stage") not in (1, 2, 3):
-        problems.append(f"student: offload_optimizer needs zero_optimization.stage 1, 2 or 3, got {zero_s.get('stage')}")
+        problems.append(
+            f"student: offload_optimizer needs zero_optimization.stage 1, 2 or 3, got {zero_s.get('stage')}"
+        )
     expected = _batch_settings(training, world_size)
     for key, value in student.items():
         if key in expected and value != expected[key]:
             hint = f"remove {key}, or change the recipe"
             if key == "train_batch_size":
                 per_rank, rest = divmod(value, training.grad_accum * world_size)
-                hint = (f"it is not a multiple of grad_accum x ranks = {training.grad_accum * world_size}" if rest or not per_rank
-                        else f"remove it, or set training.batch_size={per_rank}")  # fmt: skip
+                hint = (
+                    f"it is not a multiple of grad_accum x ranks = {training.grad_accum * world_size}"
+                    if rest or not per_rank
+                    else f"remove it, or set training.batch_size={per_rank}"
+                )
             problems.append(
-                f"student: {key}={value}, but the recipe gives {expected[key]} (training.batch_size={training.batch_size}"
+                f"student: {key}={value}, but the recipe gives {expected[key]}"
+                f" (training.batch_size={training.batch_size}"
                 f" per rank x training.grad_accum={training.grad_accum} x {world_size} ranks; gradient_clipping ="
                 f" training.clip_grad): {hint}"
             )
     if config.precision == "fp16":
-        problems.append("precision=fp16: DeepSpeed scales fp16 losses itself; use precision=bf16, or fp32 with "
-                        '"fp16": {"enabled": true} in the student section')  # fmt: skip
+        problems.append(
+            "precision=fp16: DeepSpeed scales fp16 losses itself; use precision=bf16, or fp32 with "
+            '"fp16": {"enabled": true} in the student section'
+        )
     if config.student.init == "teacher_layers":
-        problems.append("student.init=teacher_layers copies whole teacher blocks, which no rank holds of a ZeRO-3 "
-                        "teacher; use student.init=random")  # fmt: skip
+        problems.append(
+            "student.init=teacher_layers copies whole teacher blocks, which no rank holds of a ZeRO-3 "
+            "teacher; use student.init=random"
+        )
     if problems:
         raise ValueError("inconsistent DeepSpeed config:\n  " + "\n  ".join(problems))
 
@@ -156,8 +171,13 @@ class DeepSpeedRuntime(Runtime):
     teacher engines. Rank 0's console is the only one that prints."""
 
     def __init__(self, config: RecipeConfig, ds: dict):
-        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                            ("MASTER_PORT", "29500")):  # fmt: skip
+        for name, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ):
             os.environ.setdefault(name, value)  # plain `python train.py --deepspeed ...`: a job of one rank
         check(config, ds, int(os.environ["WORLD_SIZE"]))
         self.ds, self.training = ds, config.training
@@ -186,7 +206,9 @@ class DeepSpeedRuntime(Runtime):
         objective's loss uses outside the model's forward, is registered with the objective, so that DeepSpeed
         gathers it for the objective's forward and backward."""
         module = nn.ModuleDict({"model": model, "objective": objective})
-        optimization = DeepSpeedOptimization(module, training, {**self.ds["student"], **_batch_settings(training, self.world_size)})
+        optimization = DeepSpeedOptimization(
+            module, training, {**self.ds["student"], **_batch_settings(training, self.world_size)}
+        )
         if objective.task == "lm" and self.ds["student"]["zero_optimization"]["stage"] == 3:
             deepspeed.zero.register_external_parameter(objective, model.lm_head_weight)
         return optimization
@@ -195,12 +217,21 @@ class DeepSpeedRuntime(Runtime):
         """`recipe.run` on this rank, then the per-rank memory and throughput report (output_dir/deepspeed.json);
         returns the recipe's results. Ends the process group."""
         results = run(config, resume, data, self)
-        figures = {"rank": self.rank, **teacher_bytes([engine.module for engine in self.teacher_engines]),
-                   "peak_memory_bytes": peak_memory_bytes(), "distilled_tokens_per_s": results["distilled"]["train_tokens_per_s"]}  # fmt: skip
+        figures = {
+            "rank": self.rank,
+            **teacher_bytes([engine.module for engine in self.teacher_engines]),
+            "peak_memory_bytes": peak_memory_bytes(),
+            "distilled_tokens_per_s": results["distilled"]["train_tokens_per_s"],
+        }
         ranks = [None] * self.world_size
         dist.all_gather_object(ranks, figures)
         if self.rank == 0:
-            report = {"world_size": self.world_size, "teacher": self.ds["teacher"], "student": self.ds["student"], "ranks": ranks}
+            report = {
+                "world_size": self.world_size,
+                "teacher": self.ds["teacher"],
+                "student": self.ds["student"],
+                "ranks": ranks,
+            }
             (Path(config.output_dir) / "deepspeed.json").write_text(json.dumps(report, indent=2))
             print_report(report)
         # Release the ZeRO-3 teachers (their partitioned parameters and hooks) and let every rank finish its
@@ -256,9 +287,11 @@ class DeepSpeedOptimization:
         optimizer = adamw(_param_groups(module.named_parameters(), training.weight_decay), lr=training.lr)
         self.module = module
         self.engine, *_ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=config,
+            model=module,
+            optimizer=optimizer,
+            config=config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(training)),
-        )  # fmt: skip
+        )
 
     def backward(self, loss: Tensor) -> None:
         """Accumulate the gradient of one micro-batch's loss (DeepSpeed scales it by 1 / grad_accum), then let
@@ -302,8 +335,11 @@ def teacher_bytes(teachers: list[nn.Module]) -> dict:
     parameters that ZeRO-3 keeps whole: `ds_persist`), their total, and where the partitions live."""
     params = [p for teacher in teachers for p in teacher.parameters()]
     held = sum((p.ds_numel if p.ds_persist else p.ds_tensor.numel()) * p.element_size() for p in params)
-    return {"teacher_param_bytes": held, "teacher_param_bytes_total": sum(p.ds_numel * p.element_size() for p in params),
-            "teacher_param_device": str(params[0].ds_tensor.device)}  # fmt: skip
+    return {
+        "teacher_param_bytes": held,
+        "teacher_param_bytes_total": sum(p.ds_numel * p.element_size() for p in params),
+        "teacher_param_device": str(params[0].ds_tensor.device),
+    }
 
 
 def peak_memory_bytes() -> int:
@@ -319,8 +355,14 @@ def print_report(report: dict) -> None:
         table.add_column(column, justify="right")
     for r in report["ranks"]:
         share = r["teacher_param_bytes"] / r["teacher_param_bytes_total"]
-        table.add_row(str(r["rank"]), f"{r['teacher_param_bytes'] / 2**20:,.1f} MiB", f"{share:.1%}",
-                      r["teacher_param_device"], f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB", f"{r['distilled_tokens_per_s']:,.0f}")  # fmt: skip
+        table.add_row(
+            str(r["rank"]),
+            f"{r['teacher_param_bytes'] / 2**20:,.1f} MiB",
+            f"{share:.1%}",
+            r["teacher_param_device"],
+            f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
+            f"{r['distilled_tokens_per_s']:,.0f}",
+        )
     console.print(table)
 
 
@@ -346,8 +388,10 @@ def export(phase_dir: Path, out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Convert the last DeepSpeed checkpoint of a student phase "
-                                     "(output_dir/PHASE) to a state dict loadable without DeepSpeed.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description="Convert the last DeepSpeed checkpoint of a student phase "
+        "(output_dir/PHASE) to a state dict loadable without DeepSpeed."
+    )
     parser.add_argument("command", choices=["export"])
     parser.add_argument("phase_dir", type=Path, help="e.g. runs/stdlib_lm/distilled")
     parser.add_argument("out", type=Path, help="FILE.safetensors or FILE.pt")

@@ -74,8 +74,17 @@ def attention_mask(
     if plain and isinstance(kv_offset, int) and kv_offset == 0 and local_size is None:
         return None if attention_mask is None else prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
     kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)  # always a 4D mask
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                     local_size=local_size, **kwargs)  # fmt: skip
+    return sdpa_mask(
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset,
+        kv_offset,
+        mask_function,
+        attention_mask,
+        local_size=local_size,
+        **kwargs,
+    )
 
 
 def attention_forward(
@@ -183,16 +192,21 @@ class HFModel(nn.Module):
         token = _recorded_qkv.set(recorded)
         try:
             out = self.model.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                output_hidden_states=output_hidden_states, use_cache=False,
-            )  # fmt: skip
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_hidden_states=output_hidden_states,
+                use_cache=False,
+            )
         finally:
             _recorded_qkv.reset(token)
         qkv = None
         if output_qkv:
             if len(recorded) != self.config.n_layers:
-                raise RuntimeError(f"{type(self.model).__name__}: recorded {len(recorded)} attention calls, for "
-                                   f"{self.config.n_layers} blocks (its attention must use AttentionInterface)")
+                raise RuntimeError(
+                    f"{type(self.model).__name__}: recorded {len(recorded)} attention calls, for "
+                    f"{self.config.n_layers} blocks (its attention must use AttentionInterface)"
+                )
             qkv = tuple((q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])) for q, k, v in recorded)
         return TransformerOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None, qkv)
 
@@ -241,8 +255,14 @@ def layer_subset_student(teacher: PreTrainedModel, layers: int | Sequence[int], 
     layers = every_kth_layer(n_teacher, layers) if isinstance(layers, int) else list(layers)
     if not layers or not all(isinstance(j, int) and 0 <= j < n_teacher for j in layers):
         raise ValueError(f"layers must be a non-empty list of teacher block indices in [0, {n_teacher}), got {layers}")
-    blocks = next((name for name, module in teacher.named_modules()
-                   if isinstance(module, nn.ModuleList) and len(module) == n_teacher), None)  # fmt: skip
+    blocks = next(
+        (
+            name
+            for name, module in teacher.named_modules()
+            if isinstance(module, nn.ModuleList) and len(module) == n_teacher
+        ),
+        None,
+    )
     if blocks is None:
         raise ValueError(f"{type(teacher).__name__} has no nn.ModuleList of its {n_teacher} blocks")
     unknown = sorted(name for name in config_updates if not hasattr(teacher.config, name))
@@ -254,8 +274,9 @@ def layer_subset_student(teacher: PreTrainedModel, layers: int | Sequence[int], 
     config.num_hidden_layers = len(layers)
     if isinstance(getattr(config, "layer_types", None), list):  # per-block attention types (sliding, full)
         config.layer_types = [config.layer_types[j] for j in layers]
-    student = type(teacher)._from_config(config, attn_implementation=teacher.config._attn_implementation,
-                                         dtype=teacher.dtype)  # fmt: skip
+    student = type(teacher)._from_config(
+        config, attn_implementation=teacher.config._attn_implementation, dtype=teacher.dtype
+    )
 
     def teacher_key(key: str) -> str:  # "<blocks>.<i>.<rest>" -> "<blocks>.<layers[i]>.<rest>"
         if not key.startswith(f"{blocks}."):

@@ -2,10 +2,22 @@
 
 from tsa_fast.models.init import default_layer_map, every_kth_layer, init_from_teacher
 from tsa_fast.models.transformer import (
-    Transformer, TransformerConfig, TransformerOutput, gathered, mean_pool, num_parameters,
-)  # fmt: skip
+    Transformer,
+    TransformerConfig,
+    TransformerOutput,
+    gathered,
+    mean_pool,
+    num_parameters,
+)
 
 __all__ = [
-    "Transformer", "TransformerConfig", "TransformerOutput", "default_layer_map", "every_kth_layer", "gathered",
-    "init_from_teacher", "mean_pool", "num_parameters",
+    "Transformer",
+    "TransformerConfig",
+    "TransformerOutput",
+    "default_layer_map",
+    "every_kth_layer",
+    "gathered",
+    "init_from_teacher",
+    "mean_pool",
+    "num_parameters",
 ]

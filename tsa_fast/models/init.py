@@ -48,8 +48,11 @@ def init_from_teacher(student: Transformer, teacher: Transformer, layers: list[i
     """
     s, t = student.config, teacher.config
     fields = ("vocab_size", "d_model", "n_heads", "ffn_dim", "positional")
-    mismatches = [f"{name}: student {getattr(s, name)}, teacher {getattr(t, name)}" for name in fields
-                  if getattr(s, name) != getattr(t, name)]  # fmt: skip
+    mismatches = [
+        f"{name}: student {getattr(s, name)}, teacher {getattr(t, name)}"
+        for name in fields
+        if getattr(s, name) != getattr(t, name)
+    ]
     if mismatches:
         raise ValueError(f"init_from_teacher needs the teacher's width and encoding; differ: {'; '.join(mismatches)}")
     if s.positional == "learned" and s.max_seq_len > t.max_seq_len:

@@ -22,7 +22,9 @@ class AttentionTransferLoss(nn.Module):
             raise TypeError(f"AttentionTransferLoss got unknown options {unknown}; valid: {sorted(TRANSFER_OPTIONS)}")
         self.options = {**TRANSFER_OPTIONS, **options}
 
-    def forward(self, q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
         return attention_transfer_loss(q_s, k_s, q_t, k_t, key_padding_mask=key_padding_mask, **self.options)
 
     def extra_repr(self) -> str:

@@ -35,9 +35,15 @@ class FusedLinearDistillationLoss(nn.Module):
         **teacher,
     ) -> Tensor:
         return fused_linear_distillation_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-            chunk_size=self.chunk_size, **teacher, **self.options,
-        )  # fmt: skip
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            chunk_size=self.chunk_size,
+            **teacher,
+            **self.options,
+        )
 
     def extra_repr(self) -> str:
         shown = {k: v for k, v in self.options.items() if v != LOSS_OPTIONS[k]}

@@ -33,9 +33,15 @@ class MultiheadAttention(nn.MultiheadAttention):
     ) -> tuple[Tensor, Tensor | None]:
         if not self._fused(query, key, key_padding_mask, need_weights, attn_mask, is_causal):
             return super().forward(
-                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-                average_attn_weights=average_attn_weights, is_causal=is_causal,
-            )  # fmt: skip
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
         if self.batch_first:
             query, key, value = _seq_first(query, key, value)
         tgt_len, batch, _ = query.shape
@@ -44,7 +50,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             q, k, v = F._in_projection_packed(query, key, value, self.in_proj_weight, self.in_proj_bias)
         else:
             biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-            q, k, v = F._in_projection(query, key, value, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, *biases)
+            q, k, v = F._in_projection(
+                query, key, value, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, *biases
+            )
         # (L, N, E) -> (N, H, L, E / H) views
         q, k, v = (x.view(x.shape[0], batch, self.num_heads, self.head_dim).permute(1, 2, 0, 3) for x in (q, k, v))
         keep = None if key_padding_mask is None else ~key_padding_mask

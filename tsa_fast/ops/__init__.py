@@ -6,6 +6,9 @@ from tsa_fast.ops.distillation_loss import distillation_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
 
 __all__ = [
-    "attention", "attention_transfer_loss", "distillation_loss", "fused_linear_distillation_loss",
+    "attention",
+    "attention_transfer_loss",
+    "distillation_loss",
+    "fused_linear_distillation_loss",
     "scaled_dot_product_attention",
 ]

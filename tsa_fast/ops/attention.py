@@ -86,9 +86,15 @@ def scaled_dot_product_attention(
     covered, key_padding_mask = _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if not covered or _backend(query) != "triton":
         return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
             enable_gqa=enable_gqa,
-        )  # fmt: skip
+        )
     scale = default_scale(query) if scale is None else float(scale)
     return torch.ops.tsa_fast.flash_attention(query, key, value, key_padding_mask, is_causal, scale)[0]
 
@@ -101,14 +107,19 @@ def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
     (batch, heads, n_q, d), (_, heads_kv, n_k, _), d_v = query.shape, key.shape, value.shape[3]
     if (
         dropout_p != 0.0
-        or query.dtype not in KERNEL_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype
-        or key.device != query.device or value.device != query.device
-        or key.shape[:3] != (batch, heads_kv, n_k) or value.shape[:3] != key.shape[:3] or key.shape[3] != d
+        or query.dtype not in KERNEL_DTYPES
+        or key.dtype != query.dtype
+        or value.dtype != query.dtype
+        or key.device != query.device
+        or value.device != query.device
+        or key.shape[:3] != (batch, heads_kv, n_k)
+        or value.shape[:3] != key.shape[:3]
+        or key.shape[3] != d
         or (heads != heads_kv and not (enable_gqa and heads % heads_kv == 0))
         or max(d, d_v) > MAX_HEAD_DIM
         or (scale is not None and not (_is_real(scale) and math.isfinite(scale) and scale > 0))
         or (is_causal and (attn_mask is not None or n_q != n_k))
-    ):  # fmt: skip
+    ):
         return False, None
     if attn_mask is None:
         return True, None
@@ -143,7 +154,9 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must share the head dim D: {shapes}")
     if q.shape[1] % k.shape[1]:
-        raise ValueError(f"the {q.shape[1]} query heads must be a multiple of the {k.shape[1]} key/value heads: {shapes}")
+        raise ValueError(
+            f"the {q.shape[1]} query heads must be a multiple of the {k.shape[1]} key/value heads: {shapes}"
+        )
     if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
         raise ValueError(f"head dims must be <= {MAX_HEAD_DIM}, got D={q.shape[3]}, D_v={v.shape[3]}")
     check_key_padding_mask(key_padding_mask, k.shape[0], k.shape[2], ("q", q))
@@ -153,7 +166,9 @@ def _check_options(causal, softmax_scale, return_lse) -> None:
     for name, flag in (("causal", causal), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
-    if softmax_scale is not None and (not _is_real(softmax_scale) or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+    if softmax_scale is not None and (
+        not _is_real(softmax_scale) or not math.isfinite(softmax_scale) or softmax_scale <= 0
+    ):
         raise ValueError(f"softmax_scale must be None or a finite number > 0, got {softmax_scale!r}")
 
 

@@ -65,16 +65,29 @@ def attention_transfer_loss(
     q_t, k_t = q_t.detach(), k_t.detach()
     if _backend(q_s, q_t) == "torch":
         return reference.attention_transfer_loss(
-            q_s, k_s, q_t, k_t, causal=causal, key_padding_mask=key_padding_mask, scale_s=scale_s,
-            scale_t=scale_t, relation_heads=relation_heads, reduction=reduction,
-        )  # fmt: skip
+            q_s,
+            k_s,
+            q_t,
+            k_t,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            scale_s=scale_s,
+            scale_t=scale_t,
+            relation_heads=relation_heads,
+            reduction=reduction,
+        )
     if relation_heads is not None:
         q_s, k_s, q_t, k_t = (relation_heads_split(x, relation_heads) for x in (q_s, k_s, q_t, k_t))
     rows, lse_s, _ = torch.ops.tsa_fast.attention_transfer_rows(
-        q_s, k_s, q_t, k_t, key_padding_mask, causal,
+        q_s,
+        k_s,
+        q_t,
+        k_t,
+        key_padding_mask,
+        causal,
         default_scale(q_s) if scale_s is None else float(scale_s),
         default_scale(q_t) if scale_t is None else float(scale_t),
-    )  # fmt: skip
+    )
     return reduce_rows(rows, lse_s > -math.inf, reduction, rows.shape)  # lse = -inf: the row does not count
 
 
@@ -182,8 +195,21 @@ def attention_transfer_rows_backward(
     """(dq_s, dk_s): the gradient of sum(grad_rows * kl) w.r.t. q_s and k_s, recomputing the scores."""
     dq_s, dk_s = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q_s, k_s))
     _, backward = _kernels(q_s, q_t)
-    backward(q_s, k_s, q_t, k_t, key_padding_mask, lse_s, lse_t, grad_rows.float().contiguous(), dq_s, dk_s,
-             causal, scale_s, scale_t)  # fmt: skip
+    backward(
+        q_s,
+        k_s,
+        q_t,
+        k_t,
+        key_padding_mask,
+        lse_s,
+        lse_t,
+        grad_rows.float().contiguous(),
+        dq_s,
+        dk_s,
+        causal,
+        scale_s,
+        scale_t,
+    )
     return dq_s, dk_s
 
 
@@ -219,18 +245,61 @@ def _kernels(q_s: Tensor, q_t: Tensor):
 
 
 def _cpp_forward(q_s, k_s, q_t, k_t, key_padding_mask, kl, lse_s, lse_t, causal, scale_s, scale_t):
-    _run_cpp(cpp_extension.attention_transfer_forward_cpu, q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s,
-             scale_t, kl=kl, lse_s=lse_s, lse_t=lse_t)  # fmt: skip
+    _run_cpp(
+        cpp_extension.attention_transfer_forward_cpu,
+        q_s,
+        k_s,
+        q_t,
+        k_t,
+        key_padding_mask,
+        causal,
+        scale_s,
+        scale_t,
+        kl=kl,
+        lse_s=lse_s,
+        lse_t=lse_t,
+    )
 
 
-def _cpp_backward(q_s, k_s, q_t, k_t, key_padding_mask, lse_s, lse_t, row_weights, dq_s, dk_s, causal, scale_s,
-                  scale_t):  # fmt: skip
-    _run_cpp(cpp_extension.attention_transfer_backward_cpu, q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s,
-             scale_t, lse_s=lse_s, lse_t=lse_t, row_weights=row_weights, dq_s=dq_s, dk_s=dk_s)  # fmt: skip
+def _cpp_backward(
+    q_s, k_s, q_t, k_t, key_padding_mask, lse_s, lse_t, row_weights, dq_s, dk_s, causal, scale_s, scale_t
+):
+    _run_cpp(
+        cpp_extension.attention_transfer_backward_cpu,
+        q_s,
+        k_s,
+        q_t,
+        k_t,
+        key_padding_mask,
+        causal,
+        scale_s,
+        scale_t,
+        lse_s=lse_s,
+        lse_t=lse_t,
+        row_weights=row_weights,
+        dq_s=dq_s,
+        dk_s=dk_s,
+    )
 
 
-def _run_cpp(kernel, q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s, scale_t, *, lse_s, lse_t, kl=None,
-             row_weights=None, dq_s=None, dk_s=None):  # fmt: skip
+def _run_cpp(
+    kernel,
+    q_s,
+    k_s,
+    q_t,
+    k_t,
+    key_padding_mask,
+    causal,
+    scale_s,
+    scale_t,
+    *,
+    lse_s,
+    lse_t,
+    kl=None,
+    row_weights=None,
+    dq_s=None,
+    dk_s=None,
+):
     """Call a kernel of `tsa_fast._C` with raw pointers. It needs a unit head-dim stride (inputs without one
     are copied; the outputs are allocated with one) and a unit column stride of the mask; other strides are
     free. The forward writes kl, lse_s, lse_t; the backward reads lse_s, lse_t, row_weights, writes dq_s, dk_s."""
@@ -244,7 +313,25 @@ def _run_cpp(kernel, q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s, scal
     batch, heads, n_q, d_s = q_s.shape
     pointer = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
     kernel(
-        head(q_s), head(k_s), head(q_t), head(k_t), pointer(mask), 0 if mask is None else mask.stride(0),
-        batch, heads, n_q, k_s.shape[2], d_s, q_t.shape[3], scale_s, scale_t, causal,
-        pointer(kl), pointer(lse_s), pointer(lse_t), pointer(row_weights), head(dq_s), head(dk_s),
-    )  # fmt: skip
+        head(q_s),
+        head(k_s),
+        head(q_t),
+        head(k_t),
+        pointer(mask),
+        0 if mask is None else mask.stride(0),
+        batch,
+        heads,
+        n_q,
+        k_s.shape[2],
+        d_s,
+        q_t.shape[3],
+        scale_s,
+        scale_t,
+        causal,
+        pointer(kl),
+        pointer(lse_s),
+        pointer(lse_t),
+        pointer(row_weights),
+        head(dq_s),
+        head(dk_s),
+    )

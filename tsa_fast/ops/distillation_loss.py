@@ -66,10 +66,18 @@ def distillation_loss(
             [0, K) other than ignore_index (on CUDA, checked asynchronously on the device).
     """
     options = dict(
-        divergence=divergence, beta=beta, temperature=temperature, scale_by_t2=scale_by_t2,
-        soft_weight=soft_weight, hard_weight=hard_weight, label_smoothing=label_smoothing,
-        ignore_index=ignore_index, reduction=reduction, softcap=softcap, vocab_size=vocab_size,
-    )  # fmt: skip
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        softcap=softcap,
+        vocab_size=vocab_size,
+    )
     _check_tensor("student_logits", student_logits)
     _check_tensor("teacher_logits", teacher_logits, like=("student_logits", student_logits))
     check_labels_tensor(labels, student_logits.shape[:-1], student_logits.device)
@@ -89,13 +97,13 @@ def distillation_loss(
 
 # The keyword options of the loss and their defaults, shared by every op and module that takes them.
 LOSS_OPTIONS = {
-    name: p.default
-    for name, p in inspect.signature(distillation_loss).parameters.items()
-    if p.kind is p.KEYWORD_ONLY
+    name: p.default for name, p in inspect.signature(distillation_loss).parameters.items() if p.kind is p.KEYWORD_ONLY
 }
 
 
-def distillation_loss_rows_autograd(student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int) -> Tensor:
+def distillation_loss_rows_autograd(
+    student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int
+) -> Tensor:
     """Per-row losses (N,) of (N, V) logits, differentiable w.r.t. `student`, on the selected backend."""
     if select_backend(student.device, student.dtype) == "torch":
         # The reference itself, differentiated by autograd (and traced by torch.compile as plain ops;
@@ -129,11 +137,20 @@ def rows_and_grad_by_autograd(row_fn, student: Tensor) -> tuple[Tensor, Tensor]:
 
 def _reference_rows(student, teacher, labels, options, vocab) -> Tensor:
     return reference.distillation_loss_rows(
-        student, teacher, labels, divergence_name=options["divergence"], beta=options["beta"],
-        temperature=options["temperature"], scale_by_t2=options["scale_by_t2"], soft_weight=options["soft_weight"],
-        hard_weight=options["hard_weight"], label_smoothing=options["label_smoothing"],
-        ignore_index=options["ignore_index"], softcap=options["softcap"], vocab_size=vocab,
-    )  # fmt: skip
+        student,
+        teacher,
+        labels,
+        divergence_name=options["divergence"],
+        beta=options["beta"],
+        temperature=options["temperature"],
+        scale_by_t2=options["scale_by_t2"],
+        soft_weight=options["soft_weight"],
+        hard_weight=options["hard_weight"],
+        label_smoothing=options["label_smoothing"],
+        ignore_index=options["ignore_index"],
+        softcap=options["softcap"],
+        vocab_size=vocab,
+    )
 
 
 def _kernel_rows(student, teacher, labels, options, vocab, compute_grad) -> tuple[Tensor, Tensor]:
@@ -141,10 +158,20 @@ def _kernel_rows(student, teacher, labels, options, vocab, compute_grad) -> tupl
     temperature = float(options["temperature"])
     soft_scale = float(options["soft_weight"]) * (temperature**2 if options["scale_by_t2"] else 1.0)
     return torch.ops.tsa_fast.distillation_loss_rows(
-        student, teacher, labels, DIVERGENCES.index(options["divergence"]), float(options["beta"]), temperature,
-        soft_scale, float(options["hard_weight"]), float(options["label_smoothing"]), int(options["ignore_index"]),
-        float(options["softcap"] or 0.0), vocab, compute_grad,
-    )  # fmt: skip
+        student,
+        teacher,
+        labels,
+        DIVERGENCES.index(options["divergence"]),
+        float(options["beta"]),
+        temperature,
+        soft_scale,
+        float(options["hard_weight"]),
+        float(options["label_smoothing"]),
+        int(options["ignore_index"]),
+        float(options["softcap"] or 0.0),
+        vocab,
+        compute_grad,
+    )
 
 
 def _check_tensor(name: str, tensor, like: tuple[str, Tensor] | None = None) -> None:
@@ -281,14 +308,41 @@ def distillation_loss_rows(
         raise ValueError(f"no kernel backend for {student.dtype} on {student.device.type}: call distillation_loss")
     launch = _launch_cpp if backend == "cpp" else triton_kernels.distillation_loss_forward
     if student.shape[0] > 0:
-        launch(student, teacher, labels, row_loss, grad, divergence, beta, temperature, soft_scale, hard_weight,
-               label_smoothing, ignore_index, softcap, vocab_size)  # fmt: skip
+        launch(
+            student,
+            teacher,
+            labels,
+            row_loss,
+            grad,
+            divergence,
+            beta,
+            temperature,
+            soft_scale,
+            hard_weight,
+            label_smoothing,
+            ignore_index,
+            softcap,
+            vocab_size,
+        )
     return row_loss, student.new_empty(0) if grad is None else grad
 
 
 @distillation_loss_rows.register_fake
-def _(student, teacher, labels, divergence, beta, temperature, soft_scale, hard_weight, label_smoothing,
-      ignore_index, softcap, vocab_size, compute_grad):  # fmt: skip
+def _(
+    student,
+    teacher,
+    labels,
+    divergence,
+    beta,
+    temperature,
+    soft_scale,
+    hard_weight,
+    label_smoothing,
+    ignore_index,
+    softcap,
+    vocab_size,
+    compute_grad,
+):
     rows = student.new_empty(student.shape[0], dtype=torch.float32)
     return rows, student.new_empty(student.shape if compute_grad else (0,))
 
@@ -322,19 +376,47 @@ def _grad_buffer(student: Tensor, vocab_size: int) -> Tensor:
     return grad if vocab_size == student.shape[1] else grad.zero_()
 
 
-def _launch_cpp(student, teacher, labels, row_loss, grad, divergence, beta, temperature, soft_scale,
-                hard_weight, label_smoothing, ignore_index, softcap, vocab_size):  # fmt: skip
+def _launch_cpp(
+    student,
+    teacher,
+    labels,
+    row_loss,
+    grad,
+    divergence,
+    beta,
+    temperature,
+    soft_scale,
+    hard_weight,
+    label_smoothing,
+    ignore_index,
+    softcap,
+    vocab_size,
+):
     """The C++ kernels of `tsa_fast._C` (CPU with OpenMP, or CUDA), called with raw pointers; same
     contract as the Triton launcher `tsa_fast.kernels.distillation_loss_forward`."""
     ext = cpp_extension
     args = [
-        student.data_ptr(), DTYPE_CODES[student.dtype], student.stride(0),
-        teacher.data_ptr(), DTYPE_CODES[teacher.dtype], teacher.stride(0),
+        student.data_ptr(),
+        DTYPE_CODES[student.dtype],
+        student.stride(0),
+        teacher.data_ptr(),
+        DTYPE_CODES[teacher.dtype],
+        teacher.stride(0),
         0 if labels is None else labels.data_ptr(),
-        row_loss.data_ptr(), 0 if grad is None else grad.data_ptr(), 0 if grad is None else grad.stride(0),
-        student.shape[0], vocab_size, divergence, beta, 1.0 / temperature, soft_scale, hard_weight,
-        label_smoothing, softcap, ignore_index,
-    ]  # fmt: skip
+        row_loss.data_ptr(),
+        0 if grad is None else grad.data_ptr(),
+        0 if grad is None else grad.stride(0),
+        student.shape[0],
+        vocab_size,
+        divergence,
+        beta,
+        1.0 / temperature,
+        soft_scale,
+        hard_weight,
+        label_smoothing,
+        softcap,
+        ignore_index,
+    ]
     if student.is_cuda:
         with torch.cuda.device(student.device):
             ext.distillation_loss_forward_cuda(*args, torch.cuda.current_stream().cuda_stream)

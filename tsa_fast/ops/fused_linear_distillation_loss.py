@@ -82,7 +82,9 @@ def fused_linear_distillation_loss(
     _check_tensor("student_hidden", student_hidden)
     _check_linear("student", student_weight, student_bias, student_hidden)
     check_labels_tensor(labels, student_hidden.shape[:-1], student_hidden.device)
-    vocab = check_loss_options(options, student_weight.shape[0], teacher.vocab(student_weight.shape[0]), labels is not None)
+    vocab = check_loss_options(
+        options, student_weight.shape[0], teacher.vocab(student_weight.shape[0]), labels is not None
+    )
     if teacher.topk_indices is not None and teacher.topk_indices.shape[-1] > vocab:
         raise ValueError(f"teacher_topk has k={teacher.topk_indices.shape[-1]} > vocabulary size {vocab}")
     n_rows = student_hidden.numel() // student_hidden.shape[-1]
@@ -97,7 +99,14 @@ def fused_linear_distillation_loss(
     if teacher.topk_indices is not None:
         _check_topk_indices(teacher.topk_indices, vocab)
     loss = _FusedLinearDistillation.apply(
-        student_hidden.reshape(n_rows, -1), student_weight, student_bias, teacher, flat_labels, options, vocab, chunk_size
+        student_hidden.reshape(n_rows, -1),
+        student_weight,
+        student_bias,
+        teacher,
+        flat_labels,
+        options,
+        vocab,
+        chunk_size,
     )
     return loss.reshape(student_hidden.shape[:-1]) if options["reduction"] == "none" else loss
 
@@ -125,9 +134,16 @@ class _Teacher:
     topk_logprobs: Tensor | None = None
 
     @classmethod
-    def check(cls, student_hidden, hidden, weight, bias, logits, topk) -> "_Teacher":
-        given = [name for name, x in (("teacher_hidden/teacher_weight", hidden if hidden is not None else weight),
-                                      ("teacher_logits", logits), ("teacher_topk", topk)) if x is not None]  # fmt: skip
+    def check(cls, student_hidden, hidden, weight, bias, logits, topk) -> _Teacher:
+        given = [
+            name
+            for name, x in (
+                ("teacher_hidden/teacher_weight", hidden if hidden is not None else weight),
+                ("teacher_logits", logits),
+                ("teacher_topk", topk),
+            )
+            if x is not None
+        ]
         if len(given) != 1:
             raise ValueError(f"give exactly one teacher form (hidden + weight, logits or topk), got {given or 'none'}")
         like = ("student_hidden", student_hidden)
@@ -141,9 +157,14 @@ class _Teacher:
             indices, logprobs = topk
             _check_tensor("teacher_topk logprobs", logprobs, like=like)
             if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"teacher_topk indices must be an int64/int32 tensor, got {getattr(indices, 'dtype', type(indices))}")
+                raise ValueError(
+                    "teacher_topk indices must be an int64/int32 tensor,"
+                    f" got {getattr(indices, 'dtype', type(indices))}"
+                )
             if indices.shape != logprobs.shape:
-                raise ValueError(f"teacher_topk indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} differ in shape")
+                raise ValueError(
+                    f"teacher_topk indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} differ in shape"
+                )
             return cls(topk_indices=flat(indices).long(), topk_logprobs=flat(logprobs))
         if hidden is None or weight is None:
             raise ValueError("the teacher as hidden states needs both teacher_hidden and teacher_weight")
@@ -156,7 +177,9 @@ class _Teacher:
             return self.logits.shape[-1]
         return student_vocab if self.weight is None else self.weight.shape[0]
 
-    def rows(self, start: int, end: int, weight: Tensor | None, compute_dtype: torch.dtype) -> Tensor | tuple[Tensor, Tensor]:
+    def rows(
+        self, start: int, end: int, weight: Tensor | None, compute_dtype: torch.dtype
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """The teacher for rows [start, end): logits (N, V_t) (in compute_dtype when computed from the hidden
         states with `weight`, the teacher weight as `_gemm_weight` gives it), or the top-k pair."""
         if self.topk_indices is not None:
@@ -175,7 +198,10 @@ def _check_linear(model: str, weight, bias, hidden: Tensor) -> None:
     if bias is not None:
         _check_tensor(f"{model}_bias", bias)
         if bias.shape != weight.shape[:1] or bias.device != weight.device:
-            raise ValueError(f"{model}_bias must be ({weight.shape[0]},) on {weight.device}, got {tuple(bias.shape)} on {bias.device}")
+            raise ValueError(
+                f"{model}_bias must be ({weight.shape[0]},) on {weight.device},"
+                f" got {tuple(bias.shape)} on {bias.device}"
+            )
 
 
 def _check_topk_indices(indices: Tensor, vocab: int) -> None:
@@ -191,7 +217,8 @@ def _rows_and_logit_grad(student_logits: Tensor, teacher, labels: Tensor | None,
     """Per-row losses and their gradient w.r.t. the chunk's fp32 student logits."""
     if isinstance(teacher, tuple):  # top-k with a tail bucket: the reference math on the chunk
         return rows_and_grad_by_autograd(
-            lambda z: topk_distillation_loss_rows(z, *teacher, labels, **{**options, "vocab_size": vocab}), student_logits
+            lambda z: topk_distillation_loss_rows(z, *teacher, labels, **{**options, "vocab_size": vocab}),
+            student_logits,
         )
     return distillation_loss_rows_and_grad(student_logits, teacher, labels, options, vocab)
 
@@ -251,10 +278,16 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
     compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows = torch.empty(n_rows, dtype=compute_dtype, device=hidden.device)
     gemm_weight = _gemm_weight(weight, hidden, compute_dtype)
-    teacher_gemm_weight = None if teacher.weight is None else _gemm_weight(teacher.weight, teacher.hidden, compute_dtype)
+    teacher_gemm_weight = (
+        None if teacher.weight is None else _gemm_weight(teacher.weight, teacher.hidden, compute_dtype)
+    )
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
     # The weight gradient: an accumulator in compute_dtype, or for fp16/bf16 weights a compensated pair.
-    pair = _WeightGradPair(weight, hidden, gemm_weight.dtype, chunk_size) if needs[1] and weight.dtype in LOW_PRECISION else None
+    pair = (
+        _WeightGradPair(weight, hidden, gemm_weight.dtype, chunk_size)
+        if needs[1] and weight.dtype in LOW_PRECISION
+        else None
+    )
     grad_weight = pair.high if pair else torch.zeros_like(weight, dtype=compute_dtype) if needs[1] else None
     grad_bias = torch.zeros_like(bias, dtype=compute_dtype) if needs[2] else None
     for start in range(0, n_rows, chunk_size):
@@ -335,7 +368,9 @@ class _FusedLinearDistillation(torch.autograd.Function):
         ctx.args = (teacher, labels, options, vocab, chunk_size)
         if options["reduction"] == "none":  # per-row weights come in backward: recompute there
             ctx.save_for_backward(hidden, weight, bias)
-            rows, *_ = _chunked_pass(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, None, (False,) * 3)
+            rows, *_ = _chunked_pass(
+                hidden, weight, bias, teacher, labels, options, vocab, chunk_size, None, (False,) * 3
+            )
             return rows
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         scale = _reduction_weight(labels, hidden.shape[0], options, dtype, hidden.device)

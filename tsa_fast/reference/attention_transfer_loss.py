@@ -91,11 +91,15 @@ def attention_transfer_loss(
     if relation_heads is not None:
         q_s, k_s, q_t, k_t = (relation_heads_split(x, relation_heads) for x in (q_s, k_s, q_t, k_t))
     rows, counted = attention_transfer_rows(
-        q_s, k_s, q_t, k_t,
+        q_s,
+        k_s,
+        q_t,
+        k_t,
         scale_s=default_scale(q_s) if scale_s is None else scale_s,
         scale_t=default_scale(q_t) if scale_t is None else scale_t,
-        causal=causal, key_padding_mask=key_padding_mask,
-    )  # fmt: skip
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+    )
     return reduce_rows(rows, counted, reduction, rows.shape)
 
 

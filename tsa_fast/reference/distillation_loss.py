@@ -86,9 +86,19 @@ def distillation_loss_rows(
     log_q = torch.log_softmax(c_s / temperature, dim=-1)
     log_p = torch.log_softmax(c_t / temperature, dim=-1)
     return row_losses(
-        log_p, log_q, c_s, labels, counted, divergence_name=divergence_name, beta=beta, temperature=temperature,
-        scale_by_t2=scale_by_t2, soft_weight=soft_weight, hard_weight=hard_weight, label_smoothing=label_smoothing,
-    )  # fmt: skip
+        log_p,
+        log_q,
+        c_s,
+        labels,
+        counted,
+        divergence_name=divergence_name,
+        beta=beta,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        label_smoothing=label_smoothing,
+    )
 
 
 def counted_rows(labels: Tensor | None, ignore_index: int, n_rows: int, device: torch.device) -> Tensor:

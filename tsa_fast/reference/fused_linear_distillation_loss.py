@@ -100,6 +100,16 @@ def topk_distillation_loss_rows(
     indices, teacher_logprobs = (torch.where(counted[:, None], x, 0) for x in (indices, teacher_logprobs))
     log_p, log_q = topk_bucket_log_probs(torch.log_softmax(capped / temperature, -1), indices, teacher_logprobs)
     return row_losses(
-        log_p, log_q, capped, labels, counted, divergence_name=divergence, beta=beta, temperature=temperature,
-        scale_by_t2=scale_by_t2, soft_weight=soft_weight, hard_weight=hard_weight, label_smoothing=label_smoothing,
-    )  # fmt: skip
+        log_p,
+        log_q,
+        capped,
+        labels,
+        counted,
+        divergence_name=divergence,
+        beta=beta,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        label_smoothing=label_smoothing,
+    )
