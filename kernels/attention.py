@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_transfer_loss import _dot, _head, _load_tile, _scores, _visible, launch_autotuned
+from .utils import dot, head, launch_autotuned, load_tile, scores, visible_keys
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -107,10 +107,10 @@ def _tile_scores(
     """qk_scale * q k^T for (rows, cols); with MASKED, -inf where key j is out of range, padded (HAS_MASK) or
     past row i's diagonal (CAUSAL). Tiles that every row sees in full skip the mask (MASKED=False)."""
     if MASKED:
-        visible = _visible(rows, cols, rows < n_q, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
-        s = _scores(q, k, qk_scale, visible)
+        visible = visible_keys(rows, cols, rows < n_q, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
+        s = scores(q, k, qk_scale, visible)
     else:
-        s = _dot(q, tl.trans(k)) * qk_scale
+        s = dot(q, tl.trans(k)) * qk_scale
     return s
 
 
@@ -183,7 +183,7 @@ def _fwd_tiles(
     """Fold the key tiles [start, end) into each row's running max m_i, sum l_i and unnormalized output acc."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr, cols, tl.arange(0, BLOCK_D), stride_kn, stride_kd, n_k, d, UPCAST)
+        k = load_tile(k_ptr, cols, tl.arange(0, BLOCK_D), stride_kn, stride_kd, n_k, d, UPCAST)
         s = _tile_scores(q, k, rows, cols, mask_ptr, stride_mask_n, n_q, n_k, qk_scale, CAUSAL, HAS_MASK, MASKED)
         # Online softmax: when the row max grows, rescale what was summed so far by 2^(m_old - m_new).
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -191,8 +191,8 @@ def _fwd_tiles(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_tile(v_ptr, cols, tl.arange(0, BLOCK_DV), stride_vn, stride_vd, n_k, d_v, UPCAST)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        v = load_tile(v_ptr, cols, tl.arange(0, BLOCK_DV), stride_vn, stride_vd, n_k, d_v, UPCAST)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -244,11 +244,11 @@ def _attention_fwd_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     rows = start_m + tl.arange(0, BLOCK_M)
-    q = _load_tile(
-        _head(q_ptr, b, h, stride_qb, stride_qh), rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST
+    q = load_tile(
+        head(q_ptr, b, h, stride_qb, stride_qh), rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST
     )
-    k_ptr = _head(k_ptr, b, h // group, stride_kb, stride_kh)  # GQA: `group` query heads share one k, v head
-    v_ptr = _head(v_ptr, b, h // group, stride_vb, stride_vh)
+    k_ptr = head(k_ptr, b, h // group, stride_kb, stride_kh)  # GQA: `group` query heads share one k, v head
+    v_ptr = head(v_ptr, b, h // group, stride_vb, stride_vh)
     if HAS_MASK:
         mask_ptr += b.to(tl.int64) * stride_mask_b
     qk_scale = sm_scale * LOG2E
@@ -304,7 +304,7 @@ def _attention_fwd_kernel(
     # A row with no visible key has l_i = 0 and acc = 0: it writes zeros and lse = -inf.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     dims_v = tl.arange(0, BLOCK_DV)
-    out_ptrs = _head(out_ptr, b, h, stride_ob, stride_oh) + rows[:, None] * stride_on + dims_v[None, :] * stride_od
+    out_ptrs = head(out_ptr, b, h, stride_ob, stride_oh) + rows[:, None] * stride_on + dims_v[None, :] * stride_od
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dims_v[None, :] < d_v))
     tl.store(lse_ptr + tl.program_id(1).to(tl.int64) * n_q + rows, (m_i + tl.log2(l_i)) * LN2, mask=rows < n_q)
 
@@ -332,8 +332,8 @@ def _attention_bwd_delta_kernel(
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims_v = tl.arange(0, BLOCK_DV)
-    out = _load_tile(_head(out_ptr, b, h, stride_ob, stride_oh), rows, dims_v, stride_on, stride_od, n_q, d_v, True)
-    do = _load_tile(_head(do_ptr, b, h, stride_dob, stride_doh), rows, dims_v, stride_don, stride_dod, n_q, d_v, True)
+    out = load_tile(head(out_ptr, b, h, stride_ob, stride_oh), rows, dims_v, stride_on, stride_od, n_q, d_v, True)
+    do = load_tile(head(do_ptr, b, h, stride_dob, stride_doh), rows, dims_v, stride_don, stride_dod, n_q, d_v, True)
     row_ptrs = tl.program_id(1).to(tl.int64) * n_q + rows
     grad_lse = tl.load(grad_lse_ptr + row_ptrs, mask=rows < n_q, other=0.0)
     # d lse_i / d s_ij = p_ij: a gradient on lse enters ds = p (dp - delta) as a shift of delta.
@@ -374,12 +374,12 @@ def _dq_tiles(
     """Add the key tiles [start, end) to dq (before the scale): sum_j ds_ij k_j."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr, cols, tl.arange(0, BLOCK_D), stride_kn, stride_kd, n_k, d, UPCAST)
-        v = _load_tile(v_ptr, cols, tl.arange(0, BLOCK_DV), stride_vn, stride_vd, n_k, d_v, UPCAST)
+        k = load_tile(k_ptr, cols, tl.arange(0, BLOCK_D), stride_kn, stride_kd, n_k, d, UPCAST)
+        v = load_tile(v_ptr, cols, tl.arange(0, BLOCK_DV), stride_vn, stride_vd, n_k, d_v, UPCAST)
         s = _tile_scores(q, k, rows, cols, mask_ptr, stride_mask_n, n_q, n_k, qk_scale, CAUSAL, HAS_MASK, MASKED)
         p = tl.exp2(s - lse2[:, None])  # the forward's probabilities, from the saved lse
-        ds = p * (_dot(do, tl.trans(v)) - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k)
+        ds = p * (dot(do, tl.trans(v)) - delta[:, None])
+        dq += dot(ds.to(k.dtype), k)
     return dq
 
 
@@ -437,9 +437,9 @@ def _attention_bwd_dq_kernel(
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = _load_tile(_head(q_ptr, b, h, stride_qb, stride_qh), rows, dims, stride_qn, stride_qd, n_q, d, UPCAST)
-    do = _load_tile(
-        _head(do_ptr, b, h, stride_dob, stride_doh),
+    q = load_tile(head(q_ptr, b, h, stride_qb, stride_qh), rows, dims, stride_qn, stride_qd, n_q, d, UPCAST)
+    do = load_tile(
+        head(do_ptr, b, h, stride_dob, stride_doh),
         rows,
         tl.arange(0, BLOCK_DV),
         stride_don,
@@ -448,8 +448,8 @@ def _attention_bwd_dq_kernel(
         d_v,
         UPCAST,
     )
-    k_ptr = _head(k_ptr, b, h // group, stride_kb, stride_kh)
-    v_ptr = _head(v_ptr, b, h // group, stride_vb, stride_vh)
+    k_ptr = head(k_ptr, b, h // group, stride_kb, stride_kh)
+    v_ptr = head(v_ptr, b, h // group, stride_vb, stride_vh)
     if HAS_MASK:
         mask_ptr += b.to(tl.int64) * stride_mask_b
     row_base = tl.program_id(1).to(tl.int64) * n_q
@@ -503,7 +503,7 @@ def _attention_bwd_dq_kernel(
         BLOCK_DV=BLOCK_DV,
     )
 
-    dq_ptrs = _head(dq_ptr, b, h, stride_dqb, stride_dqh) + rows[:, None] * stride_dqn + dims[None, :] * stride_dqd
+    dq_ptrs = head(dq_ptr, b, h, stride_dqb, stride_dqh) + rows[:, None] * stride_dqn + dims[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dims[None, :] < d))
 
 
@@ -541,15 +541,15 @@ def _dkdv_tiles(
     q = do = 0 and delta = 0, so they add nothing."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_ptr, rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST)
-        do = _load_tile(do_ptr, rows, tl.arange(0, BLOCK_DV), stride_don, stride_dod, n_q, d_v, UPCAST)
+        q = load_tile(q_ptr, rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST)
+        do = load_tile(do_ptr, rows, tl.arange(0, BLOCK_DV), stride_don, stride_dod, n_q, d_v, UPCAST)
         lse2, delta = _row_stats(lse_ptr, delta_ptr, rows, n_q)
         p = tl.exp2(
             _tile_scores(q, k, rows, cols, mask_ptr, 0, n_q, n_k, qk_scale, CAUSAL, False, MASKED) - lse2[:, None]
         )
-        dv += _dot(tl.trans(p).to(do.dtype), do)
-        ds = p * (_dot(do, tl.trans(v)) - delta[:, None])
-        dk += _dot(tl.trans(ds).to(q.dtype), q)
+        dv += dot(tl.trans(p).to(do.dtype), do)
+        ds = p * (dot(do, tl.trans(v)) - delta[:, None])
+        dk += dot(tl.trans(ds).to(q.dtype), q)
     return dk, dv
 
 
@@ -613,8 +613,8 @@ def _attention_bwd_dkdv_kernel(
     b, h_kv = tl.program_id(1) // n_kv_heads, tl.program_id(1) % n_kv_heads
     cols = start_n + tl.arange(0, BLOCK_N)
     dims, dims_v = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    k = _load_tile(_head(k_ptr, b, h_kv, stride_kb, stride_kh), cols, dims, stride_kn, stride_kd, n_k, d, UPCAST)
-    v = _load_tile(_head(v_ptr, b, h_kv, stride_vb, stride_vh), cols, dims_v, stride_vn, stride_vd, n_k, d_v, UPCAST)
+    k = load_tile(head(k_ptr, b, h_kv, stride_kb, stride_kh), cols, dims, stride_kn, stride_kd, n_k, d, UPCAST)
+    v = load_tile(head(v_ptr, b, h_kv, stride_vb, stride_vh), cols, dims_v, stride_vn, stride_vd, n_k, d_v, UPCAST)
     qk_scale = sm_scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -623,8 +623,8 @@ def _attention_bwd_dkdv_kernel(
     # GQA: the `group` query heads that share this k, v head add to its gradient here, in turn (no atomics).
     for g in range(group):
         h = h_kv * group + g
-        q_head = _head(q_ptr, b, h, stride_qb, stride_qh)
-        do_head = _head(do_ptr, b, h, stride_dob, stride_doh)
+        q_head = head(q_ptr, b, h, stride_qb, stride_qh)
+        do_head = head(do_ptr, b, h, stride_dob, stride_doh)
         row_base = (b * n_heads + h).to(tl.int64) * n_q
         tile_args = (q_head, do_head, lse_ptr + row_base, delta_ptr + row_base, mask_ptr, cols)
         strides = (stride_qn, stride_qd, stride_don, stride_dod, n_q, n_k, d, d_v, qk_scale)
@@ -667,8 +667,8 @@ def _attention_bwd_dkdv_kernel(
     keep = cols < n_k
     if HAS_MASK:
         keep &= tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + cols * stride_mask_n, mask=keep, other=0) != 0
-    dk_ptrs = _head(dk_ptr, b, h_kv, stride_dkb, stride_dkh) + cols[:, None] * stride_dkn + dims[None, :] * stride_dkd
-    dv_ptrs = _head(dv_ptr, b, h_kv, stride_dvb, stride_dvh) + cols[:, None] * stride_dvn + dims_v[None, :] * stride_dvd
+    dk_ptrs = head(dk_ptr, b, h_kv, stride_dkb, stride_dkh) + cols[:, None] * stride_dkn + dims[None, :] * stride_dkd
+    dv_ptrs = head(dv_ptr, b, h_kv, stride_dvb, stride_dvh) + cols[:, None] * stride_dvn + dims_v[None, :] * stride_dvd
     dk = tl.where(keep[:, None], dk * sm_scale, 0.0)
     dv = tl.where(keep[:, None], dv, 0.0)
     tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=(cols[:, None] < n_k) & (dims[None, :] < d))

@@ -41,52 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .distillation_loss import _online_logsumexp
-
-
-@triton.jit
-def _head(ptr, b, h, stride_b, stride_h):
-    """The (b, h) slice of a (B, H, ...) tensor, with 64-bit offsets."""
-    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-
-
-@triton.jit
-def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST: tl.constexpr):
-    """The tile ptr[rows, cols], zero outside n_rows x n_cols (the padding of the head dim); fp32 if UPCAST."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tile = tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
-    if UPCAST:
-        tile = tile.to(tl.float32)
-    return tile
-
-
-@triton.jit
-def _visible(rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """(rows, cols) bool: key j is visible to query i (a row that counts; j in range, kept, causal)."""
-    keys = cols < n_k
-    if HAS_MASK:
-        keys &= tl.load(mask_ptr + cols * stride_mask_n, mask=keys, other=0) != 0
-    visible = rows_counted[:, None] & keys[None, :]
-    if CAUSAL:  # aligned bottom-right: the last query sees every key
-        visible &= cols[None, :] <= rows[:, None] + (n_k - n_q)
-    return visible
-
-
-@triton.jit
-def _dot(a, b):
-    """a @ b accumulated in fp32. fp32 tiles multiply in full precision (no TF32), as torch.matmul does by
-    default; fp16/bf16 tiles on the tensor cores."""
-    if a.dtype == tl.float32:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
-
-
-@triton.jit
-def _scores(q, k, scale, visible):
-    """scale * q k^T where visible, -inf elsewhere (out of the softmax)."""
-    return tl.where(visible, _dot(q, tl.trans(k)) * scale, float("-inf"))
+from .utils import dot, head, load_tile, online_logsumexp, scores, visible_keys
 
 
 @triton.jit
@@ -104,8 +59,8 @@ def _load_row_stats(lse_s_ptr, lse_t_ptr, w_ptr, rows, n_q):
 @triton.jit
 def _grad_scores(q_s, k_s, q_t, k_t, lse_s, lse_t, w, visible, scale_s, scale_t):
     """dS = w (A_s - A_t), the gradient of w * KL w.r.t. the student's scores, from recomputed scores."""
-    a_s = tl.exp(_scores(q_s, k_s, scale_s, visible) - lse_s[:, None])
-    a_t = tl.exp(_scores(q_t, k_t, scale_t, visible) - lse_t[:, None])
+    a_s = tl.exp(scores(q_s, k_s, scale_s, visible) - lse_s[:, None])
+    a_t = tl.exp(scores(q_t, k_t, scale_t, visible) - lse_t[:, None])
     return w[:, None] * (a_s - a_t)
 
 
@@ -157,14 +112,14 @@ def _attention_transfer_fwd_kernel(
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     rows = start_m + tl.arange(0, BLOCK_M)
     dims_s, dims_t = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
-    q_s = _load_tile(
-        _head(q_s_ptr, b, h, stride_qs_b, stride_qs_h), rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST
+    q_s = load_tile(
+        head(q_s_ptr, b, h, stride_qs_b, stride_qs_h), rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST
     )
-    q_t = _load_tile(
-        _head(q_t_ptr, b, h, stride_qt_b, stride_qt_h), rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST
+    q_t = load_tile(
+        head(q_t_ptr, b, h, stride_qt_b, stride_qt_h), rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST
     )
-    k_s_ptr = _head(k_s_ptr, b, h, stride_ks_b, stride_ks_h)
-    k_t_ptr = _head(k_t_ptr, b, h, stride_kt_b, stride_kt_h)
+    k_s_ptr = head(k_s_ptr, b, h, stride_ks_b, stride_ks_h)
+    k_t_ptr = head(k_t_ptr, b, h, stride_kt_b, stride_kt_h)
     if HAS_MASK:
         mask_ptr += b.to(tl.int64) * stride_mask_b
     # Rows that may count: in range and, in self-attention, not at a padded position.
@@ -181,12 +136,12 @@ def _attention_transfer_fwd_kernel(
         end = tl.minimum(n_k, start_m + BLOCK_M + n_k - n_q)
     for start_n in range(0, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        visible = _visible(rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
-        k_s = _load_tile(k_s_ptr, cols, dims_s, stride_ks_n, stride_ks_d, n_k, d_s, UPCAST)
-        k_t = _load_tile(k_t_ptr, cols, dims_t, stride_kt_n, stride_kt_d, n_k, d_t, UPCAST)
-        s_s = _scores(q_s, k_s, scale_s, visible)
-        s_t = _scores(q_t, k_t, scale_t, visible)
-        m_s, l_s = _online_logsumexp(m_s, l_s, s_s)
+        visible = visible_keys(rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
+        k_s = load_tile(k_s_ptr, cols, dims_s, stride_ks_n, stride_ks_d, n_k, d_s, UPCAST)
+        k_t = load_tile(k_t_ptr, cols, dims_t, stride_kt_n, stride_kt_d, n_k, d_t, UPCAST)
+        s_s = scores(q_s, k_s, scale_s, visible)
+        s_t = scores(q_t, k_t, scale_t, visible)
+        m_s, l_s = online_logsumexp(m_s, l_s, s_s)
         # Teacher: l_t = sum exp(s_t - m_t) and acc = sum exp(s_t - m_t) ((s_t - m_t) - (s_s - m_s)), the
         # log-ratio taken against both running maxima, so that it stays small where the models agree (and is
         # exactly 0 for a row with one visible key). When the maxima move, the old terms are rescaled by
@@ -265,14 +220,14 @@ def _attention_transfer_bwd_dq_kernel(
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     rows = start_m + tl.arange(0, BLOCK_M)
     dims_s, dims_t = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
-    q_s = _load_tile(
-        _head(q_s_ptr, b, h, stride_qs_b, stride_qs_h), rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST
+    q_s = load_tile(
+        head(q_s_ptr, b, h, stride_qs_b, stride_qs_h), rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST
     )
-    q_t = _load_tile(
-        _head(q_t_ptr, b, h, stride_qt_b, stride_qt_h), rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST
+    q_t = load_tile(
+        head(q_t_ptr, b, h, stride_qt_b, stride_qt_h), rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST
     )
-    k_s_ptr = _head(k_s_ptr, b, h, stride_ks_b, stride_ks_h)
-    k_t_ptr = _head(k_t_ptr, b, h, stride_kt_b, stride_kt_h)
+    k_s_ptr = head(k_s_ptr, b, h, stride_ks_b, stride_ks_h)
+    k_t_ptr = head(k_t_ptr, b, h, stride_kt_b, stride_kt_h)
     if HAS_MASK:
         mask_ptr += b.to(tl.int64) * stride_mask_b
     row_base = tl.program_id(1).to(tl.int64) * n_q  # this (b, h)'s rows of lse_s, lse_t, w
@@ -285,16 +240,14 @@ def _attention_transfer_bwd_dq_kernel(
         end = tl.minimum(n_k, start_m + BLOCK_M + n_k - n_q)
     for start_n in range(0, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        visible = _visible(rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
-        k_s = _load_tile(k_s_ptr, cols, dims_s, stride_ks_n, stride_ks_d, n_k, d_s, UPCAST)
-        k_t = _load_tile(k_t_ptr, cols, dims_t, stride_kt_n, stride_kt_d, n_k, d_t, UPCAST)
+        visible = visible_keys(rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
+        k_s = load_tile(k_s_ptr, cols, dims_s, stride_ks_n, stride_ks_d, n_k, d_s, UPCAST)
+        k_t = load_tile(k_t_ptr, cols, dims_t, stride_kt_n, stride_kt_d, n_k, d_t, UPCAST)
         ds = _grad_scores(q_s, k_s, q_t, k_t, lse_s, lse_t, w, visible, scale_s, scale_t)
-        dq += _dot(ds.to(k_s.dtype), k_s)
+        dq += dot(ds.to(k_s.dtype), k_s)
 
     # d s_s / d q_s = scale_s k_s: the scale is applied once, to the sum.
-    dq_ptrs = (
-        _head(dq_ptr, b, h, stride_dq_b, stride_dq_h) + rows[:, None] * stride_dq_n + dims_s[None, :] * stride_dq_d
-    )
+    dq_ptrs = head(dq_ptr, b, h, stride_dq_b, stride_dq_h) + rows[:, None] * stride_dq_n + dims_s[None, :] * stride_dq_d
     tl.store(dq_ptrs, (dq * scale_s).to(dq_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dims_s[None, :] < d_s))
 
 
@@ -350,14 +303,14 @@ def _attention_transfer_bwd_dk_kernel(
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
     cols = start_n + tl.arange(0, BLOCK_N)
     dims_s, dims_t = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
-    k_s = _load_tile(
-        _head(k_s_ptr, b, h, stride_ks_b, stride_ks_h), cols, dims_s, stride_ks_n, stride_ks_d, n_k, d_s, UPCAST
+    k_s = load_tile(
+        head(k_s_ptr, b, h, stride_ks_b, stride_ks_h), cols, dims_s, stride_ks_n, stride_ks_d, n_k, d_s, UPCAST
     )
-    k_t = _load_tile(
-        _head(k_t_ptr, b, h, stride_kt_b, stride_kt_h), cols, dims_t, stride_kt_n, stride_kt_d, n_k, d_t, UPCAST
+    k_t = load_tile(
+        head(k_t_ptr, b, h, stride_kt_b, stride_kt_h), cols, dims_t, stride_kt_n, stride_kt_d, n_k, d_t, UPCAST
     )
-    q_s_ptr = _head(q_s_ptr, b, h, stride_qs_b, stride_qs_h)
-    q_t_ptr = _head(q_t_ptr, b, h, stride_qt_b, stride_qt_h)
+    q_s_ptr = head(q_s_ptr, b, h, stride_qs_b, stride_qs_h)
+    q_t_ptr = head(q_t_ptr, b, h, stride_qt_b, stride_qt_h)
     if HAS_MASK:
         mask_ptr += b.to(tl.int64) * stride_mask_b
     row_base = tl.program_id(1).to(tl.int64) * n_q  # this (b, h)'s rows of lse_s, lse_t, w
@@ -370,25 +323,14 @@ def _attention_transfer_bwd_dk_kernel(
     for start_m in range(start, n_q, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         lse_s, lse_t, w, rows_counted = _load_row_stats(lse_s_ptr, lse_t_ptr, w_ptr, rows, n_q)
-        visible = _visible(rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
-        q_s = _load_tile(q_s_ptr, rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST)
-        q_t = _load_tile(q_t_ptr, rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST)
+        visible = visible_keys(rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
+        q_s = load_tile(q_s_ptr, rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST)
+        q_t = load_tile(q_t_ptr, rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST)
         ds = _grad_scores(q_s, k_s, q_t, k_t, lse_s, lse_t, w, visible, scale_s, scale_t)
-        dk += _dot(tl.trans(ds).to(q_s.dtype), q_s)
+        dk += dot(tl.trans(ds).to(q_s.dtype), q_s)
 
-    dk_ptrs = (
-        _head(dk_ptr, b, h, stride_dk_b, stride_dk_h) + cols[:, None] * stride_dk_n + dims_s[None, :] * stride_dk_d
-    )
+    dk_ptrs = head(dk_ptr, b, h, stride_dk_b, stride_dk_h) + cols[:, None] * stride_dk_n + dims_s[None, :] * stride_dk_d
     tl.store(dk_ptrs, (dk * scale_s).to(dk_ptr.dtype.element_ty), mask=(cols[:, None] < n_k) & (dims_s[None, :] < d_s))
-
-
-def launch_autotuned(kernel, grid, fixed_blocks: dict | None, *args, **meta) -> None:
-    """Launch an autotuned kernel with the tile `fixed_blocks` (under the interpreter, where timing candidates
-    would measure nothing), or with None through its autotuner. `grid` maps a tile's blocks to the grid."""
-    if fixed_blocks is None:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid(fixed_blocks)](*args, **meta, **fixed_blocks)
 
 
 def _launch_args(q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s, scale_t):

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import online_logsumexp
+
 # The DIVERGENCE codes, in the order of reference.DIVERGENCES (constexpr: compiled kernels read no other globals).
 FORWARD_KL, REVERSE_KL, SYMMETRIC_KL, JSD, TVD = (tl.constexpr(code) for code in range(5))
 
@@ -42,15 +44,6 @@ def _load_capped(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
     else:
         capped, slope = z, 1.0
     return tl.where(mask, capped, float("-inf")), slope
-
-
-@triton.jit
-def _online_logsumexp(m, d, x):
-    """Fold a tile x (rows, cols) into the running max m and sum d = sum exp(x - m) of each row."""
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row all -inf so far: keep exp() finite
-    d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
-    return m_new, d
 
 
 @triton.jit
@@ -133,10 +126,10 @@ def _distillation_loss_fwd_kernel(
         mask = counted[:, None] & (start + cols < n_cols)
         c_s, _ = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
         c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
-        m_s, d_s = _online_logsumexp(m_s, d_s, c_s * inv_temperature)
-        m_t, d_t = _online_logsumexp(m_t, d_t, c_t * inv_temperature)
+        m_s, d_s = online_logsumexp(m_s, d_s, c_s * inv_temperature)
+        m_t, d_t = online_logsumexp(m_t, d_t, c_t * inv_temperature)
         if HAS_HARD:
-            m_h, d_h = _online_logsumexp(m_h, d_h, c_s)
+            m_h, d_h = online_logsumexp(m_h, d_h, c_s)
             sum_h += tl.sum(tl.where(mask, c_s, 0.0), axis=1)
     # log-softmax as (x - max) - log(sum): x - max is exact near the max, where m + log(d) would round.
     log_d_s, log_d_t = tl.log(d_s), tl.log(d_t)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_transfer_loss import _dot, launch_autotuned
+from .utils import dot, launch_autotuned
 
 # Candidates (BLOCK_V, BLOCK_H, BLOCK_K, num_warps, num_stages); autotuned per (V, H, dtype): the chunk
 # length K changes only the loop count. The kernel adds to the pair in place, so the autotuner, which times
@@ -85,7 +85,7 @@ def _weight_grad_accumulate_kernel(
             grad_t, hidden = grad_t.to(tl.float32), hidden.to(tl.float32)
         else:
             grad_t = grad_t.to(hidden.dtype)
-        update += _dot(grad_t, hidden)
+        update += dot(grad_t, hidden)
 
     # Epilogue: fold U into the pair, S split into its rounding (high) and the rest (low).
     offsets = rows_v.to(tl.int64)[:, None] * stride_wv + cols_h[None, :] * stride_wh  # V x H may pass 2^31

@@ -1,0 +1,76 @@
+"""Triton helpers that several kernels share: addressing a (b, h) slice, masked tile loads, which keys a
+query sees (range, padding, causal), dots accumulated in fp32, the online log-sum-exp, and the launcher that
+runs an autotuned kernel at a fixed tile under the interpreter.
+
+The `@triton.jit` helpers are inlined into the kernels that call them: sharing them costs nothing at run time.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def head(ptr, b, h, stride_b, stride_h):
+    """The (b, h) slice of a (B, H, ...) tensor, with 64-bit offsets."""
+    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST: tl.constexpr):
+    """The tile ptr[rows, cols], zero outside n_rows x n_cols (the padding of the head dim); fp32 if UPCAST."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tile = tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def visible_keys(
+    rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr
+):
+    """(rows, cols) bool: key j is visible to query i (a row that counts; j in range, kept, causal)."""
+    keys = cols < n_k
+    if HAS_MASK:
+        keys &= tl.load(mask_ptr + cols * stride_mask_n, mask=keys, other=0) != 0
+    visible = rows_counted[:, None] & keys[None, :]
+    if CAUSAL:  # aligned bottom-right: the last query sees every key
+        visible &= cols[None, :] <= rows[:, None] + (n_k - n_q)
+    return visible
+
+
+@triton.jit
+def dot(a, b):
+    """a @ b accumulated in fp32. fp32 tiles multiply in full precision (no TF32), as torch.matmul does by
+    default; fp16/bf16 tiles on the tensor cores."""
+    if a.dtype == tl.float32:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def scores(q, k, scale, visible):
+    """scale * q k^T where visible, -inf elsewhere (out of the softmax)."""
+    return tl.where(visible, dot(q, tl.trans(k)) * scale, float("-inf"))
+
+
+@triton.jit
+def online_logsumexp(m, d, x):
+    """Fold a tile x (rows, cols) into the running max m and sum d = sum exp(x - m) of each row."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row all -inf so far: keep exp() finite
+    d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+    return m_new, d
+
+
+def launch_autotuned(kernel, grid, fixed_blocks: dict | None, *args, **meta) -> None:
+    """Launch an autotuned kernel with the tile `fixed_blocks` (under the interpreter, where timing candidates
+    would measure nothing), or with None through its autotuner. `grid` maps a tile's blocks to the grid."""
+    if fixed_blocks is None:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid(fixed_blocks)](*args, **meta, **fixed_blocks)
