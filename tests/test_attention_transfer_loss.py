@@ -464,11 +464,11 @@ def test_bad_tensors_raise():
 def test_default_backend_is_a_kernel(monkeypatch):
     """Unforced, fp32/fp16/bf16 run a fused kernel: the C++ one on the CPU, Triton on CUDA."""
     monkeypatch.delenv("TSA_FAST_BACKEND", raising=False)
-    from tsa_fast.ops.attention_transfer_loss import _backend
+    from tsa_fast.ops.attention_transfer_loss import kernel_backend
 
     q = torch.randn(1, 1, 4, 8, device=DEVICE)
-    assert _backend(q, q) == ("cpp" if DEVICE.type == "cpu" else "triton")
-    assert _backend(q, q.double()) == "torch"
+    assert kernel_backend(q, q) == ("cpp" if DEVICE.type == "cpu" else "triton")
+    assert kernel_backend(q, q.double()) == "torch"
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tsa_fast.ops.attention import MAX_HEAD_DIM, _backend, attention
+from tsa_fast.ops.attention import MAX_HEAD_DIM, attention, kernel_backend
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -73,7 +73,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             masks_fit = attn_mask is not None and query.shape[seq] == key.shape[seq]
         else:
             masks_fit = attn_mask is None
-        return masks_fit and self.head_dim <= MAX_HEAD_DIM and _backend(query) == "triton"
+        return masks_fit and self.head_dim <= MAX_HEAD_DIM and kernel_backend(query) == "triton"
 
 
 def _seq_first(*tensors: Tensor) -> list[Tensor]:

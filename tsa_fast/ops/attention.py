@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tsa_fast.backends import KERNEL_DTYPES, select_triton_or_torch, triton_kernels
-from tsa_fast.ops.distillation_loss import FLOAT_DTYPES, _is_real
+from tsa_fast.ops.checks import FLOAT_DTYPES, is_real
 from tsa_fast.reference import attention as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import default_scale
 
@@ -56,7 +56,7 @@ def attention(
     _check_inputs(q, k, v, key_padding_mask)
     _check_options(causal, softmax_scale, return_lse)
     scale = default_scale(q) if softmax_scale is None else float(softmax_scale)
-    if _backend(q) == "torch":
+    if kernel_backend(q) == "torch":
         out, lse = reference.attention(
             q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask, return_lse=True
         )
@@ -84,7 +84,7 @@ def scaled_dot_product_attention(
     PyTorch's, which also raises its own errors for bad arguments.
     """
     covered, key_padding_mask = _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if not covered or _backend(query) != "triton":
+    if not covered or kernel_backend(query) != "triton":
         return F.scaled_dot_product_attention(
             query,
             key,
@@ -117,7 +117,7 @@ def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         or key.shape[3] != d
         or (heads != heads_kv and not (enable_gqa and heads % heads_kv == 0))
         or max(d, d_v) > MAX_HEAD_DIM
-        or (scale is not None and not (_is_real(scale) and math.isfinite(scale) and scale > 0))
+        or (scale is not None and not (is_real(scale) and math.isfinite(scale) and scale > 0))
         or (is_causal and (attn_mask is not None or n_q != n_k))
     ):
         return False, None
@@ -136,7 +136,7 @@ def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
     return True, mask[:, 0, 0, :].expand(batch, n_k)
 
 
-def _backend(q: Tensor) -> str:
+def kernel_backend(q: Tensor) -> str:
     """triton or torch (the reference; always for float64)."""
     return select_triton_or_torch(q.device, q.dtype)
 
@@ -167,7 +167,7 @@ def _check_options(causal, softmax_scale, return_lse) -> None:
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
     if softmax_scale is not None and (
-        not _is_real(softmax_scale) or not math.isfinite(softmax_scale) or softmax_scale <= 0
+        not is_real(softmax_scale) or not math.isfinite(softmax_scale) or softmax_scale <= 0
     ):
         raise ValueError(f"softmax_scale must be None or a finite number > 0, got {softmax_scale!r}")
 

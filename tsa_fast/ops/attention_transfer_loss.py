@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tsa_fast.backends import cpp_extension, select_backend, select_triton_or_torch, triton_kernels
 from tsa_fast.ops.attention import check_head_tensor, check_key_padding_mask
-from tsa_fast.ops.distillation_loss import DTYPE_CODES, _is_real
+from tsa_fast.ops.checks import DTYPE_CODES, is_real
 from tsa_fast.reference import attention_transfer_loss as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import REDUCTIONS, default_scale, relation_heads_split
 from tsa_fast.reference.distillation_loss import reduce_rows
@@ -63,7 +63,7 @@ def attention_transfer_loss(
     _check_inputs(q_s, k_s, q_t, k_t, key_padding_mask, relation_heads)
     _check_options(causal, scale_s, scale_t, reduction)
     q_t, k_t = q_t.detach(), k_t.detach()
-    if _backend(q_s, q_t) == "torch":
+    if kernel_backend(q_s, q_t) == "torch":
         return reference.attention_transfer_loss(
             q_s,
             k_s,
@@ -99,7 +99,7 @@ TRANSFER_OPTIONS = {
 }
 
 
-def _backend(q_s: Tensor, q_t: Tensor) -> str:
+def kernel_backend(q_s: Tensor, q_t: Tensor) -> str:
     """The backend `select_backend` picks; the C++ kernels are CPU-only, so on CUDA triton or torch. float64
     always runs the reference."""
     dtype = torch.float64 if torch.float64 in (q_s.dtype, q_t.dtype) else q_s.dtype
@@ -148,7 +148,7 @@ def _check_options(causal, scale_s, scale_t, reduction) -> None:
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
     for name, scale in (("scale_s", scale_s), ("scale_t", scale_t)):
-        if scale is not None and (not _is_real(scale) or not math.isfinite(scale) or scale <= 0):
+        if scale is not None and (not is_real(scale) or not math.isfinite(scale) or scale <= 0):
             raise ValueError(f"{name} must be None or a finite number > 0, got {scale!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -236,7 +236,7 @@ attention_transfer_rows.register_autograd(_backward, setup_context=_setup_contex
 
 def _kernels(q_s: Tensor, q_t: Tensor):
     """The (forward, backward) launchers of the selected backend, with one contract (the Triton launchers')."""
-    backend = _backend(q_s, q_t)
+    backend = kernel_backend(q_s, q_t)
     if backend == "torch":
         raise ValueError(f"no kernel backend for {q_s.dtype} on {q_s.device.type}: call attention_transfer_loss")
     if backend == "cpp":

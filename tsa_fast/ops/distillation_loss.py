@@ -16,11 +16,10 @@ import torch
 from torch import Tensor
 
 from tsa_fast.backends import cpp_extension, select_backend, triton_kernels
+from tsa_fast.ops.checks import DTYPE_CODES, FLOAT_DTYPES, is_real, traced
 from tsa_fast.reference import distillation_loss as reference  # the module
 from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS, reduce_rows
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C++ extension's dtype codes
 HUGE_PAGE_MIN_BYTES = 8 << 20
 
 
@@ -78,8 +77,8 @@ def distillation_loss(
         softcap=softcap,
         vocab_size=vocab_size,
     )
-    _check_tensor("student_logits", student_logits)
-    _check_tensor("teacher_logits", teacher_logits, like=("student_logits", student_logits))
+    check_tensor("student_logits", student_logits)
+    check_tensor("teacher_logits", teacher_logits, like=("student_logits", student_logits))
     check_labels_tensor(labels, student_logits.shape[:-1], student_logits.device)
     vocab = check_loss_options(options, student_logits.shape[-1], teacher_logits.shape[-1], labels is not None)
     leading_shape = student_logits.shape[:-1]
@@ -109,7 +108,7 @@ def distillation_loss_rows_autograd(
         # The reference itself, differentiated by autograd (and traced by torch.compile as plain ops;
         # there the data-dependent label check is left to the ops that index with the labels).
         if labels is not None:
-            _check_labels(labels, vocab, options["ignore_index"])
+            check_label_range(labels, vocab, options["ignore_index"])
         return _reference_rows(student, teacher, labels, options, vocab)
     rows, _ = _kernel_rows(student, teacher, labels, options, vocab, student.requires_grad and torch.is_grad_enabled())
     return rows
@@ -121,7 +120,7 @@ def distillation_loss_rows_and_grad(
     """Per-row losses (N,) and d(row loss)/d(student) (N, V_s), outside autograd, on the selected backend."""
     if select_backend(student.device, student.dtype) == "torch":
         if labels is not None:
-            _check_labels(labels, vocab, options["ignore_index"])
+            check_label_range(labels, vocab, options["ignore_index"])
         return rows_and_grad_by_autograd(lambda z: _reference_rows(z, teacher, labels, options, vocab), student)
     return _kernel_rows(student, teacher, labels, options, vocab, True)
 
@@ -174,7 +173,7 @@ def _kernel_rows(student, teacher, labels, options, vocab, compute_grad) -> tupl
     )
 
 
-def _check_tensor(name: str, tensor, like: tuple[str, Tensor] | None = None) -> None:
+def check_tensor(name: str, tensor, like: tuple[str, Tensor] | None = None) -> None:
     """A float tensor with a non-empty last dim; with `like`, on its device with its leading shape."""
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -235,38 +234,28 @@ def check_loss_options(options: dict, student_vocab: int, teacher_vocab: int, ha
             f"jsd needs beta strictly inside (0, 1), got beta={beta!r}; "
             "beta=0 is divergence='reverse_kl', beta=1 is divergence='forward_kl'"
         )
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     for name in ("soft_weight", "hard_weight"):
         weight = options[name]
-        if not _is_real(weight) or not math.isfinite(weight) or weight < 0:
+        if not is_real(weight) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
     if options["hard_weight"] != 0 and not has_labels:
         raise ValueError(f"hard_weight={options['hard_weight']!r} needs labels; pass labels or hard_weight=0")
-    if not _is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
+    if not is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    if softcap is not None and (not _is_real(softcap) or not math.isfinite(softcap) or softcap <= 0):
+    if softcap is not None and (not is_real(softcap) or not math.isfinite(softcap) or softcap <= 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if not isinstance(options["ignore_index"], int) or isinstance(options["ignore_index"], bool):
         raise ValueError(f"ignore_index must be an int, got {options['ignore_index']!r}")
     return vocab_size
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _traced(tensor: Tensor) -> bool:
-    """Whether torch.compile is tracing `tensor`, whose values are then unknown: Dynamo, or AOT autograd
-    tracing a function allowed in the graph on fake tensors (torch 2.11's is_compiling says False there)."""
-    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode(tensor) is not None
-
-
-def _check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
+def check_label_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
     """Labels must be in [0, vocab) or ignore_index. On CPU: ValueError. On CUDA: an asynchronous device
     assert (as PyTorch's cross_entropy does), so the hot path never waits for the host. Skipped while
     torch.compile traces (the kernels' custom op checks again when it runs)."""
-    if _traced(labels):
+    if traced(labels):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if labels.device.type == "cpu":
@@ -298,7 +287,7 @@ def distillation_loss_rows(
     dtype (zeros past vocab_size); else an empty tensor. softcap = 0 means none. Runs the triton or cpp
     kernels; `distillation_loss` calls the reference directly when the torch backend is selected."""
     if labels is not None:
-        _check_labels(labels, vocab_size, ignore_index)
+        check_label_range(labels, vocab_size, ignore_index)
         labels = labels.long().contiguous()
     student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
     row_loss = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)

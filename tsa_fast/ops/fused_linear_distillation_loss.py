@@ -27,13 +27,13 @@ import torch
 from torch import Tensor
 
 from tsa_fast.backends import select_backend, triton_kernels
+from tsa_fast.ops.checks import traced
 from tsa_fast.ops.distillation_loss import (
     LOSS_OPTIONS,
-    _check_labels,
-    _check_tensor,
-    _traced,
+    check_label_range,
     check_labels_tensor,
     check_loss_options,
+    check_tensor,
     distillation_loss_rows_and_grad,
     rows_and_grad_by_autograd,
 )
@@ -79,7 +79,7 @@ def fused_linear_distillation_loss(
         raise TypeError(f"unknown loss options {unknown}; valid: {sorted(LOSS_OPTIONS)}")
     options = {**LOSS_OPTIONS, **loss_options}
     teacher = _Teacher.check(student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk)
-    _check_tensor("student_hidden", student_hidden)
+    check_tensor("student_hidden", student_hidden)
     _check_linear("student", student_weight, student_bias, student_hidden)
     check_labels_tensor(labels, student_hidden.shape[:-1], student_hidden.device)
     vocab = check_loss_options(
@@ -95,7 +95,7 @@ def fused_linear_distillation_loss(
 
     flat_labels = None if labels is None else labels.reshape(-1)
     if flat_labels is not None:
-        _check_labels(flat_labels, vocab, options["ignore_index"])
+        check_label_range(flat_labels, vocab, options["ignore_index"])
     if teacher.topk_indices is not None:
         _check_topk_indices(teacher.topk_indices, vocab)
     loss = _FusedLinearDistillation.apply(
@@ -149,13 +149,13 @@ class _Teacher:
         like = ("student_hidden", student_hidden)
         flat = lambda x: x.detach().reshape(-1, x.shape[-1])  # noqa: E731
         if logits is not None:
-            _check_tensor("teacher_logits", logits, like=like)
+            check_tensor("teacher_logits", logits, like=like)
             return cls(logits=flat(logits))
         if topk is not None:
             if not isinstance(topk, (tuple, list)) or len(topk) != 2:
                 raise ValueError("teacher_topk must be a pair (indices, logprobs)")
             indices, logprobs = topk
-            _check_tensor("teacher_topk logprobs", logprobs, like=like)
+            check_tensor("teacher_topk logprobs", logprobs, like=like)
             if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
                 raise ValueError(
                     "teacher_topk indices must be an int64/int32 tensor,"
@@ -168,7 +168,7 @@ class _Teacher:
             return cls(topk_indices=flat(indices).long(), topk_logprobs=flat(logprobs))
         if hidden is None or weight is None:
             raise ValueError("the teacher as hidden states needs both teacher_hidden and teacher_weight")
-        _check_tensor("teacher_hidden", hidden, like=like)
+        check_tensor("teacher_hidden", hidden, like=like)
         _check_linear("teacher", weight, bias, hidden)
         return cls(hidden=flat(hidden), weight=weight.detach(), bias=None if bias is None else bias.detach())
 
@@ -190,13 +190,13 @@ class _Teacher:
 
 
 def _check_linear(model: str, weight, bias, hidden: Tensor) -> None:
-    _check_tensor(f"{model}_weight", weight)
+    check_tensor(f"{model}_weight", weight)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{model}_weight must be (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
     if weight.device != hidden.device:
         raise ValueError(f"{model}_weight on {weight.device} but {model}_hidden on {hidden.device}")
     if bias is not None:
-        _check_tensor(f"{model}_bias", bias)
+        check_tensor(f"{model}_bias", bias)
         if bias.shape != weight.shape[:1] or bias.device != weight.device:
             raise ValueError(
                 f"{model}_bias must be ({weight.shape[0]},) on {weight.device},"
@@ -205,8 +205,8 @@ def _check_linear(model: str, weight, bias, hidden: Tensor) -> None:
 
 
 def _check_topk_indices(indices: Tensor, vocab: int) -> None:
-    """On CPU (a host-side check), outside torch.compile's tracing, as `_check_labels`."""
-    if indices.device.type == "cpu" and not _traced(indices):
+    """On CPU (a host-side check), outside torch.compile's tracing, as `check_label_range`."""
+    if indices.device.type == "cpu" and not traced(indices):
         bad = (indices < 0) | (indices >= vocab)
         if bad.any():
             raise ValueError(f"teacher_topk indices must be in [0, {vocab}), got {indices[bad][:8].tolist()}")
