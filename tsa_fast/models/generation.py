@@ -8,7 +8,8 @@ are left-padded (attention_mask 0 before each row's first real token): padding i
 and positions count from each row's first real token, so that a row generates what its prompt alone would.
 Sampling (`next_token`) divides the logits by the temperature, keeps the top_k most likely tokens, then the
 smallest set whose probability reaches top_p (nucleus), and draws from what is left with `generator`;
-temperature 0 is greedy (argmax). `check_arguments` is shared with `tsa_fast.integrations.hf.HFModel`.
+temperature 0 is greedy (argmax). `check_arguments` and `eval_mode` are shared with
+`tsa_fast.integrations.hf.HFModel.generate`.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def generate(
         mask = None if keep is None else keep[:, :length]
         return model.decode(ids[:, start:length], positions[:, start:length], cache, mask)[:, -1]
 
-    with _eval_mode(model):
+    with eval_mode(model):
         cache = KVCache(config.n_layers, total)
         length = n
         for _ in range(max_new_tokens):
@@ -246,7 +247,8 @@ def generate(
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
+    """A context in which `model` is in eval mode (no dropout); its mode is restored on exit."""
     training = model.training
     model.eval()
     try:
