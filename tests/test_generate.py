@@ -3,6 +3,9 @@ argument errors), `next_token`'s filters, `HFModel.generate` against transformer
 `python -m tsa_fast.generate` command line on models saved to temporary directories."""
 
 import functools
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -296,3 +299,167 @@ def test_hf_bad_arguments_raise_naming_them(llama, case):
     model, _ = llama
     model.cpu()
     check_bad_arguments(model.generate, case, "max_position_embeddings=40")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# python -m tsa_fast.generate
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE tokenizer like the engine's (<pad> and <eos> special), trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(["Return the sum of a and b.", "Open the file and read its lines."] * 20, trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def cli_model(tokenizer) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(), "max_seq_len": 64}))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def run_cli(*args: str) -> list[str]:
+    """The command's stdout lines; it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tsa_fast.generate", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def expected_line(generate, encode, decode, prompt: str, **options) -> str:
+    """What the command prints for `prompt`: the text of the prompt and its completion, as decoded at once."""
+    ids = generate(torch.tensor([encode(prompt)]), **options)
+    return decode(ids[0].tolist())
+
+
+def test_cli_completes_prompts_of_a_transformer_directory(tmp_path, tokenizer, cli_model):
+    cli_model.save_pretrained(tmp_path)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    prompts = ["Return the", "Open the file"]
+    lines = run_cli(
+        str(tmp_path), "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "12", "--temperature", "0"
+    )
+
+    def generate(ids, **options):
+        return cli_model.generate(ids, 12, temperature=0, eos_id=tokenizer.token_to_id("<eos>"))
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    expected = [expected_line(generate, lambda text: tokenizer.encode(text).ids, decode, p) for p in prompts]
+    assert lines == expected
+    assert all(line.startswith(p) and len(line) > len(p) for line, p in zip(lines, prompts))
+
+
+def test_cli_run_directory_and_checkpoint_file_with_seeded_sampling(tmp_path, tokenizer, cli_model):
+    """A run directory (the recipe's config.json, a phase with its checkpoint.pt and config.json, the
+    tokenizer at the top) and a cached-teacher file {"config", "model"} with --tokenizer."""
+    run = tmp_path / "run"
+    (run / "distilled").mkdir(parents=True)
+    (run / "config.json").write_text('{"name": "stdlib_lm", "teachers": [], "student": {}}')
+    (run / "distilled" / "config.json").write_text(cli_model.config.model_dump_json())
+    weights = {f"model.{key}": value for key, value in cli_model.state_dict().items()}
+    torch.save({"module": weights, "optimizer": {}, "step": 3}, run / "distilled" / "checkpoint.pt")
+    tokenizer.save(str(run / "tokenizer.json"))
+    teacher = tmp_path / "teacher.pt"
+    torch.save({"config": cli_model.config.model_dump(), "model": cli_model.state_dict()}, teacher)
+
+    prompt, seed = "Return the", 7
+    generator = torch.Generator().manual_seed(seed)
+    ids = cli_model.generate(
+        torch.tensor([tokenizer.encode(prompt).ids]),
+        10,
+        top_k=50,
+        eos_id=tokenizer.token_to_id("<eos>"),
+        generator=generator,
+    )
+    expected = [tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)]
+    sampling = ["--prompt", prompt, "--max-new-tokens", "10", "--top-k", "50", "--seed", str(seed)]
+    assert run_cli(str(run), *sampling) == expected
+    assert run_cli(str(teacher), "--tokenizer", str(run / "tokenizer.json"), *sampling) == expected
+
+
+def test_cli_hugging_face_directory(llama_directory, tmp_path, tokenizer):
+    """An HF directory (a tiny Llama and a fast tokenizer saved with save_pretrained): greedy completions are
+    those of the model's own generate with eager attention."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>")
+    config = LlamaConfig.from_pretrained(llama_directory)
+    config.vocab_size, config.eos_token_id, config.bos_token_id = tokenizer.get_vocab_size(), 1, None
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    hf_tokenizer.save_pretrained(tmp_path)
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    prompt = "Open the"
+    ids = torch.tensor([hf_tokenizer(prompt).input_ids])
+    out = eager.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=1, pad_token_id=1)
+    expected = hf_tokenizer.decode(out[0], skip_special_tokens=True)
+    assert run_cli(str(tmp_path), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0") == [expected]
+
+
+@pytest.mark.parametrize(
+    "layout, extra, message",
+    [
+        ("no tokenizer", [], r"no tokenizer: .*tokenizer.json not found \(pass --tokenizer"),
+        ("run without phase config", [], r"distilled has no config.json: write the phase model's TransformerConfig"),
+        ("run without the phase", ["--phase", "baseline"], r"no phase 'baseline' \(--phase; it has \['distilled'\]\)"),
+        ("too long", ["--max-new-tokens", "100"], r"exceeds the model's context, max_seq_len=64"),
+        ("missing", [], r"is neither a file nor a directory"),
+    ],
+)
+def test_cli_errors_name_what_is_wrong(tmp_path, tokenizer, cli_model, capsys, layout, extra, message):
+    from tsa_fast.generate import main
+
+    model = tmp_path / "model"
+    if layout.startswith("run"):
+        (model / "distilled").mkdir(parents=True)
+        (model / "config.json").write_text('{"teachers": [], "student": {}}')
+        torch.save(cli_model.state_dict(), model / "distilled" / "checkpoint.pt")
+    elif layout != "missing":
+        cli_model.save_pretrained(model)
+    if layout == "too long":
+        tokenizer.save(str(model / "tokenizer.json"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model), "--prompt", "Return the", *extra])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_streams_token_by_token(tmp_path, tokenizer, cli_model):
+    from tsa_fast.generate import complete, load
+
+    cli_model.save_pretrained(tmp_path)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    loaded = load(str(tmp_path))
+
+    class Recorder:
+        def __init__(self):
+            self.writes, self.flushes = [], 0
+
+        def write(self, text: str) -> None:
+            self.writes.append(text)
+
+        def flush(self) -> None:
+            self.flushes += 1
+
+    out, steps = Recorder(), []
+    options = dict(max_new_tokens=12, temperature=0, streamer=steps.append)
+    completion = complete(loaded, "Return the", dict(max_new_tokens=12, temperature=0), out=out)
+    ids = cli_model.generate(torch.tensor([tokenizer.encode("Return the").ids]), eos_id=1, **options)
+    assert "".join(out.writes) == "Return the" + completion + "\n"
+    assert completion == tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)[len("Return the") :]
+    assert len(out.writes) >= len(steps) > 4 and out.flushes >= len(steps)  # a write and a flush per token

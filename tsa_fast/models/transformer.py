@@ -26,6 +26,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -38,6 +39,7 @@ from tsa_fast.ops.attention import scaled_dot_product_attention
 
 ROPE_BASE = 10000.0
 INIT_STD = 0.02
+CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FILE = "config.json", "model.pt", "checkpoint.pt"  # see from_pretrained
 
 
 class TransformerConfig(BaseModel):
@@ -320,6 +322,34 @@ class Transformer(nn.Module):
             use_cache=use_cache,
         )
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json (the TransformerConfig) and model.pt (the state dict) into `directory` (created
+        if needed): what `from_pretrained` reads. Outside DeepSpeed ZeRO-3 (whose state dict is partitioned)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2))
+        torch.save(self.state_dict(), directory / WEIGHTS_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
+        """The Transformer of `directory`: the config of its config.json with the weights of its model.pt, or
+        else of its checkpoint.pt (an engine phase's checkpoint; `checkpoint_state_dict`), loaded with
+        weights_only=True, in eval mode. Raises FileNotFoundError naming the missing file, ValueError for a
+        config.json that is not a TransformerConfig (pydantic's error) or weights of another shape."""
+        directory = Path(directory)
+        config_file = directory / CONFIG_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: a Transformer directory has {CONFIG_FILE}")
+        weights = next(
+            (directory / name for name in (WEIGHTS_FILE, CHECKPOINT_FILE) if (directory / name).is_file()), None
+        )
+        if weights is None:
+            raise FileNotFoundError(f"{directory} has neither {WEIGHTS_FILE} nor {CHECKPOINT_FILE}")
+        model = cls(TransformerConfig.model_validate_json(config_file.read_text()))
+        loaded = torch.load(weights, map_location=map_location, weights_only=True)
+        model.load_state_dict(checkpoint_state_dict(loaded, str(weights)))
+        return model.eval()
+
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., d_model) final hidden states -> (..., vocab_size) logits, through the tied embedding."""
         with gathered(self.lm_head_weight):
@@ -378,6 +408,21 @@ class Transformer(nn.Module):
             return None, True
         causal = torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
         return keep[:, None, None, :] & causal, False
+
+
+def checkpoint_state_dict(loaded: dict, where: str = "checkpoint") -> dict[str, Tensor]:
+    """The Transformer state dict in what a checkpoint file holds: a state dict itself (model.pt), {"config",
+    "model": state dict} (the engine's cached teachers), or an engine phase checkpoint whose "module" holds
+    the model's weights under "model.". Raises ValueError for anything else, naming `where`."""
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{where}: expected a dict of tensors, got {type(loaded).__name__}")
+    if isinstance(loaded.get("module"), dict):
+        return {key.removeprefix("model."): v for key, v in loaded["module"].items() if key.startswith("model.")}
+    if isinstance(loaded.get("model"), dict):
+        return loaded["model"]
+    if loaded and all(isinstance(v, Tensor) for v in loaded.values()):
+        return loaded
+    raise ValueError(f"{where}: not a state dict, a cached teacher or a phase checkpoint (keys {sorted(loaded)[:5]})")
 
 
 def decode_mask(keep: Tensor | None, n: int, length: int, device: torch.device) -> tuple[Tensor | None, bool]:
