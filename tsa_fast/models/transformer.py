@@ -163,10 +163,11 @@ class Block(nn.Module):
     def heads(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, N, d_model) -> q, k, v each (B, H, N, head_dim), q and k rotated when rotary = (cos, sin)."""
         batch, n, _ = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(batch, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        return q, k, v
+        qkv = self.qkv(self.attn_norm(x)).view(batch, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        if rotary is None:
+            return qkv.unbind(0)
+        q, k = apply_rotary(qkv[:2], *rotary).unbind(0)  # q and k rotated in one pass
+        return q, k, qkv[2]
 
     def residuals(self, x: Tensor, attended: Tensor) -> Tensor:
         """The block's output: x plus the projected attention output attended (B, H, N, head_dim), then plus
