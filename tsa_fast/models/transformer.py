@@ -429,14 +429,17 @@ def checkpoint_state_dict(loaded: dict, where: str = "checkpoint") -> dict[str, 
 def decode_mask(keep: Tensor | None, n: int, length: int, device: torch.device) -> tuple[Tensor | None, bool]:
     """(attn_mask, is_causal) for n causal queries, the last n of `length` positions, against all of them:
     query i sees key j <= i + length - n (bottom-right), where keep (B, length) bool is True (None:
-    everywhere). A mask of keys only where that is all (one query), is_causal where the cache was empty
-    and nothing is padded (as `forward`), else a (B or 1, 1, n, length) bool mask."""
+    everywhere), and a padding query sees itself (no query without keys, whose output some SDPA backends
+    make NaN; padding outputs are never used). A mask of keys only where that is all (one query), is_causal
+    where the cache was empty and nothing is padded (as `forward`), else a (B or 1, 1, n, length) bool mask."""
     if n == 1:
         return (None if keep is None else keep[:, None, None, :]), False
     if keep is None and n == length:
         return None, True
     causal = torch.ones(n, length, dtype=torch.bool, device=device).tril(length - n)
-    return (causal if keep is None else keep[:, None, None, :] & causal), False
+    if keep is None:
+        return causal, False
+    return keep[:, None, None, :] & causal | causal.triu(length - n), False
 
 
 def mean_pool(hidden: Tensor, keep: Tensor | None) -> Tensor:
