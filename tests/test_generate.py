@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
+from tsa_fast.backends import available_backends
 from tsa_fast.models import Transformer, TransformerConfig, next_token
 
 VOCAB = 97
@@ -463,3 +464,15 @@ def test_cli_streams_token_by_token(tmp_path, tokenizer, cli_model):
     assert "".join(out.writes) == "Return the" + completion + "\n"
     assert completion == tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)[len("Return the") :]
     assert len(out.writes) >= len(steps) > 4 and out.flushes >= len(steps)  # a write and a flush per token
+
+
+@pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="no triton backend here")
+def test_fused_attention_generates_the_tokens_of_pytorchs(monkeypatch):
+    """Decoding through the Triton kernels (a query against strided cache views, left-padding key masks)
+    gives PyTorch's SDPA's tokens."""
+    model = copying_model("rotary")
+    ids, mask = left_padded([random_ids(1, n)[0] for n in (4, 8)])
+    monkeypatch.setenv("TSA_FAST_BACKEND", "torch")
+    expected = model.generate(ids, 8, temperature=0, attention_mask=mask)
+    monkeypatch.setenv("TSA_FAST_BACKEND", "triton")
+    assert torch.equal(model.generate(ids, 8, temperature=0, attention_mask=mask), expected)
