@@ -164,7 +164,11 @@ BAD_ARGUMENTS = {  # name: (prompt from a (2, 5) prompt, generate's keyword argu
     "max_new_tokens < 0": (lambda p: p, dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0, got -1"),
     "max_new_tokens float": (lambda p: p, dict(max_new_tokens=3.0), "max_new_tokens"),
     "past the context": (lambda p: p, dict(max_new_tokens=36), r"5 \+ 36 tokens.*context, {context}"),
-    "prompt past the context": (lambda p: p.repeat(1, 9), dict(max_new_tokens=0), r"45 tokens.*context, {context}"),
+    "prompt past the context": (
+        lambda p: p.repeat(1, 9),
+        dict(max_new_tokens=0),
+        r"prompt_ids has 45 tokens, more than the model's context, {context}",
+    ),
     "float prompt": (lambda p: p.float(), {}, r"prompt_ids must be a non-empty \(B, N\) int64 tensor"),
     "int32 prompt": (lambda p: p.int(), {}, "prompt_ids .* got torch.int32"),
     "1-d prompt": (lambda p: p[0], {}, r"prompt_ids .* shape \(5,\)"),

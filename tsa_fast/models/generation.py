@@ -84,12 +84,12 @@ def check_arguments(
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     name, longest = context
     n = prompt_ids.shape[1]
+    if n > longest:
+        raise ValueError(f"prompt_ids has {n} tokens, more than the model's context, {name}={longest}")
     if n + max_new_tokens > longest:
-        what = "the prompt" if n > longest else "the prompt plus max_new_tokens"
         raise ValueError(
-            f"{what} ({n} + {max_new_tokens} tokens) exceeds the model's context, {name}={longest}"
-            if n <= longest
-            else f"{what} ({n} tokens) exceeds the model's context, {name}={longest}"
+            f"the prompt plus max_new_tokens ({n} + {max_new_tokens} tokens) exceeds the model's context,"
+            f" {name}={longest}"
         )
     if not is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
