@@ -14,6 +14,7 @@ from tsa_fast.backends import available_backends
 from tsa_fast.models import (
     Transformer,
     TransformerConfig,
+    checkpoint_state_dict,
     default_layer_map,
     every_kth_layer,
     init_from_teacher,
@@ -320,3 +321,26 @@ def test_bad_inputs_raise_naming_the_values(case):
     kwargs, error, match = BAD_INPUTS[case]
     with pytest.raises(error, match=match):
         model(**kwargs(torch.randint(0, TINY["vocab_size"], (BATCH, N)), padding_mask().cpu()))
+
+
+def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
+    model = make_model("lm-learned", dropout=0.1).cpu()
+    model.save_pretrained(tmp_path / "model")
+    loaded = Transformer.from_pretrained(tmp_path / "model")
+    assert loaded.config == model.config and not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    # an engine phase directory: checkpoint.pt holds the weights under module/model. (with the optimizer's state)
+    phase = tmp_path / "phase"
+    phase.mkdir()
+    (phase / "config.json").write_text(model.config.model_dump_json())
+    weights = {f"model.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"module": {**weights, "objective.w": torch.zeros(1)}, "step": 1}, phase / "checkpoint.pt")
+    again = Transformer.from_pretrained(phase)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(model.config.model_dump_json())
+    with pytest.raises(FileNotFoundError, match="neither model.pt nor checkpoint.pt"):
+        Transformer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a state dict"):
+        checkpoint_state_dict({"step": 1}, "x.pt")

@@ -6,6 +6,7 @@ makes any transformers model a teacher or a student of the distillation engine.
 
     teacher = HFModel(AutoModelForCausalLM.from_pretrained(name))       # the engine's model protocol
     student = HFModel(layer_subset_student(teacher.model, 2))          # DistilBERT-style: 2 of its blocks
+    ids = teacher.generate(prompt_ids, 64, temperature=0)              # transformers' generate, fused attention
 
 Importing this module registers, under "tsa_fast", an attention function with transformers'
 `AttentionInterface` and the masks it takes with its `AttentionMaskInterface`, so that every model built on
@@ -25,7 +26,8 @@ ever asked for its N x N attention maps (`output_attentions`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -34,6 +36,7 @@ import transformers
 from packaging.version import Version
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import (
     AttentionMaskInterface,
@@ -44,6 +47,7 @@ from transformers.masking_utils import (
 )
 
 from tsa_fast.models import TransformerOutput, every_kth_layer, mean_pool
+from tsa_fast.models.generation import check_arguments, eval_mode
 from tsa_fast.models.transformer import INIT_STD
 from tsa_fast.ops.attention import attention
 from tsa_fast.reference.attention_transfer_loss import visible_keys
@@ -148,7 +152,8 @@ class HFModel(nn.Module):
     - `logits(hidden)`, `lm_head_weight`: the model's output embeddings (a causal LM; RuntimeError otherwise);
     - `classify(hidden, attention_mask)`: mean pooling over real tokens, then a linear head of `num_classes`
       (created here, N(0, 0.02) weights and zero bias; not part of `.model`).
-    `config` is the model's `ModelShape`.
+    `config` is the model's `ModelShape`. `generate` runs the model's own `generate` (on the fused attention)
+    with the arguments of `Transformer.generate`.
     """
 
     def __init__(self, model: PreTrainedModel, num_classes: int | None = None):
@@ -210,6 +215,57 @@ class HFModel(nn.Module):
             qkv = tuple((q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])) for q, k, v in recorded)
         return TransformerOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None, qkv)
 
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        attention_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        streamer: Callable[[Tensor], None] | None = None,
+    ) -> Tensor:
+        """Continue the prompts with the wrapped causal LM's own `generate` (its KV cache, attention
+        "tsa_fast"), with the arguments, results and errors of `tsa_fast.models.Transformer.generate`:
+        temperature 0 is greedy (do_sample=False), otherwise do_sample with temperature, top_k (None: no top-k
+        filter) and top_p (None: 1.0); eos_id (None: no EOS, whatever the model's generation config says) is
+        eos_token_id and the pad_token_id of finished rows; attention_mask (1 = token, 0 = left padding); a
+        generator seeds the draws (the global RNG is left as it was); streamer gets each step's new tokens
+        (B,) int64 on the CPU. The context is the config's max_position_embeddings. In eval mode (restored)."""
+        text = self.model.config.get_text_config()
+        context = getattr(text, "max_position_embeddings", None) or sys.maxsize
+        keep = check_arguments(
+            prompt_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos_id,
+            attention_mask=attention_mask,
+            generator=generator,
+            vocab_size=text.vocab_size,
+            context=("max_position_embeddings", context),
+        )
+        options = dict(
+            max_new_tokens=max_new_tokens,
+            attention_mask=torch.ones_like(prompt_ids) if keep is None else keep.long(),
+            eos_token_id=eos_id,
+            pad_token_id=0 if eos_id is None else eos_id,
+            num_beams=1,
+            do_sample=temperature > 0,
+            streamer=None if streamer is None else _StepStreamer(streamer),
+        )
+        if temperature > 0:
+            options.update(temperature=float(temperature), top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
+        devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
+        with eval_mode(self.model), torch.random.fork_rng(devices):
+            if generator is not None:
+                torch.manual_seed(int(torch.randint(2**62, (), device=generator.device, generator=generator)))
+            return self.model.generate(prompt_ids, **options)
+
     @property
     def lm_head_weight(self) -> Tensor:
         """The LM head's weight (vocab_size, d_model). Raises RuntimeError for a model without one."""
@@ -231,6 +287,22 @@ class HFModel(nn.Module):
         if head is None:
             raise RuntimeError(f"{type(self.model).__name__} has no LM head: load it with AutoModelForCausalLM")
         return head
+
+
+class _StepStreamer(BaseStreamer):
+    """transformers' streamer protocol for a callback of each step's new tokens: `generate` puts the prompt
+    first (skipped), then each step's (B,) tokens."""
+
+    def __init__(self, callback: Callable[[Tensor], None]):
+        self.callback, self.prompt_seen = callback, False
+
+    def put(self, value: Tensor) -> None:
+        if self.prompt_seen:
+            self.callback(value)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 def _repeat_heads(x: Tensor, heads: int) -> Tensor:

@@ -10,6 +10,10 @@ padding is masked out of every key. Attention runs through `tsa_fast.scaled_dot_
 kernel where it applies, PyTorch's otherwise. The forward returns the final hidden state, not the logits, so
 that the fused linear loss can take `hidden` and `lm_head_weight` without materializing N x V logits.
 
+Generation (`generate`, the loop in `tsa_fast.models.generation`) runs the causal LM incrementally: `decode`
+feeds new tokens at given positions, each block appending its keys and values to a `KVCache` and attending
+to the cached ones through the same attention op.
+
 DeepSpeed: blocks are built one by one (zero.Init partitions each module's parameters as it is built);
 initializing the weights again after construction, under zero.Init, must be done inside
 `deepspeed.zero.GatheredParameters(model.parameters(), modifier_rank=0)`: call `model.reset_parameters()`.
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -28,10 +34,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from tsa_fast.models import generation
 from tsa_fast.ops.attention import scaled_dot_product_attention
 
 ROPE_BASE = 10000.0
 INIT_STD = 0.02
+CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FILE = "config.json", "model.pt", "checkpoint.pt"  # see from_pretrained
 
 
 class TransformerConfig(BaseModel):
@@ -93,10 +101,15 @@ class TransformerOutput:
 
 
 def rotary_cos_sin(n: int, head_dim: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """cos and sin, (N, head_dim / 2) float32, of the rotary angles: position p turns pair i by
+    """cos and sin, (N, head_dim / 2) float32, of the rotary angles of positions 0 .. N - 1."""
+    return rotary_at(torch.arange(n, device=device), head_dim)
+
+
+def rotary_at(positions: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """cos and sin, (*positions.shape, head_dim / 2) float32, of the rotary angles: position p turns pair i by
     p * ROPE_BASE^(-2i / head_dim)."""
-    inverse_frequencies = ROPE_BASE ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inverse_frequencies
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    angles = positions.to(torch.float32)[..., None] * ROPE_BASE**-exponents
     return angles.cos(), angles.sin()
 
 
@@ -127,14 +140,41 @@ class Block(nn.Module):
         self, x: Tensor, rotary: tuple[Tensor, Tensor] | None, attn_mask: Tensor | None, is_causal: bool
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         """x (B, N, d_model) -> (the block's output (B, N, d_model), (q, k, v) each (B, H, N, head_dim))."""
-        batch, n, d_model = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(batch, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k, v = self.heads(x, rotary)
         attended = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.residuals(x, attended), (q, k, v)
+
+    def decode(
+        self,
+        x: Tensor,
+        rotary: tuple[Tensor, Tensor] | None,
+        cache: generation.KVCache,
+        layer: int,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+    ) -> Tensor:
+        """forward for n new tokens x (B, n, d_model) that follow the tokens cached in `cache`: their keys and
+        values are appended to the cache's block `layer`, and the queries attend to the cached keys as
+        attn_mask and is_causal say (see `decode_mask`)."""
+        q, k, v = self.heads(x, rotary)
+        k, v = cache.append(layer, k, v)
+        return self.residuals(x, scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal))
+
+    def heads(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, d_model) -> q, k, v each (B, H, N, head_dim), q and k rotated when rotary = (cos, sin)."""
+        batch, n, _ = x.shape
+        qkv = self.qkv(self.attn_norm(x)).view(batch, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        if rotary is None:
+            return qkv.unbind(0)
+        q, k = apply_rotary(qkv[:2], *rotary).unbind(0)  # q and k rotated in one pass
+        return q, k, qkv[2]
+
+    def residuals(self, x: Tensor, attended: Tensor) -> Tensor:
+        """The block's output: x plus the projected attention output attended (B, H, N, head_dim), then plus
+        the FFN."""
+        batch, n, d_model = x.shape
         x = x + self.dropout(self.attn_out(attended.transpose(1, 2).reshape(batch, n, d_model)))
-        x = x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x)))))
-        return x, (q, k, v)
+        return x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x)))))
 
 
 class Transformer(nn.Module):
@@ -230,6 +270,87 @@ class Transformer(nn.Module):
             qkv=tuple(qkv) if output_qkv else None,
         )
 
+    def decode(
+        self, input_ids: Tensor, positions: Tensor, cache: generation.KVCache, keep: Tensor | None = None
+    ) -> Tensor:
+        """The final hidden states (B, n, d_model) of n tokens input_ids (B, n) that follow the cache.length
+        tokens in `cache` (their keys and values are appended to it), causal: the incremental forward of
+        generation. positions (B, n) int64: each token's position (learned or rotary; counted per row, so
+        that left padding leaves the real tokens' positions as they are alone). keep (B, cache.length + n)
+        bool, True = a real token, False = padding that no query attends to; None: all real. No argument
+        checks: `generate` makes them."""
+        x = self.token_embedding(input_ids)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions)
+        rotary = None
+        if self.config.positional == "rotary":
+            cos, sin = rotary_at(positions, self.config.head_dim)
+            rotary = cos[:, None], sin[:, None]  # (B, 1, n, head_dim / 2): the same for every head
+        attn_mask, is_causal = decode_mask(keep, input_ids.shape[1], cache.length + input_ids.shape[1], x.device)
+        for layer, block in enumerate(self.blocks):
+            x = block.decode(x, rotary, cache, layer, attn_mask, is_causal)
+        cache.advance(input_ids.shape[1])
+        return self.final_norm(x)
+
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        attention_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        streamer: Callable[[Tensor], None] | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Continue the prompts: `tsa_fast.models.generation.generate` on this causal LM (see there for the
+        arguments, what it returns and what raises), with a KV cache (use_cache=False recomputes every
+        position at each step: the reference that the cache is tested and benchmarked against)."""
+        return generation.generate(
+            self,
+            prompt_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos_id,
+            attention_mask=attention_mask,
+            generator=generator,
+            streamer=streamer,
+            use_cache=use_cache,
+        )
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json (the TransformerConfig) and model.pt (the state dict) into `directory` (created
+        if needed): what `from_pretrained` reads. Outside DeepSpeed ZeRO-3 (whose state dict is partitioned)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2))
+        torch.save(self.state_dict(), directory / WEIGHTS_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
+        """The Transformer of `directory`: the config of its config.json with the weights of its model.pt, or
+        else of its checkpoint.pt (an engine phase's checkpoint; `checkpoint_state_dict`), loaded with
+        weights_only=True, in eval mode. Raises FileNotFoundError naming the missing file, ValueError for a
+        config.json that is not a TransformerConfig (pydantic's error) or weights of another shape."""
+        directory = Path(directory)
+        config_file = directory / CONFIG_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: a Transformer directory has {CONFIG_FILE}")
+        weights = next(
+            (directory / name for name in (WEIGHTS_FILE, CHECKPOINT_FILE) if (directory / name).is_file()), None
+        )
+        if weights is None:
+            raise FileNotFoundError(f"{directory} has neither {WEIGHTS_FILE} nor {CHECKPOINT_FILE}")
+        model = cls(TransformerConfig.model_validate_json(config_file.read_text()))
+        loaded = torch.load(weights, map_location=map_location, weights_only=True)
+        model.load_state_dict(checkpoint_state_dict(loaded, str(weights)))
+        return model.eval()
+
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., d_model) final hidden states -> (..., vocab_size) logits, through the tied embedding."""
         with gathered(self.lm_head_weight):
@@ -288,6 +409,37 @@ class Transformer(nn.Module):
             return None, True
         causal = torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
         return keep[:, None, None, :] & causal, False
+
+
+def checkpoint_state_dict(loaded: dict, where: str = "checkpoint") -> dict[str, Tensor]:
+    """The Transformer state dict in what a checkpoint file holds: a state dict itself (model.pt), {"config",
+    "model": state dict} (the engine's cached teachers), or an engine phase checkpoint whose "module" holds
+    the model's weights under "model.". Raises ValueError for anything else, naming `where`."""
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{where}: expected a dict of tensors, got {type(loaded).__name__}")
+    if isinstance(loaded.get("module"), dict):
+        return {key.removeprefix("model."): v for key, v in loaded["module"].items() if key.startswith("model.")}
+    if isinstance(loaded.get("model"), dict):
+        return loaded["model"]
+    if loaded and all(isinstance(v, Tensor) for v in loaded.values()):
+        return loaded
+    raise ValueError(f"{where}: not a state dict, a cached teacher or a phase checkpoint (keys {sorted(loaded)[:5]})")
+
+
+def decode_mask(keep: Tensor | None, n: int, length: int, device: torch.device) -> tuple[Tensor | None, bool]:
+    """(attn_mask, is_causal) for n causal queries, the last n of `length` positions, against all of them:
+    query i sees key j <= i + length - n (bottom-right), where keep (B, length) bool is True (None:
+    everywhere), and a padding query sees itself (no query without keys, whose output some SDPA backends
+    make NaN; padding outputs are never used). A mask of keys only where that is all (one query), is_causal
+    where the cache was empty and nothing is padded (as `forward`), else a (B or 1, 1, n, length) bool mask."""
+    if n == 1:
+        return (None if keep is None else keep[:, None, None, :]), False
+    if keep is None and n == length:
+        return None, True
+    causal = torch.ones(n, length, dtype=torch.bool, device=device).tril(length - n)
+    if keep is None:
+        return causal, False
+    return keep[:, None, None, :] & causal | causal.triu(length - n), False
 
 
 def mean_pool(hidden: Tensor, keep: Tensor | None) -> Tensor:
