@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tsa_fast.distill.config import LossConfig, value_at
+from tsa_fast.distill.protocols import ModelShape
 from tsa_fast.distill.teachers import TeacherTargets
-from tsa_fast.models import TransformerConfig, default_layer_map, gathered
+from tsa_fast.models import default_layer_map, gathered
 from tsa_fast.ops.attention_transfer_loss import attention_transfer_loss
 from tsa_fast.ops.distillation_loss import distillation_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
@@ -30,11 +31,10 @@ def student_head(student: nn.Module, out, batch: dict[str, Tensor], task: str) -
 
 
 class DistillationObjective(nn.Module):
-    """Loss terms of one training phase. `teacher_config=None`: cross-entropy only (no teacher)."""
+    """Loss terms of one training phase, for a student and a teacher of these shapes (their `config`s: a
+    `TransformerConfig`, an `HFModel`'s). `teacher_config=None`: cross-entropy only (no teacher)."""
 
-    def __init__(
-        self, config: LossConfig, task: str, student_config: TransformerConfig, teacher_config: TransformerConfig | None
-    ):
+    def __init__(self, config: LossConfig, task: str, student_config: ModelShape, teacher_config: ModelShape | None):
         super().__init__()
         self.config, self.task, self.has_teacher = config, task, teacher_config is not None
         self.hidden_map = self.attention_map = []

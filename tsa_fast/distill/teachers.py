@@ -39,7 +39,8 @@ class TeacherTargets:
 
 
 class Teachers:
-    """Frozen teacher models and their mixture weights (normalized to sum to 1)."""
+    """Frozen teacher models (each a `Model`) and their mixture weights (normalized to sum to 1): a
+    `TeacherSource` (tsa_fast.distill.protocols)."""
 
     def __init__(self, models: list[nn.Module], weights: list[float], task: str):
         if len(models) != len(weights) or not models:
@@ -63,7 +64,9 @@ class Teachers:
         hidden_states: bool = False,
         qkv: bool = False,
     ) -> TeacherTargets:
-        """The teachers' outputs on `batch` (input_ids, optional attention_mask)."""
+        """The teachers' outputs on `batch` (input_ids, optional attention_mask): the mixture logits at
+        `temperature`, or with `fused` (one LM teacher) its last hidden state and LM-head weight; the first
+        teacher's hidden states and q, k, v when asked."""
         outputs = [
             model(
                 batch["input_ids"],
