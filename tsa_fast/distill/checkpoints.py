@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -36,13 +36,15 @@ def load_weights_only(path: Path, *, mmap: bool = False) -> dict:
 
 
 @contextlib.contextmanager
-def weights_only_loads() -> Iterator[None]:
+def weights_only_loads(allowed: Iterable[type] = ()) -> Iterator[None]:
     """Within the block every `torch.load` of this process loads with weights_only=True, even where a library
-    asks for weights_only=False (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD)."""
+    asks for weights_only=False (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD), the classes `allowed` besides tensors
+    and plain data (plain-data classes: enums, dataclasses, objects of numbers, rebuilt without running code)."""
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        yield
+        with torch.serialization.safe_globals(list(allowed)):
+            yield
     finally:
         if previous is None:
             del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]

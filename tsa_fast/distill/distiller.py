@@ -203,10 +203,12 @@ class Distiller:
                 start = time.perf_counter()
                 loss, terms = self.train_step()
                 last = self.step == t.steps
-                row = {}
-                if self.step % t.log_every == 0 or last:
+                logged = self.step % t.log_every == 0 or last
+                if logged:  # the host sync: it waits for the queued steps, so that their time counts as training
                     loss, terms = self.step_values(loss, terms)
-                    self.train_seconds += time.perf_counter() - start  # the sync waited for the queued steps
+                self.train_seconds += time.perf_counter() - start
+                row = {}
+                if logged:
                     row = {
                         "step": self.step,
                         "loss": loss,
@@ -215,8 +217,6 @@ class Distiller:
                         "tokens_per_s": self.train_tokens / self.train_seconds,
                     }
                     progress.update(bar, loss=loss)
-                else:
-                    self.train_seconds += time.perf_counter() - start
                 progress.update(bar, advance=1)
                 if self.step % t.eval_every == 0 or last:
                     final = self.validate()

@@ -27,7 +27,7 @@ The lm and classify recipes (`tsa_fast.recipes.lm.run`) run unchanged with `Deep
 - checkpoints are DeepSpeed checkpoints of the student engine, `PHASE/step<N>/` (with the model's config as
   `model_config.json`) and `PHASE/latest` (written last, atomically); `--resume` continues from them. `export`
   turns the last one into a plain state dict. Every torch file is read with weights_only=True, DeepSpeed's own
-  included (`weights_only_loads`).
+  included (`weights_only_loads`, which allows the plain-data classes of `CHECKPOINT_CLASSES` in them).
 - measured per rank and written to output_dir/deepspeed.json (and printed): the teacher parameter bytes the rank
   holds and their total over all ranks, its peak memory (CUDA: allocated; CPU: resident set), and the
   distillation tokens/s of the rank.
@@ -54,6 +54,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from pydantic import BaseModel
 from rich.table import Table
 from torch import Tensor, nn
@@ -69,6 +72,9 @@ from tsa_fast.recipes.report import console
 DEFAULTS = {"teacher": {"zero_optimization": {"stage": 3}}, "student": {"zero_optimization": {"stage": 2}}}
 LATEST = "latest"  # DeepSpeed's name for the file that holds the tag of the last checkpoint
 MODEL_CONFIG = "model_config.json"  # in each checkpoint's directory: the model's config, for `export`
+# The classes DeepSpeed pickles into its optimizer-state files besides tensors: plain data (an enum, a dataclass
+# of two ints, loss scalers' numbers), which weights_only loading rebuilds without running any code.
+CHECKPOINT_CLASSES = (ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address)
 
 
 def read_config(paths: list[str | Path]) -> dict:
@@ -348,7 +354,7 @@ class DeepSpeedOptimization:
 
     def load(self, directory: Path) -> dict:
         """Restore the checkpoint `latest` names, every file with weights_only; returns its client state."""
-        with weights_only_loads():
+        with weights_only_loads(CHECKPOINT_CLASSES):
             _, client_state = self.engine.load_checkpoint(str(directory))
         return client_state
 
@@ -396,7 +402,7 @@ def export(phase_dir: Path, out: Path) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = (phase_dir / LATEST).read_text().strip()
-    with weights_only_loads():
+    with weights_only_loads(CHECKPOINT_CLASSES):
         state = get_fp32_state_dict_from_zero_checkpoint(str(phase_dir), tag)
     model = {name.removeprefix("model."): t.contiguous() for name, t in state.items() if name.startswith("model.")}
     config = json.loads((phase_dir / tag / MODEL_CONFIG).read_text())
