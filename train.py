@@ -7,17 +7,15 @@
     python train.py --config configs/minilm_compress.yaml    # a pretrained Hugging Face sentence-embedding teacher
     deepspeed --num_gpus 2 train.py --deepspeed configs/ds/zero3_teacher.json    # ZeRO-3 teacher, ZeRO-2 student
 
-See tsa_fast/distill/recipe.py for what a run does and tsa_fast/distill/config.py for every option; a YAML file
-with `recipe: sentence_embedding` runs tsa_fast/distill/sentence_embedding.py instead, and `--deepspeed` runs the
-recipe under DeepSpeed (tsa_fast/integrations/deepspeed.py).
+The YAML's `recipe:` key names the recipe (no key: lm), a module of tsa_fast/recipes/ (tsa_fast.recipes.RECIPES:
+lm.py, classify.py, sentence_embedding.py), where its run and every option are; `--deepspeed` runs the lm and
+classify recipes under DeepSpeed (tsa_fast/integrations/deepspeed.py).
 """
 
 import argparse
-from functools import partial
 
-from tsa_fast.distill.config import RecipeConfig, read_recipe
-from tsa_fast.distill.data import build_data
-from tsa_fast.distill.recipe import run
+from tsa_fast import recipes
+from tsa_fast.recipes.config import read_recipe
 
 
 def main() -> None:
@@ -34,19 +32,14 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe options")
     args = parser.parse_args()
     try:  # bad options and bad data are reported before any training
-        raw = read_recipe(args.config, args.overrides)
-        if raw.get("recipe") == "sentence_embedding":
-            from tsa_fast.distill import sentence_embedding  # needs transformers, an optional dependency
+        recipe = recipes.load(read_recipe(args.config, args.overrides).get("recipe", recipes.DEFAULT))
+        config = recipe.load_config(args.config, args.overrides)
+        if args.deepspeed:
+            from tsa_fast.integrations import deepspeed  # an optional dependency
 
-            job = partial(sentence_embedding.run, sentence_embedding.SentenceEmbeddingConfig.model_validate(raw))
+            job = deepspeed.prepare(config, args.deepspeed)
         else:
-            config = RecipeConfig.model_validate(raw)
-            if args.deepspeed:
-                from tsa_fast.integrations import deepspeed  # an optional dependency
-
-                job = deepspeed.prepare(config, args.deepspeed)
-            else:
-                job = partial(run, config, data=build_data(config.data))
+            job = recipe.prepare(config)
     except (ValueError, FileNotFoundError, ImportError) as error:
         parser.error(str(error))
     job(resume=args.resume)

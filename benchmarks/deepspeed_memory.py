@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from tsa_fast.distill.config import load_config
 from tsa_fast.distill.data import build_data
-from tsa_fast.distill.recipe import model_config
 from tsa_fast.models import Transformer
+from tsa_fast.recipes.lm import load_config, model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = [  # (directory, name, DeepSpeed config: None for plain `python train.py`)

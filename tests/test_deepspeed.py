@@ -27,14 +27,14 @@ pytest.importorskip("deepspeed")
 
 from test_train import TINY, finished, train_py  # noqa: E402
 
-from tsa_fast.distill.config import load_config  # noqa: E402
 from tsa_fast.distill.data import build_data  # noqa: E402
 from tsa_fast.distill.metrics import read_metrics  # noqa: E402
-from tsa_fast.distill.recipe import Runtime, build_teacher_cache, obtain_teacher  # noqa: E402
 from tsa_fast.distill.teacher_cache import TopkTeacherCache  # noqa: E402
 from tsa_fast.distill.teachers import Teachers  # noqa: E402
 from tsa_fast.integrations.deepspeed import check, read_config  # noqa: E402
 from tsa_fast.models import Transformer, TransformerConfig  # noqa: E402
+from tsa_fast.recipes.lm import build_teacher_cache, load_config, obtain_teacher  # noqa: E402
+from tsa_fast.recipes.runtime import LocalRuntime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DS = ROOT / "configs" / "ds"
@@ -161,6 +161,35 @@ def test_killed_run_resumes_on_the_same_curve(ds_run, workdir):
         assert a["loss"] == b["loss"] and a.get("val_perplexity") == b.get("val_perplexity"), (a, b)
 
 
+ZERO3_ACCUMULATION = pytest.mark.xfail(
+    strict=True,
+    reason="a ZeRO-3 student with grad_accum=2 drifts from one process without DeepSpeed from the second update on "
+    "(relative 5e-5 at step 3, 2.6e-4 at step 6; ZeRO-3 with grad_accum=1 and ZeRO-2 with 2 agree exactly): open",
+)
+
+
+@pytest.mark.parametrize(
+    "student", ["zero2_student.json", pytest.param("zero3_student.json", marks=ZERO3_ACCUMULATION)]
+)
+def test_gradient_accumulation_matches_one_process_without_deepspeed(student, workdir, monkeypatch):
+    """training.grad_accum=2 in a DeepSpeed job of one rank: `backward` per micro-batch, the engine's step at the
+    accumulation boundary in `step`; the loss curve is that of the same run without DeepSpeed."""
+    with socket.socket() as s:  # the job's master port: a free one
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    PORTS.append(int(os.environ["MASTER_PORT"]))
+    accum = ["training.steps=6", "training.grad_accum=2", "training.batch_size=4", "training.eval_every=6"]
+    runs = {name: workdir / f"accum_{name}_{student}" for name in ("deepspeed", "plain")}
+    configs = ["--deepspeed", str(DS / "zero3_teacher.json"), "--deepspeed", str(DS / student)]
+    finished(train_py(*configs, *options(workdir, *accum, f"output_dir={runs['deepspeed']}")))
+    finished(train_py(*options(workdir, *accum, f"output_dir={runs['plain']}")))
+    ds, plain = (read_metrics(out / "distilled" / "metrics.csv") for out in runs.values())
+    assert [r["step"] for r in ds] == [r["step"] for r in plain] == [str(step) for step in range(1, 7)]
+    for a, b in zip(ds, plain):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4), (a, b)
+        assert float(a["lr"]) == pytest.approx(float(b["lr"]), rel=1e-6), (a, b)
+
+
 def test_exported_student_loads_without_deepspeed(ds_run, workdir):
     """`export` to safetensors and to a teacher-style .pt; both load into a Transformer in a process where
     deepspeed cannot be imported, and give the validation perplexity the DeepSpeed run measured."""
@@ -190,7 +219,7 @@ if path.endswith(".safetensors"):
     with safe_open(path, "pt") as f:
         config, state = json.loads(f.metadata()["config"]), load_file(path)
 else:
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     config, state = saved["config"], saved["model"]
 model = Transformer(TransformerConfig(**config))
 model.load_state_dict(state)
@@ -261,10 +290,10 @@ def test_teacher_cache_built_by_ranks_is_the_one_process_cache(workdir):
     )
     config = load_config(None, options(workdir, *cache))
     data, device = build_data(config.data), torch.device("cpu")
-    teacher, key = obtain_teacher(0, config, data, None, False, Runtime())
+    teacher, key = obtain_teacher(0, config, data, None, False, LocalRuntime())
     teachers = Teachers([teacher], [1.0], "lm")
     built = (shared / "indices.npy").stat().st_mtime_ns
-    consumed = build_teacher_cache(config, data, teachers, [key], device, Runtime())
+    consumed = build_teacher_cache(config, data, teachers, [key], device, LocalRuntime())
     assert (shared / "indices.npy").stat().st_mtime_ns == built, "the one-process run rebuilt the cache"
     alone = TopkTeacherCache.build(
         teachers,
@@ -285,18 +314,18 @@ HF_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
 from transformers import LlamaConfig, LlamaForCausalLM
-from tsa_fast.distill.config import load_config
 from tsa_fast.distill.data import build_data
 from tsa_fast.distill.distiller import Distiller, Phase
 from tsa_fast.distill.objective import DistillationObjective
-from tsa_fast.distill.recipe import Runtime
 from tsa_fast.distill.teachers import Teachers
 from tsa_fast.integrations.deepspeed import DeepSpeedRuntime, read_config
 from tsa_fast.integrations.hf import HFModel
+from tsa_fast.recipes.lm import load_config
+from tsa_fast.recipes.runtime import LocalRuntime
 
 work, ds_configs, overrides = Path(sys.argv[-3]), json.loads(sys.argv[-2]), json.loads(sys.argv[-1])
 config = load_config(None, overrides)
-runtime = DeepSpeedRuntime(config, read_config(ds_configs)) if ds_configs else Runtime()
+runtime = DeepSpeedRuntime(config, read_config(ds_configs)) if ds_configs else LocalRuntime()
 data = build_data(config.data)
 llama = lambda layers: LlamaForCausalLM(LlamaConfig(vocab_size=data.vocab_size, hidden_size=32, intermediate_size=64,
     num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
@@ -308,7 +337,7 @@ phase = Phase("hf", work / f"hf_{runtime.world_size}", config.training, 0, torch
               rank=runtime.rank, world_size=runtime.world_size)
 distiller = Distiller(student, objective, data, phase, Teachers([teacher], [1.0], "lm"),
                       runtime.optimization(student, objective, config.training))
-losses = [distiller.train_step()[0] for _ in range(3)]
+losses = [distiller.step_values(*distiller.train_step())[0] for _ in range(3)]
 if runtime.rank == 0:  # one line, one write: the ranks share the launcher's stdout
     print("LOSSES " + " ".join(map(str, losses)), flush=True)
 """

@@ -11,16 +11,7 @@ from conftest import assert_rel_close
 
 from tsa_fast.distill.adversarial import adversarial_delta
 from tsa_fast.distill.batches import in_order, take, training_indices
-from tsa_fast.distill.config import (
-    LoggingConfig,
-    LossConfig,
-    RecipeConfig,
-    Schedule,
-    TeacherConfig,
-    TrainingConfig,
-    load_config,
-    value_at,
-)
+from tsa_fast.distill.config import LoggingConfig, LossConfig, Schedule, TrainingConfig, value_at
 from tsa_fast.distill.distiller import Distiller, Phase
 from tsa_fast.distill.evaluate import macro_f1, throughput
 from tsa_fast.distill.metrics import MetricsLog, read_metrics
@@ -28,6 +19,7 @@ from tsa_fast.distill.objective import DistillationObjective
 from tsa_fast.distill.teacher_cache import TopkTeacherCache
 from tsa_fast.distill.teachers import Teachers, mixture_logits
 from tsa_fast.models import Transformer, TransformerConfig
+from tsa_fast.recipes.lm import RecipeConfig, TeacherConfig, load_config
 from tsa_fast.reference.distillation_loss import distillation_loss as reference_distillation_loss
 
 TINY = dict(vocab_size=61, max_seq_len=12, d_model=32, n_layers=2, n_heads=4)
@@ -76,12 +68,14 @@ def test_every_option_is_documented():
 
     import pydantic
 
-    from tsa_fast.distill import config, data, sentence_embedding
+    from tsa_fast.distill import config, data
     from tsa_fast.models import transformer
+    from tsa_fast.recipes import classify, lm, sentence_embedding
+    from tsa_fast.recipes import config as recipe_config
 
     undocumented = [
         f"{model.__name__}.{name}"
-        for module in (config, data, sentence_embedding, transformer)
+        for module in (config, data, recipe_config, lm, classify, sentence_embedding, transformer)
         for model in vars(module).values()
         if inspect.isclass(model) and issubclass(model, pydantic.BaseModel) and model.__module__ == module.__name__
         for name, field in model.model_fields.items()

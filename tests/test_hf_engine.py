@@ -1,5 +1,5 @@
 """Hugging Face models in the distillation engine (`tsa_fast.integrations.hf.HFModel`, `layer_subset_student`)
-and the sentence-embedding recipe (`tsa_fast.distill.sentence_embedding`).
+and the sentence-embedding recipe (`tsa_fast.recipes.sentence_embedding`).
 
 Small random BERT and Llama models (built from a config, nothing downloaded): the adapter's hidden states and
 q/k/v are the model's own, so that the engine's hidden-state and attention-transfer terms equal the same
@@ -218,7 +218,7 @@ def test_save_pretrained_round_trip(tmp_path):
 
 # --- the sentence-embedding recipe --------------------------------------------------------------------------
 
-se = pytest.importorskip("tsa_fast.distill.sentence_embedding")
+se = pytest.importorskip("tsa_fast.recipes.sentence_embedding")
 
 
 def test_probe_and_neighbours():

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tsa_fast.distill.config import RecipeConfig, load_config
 from tsa_fast.distill.metrics import read_metrics
-from tsa_fast.distill.recipe import run
+from tsa_fast.recipes.lm import RecipeConfig, load_config, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,12 +122,12 @@ def test_killed_run_resumes_on_the_same_curve(cache_dir, tmp_path):
     process = train_py(*common, f"output_dir={out}")
     checkpoint = out / "distilled" / "checkpoint.pt"
     deadline = time.time() + 300
-    while not (checkpoint.exists() and torch.load(checkpoint, weights_only=False)["step"] >= 3):
+    while not (checkpoint.exists() and torch.load(checkpoint, weights_only=True)["step"] >= 3):
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert torch.load(checkpoint, weights_only=False)["step"] < 12, "killed too late to test resuming"
+    assert torch.load(checkpoint, weights_only=True)["step"] < 12, "killed too late to test resuming"
     finished(train_py(*common, f"output_dir={out}", "--resume"))
 
     straight, resumed = (read_metrics(tmp_path / name / "distilled" / "metrics.csv") for name in ("straight", "killed"))

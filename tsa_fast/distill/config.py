@@ -1,26 +1,29 @@
-"""The typed recipe: one `RecipeConfig` per YAML file in `configs/`, every option with its default.
+"""The engine's option sections, each with its defaults and a description of every option: a training phase,
+the loss, adversarial training, the teacher top-k cache, logging. A recipe's config (`tsa_fast.recipes`)
+is made of them.
 
 Unknown keys are errors (pydantic `extra="forbid"`), so a typo never silently falls back to a default.
-`load_config(path, overrides)` reads a YAML file and applies `key=value` overrides from the command line,
-dotted into nested sections (`training.steps=50`, `loss.divergence=jsd`, `teachers.0.checkpoint=t.pt`);
-values are parsed as YAML scalars (`true`, `3e-4`, `null`, `[1, 2]`).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from tsa_fast.distill.data import DataConfig
-from tsa_fast.models import TransformerConfig
 
 
 class Section(BaseModel):
+    """A config section: immutable, unknown keys are errors. A subclass that changes only the defaults of
+    fields it inherits lists them in `DEFAULTS` (field name -> default), used where a key is not given."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _subclass_defaults(cls, values: Any) -> Any:
+        return {**cls.DEFAULTS, **values} if cls.DEFAULTS and isinstance(values, dict) else values
 
 
 class Schedule(Section):
@@ -62,39 +65,9 @@ class TrainingConfig(Section):
     log_every: int = Field(10, ge=1, description="metrics row every N steps")
 
 
-class TeacherConfig(Section):
-    model: TransformerConfig = Field(
-        TransformerConfig(d_model=128, n_layers=4, n_heads=4), description="its architecture"
-    )
-    checkpoint: str | None = Field(None, description="a teacher checkpoint to load; null: train it (cached)")
-    weight: float = Field(1.0, gt=0, description="its weight in the teachers' mixture")
-    seed: int = Field(0, description="initialization / data-order seed when trained by the recipe")
+class FeatureLossConfig(Section):
+    """The loss terms on the models' inner features: hidden states and attention (or MiniLM-v2 relations)."""
 
-
-class StudentConfig(Section):
-    model: TransformerConfig = Field(
-        TransformerConfig(d_model=128, n_layers=2, n_heads=4), description="its architecture"
-    )
-    init: Literal["random", "teacher_layers"] = Field(
-        "random", description="teacher_layers: DistilBERT-style copy of embeddings and every k-th teacher block"
-    )
-    layers: list[int] | None = Field(None, description="teacher blocks to copy; null: every k-th")
-
-
-class LossConfig(Section):
-    """Total loss = logit_weight * T^2 * divergence + hard_weight * CE + hidden + attention terms."""
-
-    divergence: Literal["forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd"] = Field(
-        "forward_kl", description="between the teacher's and the student's distributions (tsa_fast.distillation_loss)"
-    )
-    beta: float = Field(0.5, gt=0, lt=1, description="jsd mixture weight")
-    temperature: Scheduled = Field(2.0, description="softmax temperature T of both models' logits")
-    scale_by_t2: bool = Field(True, description="multiply the divergence by T^2 (Hinton et al.)")
-    logit_weight: Scheduled = Field(1.0, description="weight of the logit divergence (soft targets)")
-    hard_weight: Scheduled = Field(0.5, description="weight of the cross-entropy to the labels")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
-    fused: bool = Field(True, description="LM: fused_linear_distillation_loss (no N x V logits)")
-    chunk_size: int | None = Field(None, ge=1, description="rows per chunk of the fused loss; null: automatic")
     hidden_weight: Scheduled = Field(0.0, description="weight of the hidden-state loss")
     hidden_loss: Literal["mse", "cosine"] = Field("mse", description="distance between mapped hidden states")
     hidden_layer_map: list[tuple[int, int]] | None = Field(
@@ -115,6 +88,22 @@ class LossConfig(Section):
         if not relations or len(set(relations)) != len(relations):
             raise ValueError(f"attention_relations must be a non-empty list without repeats, got {relations}")
         return relations
+
+
+class LossConfig(FeatureLossConfig):
+    """Total loss = logit_weight * T^2 * divergence + hard_weight * CE + hidden + attention terms."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd"] = Field(
+        "forward_kl", description="between the teacher's and the student's distributions (tsa_fast.distillation_loss)"
+    )
+    beta: float = Field(0.5, gt=0, lt=1, description="jsd mixture weight")
+    temperature: Scheduled = Field(2.0, description="softmax temperature T of both models' logits")
+    scale_by_t2: bool = Field(True, description="multiply the divergence by T^2 (Hinton et al.)")
+    logit_weight: Scheduled = Field(1.0, description="weight of the logit divergence (soft targets)")
+    hard_weight: Scheduled = Field(0.5, description="weight of the cross-entropy to the labels")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
+    fused: bool = Field(True, description="LM: fused_linear_distillation_loss (no N x V logits)")
+    chunk_size: int | None = Field(None, ge=1, description="rows per chunk of the fused loss; null: automatic")
 
 
 class AdversarialConfig(Section):
@@ -139,103 +128,3 @@ class TeacherCacheConfig(Section):
 class LoggingConfig(Section):
     tensorboard: bool = Field(True, description="also write TensorBoard events when tensorboard is installed")
     progress: bool = Field(True, description="progress bars")
-
-
-class RecipeConfig(Section):
-    """A whole recipe: data, teachers, student, losses, training, and where results go."""
-
-    name: str = Field("stdlib_lm", description="the recipe's name, in its results")
-    output_dir: str = Field("runs/stdlib_lm", description="checkpoints, metrics, table and plots")
-    seed: int = Field(0, description="seed of the student's initialization and the data order")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="autocast dtype; auto: bf16 on a GPU that has it, else fp32"
-    )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
-    data: DataConfig = Field(DataConfig(), description="corpus, tokenizer and task (tsa_fast.distill.data)")
-    teachers: list[TeacherConfig] = Field([TeacherConfig()], min_length=1, description="one or more (a mixture)")
-    teacher_training: TrainingConfig = Field(
-        TrainingConfig(steps=300, lr=2e-3, eval_every=150, checkpoint_every=150),
-        description="how a teacher without a checkpoint is trained",
-    )
-    student: StudentConfig = Field(StudentConfig(), description="the student's architecture and initialization")
-    training: TrainingConfig = Field(
-        TrainingConfig(steps=200, lr=2e-3, eval_every=50), description="distillation (and the baseline)"
-    )
-    loss: LossConfig = Field(LossConfig(), description="the distillation objective")
-    adversarial: AdversarialConfig = Field(AdversarialConfig(), description="adversarial distillation; off by default")
-    teacher_cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="offline teacher top-k; off by default")
-    baseline: bool = Field(True, description="also train the student without a teacher, for the same steps")
-    logging: LoggingConfig = Field(LoggingConfig(), description="TensorBoard and progress bars")
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        loss, cache = self.loss, self.teacher_cache
-        if cache.enabled:
-            if self.data.task != "lm":
-                raise ValueError("teacher_cache.enabled needs data.task='lm' (it caches top-k token log-probs)")
-            if isinstance(loss.temperature, Schedule):
-                raise ValueError("teacher_cache.enabled needs a constant loss.temperature (the cache is at one T)")
-            for name in ("hidden_weight", "attention_weight"):
-                if getattr(loss, name) != 0.0:
-                    raise ValueError(f"teacher_cache.enabled needs loss.{name}=0 (the teacher is not in memory)")
-            if self.adversarial.method != "none":
-                raise ValueError("teacher_cache.enabled cannot be combined with adversarial training")
-            if self.student.init == "teacher_layers":
-                raise ValueError("teacher_cache.enabled cannot initialize the student from teacher layers")
-        if self.student.init == "teacher_layers" and len(self.teachers) != 1:
-            raise ValueError(f"student.init='teacher_layers' needs exactly one teacher, got {len(self.teachers)}")
-        return self
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RecipeConfig:
-    """The recipe in YAML file `path` (None: the built-in defaults) with `key=value` overrides applied.
-
-    Raises: FileNotFoundError for a missing file; ValueError for an override without '=', an unknown key
-    or a bad value (pydantic's ValidationError is a ValueError) naming it.
-    """
-    return RecipeConfig.model_validate(read_recipe(path, overrides))
-
-
-def read_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """The mapping in YAML file `path` (None: empty) with `key=value` overrides applied, not yet validated.
-
-    Raises: FileNotFoundError for a missing file; ValueError for a file that is not a mapping or an override
-    without '='.
-    """
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            raise ValueError(f"an override is key=value, got {override!r}")
-        _set_dotted(raw, key.split("."), yaml.safe_load(value), override)
-    return raw
-
-
-def _set_dotted(tree: dict | list, keys: list[str], value, override: str) -> None:
-    """tree[k0][k1]... = value, creating mappings on the way; list items by index (`teachers.0.checkpoint`)."""
-    *parents, last = keys
-    for key in parents:
-        if isinstance(tree, list):
-            tree = tree[_list_index(tree, key, override)]
-        else:
-            tree = tree.setdefault(key, [{}] if key == "teachers" else {})
-    if isinstance(tree, list):
-        tree[_list_index(tree, last, override)] = value
-    else:
-        tree[last] = value
-
-
-def _list_index(items: list, key: str, override: str) -> int:
-    if not key.isdigit() or int(key) > len(items):
-        raise ValueError(f"{override!r}: {key!r} is not an index of a list of {len(items)}")
-    if int(key) == len(items):
-        items.append({})
-    return int(key)

@@ -48,6 +48,7 @@ __all__ = [
     "lm_blocks",
     "load_or_train_tokenizer",
     "load_splits",
+    "random_rows",
     "read_documents",
     "split_documents",
     "stdlib_documents",
@@ -425,7 +426,7 @@ def _class_labels(splits: Mapping[str, Sequence[Document]], config: DataConfig) 
     return labels
 
 
-def _random_rows(split: dict[str, Tensor], count: int) -> dict[str, Tensor]:
+def random_rows(split: dict[str, Tensor], count: int) -> dict[str, Tensor]:
     """`count` rows of the split (all when it has fewer), a fixed random subset kept in order."""
     total = len(split["labels"])
     if count >= total:
@@ -513,7 +514,7 @@ def build_data(config: DataConfig) -> TaskData:
                     f"seq_len + 1 = {config.seq_len + 1}; add text or lower seq_len"
                 )
         if config.max_train_tokens is not None:
-            tensors["train"] = _random_rows(tensors["train"], config.max_train_tokens // config.seq_len)
+            tensors["train"] = random_rows(tensors["train"], config.max_train_tokens // config.seq_len)
     else:
         class_of = {label: index for index, label in enumerate(labels)}
         for name, documents in splits.items():
@@ -522,7 +523,7 @@ def build_data(config: DataConfig) -> TaskData:
                 encode(examples), [class_of[d.label] for d in examples], pad_id, config.seq_len
             )
         if config.max_train_examples is not None:
-            tensors["train"] = _random_rows(tensors["train"], config.max_train_examples)
+            tensors["train"] = random_rows(tensors["train"], config.max_train_examples)
         class_names = [str(label) for label in labels]
     return TaskData(
         task=config.task,

@@ -8,16 +8,19 @@ warm-up + cosine learning rate. Data order is a function of (seed, step) (`batch
 a checkpoint (model, objective, optimizer, scheduler, scaler, RNG, step) is the whole state: a run killed
 anywhere resumes from its last checkpoint and continues the same loss curve.
 
-The optimization itself (backward, step, checkpoint files) is a small interface, `TorchOptimization` here;
-`tsa_fast.integrations.deepspeed` gives the same interface on a DeepSpeed engine. Under data parallelism
-each rank takes its slice of every global micro-batch (`Phase.rank`, `Phase.world_size`).
+The optimization itself (backward, step, checkpoint files) is the `Optimization` protocol
+(`tsa_fast.distill.protocols`): `TorchOptimization` here, `DeepSpeedOptimization` in
+`tsa_fast.integrations.deepspeed`. Under data parallelism each rank takes its slice of every global
+micro-batch (`Phase.rank`, `Phase.world_size`).
+
+The step leaves its loss and terms on the device: the host reads them (and the ranks average them) only
+when a metrics row is written, every `log_every` steps, so the device runs ahead between rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +31,12 @@ from torch import Tensor, nn
 
 from tsa_fast.distill.adversarial import adversarial_delta
 from tsa_fast.distill.batches import num_examples, take, training_indices
+from tsa_fast.distill.checkpoints import load_weights_only, save_atomically
 from tsa_fast.distill.config import AdversarialConfig, LoggingConfig, TrainingConfig
 from tsa_fast.distill.evaluate import evaluate
 from tsa_fast.distill.metrics import MetricsLog
 from tsa_fast.distill.objective import DistillationObjective
+from tsa_fast.distill.protocols import Model, Optimization, TeacherSource
 from tsa_fast.distill.teachers import Teachers
 
 CHECKPOINT = "checkpoint.pt"
@@ -61,14 +66,14 @@ class Phase:
 class TorchOptimization:
     """Plain PyTorch optimization of `module` (the model and the objective's projections): AdamW (weight
     decay on matrices only), warm-up + cosine learning rate, GradScaler for fp16, global-norm clipping.
-    A checkpoint is one file, `checkpoint.pt`, written atomically."""
+    A checkpoint is one file, `checkpoint.pt`, written atomically and read with weights_only."""
 
     def __init__(
         self, module: nn.Module, training: TrainingConfig, device: torch.device, precision: torch.dtype | None
     ):
         self.module, self.training = module, training
         self.optimizer = torch.optim.AdamW(
-            _param_groups(module.named_parameters(), training.weight_decay), lr=training.lr
+            param_groups(module.named_parameters(), training.weight_decay), lr=training.lr
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(training))
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
@@ -102,13 +107,12 @@ class TorchOptimization:
             "scaler": self.scaler.state_dict(),
             **client_state,
         }
-        tmp = directory / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, directory / CHECKPOINT)
+        save_atomically(state, directory / CHECKPOINT)
 
     def load(self, directory: Path) -> dict:
-        """Restore the checkpoint in `directory`; returns its client state."""
-        state = torch.load(directory / CHECKPOINT, map_location="cpu", weights_only=False)
+        """Restore the checkpoint in `directory`; returns its client state. Raises ValueError for a file that
+        holds anything but tensors, numbers, strings and containers (`load_weights_only`)."""
+        state = load_weights_only(directory / CHECKPOINT)
         self.module.load_state_dict(state.pop("module"))
         for name in ("optimizer", "scheduler", "scaler"):
             getattr(self, name).load_state_dict(state.pop(name))
@@ -125,19 +129,19 @@ class FitResult:
 
 
 class Distiller:
-    """Trains `model` on `objective` over `data` (a TaskData), teachers optional (Teachers or a top-k cache).
-    `optimization`: how (default: `TorchOptimization` of the model and the objective's parameters).
+    """Trains `model` on `objective` over `data` (a TaskData), teachers optional (a `TeacherSource`: Teachers, a
+    top-k cache). `optimization`: how (default: `TorchOptimization` of the model and the objective's parameters).
     `agreement_with`: Teachers that the final validation compares the model with (top-1 agreement, KL), whatever
     it trained on (those teachers, their top-k cache, no teacher)."""
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Model,
         objective: DistillationObjective,
         data,
         phase: Phase,
-        teachers=None,
-        optimization=None,
+        teachers: TeacherSource | None = None,
+        optimization: Optimization | None = None,
         agreement_with: Teachers | None = None,
     ):
         if objective.has_teacher != (teachers is not None):
@@ -198,11 +202,13 @@ class Distiller:
             while self.step < t.steps:
                 start = time.perf_counter()
                 loss, terms = self.train_step()
-                self.train_seconds += time.perf_counter() - start
-                progress.update(bar, advance=1, loss=loss)
                 last = self.step == t.steps
+                logged = self.step % t.log_every == 0 or last
+                if logged:  # the host sync: it waits for the queued steps, so that their time counts as training
+                    loss, terms = self.step_values(loss, terms)
+                self.train_seconds += time.perf_counter() - start
                 row = {}
-                if self.step % t.log_every == 0 or last:
+                if logged:
                     row = {
                         "step": self.step,
                         "loss": loss,
@@ -210,6 +216,8 @@ class Distiller:
                         "lr": self.optimization.lr,
                         "tokens_per_s": self.train_tokens / self.train_seconds,
                     }
+                    progress.update(bar, loss=loss)
+                progress.update(bar, advance=1)
                 if self.step % t.eval_every == 0 or last:
                     final = self.validate()
                     row = {"step": self.step, **row, **{f"val_{k}": v for k, v in final.items()}}
@@ -237,10 +245,12 @@ class Distiller:
             autocast=self.phase.autocast,
         )
 
-    def train_step(self) -> tuple[float, dict[str, float]]:
-        """One optimizer step over `grad_accum` micro-batches; returns the mean loss and its terms."""
+    def train_step(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss and terms over them,
+        float64 tensors on the device (no host sync: `step_values` reads them)."""
         t, phase = self.phase.training, self.phase
         progress = self.step / t.steps
+        mask = self.data.train.get("attention_mask")
         total, term_sums = 0.0, {}
         for micro in range(t.grad_accum):
             global_batch = training_indices(
@@ -253,21 +263,27 @@ class Distiller:
             batch = take(self.data.train, index, phase.device)
             loss, terms = self.micro_step_loss(batch, progress)
             self.optimization.backward(loss)
-            total += loss.item() / t.grad_accum
+            total = total + loss.detach().double() / t.grad_accum
             for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0.0) + value.item() / t.grad_accum
-            mask = batch.get("attention_mask")
-            self.train_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                term_sums[name] = term_sums.get(name, 0.0) + value.double() / t.grad_accum
+            # Counted on the CPU split, so that counting syncs nothing.
+            self.train_tokens += int(mask[index].sum()) if mask is not None else batch["input_ids"].numel()
         self.optimization.step()
         self.step += 1
-        if phase.world_size > 1:  # the loss of the global batch: the mean over the ranks' slices
-            values = torch.tensor([total, *term_sums.values()], dtype=torch.float64, device=phase.device)
-            torch.distributed.all_reduce(values)
-            total, *terms = (values / phase.world_size).tolist()
-            term_sums = dict(zip(term_sums, terms))
-        if not math.isfinite(total):
-            raise FloatingPointError(f"{phase.name}: loss is {total} at step {self.step}")
         return total, term_sums
+
+    def step_values(self, loss: Tensor, terms: dict[str, Tensor]) -> tuple[float, dict[str, float]]:
+        """A step's loss and terms (`train_step`'s) as numbers: the host sync of a logged step. Under data
+        parallelism the mean over the ranks' slices, the loss of the global batch (a collective: every rank
+        calls it). Raises FloatingPointError when the loss is not finite."""
+        values = torch.stack([loss, *terms.values()])
+        if self.phase.world_size > 1:
+            torch.distributed.all_reduce(values)
+            values = values / self.phase.world_size
+        total, *rest = values.tolist()
+        if not math.isfinite(total):
+            raise FloatingPointError(f"{self.phase.name}: loss is {total} at step {self.step}")
+        return total, dict(zip(terms, rest))
 
     def micro_step_loss(self, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective on one micro-batch, plus the adversarial term when enabled."""
@@ -306,7 +322,7 @@ class Distiller:
         return loss + adversarial.weight * adversarial_loss, terms
 
 
-def _param_groups(named_params, weight_decay: float) -> list[dict]:
+def param_groups(named_params, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on norms, biases); tied parameters once."""
     seen, decay, no_decay = set(), [], []
     for _, p in named_params:

@@ -17,11 +17,12 @@ from torch import Tensor, nn
 from tsa_fast.distill.adversarial import adversarial_delta
 from tsa_fast.distill.batches import in_order
 from tsa_fast.distill.objective import student_head
+from tsa_fast.distill.protocols import Model
 from tsa_fast.distill.teachers import Teachers
 
 
 def evaluate(
-    model: nn.Module,
+    model: Model,
     split: dict[str, Tensor],
     task: str,
     *,
@@ -70,7 +71,7 @@ def evaluate(
     return metrics
 
 
-def _logits(model: nn.Module, batch: dict[str, Tensor], task: str, epsilon: float | None) -> Tensor:
+def _logits(model: Model, batch: dict[str, Tensor], task: str, epsilon: float | None) -> Tensor:
     """The model's logits on the batch; with epsilon, on its FGM-perturbed token embeddings."""
     mask = batch.get("attention_mask")
     if epsilon is None:
@@ -132,7 +133,7 @@ def throughput(
 
 
 def tokens_per_second(
-    models: dict[str, nn.Module],
+    models: dict[str, Model],
     split: dict[str, Tensor],
     task: str,
     *,
@@ -147,7 +148,7 @@ def tokens_per_second(
     data = list(in_order(split, batch_size, device, batches))
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in data)
 
-    def forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def forward(model: Model, batch: dict[str, Tensor]) -> Tensor:
         return student_head(model, model(batch["input_ids"], batch.get("attention_mask")), batch, task)
 
     return throughput(models, data, forward, tokens, repeats=repeats, device=device, autocast=autocast)

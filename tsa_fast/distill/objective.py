@@ -17,24 +17,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tsa_fast.distill.config import LossConfig, value_at
+from tsa_fast.distill.protocols import Model, ModelShape
 from tsa_fast.distill.teachers import TeacherTargets
-from tsa_fast.models import TransformerConfig, default_layer_map, gathered
+from tsa_fast.models import default_layer_map, gathered
 from tsa_fast.ops.attention_transfer_loss import attention_transfer_loss
 from tsa_fast.ops.distillation_loss import distillation_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
 
 
-def student_head(student: nn.Module, out, batch: dict[str, Tensor], task: str) -> Tensor:
+def student_head(student: Model, out, batch: dict[str, Tensor], task: str) -> Tensor:
     """The student's logits: (B, N, V) for LM, (B, C) for classification."""
     return student.logits(out.hidden) if task == "lm" else student.classify(out.hidden, batch.get("attention_mask"))
 
 
 class DistillationObjective(nn.Module):
-    """Loss terms of one training phase. `teacher_config=None`: cross-entropy only (no teacher)."""
+    """Loss terms of one training phase, for a student and a teacher of these shapes (their `config`s: a
+    `TransformerConfig`, an `HFModel`'s). `teacher_config=None`: cross-entropy only (no teacher)."""
 
-    def __init__(
-        self, config: LossConfig, task: str, student_config: TransformerConfig, teacher_config: TransformerConfig | None
-    ):
+    def __init__(self, config: LossConfig, task: str, student_config: ModelShape, teacher_config: ModelShape | None):
         super().__init__()
         self.config, self.task, self.has_teacher = config, task, teacher_config is not None
         self.hidden_map = self.attention_map = []
@@ -64,7 +64,7 @@ class DistillationObjective(nn.Module):
         return value_at(self.config.temperature, progress)
 
     def output_loss(
-        self, student: nn.Module, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float
+        self, student: Model, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float
     ) -> Tensor:
         """The logit-level loss: distillation + hard labels with a teacher, cross-entropy without."""
         labels = batch["labels"]
@@ -97,7 +97,7 @@ class DistillationObjective(nn.Module):
         return distillation_loss(student_head(student, out, batch, self.task), teacher.full_logits(), labels, **options)
 
     def forward(
-        self, student: nn.Module, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float
+        self, student: Model, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float
     ) -> tuple[Tensor, dict[str, float]]:
         """(total loss, {term name: value}) for one batch; `out` is the student's forward output."""
         loss = self.output_loss(student, out, batch, teacher, progress)

@@ -22,7 +22,8 @@ from tsa_fast.distill.teachers import Teachers, TeacherTargets
 
 
 class TopkTeacherCache:
-    """Reads `TeacherTargets(topk=...)` for a batch from the memory-mapped cache (by the batch's "index")."""
+    """Reads `TeacherTargets(topk=...)` for a batch from the memory-mapped cache (by the batch's "index"): a
+    `TeacherSource` (tsa_fast.distill.protocols)."""
 
     def __init__(self, directory: Path, temperature: float):
         meta = json.loads((directory / "meta.json").read_text())
@@ -88,13 +89,21 @@ class TopkTeacherCache:
         barrier()
         return cls(directory, temperature)
 
-    def to(self, device: torch.device) -> TopkTeacherCache:
-        return self
-
-    def targets(self, batch: dict[str, Tensor], temperature: float = 1.0, **_unused) -> TeacherTargets:
-        """The cached top-k for the batch's examples; `temperature` must be the cache's."""
+    def targets(
+        self,
+        batch: dict[str, Tensor],
+        temperature: float = 1.0,
+        *,
+        fused: bool = False,
+        hidden_states: bool = False,
+        qkv: bool = False,
+    ) -> TeacherTargets:
+        """The cached top-k for the batch's examples (by its "index"), for the fused loss whether or not `fused`.
+        Raises ValueError when `temperature` is not the cache's, or for hidden states / q, k, v (not cached)."""
         if temperature != self.temperature:
             raise ValueError(f"the teacher cache is at temperature {self.temperature}, asked for {temperature}")
+        if hidden_states or qkv:
+            raise ValueError("the teacher cache holds top-k log-probs only, not hidden states or q, k, v")
         rows = batch["index"].numpy()
         device = batch["input_ids"].device
         indices = torch.from_numpy(self.indices[rows]).to(device, torch.int64)

@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from tsa_fast.distill.protocols import Model
 
 
 @dataclass
@@ -39,9 +41,10 @@ class TeacherTargets:
 
 
 class Teachers:
-    """Frozen teacher models and their mixture weights (normalized to sum to 1)."""
+    """Frozen teacher models (each a `Model`) and their mixture weights (normalized to sum to 1): a
+    `TeacherSource` (tsa_fast.distill.protocols)."""
 
-    def __init__(self, models: list[nn.Module], weights: list[float], task: str):
+    def __init__(self, models: list[Model], weights: list[float], task: str):
         if len(models) != len(weights) or not models:
             raise ValueError(f"need one weight per teacher, got {len(models)} teachers and {len(weights)} weights")
         self.models = [model.eval().requires_grad_(False) for model in models]
@@ -63,7 +66,9 @@ class Teachers:
         hidden_states: bool = False,
         qkv: bool = False,
     ) -> TeacherTargets:
-        """The teachers' outputs on `batch` (input_ids, optional attention_mask)."""
+        """The teachers' outputs on `batch` (input_ids, optional attention_mask): the mixture logits at
+        `temperature`, or with `fused` (one LM teacher) its last hidden state and LM-head weight; the first
+        teacher's hidden states and q, k, v when asked."""
         outputs = [
             model(
                 batch["input_ids"],
@@ -82,7 +87,7 @@ class Teachers:
         targets.logits = logits[0] if len(logits) == 1 else mixture_logits(logits, self.log_weights, temperature)
         return targets
 
-    def _head(self, model: nn.Module, out, batch: dict[str, Tensor]) -> Tensor:
+    def _head(self, model: Model, out, batch: dict[str, Tensor]) -> Tensor:
         if self.task == "lm":
             return model.logits(out.hidden)
         return model.classify(out.hidden, batch.get("attention_mask"))

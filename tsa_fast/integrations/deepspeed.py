@@ -4,7 +4,8 @@
     deepspeed --num_accelerators 2 train.py ...          # CPU machine (gloo); torchrun --nproc_per_node 2 works too
     python -m tsa_fast.integrations.deepspeed export runs/RECIPE/distilled student.safetensors
 
-`tsa_fast.distill.recipe.run` runs unchanged with `DeepSpeedRuntime` as its runtime:
+The lm and classify recipes (`tsa_fast.recipes.lm.run`) run unchanged with `DeepSpeedRuntime` as their runtime
+(the `Runtime` protocol of `tsa_fast.distill.protocols`):
 - each teacher is a DeepSpeed engine of its own: ZeRO stage 3, no optimizer, frozen, in eval mode, run under
   `torch.no_grad()` (`Teachers`). It is built under `deepspeed.zero.Init`, so every block is partitioned across the
   ranks as it is built, then its checkpoint is loaded parameter by parameter from rank 0 (memory-mapped): no rank
@@ -23,8 +24,10 @@
   from `teachers[i].checkpoint`.
 - rank 0 writes metrics, reports and the teacher cache's meta; every rank runs validation and evaluation
   (ZeRO-3 forwards are collective) and its share of the teacher top-k cache.
-- checkpoints are DeepSpeed checkpoints of the student engine, `PHASE/step<N>/` and `PHASE/latest` (written
-  last, atomically); `--resume` continues from them. `export` turns the last one into a plain state dict.
+- checkpoints are DeepSpeed checkpoints of the student engine, `PHASE/step<N>/` (with the model's config as
+  `model_config.json`) and `PHASE/latest` (written last, atomically); `--resume` continues from them. `export`
+  turns the last one into a plain state dict. Every torch file is read with weights_only=True, DeepSpeed's own
+  included (`weights_only_loads`, which allows the plain-data classes of `CHECKPOINT_CLASSES` in them).
 - measured per rank and written to output_dir/deepspeed.json (and printed): the teacher parameter bytes the rank
   holds and their total over all ranks, its peak memory (CUDA: allocated; CPU: resident set), and the
   distillation tokens/s of the rank.
@@ -51,17 +54,27 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from pydantic import BaseModel
 from rich.table import Table
 from torch import Tensor, nn
 
-from tsa_fast.distill.config import RecipeConfig, TrainingConfig
+from tsa_fast.distill.checkpoints import load_weights_only, weights_only_loads
+from tsa_fast.distill.config import TrainingConfig
 from tsa_fast.distill.data import TaskData, build_data
-from tsa_fast.distill.distiller import _param_groups, lr_lambda
-from tsa_fast.distill.recipe import Runtime, console, run
+from tsa_fast.distill.distiller import lr_lambda, param_groups
+from tsa_fast.distill.protocols import Runtime
+from tsa_fast.recipes.lm import RecipeConfig, run
+from tsa_fast.recipes.report import console
 
 DEFAULTS = {"teacher": {"zero_optimization": {"stage": 3}}, "student": {"zero_optimization": {"stage": 2}}}
 LATEST = "latest"  # DeepSpeed's name for the file that holds the tag of the last checkpoint
+MODEL_CONFIG = "model_config.json"  # in each checkpoint's directory: the model's config, for `export`
+# The classes DeepSpeed pickles into its optimizer-state files besides tensors: plain data (an enum, a dataclass
+# of two ints, loss scalers' numbers), which weights_only loading rebuilds without running any code.
+CHECKPOINT_CLASSES = (ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address)
 
 
 def read_config(paths: list[str | Path]) -> dict:
@@ -166,7 +179,7 @@ def _batch_settings(training: TrainingConfig, world_size: int) -> dict:
 
 
 class DeepSpeedRuntime(Runtime):
-    """The recipe's runtime on one rank of a DeepSpeed job (see the module docstring): initializes the process
+    """The recipe's `Runtime` on one rank of a DeepSpeed job (see the module docstring): initializes the process
     group (one process when no launcher set the environment), checks `ds` against `config`, and keeps the
     teacher engines. Rank 0's console is the only one that prints."""
 
@@ -214,7 +227,7 @@ class DeepSpeedRuntime(Runtime):
         return optimization
 
     def run(self, config: RecipeConfig, data: TaskData, resume: bool = False) -> dict:
-        """`recipe.run` on this rank, then the per-rank memory and throughput report (output_dir/deepspeed.json);
+        """`recipes.lm.run` on this rank, then the per-rank memory and throughput report (output_dir/deepspeed.json);
         returns the recipe's results. Ends the process group."""
         results = run(config, resume, data, self)
         figures = {
@@ -235,9 +248,9 @@ class DeepSpeedRuntime(Runtime):
             (Path(config.output_dir) / "deepspeed.json").write_text(json.dumps(report, indent=2))
             print_report(report)
         # Release the ZeRO-3 teachers (their partitioned parameters and hooks) and let every rank finish its
-        # collectives before the groups go, through deepspeed.comm so that DeepSpeed drops its references
-        # too: torch's destroy_process_group alone left Gloo work alive until interpreter exit, which
-        # aborted a rank now and then ("terminate called without an active exception").
+        # collectives before the groups go, through deepspeed.comm so that DeepSpeed drops its references too:
+        # torch's destroy_process_group alone leaves Gloo work alive until interpreter exit, which can abort a
+        # rank ("terminate called without an active exception").
         for engine in self.teacher_engines:
             engine.destroy()
         dist.barrier()
@@ -246,9 +259,11 @@ class DeepSpeedRuntime(Runtime):
 
 
 def prepare(config: RecipeConfig, ds_paths: list[str]) -> Callable[..., dict]:
-    """The job `train.py --deepspeed` runs on this rank: `DeepSpeedRuntime.run` of `config` on its data, which
-    rank 0 builds first (and caches) and the others then load. Raises ValueError / FileNotFoundError for a bad
-    DeepSpeed config or bad data, before any training."""
+    """The job `train.py --deepspeed` runs on this rank: `DeepSpeedRuntime.run` of `config` (the lm or classify
+    recipe's) on its data, which rank 0 builds first (and caches) and the others then load. Raises ValueError /
+    FileNotFoundError for another recipe's config, a bad DeepSpeed config or bad data, before any training."""
+    if not isinstance(config, RecipeConfig):
+        raise ValueError(f"recipe {config.recipe!r} does not run under DeepSpeed: --deepspeed runs lm and classify")
     runtime = DeepSpeedRuntime(config, read_config(ds_paths))
     with runtime.main_first():
         data = build_data(config.data)
@@ -259,8 +274,8 @@ def load_partitioned(model: nn.Module, checkpoint: Path) -> None:
     """Load `checkpoint` ({"model": state dict}) into `model`, whose parameters ZeRO-3 partitioned: one parameter
     at a time, gathered, written by rank 0 (from the memory-mapped file) and partitioned again. Persistent
     buffers, whole on every rank, are loaded by every rank. Raises ValueError for missing or unexpected keys
-    (like `load_state_dict`)."""
-    state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["model"]
+    (like `load_state_dict`), and for a file that holds anything but tensors and plain data (`load_weights_only`)."""
+    state = load_weights_only(checkpoint, mmap=True)["model"]
     names = model.state_dict(keep_vars=True).keys()  # parameters (tied ones under each name), persistent buffers
     missing, unexpected = sorted(names - state.keys()), sorted(state.keys() - names)
     if missing or unexpected:
@@ -278,14 +293,16 @@ class DeepSpeedOptimization:
     """The `Distiller`'s optimization (the interface of `TorchOptimization`) on a DeepSpeed engine over `module`
     (model and objective): AdamW with weight decay on matrices only (DeepSpeedCPUAdam, the same update, when the
     optimizer is offloaded), warm-up + cosine learning rate, the clipping, batch and accumulation of `config`
-    (a DeepSpeed config). Checkpoints are DeepSpeed checkpoints, `step<N>/` in the phase's directory, the
-    previous one removed once `latest` names the new one."""
+    (a DeepSpeed config). `backward` accumulates a micro-batch's gradient; `step`, after training.grad_accum
+    of them, is the engine's accumulation boundary (DeepSpeed's `set_gradient_accumulation_boundary`: the last
+    backward reduces the gradients, `engine.step()` clips and updates). Checkpoints are DeepSpeed checkpoints,
+    `step<N>/` in the phase's directory, the previous one removed once `latest` names the new one."""
 
     def __init__(self, module: nn.ModuleDict, training: TrainingConfig, config: dict):
         offloaded = "offload_optimizer" in config.get("zero_optimization", {})
         adamw = deepspeed.ops.adam.DeepSpeedCPUAdam if offloaded else torch.optim.AdamW
-        optimizer = adamw(_param_groups(module.named_parameters(), training.weight_decay), lr=training.lr)
-        self.module = module
+        optimizer = adamw(param_groups(module.named_parameters(), training.weight_decay), lr=training.lr)
+        self.module, self.grad_accum, self.micro_batches = module, training.grad_accum, 0
         self.engine, *_ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
@@ -294,14 +311,24 @@ class DeepSpeedOptimization:
         )
 
     def backward(self, loss: Tensor) -> None:
-        """Accumulate the gradient of one micro-batch's loss (DeepSpeed scales it by 1 / grad_accum), then let
-        the engine count the micro-batch: at the accumulation boundary it clips, steps AdamW and the learning
-        rate, and zeroes the gradients."""
+        """Accumulate the gradient of one micro-batch's loss (DeepSpeed scales it by 1 / grad_accum); the
+        grad_accum-th of a step is the accumulation boundary, where DeepSpeed reduces the gradients over the ranks.
+        Raises RuntimeError for more than grad_accum micro-batches before a `step`."""
+        if self.micro_batches == self.grad_accum:
+            raise RuntimeError(f"{self.grad_accum} micro-batches per step (training.grad_accum): call step()")
+        self.micro_batches += 1
+        self.engine.set_gradient_accumulation_boundary(self.micro_batches == self.grad_accum)
         self.engine.backward(loss)
-        self.engine.step()
 
     def step(self) -> None:
-        """Nothing left to do: the engine stepped at the accumulation boundary, in `backward`."""
+        """Clip, step AdamW and the learning rate, zero the gradients: the engine's step at the boundary. Raises
+        RuntimeError before grad_accum micro-batches (their gradients would not have been reduced)."""
+        if self.micro_batches != self.grad_accum:
+            raise RuntimeError(
+                f"step() after {self.micro_batches} of the {self.grad_accum} micro-batches (training.grad_accum)"
+            )
+        self.engine.step()
+        self.micro_batches = 0
 
     @property
     def lr(self) -> float:
@@ -311,13 +338,14 @@ class DeepSpeedOptimization:
         return (directory / LATEST).exists()
 
     def save(self, directory: Path, client_state: dict) -> None:
-        """Save on every rank (collective): the engine's checkpoint with `client_state` and the model's config
-        (a `TransformerConfig` as a dict, for `export`; None for other models)."""
+        """Save on every rank (collective): the engine's checkpoint with `client_state`, and the model's config
+        as JSON (a `TransformerConfig`, for `export`; null for other models)."""
         tag = f"step{client_state['step']}"
         config = self.module["model"].config
-        client_state = {**client_state, "model_config": config.model_dump() if isinstance(config, BaseModel) else None}
         self.engine.save_checkpoint(str(directory), tag, client_state, save_latest=False)
         if dist.get_rank() == 0:
+            model_config = config.model_dump() if isinstance(config, BaseModel) else None
+            (directory / tag / MODEL_CONFIG).write_text(json.dumps(model_config))
             (directory / (LATEST + ".tmp")).write_text(tag)
             os.replace(directory / (LATEST + ".tmp"), directory / LATEST)
             for old in directory.glob("step*"):
@@ -325,8 +353,9 @@ class DeepSpeedOptimization:
                     shutil.rmtree(old)
 
     def load(self, directory: Path) -> dict:
-        """Restore the checkpoint `latest` names; returns its client state."""
-        _, client_state = self.engine.load_checkpoint(str(directory))
+        """Restore the checkpoint `latest` names, every file with weights_only; returns its client state."""
+        with weights_only_loads(CHECKPOINT_CLASSES):
+            _, client_state = self.engine.load_checkpoint(str(directory))
         return client_state
 
 
@@ -373,10 +402,10 @@ def export(phase_dir: Path, out: Path) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = (phase_dir / LATEST).read_text().strip()
-    state = get_fp32_state_dict_from_zero_checkpoint(str(phase_dir), tag)
+    with weights_only_loads(CHECKPOINT_CLASSES):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(phase_dir), tag)
     model = {name.removeprefix("model."): t.contiguous() for name, t in state.items() if name.startswith("model.")}
-    states = torch.load(next((phase_dir / tag).glob("*model_states.pt")), map_location="cpu", weights_only=False)
-    config = states["model_config"]  # saved with the client state
+    config = json.loads((phase_dir / tag / MODEL_CONFIG).read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file

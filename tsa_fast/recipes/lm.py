@@ -1,4 +1,7 @@
-"""The main job: a recipe run end to end (`python train.py [--config ...] [key=value ...]`).
+"""The language-model and classification recipe, the main job (`python train.py`, configs/stdlib_lm.yaml,
+configs/classify.yaml): native `tsa_fast.models.Transformer` teachers and students on a `TaskData`
+(`tsa_fast.distill.data`), next-token prediction or classification as `data.task` says (`recipe: classify`,
+`tsa_fast.recipes.classify`, is this recipe with the classification defaults).
 
 1. Data: the corpus, its tokenizer and the task tensors (`tsa_fast.distill.data`).
 2. Teachers: loaded from `teachers[i].checkpoint`, or trained by the recipe and cached under
@@ -11,83 +14,139 @@
 Every phase checkpoints under `output_dir/PHASE/`; with `resume`, finished phases are loaded and an
 interrupted one continues from its last checkpoint.
 
-Where the models live and how the students are optimized is the `Runtime`'s: this process, by default;
-`tsa_fast.integrations.deepspeed.DeepSpeedRuntime` runs the same recipe on every rank of a DeepSpeed job.
+Where the models live and how the students are optimized is the runtime's (`tsa_fast.distill.protocols.Runtime`):
+this process by default (`LocalRuntime`); `tsa_fast.integrations.deepspeed.DeepSpeedRuntime` runs the same
+recipe on every rank of a DeepSpeed job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from pydantic import Field, model_validator
 from torch import nn
 
-from tsa_fast.distill.config import RecipeConfig, TrainingConfig
-from tsa_fast.distill.data import TaskData, build_data
+from tsa_fast.distill.checkpoints import save_atomically
+from tsa_fast.distill.config import (
+    AdversarialConfig,
+    LossConfig,
+    Schedule,
+    Section,
+    TeacherCacheConfig,
+    TrainingConfig,
+)
+from tsa_fast.distill.data import DataConfig, TaskData, build_data
 from tsa_fast.distill.distiller import Distiller, FitResult, Phase
 from tsa_fast.distill.evaluate import evaluate, tokens_per_second
 from tsa_fast.distill.metrics import plot_curves
 from tsa_fast.distill.objective import DistillationObjective
+from tsa_fast.distill.protocols import Runtime
 from tsa_fast.distill.teacher_cache import TopkTeacherCache
 from tsa_fast.distill.teachers import Teachers
 from tsa_fast.models import Transformer, TransformerConfig, every_kth_layer, init_from_teacher, num_parameters
+from tsa_fast.recipes.config import RunConfig, read_recipe
+from tsa_fast.recipes.fingerprint import data_fingerprint, fingerprint
+from tsa_fast.recipes.report import console, write_table
+from tsa_fast.recipes.runtime import LocalRuntime, start_run
 
-console = Console(width=None if Console().is_terminal else 160)  # logs keep the table's full width
+# ----------------------------------------------------------------------------------------------------------
+# Config
 
 
-class Runtime:
-    """Where a recipe's models live and how its students are optimized: here one process, teachers as
-    built, students by the Distiller's default optimization. A multi-process runtime (DeepSpeed) overrides
-    these methods; rank 0 writes the files."""
+class TeacherConfig(Section):
+    model: TransformerConfig = Field(
+        TransformerConfig(d_model=128, n_layers=4, n_heads=4), description="its architecture"
+    )
+    checkpoint: str | None = Field(None, description="a teacher checkpoint to load; null: train it (cached)")
+    weight: float = Field(1.0, gt=0, description="its weight in the teachers' mixture")
+    seed: int = Field(0, description="initialization / data-order seed when trained by the recipe")
 
-    rank = 0
-    world_size = 1
 
-    def barrier(self) -> None:
-        """Wait until every rank gets here (one process: nothing to wait for)."""
+class StudentConfig(Section):
+    model: TransformerConfig = Field(
+        TransformerConfig(d_model=128, n_layers=2, n_heads=4), description="its architecture"
+    )
+    init: Literal["random", "teacher_layers"] = Field(
+        "random", description="teacher_layers: DistilBERT-style copy of embeddings and every k-th teacher block"
+    )
+    layers: list[int] | None = Field(None, description="teacher blocks to copy; null: every k-th")
 
-    @contextlib.contextmanager
-    def main_first(self):
-        """Rank 0 runs the block before the other ranks do (it writes the files that they then read)."""
-        if self.rank != 0:
-            self.barrier()
-        yield
-        if self.rank == 0:
-            self.barrier()
 
-    def teacher(self, build: Callable[[], nn.Module], checkpoint: Path) -> nn.Module:
-        """The teacher `build()` returns, with the weights of `checkpoint` ({"config", "model": state dict})."""
-        model = build()
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
-        return model
+class RecipeConfig(RunConfig):
+    """The recipe: data, teachers, student, losses, training, and where results go (every option of
+    configs/stdlib_lm.yaml and configs/classify.yaml)."""
 
-    def optimization(self, model: nn.Module, objective: nn.Module, training: TrainingConfig):
-        """How a student phase is optimized; None: the Distiller's default (`TorchOptimization`)."""
-        return None
+    RECIPE = "lm"
+    DEFAULTS = {
+        "name": "stdlib_lm",
+        "output_dir": "runs/stdlib_lm",
+        "training": TrainingConfig(steps=200, lr=2e-3, eval_every=50),
+    }
+
+    data: DataConfig = Field(DataConfig(), description="corpus, tokenizer and task (tsa_fast.distill.data)")
+    teachers: list[TeacherConfig] = Field([TeacherConfig()], min_length=1, description="one or more (a mixture)")
+    teacher_training: TrainingConfig = Field(
+        TrainingConfig(steps=300, lr=2e-3, eval_every=150, checkpoint_every=150),
+        description="how a teacher without a checkpoint is trained",
+    )
+    student: StudentConfig = Field(StudentConfig(), description="the student's architecture and initialization")
+    loss: LossConfig = Field(LossConfig(), description="the distillation objective")
+    adversarial: AdversarialConfig = Field(AdversarialConfig(), description="adversarial distillation; off by default")
+    teacher_cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="offline teacher top-k; off by default")
+    baseline: bool = Field(True, description="also train the student without a teacher, for the same steps")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        loss, cache = self.loss, self.teacher_cache
+        if cache.enabled:
+            if self.data.task != "lm":
+                raise ValueError("teacher_cache.enabled needs data.task='lm' (it caches top-k token log-probs)")
+            if isinstance(loss.temperature, Schedule):
+                raise ValueError("teacher_cache.enabled needs a constant loss.temperature (the cache is at one T)")
+            for name in ("hidden_weight", "attention_weight"):
+                if getattr(loss, name) != 0.0:
+                    raise ValueError(f"teacher_cache.enabled needs loss.{name}=0 (the teacher is not in memory)")
+            if self.adversarial.method != "none":
+                raise ValueError("teacher_cache.enabled cannot be combined with adversarial training")
+            if self.student.init == "teacher_layers":
+                raise ValueError("teacher_cache.enabled cannot initialize the student from teacher layers")
+        if self.student.init == "teacher_layers" and len(self.teachers) != 1:
+            raise ValueError(f"student.init='teacher_layers' needs exactly one teacher, got {len(self.teachers)}")
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RecipeConfig:
+    """The recipe in YAML file `path` (None: the built-in defaults) with `key=value` overrides applied.
+
+    Raises: FileNotFoundError for a missing file; ValueError for an override without '=', an unknown key
+    or a bad value (pydantic's ValidationError is a ValueError) naming it.
+    """
+    return RecipeConfig.model_validate(read_recipe(path, overrides))
+
+
+def prepare(config: RecipeConfig) -> Callable[..., dict]:
+    """The job of `config` in this process, `job(resume=False)`, its data built now (bad data raises ValueError or
+    FileNotFoundError before any training)."""
+    return partial(run, config, data=build_data(config.data))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
 
 
 def run(
     config: RecipeConfig, resume: bool = False, data: TaskData | None = None, runtime: Runtime | None = None
 ) -> dict:
-    """Run the recipe (on `data` when already built from config.data) in `runtime` (default: this process);
+    """Run the recipe (on `data` when already built from config.data) in `runtime` (default: `LocalRuntime`);
     returns {model name: {metric: value}} (also written to output_dir/results.json)."""
-    runtime = runtime or Runtime()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if runtime.rank == 0:
-        (out_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    runtime = runtime or LocalRuntime()
+    device, precision, out_dir = start_run(config, runtime.rank)
 
     data = data or build_data(config.data)
     console.print(data.summary())
@@ -150,21 +209,6 @@ def run(
     return results
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: full fp32). auto: bf16 on a GPU that supports it, else fp32."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if name == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs a CUDA device (CPU autocast supports bf16)")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 def model_config(model: TransformerConfig, data: TaskData, seq_len: int) -> TransformerConfig:
     """The model config with what the data determines: vocabulary, length, causal or not, classes."""
     classes = len(data.class_names) if data.task == "classify" else None
@@ -180,19 +224,6 @@ def model_config(model: TransformerConfig, data: TaskData, seq_len: int) -> Tran
 
 def student_config(config: RecipeConfig, data: TaskData) -> TransformerConfig:
     return model_config(config.student.model, data, config.data.seq_len)
-
-
-def fingerprint(*parts) -> str:
-    """A short stable hash of JSON-able parts."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def data_fingerprint(data: TaskData) -> str:
-    """A hash of the training tensors: what a cached teacher was trained on."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(data.train.items()):
-        digest.update(name.encode() + tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def obtain_teacher(
@@ -217,9 +248,7 @@ def obtain_teacher(
                     resume
                 )
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                torch.save({"config": model_cfg.model_dump(), "model": teacher.state_dict()}, tmp)
-                os.replace(tmp, path)
+                save_atomically({"config": model_cfg.model_dump(), "model": teacher.state_dict()}, path)
             else:
                 console.print(f"teacher {i}: loaded the cached teacher {path}")
     elif not path.is_file():
@@ -302,27 +331,6 @@ def headline_metrics(task: str) -> list[tuple[str, str, str]]:
     if task == "lm":
         return [("perplexity", "ppl", "{:.2f}")]
     return [("accuracy", "acc", "{:.1%}"), ("macro_f1", "macro-F1", "{:.3f}")]
-
-
-def write_table(title: str, columns: list[tuple[str, str, str]], results: dict[str, dict], out_dir: Path) -> None:
-    """Print `results` (model name -> metrics) as a table of `columns` (result key, column title, format; "-"
-    where a model has no such key) and write it to out_dir/results.md, and the results to results.json."""
-    cells = {
-        name: [fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns] for name, row in results.items()
-    }
-    table = Table(title=title)
-    table.add_column("model")
-    for _, column_title, _ in columns:
-        table.add_column(column_title, justify="right")
-    for name, row in cells.items():
-        table.add_row(name, *row)
-    console.print(table)
-
-    header = ["model"] + [column_title for _, column_title, _ in columns]
-    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    markdown += ["| " + " | ".join([name, *row]) + " |" for name, row in cells.items()]
-    (out_dir / "results.md").write_text("\n".join(markdown) + "\n")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
 
 
 def write_report(config: RecipeConfig, data: TaskData, results: dict, out_dir: Path) -> None:

