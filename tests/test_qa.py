@@ -12,16 +12,20 @@ import torch
 
 from tsa_fast.distill.data import EOS, PAD, train_tokenizer
 from tsa_fast.distill.qa import (
+    QUESTION_KINDS,
     HFSpanTokenizer,
     NativeSpanTokenizer,
     QAExample,
     build_windows,
+    check_example,
     exact_match,
     f1_score,
     normalize_answer,
     predict_answers,
     read_qa,
     squad_scores,
+    stdlib_qa_splits,
+    word_overlap_answer,
 )
 
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega path file mode buffer socket".split()
@@ -232,3 +236,42 @@ def test_bad_examples_are_errors_naming_them(tmp_path, record, message):
     with pytest.raises(ValueError, match=message) as error:
         read_qa(path)
     assert "bad.jsonl:2" in str(error.value) or record["id"] in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in task
+
+
+@pytest.fixture(scope="module")
+def stdlib_splits():
+    return stdlib_qa_splits((0.8, 0.1, 0.1))
+
+
+def test_builtin_task_is_large_checked_and_split_by_module(stdlib_splits):
+    assert len(stdlib_splits["train"]) >= 5000
+    modules = {name: {e.id.split(":")[0] for e in split} for name, split in stdlib_splits.items()}
+    assert not modules["train"] & modules["validation"] and not modules["train"] & modules["test"]
+    assert not modules["validation"] & modules["test"]
+    for split in stdlib_splits.values():
+        for example in split:
+            check_example(example)  # every answer is at its offset
+        assert {e.id.rsplit(":", 1)[1] for e in split} == set(QUESTION_KINDS)
+
+
+def test_builtin_task_needs_reading_not_word_matching(stdlib_splits):
+    examples = stdlib_splits["validation"]
+    baseline = squad_scores({e.id: word_overlap_answer(e) for e in examples}, examples)
+    assert baseline["exact_match"] < 25.0
+    # the baseline does find the entry asked about: its pick is one of that entry's words for most
+    # parameter questions, just not the one asked for
+    asked = [e for e in examples if e.id.endswith(":last_parameter")]
+    same_line = sum(
+        word_overlap_answer(e) in next(line for line in e.context.splitlines() if e.answers[0][0] in line)
+        for e in asked
+    )
+    assert same_line > 0.5 * len(asked)
+
+
+def test_word_overlap_baseline_picks_the_best_surrounded_word():
+    example = QAExample("w", "red apple pie. blue sky today.", "what is the sky color?", (("blue", 15),))
+    assert word_overlap_answer(example, window=1) == "blue"

@@ -10,8 +10,10 @@ unanswerable question (SQuAD 2.0). Predictions are taken over all windows of a c
 
 from __future__ import annotations
 
+import ast
 import collections
 import json
+import random
 import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +23,8 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from tsa_fast.distill.data import Document, split_documents, stdlib_modules
 
 # ----------------------------------------------------------------------------------------------------------
 # Examples
@@ -347,3 +351,175 @@ def squad_scores(predictions: Mapping[str, str], examples: Sequence[QAExample]) 
         em += max(exact_match(predictions[example.id], gold) for gold in golds)
         f1 += max(f1_score(predictions[example.id], gold) for gold in golds)
     return {"exact_match": 100 * em / len(examples), "f1": 100 * f1 / len(examples)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in task: questions on the standard library's own API documentation
+#
+# A context lists a few documented functions of one module in source order, one line each:
+# `name(param, param=default, ...): first sentence of its docstring.` The questions ask for a function's
+# first or last parameter, the default value of one of its parameters, or the function listed just before
+# or after it. Every candidate answer of one kind looks alike (a parameter name, a default, a function
+# name) and sits among the same kind of words, so matching the question's words against the context finds
+# the right entry but not the answer: the reader must know which position in which entry is asked for.
+
+QUESTION_KINDS = ("first_parameter", "last_parameter", "default", "next", "previous")
+MAX_SUMMARY_CHARS = 160
+MAX_DEFAULT_CHARS = 24
+
+
+@dataclass(frozen=True)
+class APIEntry:
+    """A documented public function or method: `name` (`Class.method` for a method), its parameters
+    (name, default source or None; self and cls left out) and the first sentence of its docstring."""
+
+    name: str
+    params: tuple[tuple[str, str | None], ...]
+    summary: str
+
+
+def _summary(docstring: str) -> str:
+    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+    sentence = re.split(r"(?<=[.!?])\s", paragraph)[0]
+    if len(sentence) > MAX_SUMMARY_CHARS:
+        sentence = sentence[:MAX_SUMMARY_CHARS].rsplit(" ", 1)[0] + " ..."
+    return sentence
+
+
+def _entry(function, owner: str | None) -> APIEntry | None:
+    docstring = ast.get_docstring(function)
+    if function.name.startswith("_") or not docstring:
+        return None
+    arguments = function.args
+    positional = arguments.posonlyargs + arguments.args
+    defaults = [None] * (len(positional) - len(arguments.defaults)) + list(arguments.defaults)
+    pairs = list(zip(positional, defaults)) + list(zip(arguments.kwonlyargs, arguments.kw_defaults))
+    params = []
+    for argument, default in pairs:
+        if argument.arg in ("self", "cls"):
+            continue
+        source = None if default is None else ast.unparse(default)
+        if source is not None and (len(source) > MAX_DEFAULT_CHARS or "\n" in source):
+            return None
+        params.append((argument.arg, source))
+    if not params:
+        return None
+    name = function.name if owner is None else f"{owner}.{function.name}"
+    return APIEntry(name, tuple(params), _summary(docstring))
+
+
+def stdlib_api_entries() -> dict[str, list[APIEntry]]:
+    """Per standard-library module (see data.stdlib_modules), its documented public functions and the
+    methods of its public classes that have parameters, in source order, each name once."""
+    modules = {}
+    for module, tree in stdlib_modules():
+        entries, seen = [], set()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                candidates = [_entry(node, None)]
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                candidates = [
+                    _entry(child, node.name)
+                    for child in node.body
+                    if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+                ]
+            else:
+                continue
+            for entry in candidates:
+                if entry is not None and entry.name not in seen:
+                    seen.add(entry.name)
+                    entries.append(entry)
+        if entries:
+            modules[module] = entries
+    return modules
+
+
+def api_context(entries: Sequence[APIEntry]) -> tuple[str, list[dict[str, object]]]:
+    """The context text of a few entries, and for each entry the character offsets of its name, of each
+    parameter name and of each default (None where it has none)."""
+    lines, spans, offset = [], [], 0
+    for entry in entries:
+        line = entry.name + "("
+        where = {"name": (offset, offset + len(entry.name)), "params": [], "defaults": []}
+        for i, (param, default) in enumerate(entry.params):
+            if i:
+                line += ", "
+            where["params"].append((offset + len(line), offset + len(line) + len(param)))
+            line += param
+            if default is None:
+                where["defaults"].append(None)
+            else:
+                line += "="
+                where["defaults"].append((offset + len(line), offset + len(line) + len(default)))
+                line += default
+        line += f"): {entry.summary}"
+        lines.append(line)
+        spans.append(where)
+        offset += len(line) + 1
+    return "\n".join(lines), spans
+
+
+def api_questions(module: str, entries: Sequence[APIEntry], rng: random.Random) -> list[QAExample]:
+    """The questions on one context made of `entries` (every kind that applies to each entry; for the
+    default, one parameter that has one, chosen by rng)."""
+    context, spans = api_context(entries)
+    examples = []
+
+    def ask(entry: APIEntry, kind: str, question: str, span: tuple[int, int]) -> None:
+        answer = (context[span[0] : span[1]], span[0])
+        examples.append(QAExample(f"{module}:{entry.name}:{kind}", context, question, (answer,)))
+
+    for i, (entry, where) in enumerate(zip(entries, spans)):
+        ask(entry, "first_parameter", f"What is the first parameter of {entry.name}?", where["params"][0])
+        if len(entry.params) > 1:
+            ask(entry, "last_parameter", f"What is the last parameter of {entry.name}?", where["params"][-1])
+        with_default = [j for j, span in enumerate(where["defaults"]) if span is not None]
+        if with_default:
+            j = rng.choice(with_default)
+            question = f"What is the default value of {entry.params[j][0]} in {entry.name}?"
+            ask(entry, "default", question, where["defaults"][j])
+        if i + 1 < len(entries):
+            ask(entry, "next", f"Which function is listed after {entry.name}?", spans[i + 1]["name"])
+        if i > 0:
+            ask(entry, "previous", f"Which function is listed before {entry.name}?", spans[i - 1]["name"])
+    return examples
+
+
+def stdlib_qa_splits(
+    fractions: Sequence[float], entries_per_context: int = 5, seed: int = 0
+) -> dict[str, list[QAExample]]:
+    """The built-in QA task: train / validation / test questions on standard-library contexts (see above),
+    split by source module (no module's text in two splits, as data.split_documents splits the corpus).
+    Each module's entries are cut into contexts of entries_per_context in source order (a short remainder
+    joins the previous context)."""
+    examples, documents = {}, []
+    for module, entries in stdlib_api_entries().items():
+        rng = random.Random(f"{seed}:{module}")
+        chunks = [entries[i : i + entries_per_context] for i in range(0, len(entries), entries_per_context)]
+        if len(chunks) > 1 and len(chunks[-1]) < 3:
+            remainder = chunks.pop()
+            chunks[-1] += remainder
+        for chunk in chunks:
+            for example in api_questions(module, chunk, rng):
+                examples[example.id] = example
+                documents.append(Document(example.id, module, module.split(".")[0]))
+    splits = split_documents(documents, fractions)
+    return {name: [examples[document.text] for document in split] for name, split in splits.items()}
+
+
+def word_overlap_answer(example: QAExample, window: int = 6) -> str:
+    """The word-overlap baseline: among the context's words (runs of characters other than whitespace and
+    `(),:=`) that are not in the question, the one with the most question words among the `window` words on
+    either side (the first on ties)."""
+    question = set(normalize_answer(example.question).split())
+    words = re.findall(r"[^\s(),:=]+", example.context)
+    normalized = [normalize_answer(word) for word in words]
+    best, best_score = "", -1
+    for i, word in enumerate(words):
+        if not normalized[i] or normalized[i] in question:
+            continue
+        around = normalized[max(0, i - window) : i] + normalized[i + 1 : i + 1 + window]
+        score = sum(token in question for token in around)
+        if score > best_score:
+            best, best_score = word, score
+    return best
