@@ -29,7 +29,7 @@ import re
 import sys
 import sysconfig
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -147,21 +147,27 @@ def stdlib_documents(cache_dir: str | Path) -> list[Document]:
     return [Document(text, module, module.split(".")[0]) for module, text in pairs]
 
 
-def _parse_stdlib() -> list[tuple[str, str]]:
-    """(module, text) pairs of the built-in corpus, in file and source order."""
-    from pydoc_data.topics import topics  # a plain dict of strings: safe to import
-
+def stdlib_modules() -> Iterator[tuple[str, ast.Module]]:
+    """(dotted module name, parsed source) of every `.py` file of this Python's standard library, in file
+    order; parsed, never imported; test and site-packages directories skipped."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    pairs, seen = [], set()
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root).with_suffix("").parts
         if _SKIPPED_DIRS.intersection(parts[:-1]) or not all(part.isidentifier() for part in parts):
             continue
-        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         try:
             tree = ast.parse(path.read_bytes())
         except (SyntaxError, ValueError):  # not Python of this version (e.g. a Python 2 sample file)
             continue
+        yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts), tree
+
+
+def _parse_stdlib() -> list[tuple[str, str]]:
+    """(module, text) pairs of the built-in corpus, in file and source order."""
+    from pydoc_data.topics import topics  # a plain dict of strings: safe to import
+
+    pairs, seen = [], set()
+    for module, tree in stdlib_modules():
         for text in _docstrings(tree):
             if len(text) >= MIN_DOCSTRING_CHARS and text not in seen:
                 seen.add(text)
