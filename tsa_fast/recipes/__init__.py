@@ -17,6 +17,7 @@ RECIPES = {
     "lm": "tsa_fast.recipes.lm",
     "classify": "tsa_fast.recipes.classify",
     "sentence_embedding": "tsa_fast.recipes.sentence_embedding",
+    "hf_lm": "tsa_fast.recipes.hf_lm",
 }
 DEFAULT = "lm"
 

@@ -1,0 +1,343 @@
+"""The Hugging Face causal-LM recipe (`tsa_fast.recipes.hf_lm`), offline: tiny random Llama and Qwen2 models and a
+tiny BPE tokenizer with a chat template are saved to temp directories, and the recipe runs from them as a user
+would (in process, and `python train.py --config ...` in a subprocess): text and chat data (assistant-only
+labels), a teacher embedding padded past the tokenizer, a depth-pruned student; the exported students load with
+`AutoModelForCausalLM.from_pretrained` and generate; every bad input is a ValueError before training."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+hf_lm = pytest.importorskip("tsa_fast.recipes.hf_lm")  # skips where transformers is missing or too old
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+from tsa_fast.distill.evaluate import IGNORE_INDEX, evaluate  # noqa: E402
+from tsa_fast.integrations.hf import HFModel  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = "the cat sat on a mat while dogs ran over green hills and birds sang songs of old".split()
+
+
+def sentences(n: int, seed: int = 0, words: int = 12) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (words,), generator=generator)) for _ in range(n)]
+
+
+def tiny_tokenizer(vocab_size: int = 300, extra: str = "") -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE of about vocab_size tokens with Qwen-style chat markers and template."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(sentences(200) + [extra], trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
+
+
+def save_model(directory: Path, arch: str, tokenizer, *, vocab_size: int | None = None, layers: int = 4, **options):
+    """A random `arch` (llama, qwen2) causal LM of `layers` blocks, hidden 32, saved with the tokenizer."""
+    shape = dict(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        **options,
+    )
+    config = transformers.LlamaConfig(**shape) if arch == "llama" else transformers.Qwen2Config(**shape)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_text(path: Path, n: int = 60) -> Path:
+    path.write_text("\n\n".join(sentences(n, seed=1)))
+    return path
+
+
+def write_chat(path: Path, n: int = 30) -> Path:
+    texts = sentences(2 * n, seed=2, words=4)
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": texts[2 * i]},
+                {"role": "assistant", "content": texts[2 * i + 1]},
+            ]
+        }
+        for i in range(n)
+    ]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
+
+
+def options(tmp_path: Path, teacher: Path, source: Path, **extra) -> dict:
+    values = {
+        "teacher": {"pretrained": str(teacher)},
+        "student": {"from_teacher": {"layers": [0, 3]}},
+        "data": {"source": str(source), "seq_len": 32},
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "training": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 4, "log_every": 2},
+        "logging": {"tensorboard": False, "progress": False},
+    }
+    for key, value in extra.items():  # sections are updated, except the student, which is replaced
+        merge = isinstance(value, dict) and key in values and key != "student"
+        values[key] = {**values[key], **value} if merge else value
+    return values
+
+
+def config_of(tmp_path, teacher, source, **extra):
+    return hf_lm.HFLMConfig.model_validate(options(tmp_path, teacher, source, **extra))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def qwen_teacher(tmp_path_factory, tokenizer):
+    """A Qwen2-style teacher whose embedding is padded to a multiple of 64 past the tokenizer (as Qwen's)."""
+    padded = -(-len(tokenizer) // 64) * 64
+    assert padded > len(tokenizer)
+    return save_model(tmp_path_factory.mktemp("qwen"), "qwen2", tokenizer, vocab_size=padded, tie_word_embeddings=True)
+
+
+# --- chat rendering ------------------------------------------------------------------------------------------
+
+
+def test_chat_labels_are_the_assistant_tokens(tokenizer, tmp_path):
+    """Labels are the next tokens exactly where those are the assistant turn (content and <|im_end|>\\n), the
+    system and user tokens and the generation prompt ignore_index, and the rows decode to the rendered text."""
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "the cat sat"},
+        {"role": "assistant", "content": "on a mat"},
+        {"role": "user", "content": "dogs ran"},
+        {"role": "assistant", "content": "over green hills"},
+    ]
+    rows = hf_lm.chat_rows(tokenizer, [hf_lm.Conversation(messages, "0")], 128, tokenizer.pad_token_id, "test")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    n = len(ids) - 1
+    assert rows["attention_mask"][0].sum() == n and rows["input_ids"][0, :n].tolist() == ids[:-1]
+    labels = rows["labels"][0]
+    assert (labels[n:] == IGNORE_INDEX).all()
+    targets = [tokenizer.decode([t]) for t in labels[:n].tolist() if t != IGNORE_INDEX]
+    assert "".join(targets) == "on a mat<|im_end|>\nover green hills<|im_end|>\n"
+    # Every kept label is the next input token.
+    kept = labels[: n - 1] != IGNORE_INDEX
+    assert (labels[: n - 1][kept] == rows["input_ids"][0, 1:n][kept]).all()
+
+
+def test_chat_without_assistant_turn_is_an_error(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: the conversation has no assistant turn"):
+        hf_lm.read_conversations(path)
+
+
+# --- runs ----------------------------------------------------------------------------------------------------
+
+
+def test_chat_run_padded_vocabularies(tmp_path, tokenizer, qwen_teacher):
+    """Chat data, a Qwen2 teacher whose embedding is padded past the tokenizer and a pretrained Qwen2 student whose
+    is not: the models compare on the shared first K tokens; every model is evaluated on assistant tokens only;
+    the students are saved as HF directories that load and generate."""
+    student_dir = save_model(tmp_path / "student", "qwen2", tokenizer, layers=2, tie_word_embeddings=True)
+    data = write_chat(tmp_path / "chat.jsonl")
+    config = config_of(
+        tmp_path, qwen_teacher, data, data={"format": "chat", "seq_len": 64}, student={"pretrained": str(student_dir)}
+    )
+    prepared = hf_lm.prepare_inputs(config)
+    assert prepared.vocab_size == len(tokenizer) < transformers.AutoConfig.from_pretrained(qwen_teacher).vocab_size
+    labels = prepared.data.train["labels"]
+    assert (labels == IGNORE_INDEX).any() and (labels != IGNORE_INDEX).any()
+    results = hf_lm.run(config, prepared=prepared)
+    assert set(results) == {"teacher", "distilled", "baseline"}
+    for row in results.values():
+        assert row["validation_perplexity"] > 1 and row["inference_tokens_per_s"] > 0
+    assert results["teacher"]["parameters"] > results["distilled"]["parameters"]
+    assert 0 <= results["baseline"]["validation_agreement"] <= 1 and results["distilled"]["validation_kl"] > 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+    assert "| distilled |" in (tmp_path / "run" / "results.md").read_text()
+    exported = tmp_path / "run" / "distilled" / "model"
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == len(tokenizer)
+    loaded = transformers.AutoTokenizer.from_pretrained(exported)
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    text = loaded.apply_chat_template(
+        [{"role": "user", "content": "the cat"}], tokenize=False, add_generation_prompt=True
+    )
+    prompt = torch.tensor([loaded(text, add_special_tokens=False).input_ids])
+    out = HFModel(model).generate(prompt, 5, temperature=0)
+    assert out.shape == (1, prompt.shape[1] + 5) and (out[:, : prompt.shape[1]] == prompt).all()
+
+
+def test_perplexity_counts_assistant_tokens_only(tmp_path, tokenizer, qwen_teacher):
+    """The teacher's validation perplexity is exp of its mean NLL over the assistant labels, computed by hand from
+    the full model (the padding columns left out)."""
+    config = config_of(
+        tmp_path, qwen_teacher, write_chat(tmp_path / "chat.jsonl"), data={"format": "chat", "seq_len": 64}
+    )
+    prepared = hf_lm.prepare_inputs(config)
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(qwen_teacher).eval()
+    split = prepared.data.validation
+    with torch.no_grad():
+        logits = teacher(input_ids=split["input_ids"], attention_mask=split["attention_mask"].long()).logits
+    logits = logits[..., : prepared.vocab_size].double()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), split["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    metrics = evaluate(
+        hf_lm.SharedVocabularyLM(teacher, prepared.vocab_size), split, "lm", batch_size=4, device=torch.device("cpu")
+    )
+    assert metrics["perplexity"] == pytest.approx(float(nll.exp()), rel=1e-4)
+
+
+def test_distilled_student_moves_towards_the_teacher(tmp_path, tokenizer):
+    """Text data, a Llama teacher and a fresh smaller student (student.config): after the same steps the
+    distilled student is closer to the teacher (KL) than the baseline."""
+    teacher = save_model(tmp_path / "llama", "llama", tokenizer)
+    data = write_text(tmp_path / "text.txt", 120)
+    config = config_of(
+        tmp_path,
+        teacher,
+        data,
+        student={"config": {"num_hidden_layers": 2}},
+        training={"steps": 30, "lr": 3e-3, "eval_every": 30},
+        loss={"hard_weight": 0.0},
+    )
+    results = hf_lm.run(config)
+    assert results["distilled"]["validation_kl"] < results["baseline"]["validation_kl"]
+
+
+def test_train_py_end_to_end(tmp_path, tokenizer):
+    """The user's path: a tiny Llama teacher and a YAML written to disk, `python train.py --config ... key=value`
+    with a depth-pruned student (teacher blocks 0 and 3); then `python -m tsa_fast.generate` on the export."""
+    teacher = save_model(tmp_path / "teacher", "llama", tokenizer)
+    data = write_chat(tmp_path / "chat.jsonl")
+    values = options(tmp_path, teacher, data, data={"format": "chat", "seq_len": 64})
+    values["recipe"] = "hf_lm"
+    import yaml
+
+    config = tmp_path / "hf_lm.yaml"
+    config.write_text(yaml.safe_dump(values))
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(config), "training.steps=2", "baseline=false"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results) == {"teacher", "distilled"}
+    exported = tmp_path / "run" / "distilled" / "model"
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    blocks = transformers.AutoModelForCausalLM.from_pretrained(teacher).model.layers
+    for i, j in enumerate([0, 3]):  # the pruned student began as these teacher blocks: 2 steps moved them a little
+        difference = model.model.layers[i].mlp.up_proj.weight - blocks[j].mlp.up_proj.weight
+        assert difference.abs().max() < 0.05
+    generate = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tsa_fast.generate",
+            str(tmp_path / "run" / "distilled" / "model"),
+            "--prompt",
+            "the cat",
+        ]
+        + ["--max-new-tokens", "4", "--temperature", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert generate.returncode == 0, generate.stderr[-3000:]
+    assert generate.stdout.startswith("the cat")
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_not_a_model_directory(tmp_path, tokenizer):
+    (tmp_path / "empty").mkdir()
+    config = config_of(tmp_path, tmp_path / "empty", write_text(tmp_path / "t.txt"))
+    with pytest.raises(ValueError, match=r"teacher.pretrained=.*empty.* is not a Hugging Face model directory"):
+        hf_lm.prepare(config)
+
+
+def test_tokenizer_that_is_not_the_teachers(tmp_path, tokenizer, qwen_teacher):
+    other = tiny_tokenizer(320, extra="zebra quantum xylophone")
+    other.save_pretrained(tmp_path / "other")
+    config = config_of(tmp_path, qwen_teacher, write_text(tmp_path / "t.txt"), tokenizer=str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=rf"\({len(other)} tokens\) is not the teacher's tokenizer \({len(tokenizer)}"):
+        hf_lm.prepare(config)
+    # Without a tokenizer of its own the teacher's vocabulary must still cover the tokenizer's.
+    small = save_model(tmp_path / "small", "llama", None, vocab_size=len(tokenizer) - 10)
+    config = config_of(tmp_path, small, write_text(tmp_path / "t.txt"), tokenizer=str(tmp_path / "other"))
+    with pytest.raises(
+        ValueError, match=rf"has {len(other)} tokens but the teacher's vocab_size is {len(tokenizer) - 10}"
+    ):
+        hf_lm.prepare(config)
+
+
+def test_student_with_another_tokenizer(tmp_path, tokenizer, qwen_teacher):
+    other = tiny_tokenizer(320, extra="zebra quantum xylophone")
+    student = save_model(tmp_path / "student", "qwen2", other, layers=2)
+    config = config_of(tmp_path, qwen_teacher, write_text(tmp_path / "t.txt"), student={"pretrained": str(student)})
+    with pytest.raises(ValueError, match=rf"{len(tokenizer)} tokens \(teacher\) vs {len(other)} \(student"):
+        hf_lm.prepare(config)
+
+
+def test_chat_data_without_assistant_turns(tmp_path, qwen_teacher):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "the cat"}]}) + "\n")
+    config = config_of(tmp_path, qwen_teacher, path, data={"format": "chat", "seq_len": 64})
+    with pytest.raises(ValueError, match="no assistant turn"):
+        hf_lm.prepare(config)
+
+
+def test_sequence_length_beyond_the_context(tmp_path, qwen_teacher):
+    config = config_of(tmp_path, qwen_teacher, write_text(tmp_path / "t.txt"), data={"seq_len": 65})
+    with pytest.raises(ValueError, match=r"data.seq_len=65 is beyond the models' context \(max_position_embeddings=64"):
+        hf_lm.prepare(config)
+
+
+def test_student_needs_exactly_one_source(tmp_path, qwen_teacher):
+    with pytest.raises(ValueError, match="exactly one of pretrained, from_teacher, config"):
+        config_of(
+            tmp_path,
+            qwen_teacher,
+            tmp_path / "t.txt",
+            student={"config": {"num_hidden_layers": 1}, "from_teacher": {"layers": 1}},
+        )
+
+
+def test_example_config_loads():
+    config = hf_lm.load_config(ROOT / "configs" / "hf_lm.yaml")
+    assert config.recipe == "hf_lm" and config.student.from_teacher is not None
