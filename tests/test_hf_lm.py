@@ -4,6 +4,7 @@ would (in process, and `python train.py --config ...` in a subprocess): text and
 labels), a teacher embedding padded past the tokenizer, a depth-pruned student; the exported students load with
 `AutoModelForCausalLM.from_pretrained` and generate; every bad input is a ValueError before training."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -150,6 +151,65 @@ def test_chat_labels_are_the_assistant_tokens(tokenizer, tmp_path):
     # Every kept label is the next input token.
     kept = labels[: n - 1] != IGNORE_INDEX
     assert (labels[: n - 1][kept] == rows["input_ids"][0, 1:n][kept]).all()
+
+
+def test_chat_template_that_rewrites_earlier_turns_is_an_error(tokenizer):
+    """A template that elides every assistant turn but the last (as templates that drop past reasoning do) is not
+    prefix-stable: the assistant spans cannot be located, a ValueError naming the conversation."""
+    eliding = copy.copy(tokenizer)
+    eliding.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "the cat"},
+        {"role": "assistant", "content": "sat on"},
+        {"role": "user", "content": "a mat"},
+        {"role": "assistant", "content": "dogs ran"},
+    ]
+    with pytest.raises(ValueError, match=r"chats conversation 0: the chat template does not render .* messages\[:2\]"):
+        hf_lm.chat_rows(eliding, [hf_lm.Conversation(messages, "0")], 64, 0, "chats")
+
+
+def test_a_sampled_token_in_the_padding_is_an_error(tokenizer):
+    """A model that puts its mass on the padding rows of its head: what it generates past the shared vocabulary
+    is a ValueError, not a token the tokenizer cannot decode."""
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer) + 20,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[len(tokenizer) :] *= 1000
+    lm = hf_lm.SharedVocabularyLM(model, len(tokenizer))
+    assert lm.logits(torch.randn(3, 32)).shape == (3, len(tokenizer))
+    with pytest.raises(
+        ValueError, match=rf"is in the embedding's padding \(the shared vocabulary is {len(tokenizer)}\)"
+    ):
+        lm.generate(torch.tensor([[5, 6, 7]]), 4, temperature=0)
+
+
+def test_torch_dtype(tmp_path, tokenizer, qwen_teacher):
+    """torch_dtype=bfloat16: the teacher and every kind of student are loaded or built in bfloat16."""
+    source = write_text(tmp_path / "t.txt")
+    student_dir = save_model(tmp_path / "student", "qwen2", tokenizer, layers=2)
+    for student in (
+        {"from_teacher": {"layers": 2}},
+        {"config": {"num_hidden_layers": 1}},
+        {"pretrained": str(student_dir)},
+    ):
+        config = config_of(tmp_path, qwen_teacher, source, torch_dtype="bfloat16", student=student)
+        prepared = hf_lm.prepare_inputs(config)
+        teacher = hf_lm.load_causal_lm(prepared.teacher_dir, torch.bfloat16, "teacher.pretrained")
+        model = hf_lm.build_student(config, prepared, teacher)
+        assert teacher.dtype == model.dtype == torch.bfloat16
+        assert model.config.num_hidden_layers == (1 if "config" in student else 2)
 
 
 def test_chat_without_assistant_turn_is_an_error(tmp_path):

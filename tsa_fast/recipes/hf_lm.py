@@ -349,7 +349,7 @@ def assistant_token_mask(tokenizer, messages: list[dict[str, str]], where: str) 
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(
                 f"{where}: the chat template does not render this conversation incrementally (messages[:{i}] plus "
-                "the generation prompt, then messages[:{i + 1}], are not prefixes of the whole text), so its "
+                f"the generation prompt, then messages[:{i + 1}], are not prefixes of the whole text), so its "
                 "assistant tokens cannot be located"
             )
         spans.append((len(before), len(through)))
@@ -402,6 +402,18 @@ class SharedVocabularyLM(HFModel):
     def logits(self, hidden: Tensor) -> Tensor:
         bias = self.model.get_output_embeddings().bias
         return F.linear(hidden, self.lm_head_weight, None if bias is None else bias[: self.vocab_size])
+
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int, **options) -> Tensor:
+        """`HFModel.generate` (the whole head: the model's own generate). Raises ValueError when a generated token
+        falls in the padding, at or past vocab_size (a token no tokenizer id stands for)."""
+        out = super().generate(prompt_ids, max_new_tokens, **options)
+        padding = out[:, prompt_ids.shape[1] :] >= self.vocab_size
+        if padding.any():
+            token = int(out[:, prompt_ids.shape[1] :][padding][0])
+            raise ValueError(
+                f"generated token {token} is in the embedding's padding (the shared vocabulary is {self.vocab_size})"
+            )
+        return out
 
 
 def load_causal_lm(directory: Path, dtype: torch.dtype, option: str):
