@@ -97,7 +97,7 @@ def options(tmp_path: Path, teacher: Path, source: Path, **extra) -> dict:
     values = {
         "teacher": {"pretrained": str(teacher)},
         "student": {"from_teacher": {"layers": [0, 3]}},
-        "data": {"source": str(source), "seq_len": 32},
+        "data": {"source": str(source), "seq_len": 32, "cache_dir": str(tmp_path / "cache")},
         "output_dir": str(tmp_path / "run"),
         "device": "cpu",
         "training": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 4, "log_every": 2},
@@ -151,6 +151,30 @@ def test_chat_labels_are_the_assistant_tokens(tokenizer, tmp_path):
     # Every kept label is the next input token.
     kept = labels[: n - 1] != IGNORE_INDEX
     assert (labels[: n - 1][kept] == rows["input_ids"][0, 1:n][kept]).all()
+
+
+def test_tokenized_data_is_cached(tmp_path, tokenizer, qwen_teacher, monkeypatch):
+    """A second prepare with the same source, options and tokenizer loads the tensors from data.cache_dir; a changed
+    option or a changed file is tokenized anew."""
+    source = write_chat(tmp_path / "chat.jsonl")
+    config = config_of(tmp_path, qwen_teacher, source, data={"format": "chat", "seq_len": 64})
+    first = hf_lm.prepare_inputs(config).data
+    assert len(list((tmp_path / "cache" / "hf_lm").glob("data-*.pt"))) == 1
+
+    def fail(*args):
+        raise AssertionError("tokenized again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_lm, "assistant_token_mask", fail)
+        second = hf_lm.prepare_inputs(config).data
+    for name in ("train", "validation", "test"):
+        for key, tensor in first.split(name).items():
+            assert torch.equal(second.split(name)[key], tensor)
+    assert second.num_documents == first.num_documents
+    shorter = config_of(tmp_path, qwen_teacher, source, data={"format": "chat", "seq_len": 48})
+    assert hf_lm.prepare_inputs(shorter).data.train["input_ids"].shape[1] == 48
+    write_chat(source, 40)
+    assert sum(hf_lm.prepare_inputs(config).data.num_documents.values()) == 40
 
 
 def test_chat_template_that_rewrites_earlier_turns_is_an_error(tokenizer):

@@ -19,6 +19,8 @@ local `AutoModelForCausalLM` directories (nothing is downloaded), distilled off-
    end-of-turn marker; the generation prompt itself is not a target). This needs no `{% generation %}` marks
    in the template; a template that rewrites earlier turns (one that drops past reasoning) fails this check
    with a ValueError. Tokens belong to the span their first character is in (offsets of a fast tokenizer).
+   The tokenized splits are cached under `data.cache_dir` by a fingerprint of the source files, the data
+   options and the tokenizer.
 3. Vocabularies: the models' distributions are over the first K = min(teacher, student vocab_size) tokens,
    which must cover the tokenizer (an embedding matrix padded past the tokenizer, as 151,936 vs 152,064 in one
    family, is fine: what the distillation ops do with `vocab_size=K`, here done by `SharedVocabularyLM` so that
@@ -29,8 +31,10 @@ local `AutoModelForCausalLM` directories (nothing is downloaded), distilled off-
    engine's `LossConfig`: forward / reverse KL, JSD ... through fused_linear_distillation_loss on the hidden
    states and the LM-head weight, plus hard-label CE and the optional hidden-state and attention terms),
    `distilled_no_adversarial` (with adversarial training and `adversarial.compare`), and `baseline` (no
-   teacher, CE only; with `baseline`). Each is saved with `save_pretrained` and the tokenizer to
-   `output_dir/PHASE/model/` (`AutoModelForCausalLM.from_pretrained` and `python -m tsa_fast.generate` load it).
+   teacher, CE only; with `baseline`). The training is off-policy (the data's tokens); on-policy and
+   sequence-level objectives are the engine's, configured in the same `loss` section. Each student is saved
+   with `save_pretrained` and the tokenizer to `output_dir/PHASE/model/` (`AutoModelForCausalLM.from_pretrained`
+   and `python -m tsa_fast.generate` load it).
 5. Evaluation as the lm recipe's (`tsa_fast.recipes.lm.evaluate_all`, `write_report`): validation and test
    perplexity, top-1 agreement and KL to the teacher, tokens/s, for the teacher and every student, printed
    and written to output_dir as results.md, results.json and curves.png.
@@ -53,6 +57,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from tsa_fast.distill.checkpoints import load_weights_only, save_atomically
 from tsa_fast.distill.config import AdversarialConfig, LossConfig, Section, TrainingConfig
 from tsa_fast.distill.data import (
     SPLITS,
@@ -71,10 +76,12 @@ from tsa_fast.distill.objective import DistillationObjective
 from tsa_fast.distill.teachers import Teachers
 from tsa_fast.integrations.hf import HFModel, layer_subset_student
 from tsa_fast.recipes.config import RunConfig, read_recipe
+from tsa_fast.recipes.fingerprint import fingerprint
 from tsa_fast.recipes.lm import evaluate_all, write_report
 from tsa_fast.recipes.report import console
 from tsa_fast.recipes.runtime import start_run
 
+DATA_VERSION = 1  # bump when the tokenization rules change: part of the data cache's key
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,6 +136,7 @@ class HFDataConfig(Section):
     max_train_examples: int | None = Field(
         None, ge=1, description="keep this many training rows (blocks or conversations; a fixed random subset)"
     )
+    cache_dir: str = Field(".cache/tsa_fast", description="where the tokenized splits are cached (by fingerprint)")
 
 
 class HFLMConfig(RunConfig):
@@ -294,13 +302,56 @@ def prepare(config: HFLMConfig) -> Callable[..., dict]:
 
 
 def build_hf_data(config: HFDataConfig, tokenizer) -> TaskData:
-    """The task tensors of `config.source` tokenized by `tokenizer`: text, `lm_blocks` (input_ids, labels); chat,
-    `chat_rows` (input_ids, attention_mask, labels). Raises ValueError or FileNotFoundError on bad data."""
-    reader = DataConfig(source=config.source, text_field=config.text_field, splits=config.splits)
+    """The task tensors of `config.source` tokenized by `tokenizer` (`tokenize_splits`), cached in
+    `config.cache_dir` under a fingerprint of the source files (paths, sizes, modification times), the data
+    options and the tokenizer (vocabulary, special tokens, chat template): a second run loads them. Raises
+    ValueError or FileNotFoundError on bad data."""
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    key = fingerprint(
+        DATA_VERSION,
+        config.model_dump(exclude={"cache_dir"}),
+        source_stamp(Path(config.source)),
+        tokenizer.backend_tokenizer.to_str(),
+        tokenizer.chat_template,
+        pad_id,
+        tokenizer.eos_token_id,
+    )
+    path = Path(config.cache_dir) / "hf_lm" / f"data-{key}.pt"
+    if path.is_file():
+        state = load_weights_only(path)
+    else:
+        state = tokenize_splits(config, tokenizer, pad_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomically(state, path)
+    tensors = state["tensors"]
+    if config.max_train_examples is not None:
+        tensors["train"] = random_rows(tensors["train"], config.max_train_examples)
+    return TaskData(
+        task="lm",
+        **tensors,
+        tokenizer=tokenizer.backend_tokenizer,
+        pad_id=pad_id,
+        eos_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_id,
+        vocab_size=len(tokenizer),
+        class_names=None,
+        num_documents=state["num_documents"],
+    )
+
+
+def source_stamp(path: Path) -> list | None:
+    """What identifies a source's content cheaply: (path, size, mtime) of the file, or of every file under the
+    directory; None when it does not exist (reading it then raises)."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files] or None
+
+
+def tokenize_splits(config: HFDataConfig, tokenizer, pad_id: int) -> dict:
+    """{"tensors": {split: tensors}, "num_documents": {split: count}}: text, `lm_blocks` (input_ids, labels) of
+    the documents joined by EOS; chat, `chat_rows` (input_ids, attention_mask, labels)."""
     if config.format == "text":
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token, which separates the documents of text data")
-        splits = load_splits(reader)
+        splits = load_splits(DataConfig(source=config.source, text_field=config.text_field, splits=config.splits))
         tensors = {}
         for name, documents in splits.items():
             ids = tokenizer([d.text for d in documents], add_special_tokens=False).input_ids
@@ -313,23 +364,11 @@ def build_hf_data(config: HFDataConfig, tokenizer) -> TaskData:
     else:
         conversations = read_conversations(config.source, config.messages_field)
         splits = conversations if isinstance(conversations, dict) else split_documents(conversations, config.splits)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         tensors = {
             name: chat_rows(tokenizer, split, config.seq_len, pad_id, f"{config.source} [{name}]")
             for name, split in splits.items()
         }
-    if config.max_train_examples is not None:
-        tensors["train"] = random_rows(tensors["train"], config.max_train_examples)
-    return TaskData(
-        task="lm",
-        **tensors,
-        tokenizer=tokenizer.backend_tokenizer,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1,
-        eos_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
-        vocab_size=len(tokenizer),
-        class_names=None,
-        num_documents={name: len(split) for name, split in splits.items()},
-    )
+    return {"tensors": tensors, "num_documents": {name: len(split) for name, split in splits.items()}}
 
 
 def assistant_token_mask(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[bool]]:
