@@ -153,6 +153,31 @@ def test_chat_labels_are_the_assistant_tokens(tokenizer, tmp_path):
     assert (labels[: n - 1][kept] == rows["input_ids"][0, 1:n][kept]).all()
 
 
+def test_jsonl_text_and_saved_datasets(tmp_path, tokenizer, qwen_teacher):
+    """A .jsonl text file (data.text_field), a saved Dataset of text and a saved DatasetDict of chats (its own
+    splits kept) all build: text as full next-token blocks, chats one conversation a row."""
+    datasets = pytest.importorskip("datasets")
+    texts = sentences(60, seed=3)
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"body": text}) for text in texts))
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "text_ds"))
+    rows = [json.loads(line) for line in write_chat(tmp_path / "chat.jsonl", 12).read_text().splitlines()]
+    splits = {"train": rows[:8], "validation": rows[8:10], "test": rows[10:]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(
+        str(tmp_path / "chat_ds")
+    )
+    jsonl = hf_lm.prepare_inputs(
+        config_of(tmp_path, qwen_teacher, tmp_path / "docs.jsonl", data={"text_field": "body"})
+    )
+    saved = hf_lm.prepare_inputs(config_of(tmp_path, qwen_teacher, tmp_path / "text_ds")).data
+    assert torch.equal(jsonl.data.train["input_ids"], saved.train["input_ids"])
+    assert torch.equal(saved.train["labels"][:, :-1], saved.train["input_ids"][:, 1:])
+    chats = hf_lm.prepare_inputs(
+        config_of(tmp_path, qwen_teacher, tmp_path / "chat_ds", data={"format": "chat", "seq_len": 64})
+    ).data
+    assert chats.num_documents == {"train": 8, "validation": 2, "test": 2}
+    assert chats.train["attention_mask"].shape == (8, 64)
+
+
 def test_tokenized_data_is_cached(tmp_path, tokenizer, qwen_teacher, monkeypatch):
     """A second prepare with the same source, options and tokenizer loads the tensors from data.cache_dir; a changed
     option or a changed file is tokenized anew."""
