@@ -19,7 +19,8 @@ hf_lm = pytest.importorskip("tsa_fast.recipes.hf_lm")  # skips where transformer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from tsa_fast.distill.evaluate import IGNORE_INDEX, evaluate  # noqa: E402
-from tsa_fast.integrations.hf import HFModel  # noqa: E402
+from tsa_fast.distill.teachers import Teachers  # noqa: E402
+from tsa_fast.integrations.hf import HFModel, layer_subset_student  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = (
@@ -306,8 +307,9 @@ def test_chat_run_padded_vocabularies(tmp_path, tokenizer, qwen_teacher):
 
 
 def test_perplexity_counts_assistant_tokens_only(tmp_path, tokenizer, qwen_teacher):
-    """The teacher's validation perplexity is exp of its mean NLL over the assistant labels, computed by hand from
-    the full model (the padding columns left out)."""
+    """The teacher's validation perplexity is exp of its mean NLL over the assistant labels, and a student's top-1
+    agreement and KL to it their means over the same positions, computed by hand from the full models (the padding
+    columns left out)."""
     config = config_of(
         tmp_path, qwen_teacher, write_chat(tmp_path / "chat.jsonl"), data={"format": "chat", "seq_len": 64}
     )
@@ -322,6 +324,26 @@ def test_perplexity_counts_assistant_tokens_only(tmp_path, tokenizer, qwen_teach
         hf_lm.SharedVocabularyLM(teacher, prepared.vocab_size), split, "lm", batch_size=4, device=torch.device("cpu")
     )
     assert metrics["perplexity"] == pytest.approx(float(nll.exp()), rel=1e-4)
+
+    student = layer_subset_student(teacher, [1]).eval()
+    with torch.no_grad():
+        student_logits = student(input_ids=split["input_ids"], attention_mask=split["attention_mask"].long()).logits
+    counted = split["labels"] != IGNORE_INDEX
+    log_p_t = logits[counted].log_softmax(-1)
+    log_p_s = student_logits[..., : prepared.vocab_size].double()[counted].log_softmax(-1)
+    agreement = (log_p_t.argmax(-1) == log_p_s.argmax(-1)).double().mean()
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+    teachers = Teachers([hf_lm.SharedVocabularyLM(teacher, prepared.vocab_size)], [1.0], "lm")
+    metrics = evaluate(
+        hf_lm.SharedVocabularyLM(student, prepared.vocab_size),
+        split,
+        "lm",
+        batch_size=4,
+        device=torch.device("cpu"),
+        teachers=teachers,
+    )
+    assert metrics["agreement"] == pytest.approx(float(agreement), abs=1e-9)
+    assert metrics["kl"] == pytest.approx(float(kl), rel=1e-4)
 
 
 def test_distilled_student_moves_towards_the_teacher(tmp_path, tokenizer):

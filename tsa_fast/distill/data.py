@@ -14,6 +14,8 @@ Pipeline (every step deterministic, nothing downloaded):
    - `lm`: `input_ids`, `labels`: (M, seq_len) int64, labels = inputs shifted by one token;
    - `classify`: `input_ids` (M, seq_len) int64 right-padded with `pad_id`, `attention_mask` (M, seq_len)
      bool (True = real token), `labels` (M,) int64 class ids into `class_names`.
+Chat data (`read_conversations`: a .jsonl file or saved dataset of `messages` lists) is read into
+`Conversation`s, which `split_documents` splits like documents; recipes render them with their tokenizer.
 Bad data raises ValueError (FileNotFoundError for a missing source; ImportError for a saved dataset without
 the `datasets` package) naming the file, record, field or split, before any training starts.
 """
