@@ -472,3 +472,9 @@ def test_student_needs_exactly_one_source(tmp_path, qwen_teacher):
 def test_example_config_loads():
     config = hf_lm.load_config(ROOT / "configs" / "hf_lm.yaml")
     assert config.recipe == "hf_lm" and config.student.from_teacher is not None
+
+
+def test_student_config_with_an_unknown_attribute(tmp_path, qwen_teacher):
+    config = config_of(tmp_path, qwen_teacher, write_text(tmp_path / "t.txt"), student={"config": {"n_layer": 1}})
+    with pytest.raises(ValueError, match=r"student.config: \['n_layer'\] are not attributes of Qwen2Config"):
+        hf_lm.prepare(config)

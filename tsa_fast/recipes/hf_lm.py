@@ -263,11 +263,9 @@ def check_models(config: HFLMConfig) -> tuple[Path, Path | None, Any, int, int]:
                     f"(student, {student_dir}); distillation across tokenizers is not supported"
                 )
     elif config.student.config is not None:
-        unknown = sorted(name for name in config.student.config if not hasattr(teacher, name))
-        if unknown:
-            raise ValueError(f"student.config: {unknown} are not attributes of {type(teacher).__name__}")
-        student_vocab = config.student.config.get("vocab_size", student_vocab)
-        contexts.append(config.student.config.get("max_position_embeddings", contexts[0]))
+        student = student_model_config(AutoConfig.from_pretrained(teacher_dir, local_files_only=True), config)
+        student_vocab = student.vocab_size
+        contexts.append(student.max_position_embeddings)
     if student_vocab < len(tokenizer):
         raise ValueError(
             f"the student's vocab_size {student_vocab} is smaller than the tokenizer's {len(tokenizer)} tokens "
@@ -472,10 +470,23 @@ def build_student(config: HFLMConfig, prepared: Prepared, teacher):
         return load_causal_lm(prepared.student_dir, dtype, "student.pretrained")
     if spec.from_teacher is not None:
         return layer_subset_student(teacher, spec.from_teacher.layers)
-    values = {**teacher.config.to_dict(), **spec.config}
-    if "num_hidden_layers" in spec.config and "layer_types" not in spec.config:
+    return AutoModelForCausalLM.from_config(student_model_config(teacher.config, config), dtype=dtype)
+
+
+def student_model_config(teacher_config, config: HFLMConfig):
+    """The teacher's config with the attributes of `student.config` changed. Raises ValueError naming the
+    attributes that the teacher's config does not have, or the config transformers refuses."""
+    overrides = config.student.config
+    unknown = sorted(name for name in overrides if not hasattr(teacher_config, name))
+    if unknown:
+        raise ValueError(f"student.config: {unknown} are not attributes of {type(teacher_config).__name__}")
+    values = {**teacher_config.to_dict(), **overrides}
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides:
         values.pop("layer_types", None)  # one entry per teacher block: the config derives the student's
-    return AutoModelForCausalLM.from_config(type(teacher.config).from_dict(values), dtype=dtype)
+    try:
+        return type(teacher_config).from_dict(values)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"student.config={overrides}: {error}") from None
 
 
 def save_student(model, tokenizer, directory: Path) -> None:
