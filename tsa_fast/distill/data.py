@@ -325,7 +325,7 @@ def _conversations(records: Iterable[tuple[str, object]], messages_field: str) -
 # Splits
 
 
-def split_documents(documents: Sequence[Document], fractions: Sequence[float]) -> dict[str, list[Document]]:
+def split_documents(documents: Sequence[Document | Conversation], fractions: Sequence[float]) -> dict[str, list]:
     """Train/validation/test documents, whole groups at a time, in their original order within each split.
 
     Groups are stratified by label (a label found in a single group joins one pooled stratum), so that each
