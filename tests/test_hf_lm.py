@@ -363,6 +363,21 @@ def test_distilled_student_moves_towards_the_teacher(tmp_path, tokenizer):
     assert results["distilled"]["validation_kl"] < results["baseline"]["validation_kl"]
 
 
+def test_resume_loads_the_finished_students(tmp_path, tokenizer, qwen_teacher, monkeypatch):
+    """`resume` after a finished run trains nothing: every student is its checkpoint, with the same validation."""
+    config = config_of(tmp_path, qwen_teacher, write_text(tmp_path / "t.txt"), training={"steps": 2})
+    first = hf_lm.prepare(config)()
+
+    def no_training(self):
+        raise AssertionError(f"{self.phase.name} trained again")
+
+    monkeypatch.setattr(hf_lm.Distiller, "train_step", no_training)
+    again = hf_lm.prepare(config)(resume=True)
+    for name in ("distilled", "baseline"):
+        assert again[name]["validation_perplexity"] == pytest.approx(first[name]["validation_perplexity"], rel=1e-6)
+        assert again[name]["validation_kl"] == pytest.approx(first[name]["validation_kl"], rel=1e-6)
+
+
 def test_train_py_end_to_end(tmp_path, tokenizer):
     """The user's path: a tiny Llama teacher and a YAML written to disk, `python train.py --config ... key=value`
     with a depth-pruned student (teacher blocks 0 and 3); then `python -m tsa_fast.generate` on the export."""
