@@ -14,6 +14,8 @@ Pipeline (every step deterministic, nothing downloaded):
    - `lm`: `input_ids`, `labels`: (M, seq_len) int64, labels = inputs shifted by one token;
    - `classify`: `input_ids` (M, seq_len) int64 right-padded with `pad_id`, `attention_mask` (M, seq_len)
      bool (True = real token), `labels` (M,) int64 class ids into `class_names`.
+Chat data (`read_conversations`: a .jsonl file or saved dataset of `messages` lists) is read into
+`Conversation`s, which `split_documents` splits like documents; recipes render them with their tokenizer.
 Bad data raises ValueError (FileNotFoundError for a missing source; ImportError for a saved dataset without
 the `datasets` package) naming the file, record, field or split, before any training starts.
 """
@@ -29,7 +31,7 @@ import re
 import sys
 import sysconfig
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -40,6 +42,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
 __all__ = [
+    "Conversation",
     "DataConfig",
     "Document",
     "TaskData",
@@ -49,6 +52,7 @@ __all__ = [
     "load_or_train_tokenizer",
     "load_splits",
     "random_rows",
+    "read_conversations",
     "read_documents",
     "split_documents",
     "stdlib_documents",
@@ -203,7 +207,7 @@ def read_documents(path: str | Path, config: DataConfig) -> list[Document] | dic
     if config.task == "classify" and path.suffix == ".txt":
         raise ValueError(f"{path}: a .txt file has no labels; task 'classify' needs a .jsonl file or a dataset")
     if path.is_dir():
-        documents = _read_saved_dataset(path, config)
+        documents = _read_saved_dataset(path, lambda records: _documents_from_records(records, config))
     elif path.suffix == ".txt":
         texts = filter(None, (part.strip() for part in re.split(r"\n\s*\n", _read_utf8(path))))
         documents = [Document(text, str(index), None) for index, text in enumerate(texts)]
@@ -233,7 +237,8 @@ def _jsonl_records(path: Path) -> Iterable[tuple[str, object]]:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
 
 
-def _read_saved_dataset(path: Path, config: DataConfig) -> list[Document] | dict[str, list[Document]]:
+def _read_saved_dataset(path: Path, convert: Callable[[Iterable[tuple[str, object]]], list]) -> list | dict[str, list]:
+    """`convert` of the (where, row) pairs of a saved Dataset, or of each split of a saved DatasetDict."""
     try:
         import datasets
     except ImportError:
@@ -244,10 +249,10 @@ def _read_saved_dataset(path: Path, config: DataConfig) -> list[Document] | dict
 
     saved = datasets.load_from_disk(str(path))
     if not isinstance(saved, datasets.DatasetDict):
-        return _documents_from_records(records(saved, str(path)), config)
+        return convert(records(saved, str(path)))
     if any(name not in saved for name in SPLITS):
         raise ValueError(f"{path}: a DatasetDict needs the splits {list(SPLITS)}, it has {list(saved)}")
-    return {name: _documents_from_records(records(saved[name], f"{path} [{name}]"), config) for name in SPLITS}
+    return {name: convert(records(saved[name], f"{path} [{name}]")) for name in SPLITS}
 
 
 def _documents_from_records(records: Iterable[tuple[str, object]], config: DataConfig) -> list[Document]:
@@ -276,11 +281,57 @@ def _field(record: Mapping, name: str, where: str) -> object:
     return record[name]
 
 
+class Conversation(NamedTuple):
+    """One chat: `messages`, {"role": str, "content": str} dicts in order; `group` (its index) and `label`
+    (None) as a Document's, so that `split_documents` splits conversations as it splits documents."""
+
+    messages: list[dict[str, str]]
+    group: str
+    label: None = None
+
+
+def read_conversations(path: str | Path, messages_field: str = "messages") -> list[Conversation] | dict[str, list]:
+    """The conversations of a chat source: a .jsonl file (one object per line) or a directory saved by
+    `datasets`' save_to_disk (a Dataset, or a DatasetDict with train, validation and test: then a dict of the
+    three), each record's `messages_field` a list of {"role", "content"} string mappings with at least one
+    assistant turn. Raises FileNotFoundError, or ValueError naming the record that is not such a chat."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data source {str(path)!r} does not exist")
+    if path.is_dir():
+        conversations = _read_saved_dataset(path, lambda records: _conversations(records, messages_field))
+    elif path.suffix == ".jsonl":
+        conversations = _conversations(_jsonl_records(path), messages_field)
+    else:
+        raise ValueError(f"{path}: chat data is a .jsonl file or a saved dataset, not {path.suffix!r}")
+    if not conversations:
+        raise ValueError(f"{path} contains no conversations")
+    return conversations
+
+
+def _conversations(records: Iterable[tuple[str, object]], messages_field: str) -> list[Conversation]:
+    conversations = []
+    for where, record in records:
+        if not isinstance(record, Mapping):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        messages = _field(record, messages_field, where)
+        if not isinstance(messages, list) or not all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ValueError(f"{where}: {messages_field!r} must be a list of {{'role': str, 'content': str}} objects")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{where}: the conversation has no assistant turn (nothing to learn from)")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        conversations.append(Conversation(messages, str(len(conversations))))
+    return conversations
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Splits
 
 
-def split_documents(documents: Sequence[Document], fractions: Sequence[float]) -> dict[str, list[Document]]:
+def split_documents(documents: Sequence[Document | Conversation], fractions: Sequence[float]) -> dict[str, list]:
     """Train/validation/test documents, whole groups at a time, in their original order within each split.
 
     Groups are stratified by label (a label found in a single group joins one pooled stratum), so that each

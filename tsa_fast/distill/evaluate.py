@@ -20,6 +20,8 @@ from tsa_fast.distill.objective import student_head
 from tsa_fast.distill.protocols import Model
 from tsa_fast.distill.teachers import Teachers
 
+IGNORE_INDEX = -100  # a label that counts in no metric (chat data: the prompt's tokens)
+
 
 def evaluate(
     model: Model,
@@ -34,8 +36,8 @@ def evaluate(
     autocast=contextlib.nullcontext,
 ) -> dict[str, float]:
     """Metrics of `model` on `split` (LM: loss, perplexity; classify: loss, accuracy, macro_f1), plus
-    agreement / kl with `teachers` when given. With `epsilon`, each batch is first perturbed by FGM against
-    the model's own loss."""
+    agreement / kl with `teachers` when given, all over the positions whose label is not IGNORE_INDEX. With
+    `epsilon`, each batch is first perturbed by FGM against the model's own loss."""
     was_training = model.training
     model.eval()
     loss_sum = count = agree = kl_sum = 0.0
@@ -45,16 +47,18 @@ def evaluate(
         with autocast():
             logits = _logits(model, batch, task, epsilon).float()
         flat_logits, flat_labels = logits.flatten(0, -2), labels.flatten()
-        loss_sum += F.cross_entropy(flat_logits, flat_labels, reduction="sum").item()
-        count += flat_labels.numel()
+        counted = flat_labels != IGNORE_INDEX  # LM positions whose label is ignore_index count nowhere
+        loss_sum += F.cross_entropy(flat_logits, flat_labels, reduction="sum", ignore_index=IGNORE_INDEX).item()
+        count += int(counted.sum())
         if task == "classify":
             predictions.append(flat_logits.argmax(-1).cpu())
             targets.append(flat_labels.cpu())
         if teachers is not None:
             with torch.no_grad(), autocast():
                 teacher_logits = teachers.targets(batch).full_logits().float().flatten(0, -2)
-            log_p_t, log_p_s = teacher_logits.log_softmax(-1), flat_logits.log_softmax(-1)
-            agree += (teacher_logits.argmax(-1) == flat_logits.argmax(-1)).sum().item()
+            teacher_logits, student_logits = teacher_logits[counted], flat_logits[counted]
+            log_p_t, log_p_s = teacher_logits.log_softmax(-1), student_logits.log_softmax(-1)
+            agree += (teacher_logits.argmax(-1) == student_logits.argmax(-1)).sum().item()
             kl_sum += (log_p_t.exp() * (log_p_t - log_p_s)).sum().item()
     model.train(was_training)
     if count == 0:

@@ -18,6 +18,7 @@ RECIPES = {
     "classify": "tsa_fast.recipes.classify",
     "sentence_embedding": "tsa_fast.recipes.sentence_embedding",
     "qa": "tsa_fast.recipes.qa",
+    "hf_lm": "tsa_fast.recipes.hf_lm",
 }
 DEFAULT = "lm"
 
