@@ -82,10 +82,11 @@ TSA_HOST_DEVICE inline float softcapped(float z, float softcap, float inv_softca
   return softcap * fast_tanh(z * inv_softcap);
 }
 
-// c'(z) = 1 - tanh^2(z / softcap), from the capped value c(z). inv_softcap = 0 (no softcap) gives 1.
+// c'(z) = 1 - tanh^2(z / softcap), from the capped value c(z). inv_softcap = 0 (no softcap) gives 1, also
+// for c(z) = -inf (a masked column), where capped * inv_softcap would be -inf * 0 = nan.
 TSA_HOST_DEVICE inline float softcap_slope(float capped, float inv_softcap) {
   const float tanh = capped * inv_softcap;
-  return 1.0f - tanh * tanh;
+  return inv_softcap > 0.0f ? 1.0f - tanh * tanh : 1.0f;
 }
 
 // ---- Divergences -------------------------------------------------------------------------------------

@@ -314,6 +314,19 @@ def test_unknown_forced_backend_raises(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Non-finite and extreme inputs: what the math gives, on every backend alike.
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_student_minus_inf_columns_get_zero_gradient(backend, divergence):
+    """A padded vocabulary masked with -inf in both models (no softcap): finite loss, gradient exactly 0 there."""
+    student, teacher, labels = make_inputs((5,), 80)
+    student[:, 70:], teacher[:, 70:] = -math.inf, -math.inf
+    loss, grad = check_against_reference(student, teacher, labels, TOL[torch.float32], divergence=divergence)
+    assert loss.isfinite().all() and torch.all(grad[:, 70:] == 0)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Compiled for GPUs without one: Triton ships ptxas.
 
 
