@@ -120,6 +120,9 @@ TSA_HOST_DEVICE inline DivergenceTerms divergence_terms(float p, float log_p, fl
 
 // ---- Gradient and hard term --------------------------------------------------------------------------
 
+// weight * value, where a weight of 0 contributes nothing, also for an infinite or nan value (not 0 * inf).
+TSA_HOST_DEVICE inline float weighted(float weight, float value) { return weight != 0.0f ? weight * value : 0.0f; }
+
 // Per-row constants of the gradient.
 struct GradientScales {
   float soft;            // soft_scale / T
@@ -133,15 +136,15 @@ struct GradientScales {
 // with q1 = softmax(c(z_s)) at T = 1.
 TSA_HOST_DEVICE inline float student_gradient(const GradientScales& scales, float q_grad, float q, float q1,
                                               bool is_label, float slope) {
-  const float soft = scales.soft * (q_grad - q * scales.c_sum);
-  const float hard = scales.hard * (q1 - (is_label ? scales.label_weight : 0.0f) - scales.uniform_weight);
+  const float soft = weighted(scales.soft, q_grad - q * scales.c_sum);
+  const float hard = weighted(scales.hard, q1 - (is_label ? scales.label_weight : 0.0f) - scales.uniform_weight);
   return (soft + hard) * slope;
 }
 
 // Cross-entropy with label smoothing eps at T = 1 from lse = logsumexp_j c_j:
-// (1 - eps) (lse - c_y) + eps (lse - mean_j c_j).
+// (1 - eps) (lse - c_y) + eps (lse - mean_j c_j); without smoothing a -inf logit is +inf only at the label.
 TSA_HOST_DEVICE inline float smoothed_cross_entropy(float lse, float label_logit, float mean_logit, float eps) {
-  return (1.0f - eps) * (lse - label_logit) + eps * (lse - mean_logit);
+  return (1.0f - eps) * (lse - label_logit) + weighted(eps, lse - mean_logit);
 }
 
 // ---- Dispatch from a runtime divergence code to a template argument (host) ---------------------------

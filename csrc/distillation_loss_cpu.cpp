@@ -136,7 +136,7 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
       return terms.value;
     });
   }
-  params.loss[row] = params.soft_scale * float(divergence) + params.hard_weight * cross_entropy;
+  params.loss[row] = weighted(params.soft_scale, float(divergence)) + weighted(params.hard_weight, cross_entropy);
 }
 
 template <class Student, class Teacher, int kDivergence>

@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
   const float divergence = float(block_all_reduce(partial, Sum{}));
 
   if (threadIdx.x == 0) {
-    float loss = params.soft_scale * divergence;
+    float loss = weighted(params.soft_scale, divergence);
     if (hard) {
       const float mean_capped = float(stats.capped_sum / double(n));
       loss += params.hard_weight * smoothed_cross_entropy(stats.hard.max + log_sum_hard,

@@ -164,7 +164,8 @@ def _distillation_loss_fwd_kernel(
         d, qg = _divergence_terms(tl.exp(log_p), q, log_p, log_q, beta, DIVERGENCE)
         div += tl.sum(tl.where(mask, d, 0.0).to(tl.float64), axis=1)
         if COMPUTE_GRAD:
-            grad = soft_scale * inv_temperature * (qg - q * row_constant[:, None])
+            # A weight of 0 contributes nothing, also where the divergence is infinite (not 0 * inf = NaN).
+            grad = tl.where(soft_scale != 0.0, soft_scale * inv_temperature * (qg - q * row_constant[:, None]), 0.0)
             if HAS_HARD:
                 target = tl.where(start + cols == labels[:, None], 1.0 - label_smoothing, 0.0)
                 grad += hard_weight * (
@@ -174,14 +175,15 @@ def _distillation_loss_fwd_kernel(
             out = grad_ptr + rows.to(tl.int64)[:, None] * stride_grad + start + cols
             tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & in_cols)
 
-    loss = soft_scale * div.to(tl.float32)
+    loss = tl.where(soft_scale != 0.0, soft_scale * div.to(tl.float32), 0.0)
     if HAS_HARD:
         safe_labels = tl.where(counted, labels, 0)
         c_y, _ = _load_capped(
             student_ptr + rows.to(tl.int64) * stride_student + safe_labels, counted, softcap, HAS_SOFTCAP
         )
         nll = (m_h - c_y) + log_d_h
-        loss += hard_weight * ((1.0 - label_smoothing) * nll + label_smoothing * ((m_h - sum_h / n_cols) + log_d_h))
+        smoothing = tl.where(label_smoothing != 0.0, label_smoothing * ((m_h - sum_h / n_cols) + log_d_h), 0.0)
+        loss += hard_weight * ((1.0 - label_smoothing) * nll + smoothing)
     tl.store(loss_ptr + rows, tl.where(counted, loss, 0.0), mask=in_range)
 
 

@@ -326,6 +326,42 @@ def test_student_minus_inf_columns_get_zero_gradient(backend, divergence):
     assert loss.isfinite().all() and torch.all(grad[:, 70:] == 0)
 
 
+def cross_entropy_loss_and_grad(student, labels, **options):
+    """F.cross_entropy per row in float64 and its gradient (the hard term alone, as an independent oracle)."""
+    return loss_and_grad(
+        lambda s, _, y, **o: torch.nn.functional.cross_entropy(s, y, reduction="none", **o),
+        student.double(),
+        None,
+        labels,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "symmetric_kl"])
+def test_zero_soft_weight_ignores_an_infinite_divergence(backend, divergence):
+    """soft_weight=0 contributes nothing, also where the divergence is +inf (not 0 * inf = NaN)."""
+    student, teacher, labels = make_inputs((6,), 64)
+    teacher[:, :8] = -math.inf  # KL(Q || P) = +inf
+    options = dict(divergence=divergence, soft_weight=0.0, hard_weight=1.0, label_smoothing=0.1, reduction="none")
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    expected_loss, expected_grad = cross_entropy_loss_and_grad(student, labels, label_smoothing=0.1)
+    assert_rel_close(loss, expected_loss, TOL[torch.float32], "loss")
+    assert_rel_close(grad, expected_grad, TOL[torch.float32], "grad")
+
+
+def test_label_on_minus_inf_student_column_gives_infinite_loss(backend):
+    """Without label smoothing a label where the student logit is -inf has CE = +inf (not 0 * inf = NaN), with
+    the finite gradient softmax - onehot."""
+    student, teacher, labels = make_inputs((4,), 50, ignore="none")
+    student[:, 5], labels[0] = -math.inf, 5
+    options = dict(soft_weight=0.0, hard_weight=1.0, reduction="none")
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    expected_loss, expected_grad = cross_entropy_loss_and_grad(student, labels)
+    assert loss[0] == math.inf and loss[1:].isfinite().all()
+    assert_rel_close(loss, expected_loss, TOL[torch.float32], "loss")
+    assert_rel_close(grad, expected_grad, TOL[torch.float32], "grad")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Compiled for GPUs without one: Triton ships ptxas.
 

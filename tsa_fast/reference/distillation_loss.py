@@ -54,6 +54,8 @@ def smoothed_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: floa
     """Per-row cross-entropy of softmax(logits) against labels with label smoothing, shape (N,)."""
     log_q = torch.log_softmax(logits, dim=-1)
     nll = -log_q.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing == 0.0:  # a term of weight 0 contributes nothing, also where it is infinite
+        return nll
     return (1 - label_smoothing) * nll - label_smoothing * log_q.mean(-1)
 
 
@@ -126,7 +128,10 @@ def row_losses(
     """Per-row losses (N,) from the teacher's and student's log-probabilities at temperature T (over the
     categories the divergence compares) and the student's capped logits c(z_s) (the hard term)."""
     t2 = temperature**2 if scale_by_t2 else 1.0
-    loss = soft_weight * t2 * divergence(log_p, log_q, divergence_name, beta)
+    # A term of weight 0 contributes nothing, also where it is infinite (not 0 * inf = NaN).
+    loss = torch.zeros_like(log_q[:, 0])
+    if soft_weight != 0.0:
+        loss = loss + soft_weight * t2 * divergence(log_p, log_q, divergence_name, beta)
     if hard_weight != 0.0:
         safe_labels = torch.where(counted, labels, 0).long()
         loss = loss + hard_weight * smoothed_cross_entropy(capped_student, safe_labels, label_smoothing)
