@@ -362,6 +362,13 @@ def test_label_on_minus_inf_student_column_gives_infinite_loss(backend):
     assert_rel_close(grad, expected_grad, TOL[torch.float32], "grad")
 
 
+@pytest.mark.parametrize("softcap", [1e6, 1e3, 30.0])
+def test_softcap_much_larger_than_logits_is_exact(backend, softcap):
+    """softcap * tanh(z / softcap) keeps fp32's digits where |z| << softcap (c(z) ~ z there)."""
+    student, teacher, labels = make_inputs((6,), 200)
+    check_against_reference(student, teacher, labels, TOL[torch.float32], softcap=softcap, hard_weight=0.5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Compiled for GPUs without one: Triton ships ptxas.
 
