@@ -113,7 +113,7 @@ TSA_HOST_DEVICE inline DivergenceTerms divergence_terms(float p, float log_p, fl
     return {beta * xlog_ratio(p, log_p, log_m) + (1.0f - beta) * student_part, (1.0f - beta) * student_part};
   } else {  // kTVD: sum |p - q| / 2
     static_assert(kDivergence == kTVD, "unknown divergence");
-    const float sign = float(q > p) - float(q < p);
+    const float sign = float(q > p) - float(q < p) + 0.0f * p;  // nan for a nan p (0 * p)
     return {0.5f * fabsf(p - q), 0.5f * q * sign};
   }
 }

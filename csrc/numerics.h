@@ -158,9 +158,10 @@ TSA_HOST_DEVICE inline float fast_exp(float x) {
 #endif
 }
 
-// a log(a / b) from log a and log b, with 0 log 0 = 0 (a masked key or a -inf logit: a = 0, log a = -inf).
+// a log(a / b) from log a and log b, with 0 log 0 = 0 (a masked key or a -inf logit: a = 0, log a = -inf);
+// nan for a nan a (a nan or +inf logit, a row of only -inf).
 TSA_HOST_DEVICE inline float xlog_ratio(float a, float log_a, float log_b) {
-  return a > 0.0f ? a * (log_a - log_b) : 0.0f;
+  return a != 0.0f ? a * (log_a - log_b) : 0.0f;
 }
 
 // ---- Dispatch from a runtime dtype code to a template argument (host) --------------------------------

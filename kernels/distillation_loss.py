@@ -56,31 +56,35 @@ def _load_capped(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _divergence_terms(p, q, log_p, log_q, beta, DIVERGENCE: tl.constexpr):
-    """Per element: the divergence summand d and qg = q * dD/dq. Zero-probability terms are exactly 0."""
+    """Per element: the divergence summand d and qg = q * dD/dq. Zero-probability terms are exactly 0; a NaN
+    probability (a NaN or +inf logit, a row of only -inf) makes both NaN."""
     if DIVERGENCE == FORWARD_KL:
-        d = tl.where(p > 0, p * (log_p - log_q), 0.0)
+        d = tl.where(p != 0, p * (log_p - log_q), 0.0)
         qg = -p
     elif DIVERGENCE == REVERSE_KL:
-        d = tl.where(q > 0, q * (log_q - log_p), 0.0)
+        d = tl.where(q != 0, q * (log_q - log_p), 0.0)
         qg = d + q
     elif DIVERGENCE == SYMMETRIC_KL:
-        reverse = tl.where(q > 0, q * (log_q - log_p), 0.0)
-        d = 0.5 * (tl.where(p > 0, p * (log_p - log_q), 0.0) + reverse)
+        reverse = tl.where(q != 0, q * (log_q - log_p), 0.0)
+        d = 0.5 * (tl.where(p != 0, p * (log_p - log_q), 0.0) + reverse)
         qg = 0.5 * (reverse + q - p)
     elif DIVERGENCE == JSD:
         # log(q/m) and log(p/m) from the log-ratio of the larger to the smaller, not as log q - log m:
-        # a difference of two rounded logs would cancel where p ~ q.
+        # a difference of two rounded logs would cancel where p ~ q. A NaN ratio takes the second branch.
         log_pq = log_p - log_q
-        log_qm = tl.where(log_pq <= 0, -tl.log(beta * tl.exp(log_pq) + (1.0 - beta)), 0.0)
-        log_pm = tl.where(log_pq > 0, -tl.log(beta + (1.0 - beta) * tl.exp(-log_pq)), 0.0)
-        log_qm = tl.where(log_pq > 0, log_pm - log_pq, log_qm)
-        log_pm = tl.where(log_pq <= 0, log_qm + log_pq, log_pm)
-        student_term = tl.where(q > 0, q * log_qm, 0.0)
-        d = beta * tl.where(p > 0, p * log_pm, 0.0) + (1.0 - beta) * student_term
+        p_larger = log_pq > 0
+        log_smaller_m = -tl.log(
+            tl.where(p_larger, beta + (1.0 - beta) * tl.exp(-log_pq), beta * tl.exp(log_pq) + (1.0 - beta))
+        )
+        log_qm = tl.where(p_larger, log_smaller_m - log_pq, log_smaller_m)
+        log_pm = tl.where(p_larger, log_smaller_m, log_smaller_m + log_pq)
+        student_term = tl.where(q != 0, q * log_qm, 0.0)
+        d = beta * tl.where(p != 0, p * log_pm, 0.0) + (1.0 - beta) * student_term
         qg = (1.0 - beta) * student_term
     else:  # TVD
         d = 0.5 * tl.abs(p - q)
-        qg = 0.5 * q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+        # sign(q - p), NaN for a NaN p (0 * p).
+        qg = 0.5 * q * (tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0)) + 0.0 * p)
     return d, qg
 
 

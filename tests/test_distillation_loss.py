@@ -369,6 +369,20 @@ def test_softcap_much_larger_than_logits_is_exact(backend, softcap):
     check_against_reference(student, teacher, labels, TOL[torch.float32], softcap=softcap, hard_weight=0.5)
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_non_finite_teacher_gives_nan_row(backend, divergence):
+    """A NaN or +inf teacher logit, or a counted teacher row of only -inf, makes that row's loss and gradient
+    NaN (NaN propagates, as in PyTorch); the other rows, and ignored rows whatever they hold, are unaffected."""
+    student, teacher, labels = make_inputs((7,), 60, ignore="none")
+    teacher[0, 3], teacher[1, 5], teacher[2], teacher[3, 0] = math.nan, math.inf, -math.inf, math.nan
+    labels[3] = -100
+    options = dict(divergence=divergence, hard_weight=0.5, reduction="none")
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    assert loss[:3].isnan().all() and grad[:3].isnan().all(), (loss, grad[:3].isnan().sum(-1))
+    assert loss[3] == 0 and torch.all(grad[3] == 0)
+    check_against_reference(student[3:], teacher[3:], labels[3:], TOL[torch.float32], **options)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Compiled for GPUs without one: Triton ships ptxas.
 

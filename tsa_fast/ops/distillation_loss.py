@@ -60,6 +60,12 @@ def distillation_loss(
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or per-row losses of the leading shape for "none".
 
+    Non-finite inputs (every backend alike): a -inf logit is a token of probability 0 (gradient 0 there); it
+    makes a divergence +inf where the other model has mass there (reverse/symmetric KL for a -inf teacher
+    logit), as it does the cross-entropy of a label on a -inf student logit without label smoothing. A NaN
+    or +inf logit, or a counted teacher row of only -inf, makes that row's loss and gradient NaN. A term
+    whose weight is 0 contributes nothing, even where it is infinite. Rows that do not count are never read.
+
     Raises:
         ValueError: any bad argument, shape, dtype or device, naming the offending values; labels outside
             [0, K) other than ignore_index (on CUDA, checked asynchronously on the device).

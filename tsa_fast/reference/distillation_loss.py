@@ -28,9 +28,10 @@ def softcapped(logits: Tensor, softcap: float | None) -> Tensor:
 
 
 def kl_divergence(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) over the last dim from log-probabilities; terms with a = 0 are 0 (and have 0 gradient)."""
+    """KL(a || b) over the last dim from log-probabilities; terms with a = 0 are 0 (and have 0 gradient), a NaN
+    a makes the row and its gradient NaN."""
     a = log_a.exp()
-    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
+    return (a * torch.where(a != 0, log_a - log_b, 0.0)).sum(-1)
 
 
 def divergence(log_p: Tensor, log_q: Tensor, name: str, beta: float = 0.5) -> Tensor:
@@ -43,10 +44,12 @@ def divergence(log_p: Tensor, log_q: Tensor, name: str, beta: float = 0.5) -> Te
         return 0.5 * (kl_divergence(log_p, log_q) + kl_divergence(log_q, log_p))
     if name == "jsd":
         m = beta * log_p.exp() + (1 - beta) * log_q.exp()
-        log_m = torch.log(torch.where(m > 0, m, 1.0))  # m = 0 only where p = q = 0: terms that are 0
+        log_m = torch.log(torch.where(m != 0, m, 1.0))  # m = 0 only where p = q = 0: terms that are 0
         return beta * kl_divergence(log_p, log_m) + (1 - beta) * kl_divergence(log_q, log_m)
     if name == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+        difference = log_p.exp() - log_q.exp()
+        # |x| as x * sign(x), and sign(NaN) = 0 made NaN (+ 0 * x), so that a NaN teacher gives a NaN gradient.
+        return 0.5 * (difference * (difference.sign().detach() + 0.0 * difference.detach())).sum(-1)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {name!r}")
 
 
