@@ -5,7 +5,8 @@
 // or bf16 (independently), column stride 1, row strides in elements; only the first K = n_cols columns are
 // read. Optional int64 labels (rows whose label is ignore_index are skipped: loss 0, zero gradient row,
 // logits not read; labels must otherwise be in [0, K), the caller checks). Written: loss[r] in fp32 and,
-// when grad is non-null, grad[r, :K] = d loss[r] / d z_s[r, :K] in the student dtype.
+// when grad is non-null, grad[r, :K] = d loss[r] / d z_s[r, :K] in GradStorage<student dtype>: fp32 for an
+// fp16 student, else the student dtype.
 //
 // Math in fp32, row sums in double: c(z) = softcap * tanh(z / softcap) (identity without softcap),
 // q = softmax(c(z_s) / T), p = softmax(c(z_t) / T),
@@ -37,7 +38,7 @@ struct DistillationParams {
   int64_t teacher_row_stride;
   const int64_t* labels;  // (n_rows,), or null: every row counts (then hard_weight must be 0)
   float* loss;            // (n_rows,) out
-  void* grad;             // (n_rows, grad_row_stride) out in student_dtype, or null: no gradient
+  void* grad;             // (n_rows, grad_row_stride) out in GradStorage<student dtype>, or null: no gradient
   int64_t grad_row_stride;
   int64_t n_rows;
   int64_t n_cols;  // K
@@ -50,6 +51,12 @@ struct DistillationParams {
   float softcap;  // 0: none
   int64_t ignore_index;
 };
+
+// The gradient's storage type: fp32 for an fp16 student, whose d(row loss)/dz is often below fp16's normal
+// range at LLM vocabularies: stored in fp16 and then scaled by the incoming gradient (a loss scale), it would
+// be rounded twice and often flushed to zero; the caller rounds the scaled product once. bf16 has fp32's range.
+template <class Student>
+using GradStorage = std::conditional_t<std::is_same_v<Student, Half>, float, Student>;
 
 // The kernels (the CUDA one exists only in builds with TSA_FAST_WITH_CUDA; stream is a cudaStream_t).
 void distillation_loss_forward_cpu(const DistillationParams& params);

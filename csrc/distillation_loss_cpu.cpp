@@ -69,12 +69,12 @@ TSA_ALWAYS_INLINE double exp_and_sum(const float* x, int n, float scale, float s
 template <class Student, class Teacher, int kDivergence>
 TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int64_t row, float* scratch) {
   const int n = int(params.n_cols);  // < 2^31, checked by the entry point
-  Student* grad =
-      params.grad == nullptr ? nullptr : static_cast<Student*>(params.grad) + row * params.grad_row_stride;
+  using Grad = GradStorage<Student>;
+  Grad* grad = params.grad == nullptr ? nullptr : static_cast<Grad*>(params.grad) + row * params.grad_row_stride;
   const int64_t label = params.labels == nullptr ? -1 : params.labels[row];
   if (params.labels != nullptr && label == params.ignore_index) {
     params.loss[row] = 0.0f;
-    if (grad != nullptr) std::fill(grad, grad + n, from_float<Student>(0.0f));
+    if (grad != nullptr) std::fill(grad, grad + n, from_float<Grad>(0.0f));
     return;
   }
   const auto* z_student = static_cast<const Student*>(params.student) + row * params.student_row_stride;
@@ -131,7 +131,7 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
     const float inv_softcap = params.softcap > 0.0f ? 1.0f / params.softcap : 0.0f;
     divergence = column_sum(n, [&](int j) {
       const DivergenceTerms terms = column_terms(j);
-      grad[j] = from_float<Student>(student_gradient(scales, terms.q_grad, student_prob(j), exp_hard[j] * inv_z_hard,
+      grad[j] = from_float<Grad>(student_gradient(scales, terms.q_grad, student_prob(j), exp_hard[j] * inv_z_hard,
                                                      j == label_column, softcap_slope(capped[j], inv_softcap)));
       return terms.value;
     });

@@ -90,12 +90,12 @@ template <class Student, class Teacher, int kDivergence>
 __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const DistillationParams params) {
   const int64_t row = blockIdx.x;
   const int64_t n = params.n_cols;
-  Student* grad =
-      params.grad == nullptr ? nullptr : static_cast<Student*>(params.grad) + row * params.grad_row_stride;
+  using Grad = GradStorage<Student>;
+  Grad* grad = params.grad == nullptr ? nullptr : static_cast<Grad*>(params.grad) + row * params.grad_row_stride;
   const int64_t label = params.labels == nullptr ? -1 : params.labels[row];
   if (params.labels != nullptr && label == params.ignore_index) {
     if (grad != nullptr) {
-      for (int64_t j = threadIdx.x; j < n; j += kThreads) grad[j] = from_float<Student>(0.0f);
+      for (int64_t j = threadIdx.x; j < n; j += kThreads) grad[j] = from_float<Grad>(0.0f);
     }
     if (threadIdx.x == 0) params.loss[row] = 0.0f;
     return;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
       const float q1 = hard ? expf((c.capped_student - stats.hard.max) - log_sum_hard) : 0.0f;
       const float g = student_gradient(scales, c.terms.q_grad, c.q, q1, j == label,
                                        softcap_slope(c.capped_student, inv_softcap));
-      grad[j] = from_float<Student>(g);
+      grad[j] = from_float<Grad>(g);
     }
   }
   const float divergence = float(block_all_reduce(partial, Sum{}));

@@ -1,8 +1,9 @@
 """Fused distillation loss: per-row loss and its gradient w.r.t. the student logits, in one kernel.
 
 Contract: `distillation_loss_forward(student (N, V_s), teacher (N, V_t), labels (N,) int64 | None,
-row_loss (N,) float32, grad (N, V_s) student dtype | None, ...)` writes the per-row losses and the
-gradient of each row's loss. Only the first K = `vocab_size` columns are read and written. Inputs may be
+row_loss (N,) float32, grad (N, V_s) | None, ...)` writes the per-row losses and the gradient of each row's
+loss (in grad's dtype: fp32 for an fp16 student, whose gradient entries are often below fp16's normal range,
+else the student's). Only the first K = `vocab_size` columns are read and written. Inputs may be
 fp32/fp16/bf16 (independently); all math is fp32. Rows whose label is `ignore_index` read nothing and
 write a zero loss and a zero gradient row.
 

@@ -383,6 +383,25 @@ def test_non_finite_teacher_gives_nan_row(backend, divergence):
     check_against_reference(student[3:], teacher[3:], labels[3:], TOL[torch.float32], **options)
 
 
+def test_fp16_gradient_under_loss_scaling_is_rounded_once(backend):
+    """An fp16 student at a large vocabulary with the loss scaled by 65536 (mixed-precision training): each
+    gradient entry is the float64 gradient rounded once to fp16, not d(row loss)/dz rounded to fp16 (often
+    subnormal) and then scaled: no entry flushed to zero that fp16 represents, median error ~ fp16 rounding."""
+    student, teacher, labels = make_inputs((4,), 32768, dtype=torch.float16, ignore="none")
+    options = dict(divergence="forward_kl", hard_weight=0.5, reduction="sum")
+    student = student.detach().requires_grad_()
+    (tsa_fast.distillation_loss(student, teacher, labels, **options) * 65536.0).backward()
+    z64 = student.detach().double().requires_grad_()
+    (reference_loss(z64, teacher.double(), labels, **options) * 65536.0).backward()
+    expected, grad = z64.grad, student.grad.double()
+    representable = expected.half() != 0
+    flushed = (grad == 0) & representable
+    assert flushed.sum() == 0, f"{flushed.double().mean():.2%} of the entries flushed to zero"
+    normal = expected.abs() >= torch.finfo(torch.float16).tiny
+    median = ((grad - expected).abs() / expected.abs())[normal].median().item()
+    assert median <= 2**-11, f"median relative error {median:.2e}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Compiled for GPUs without one: Triton ships ptxas.
 

@@ -289,8 +289,8 @@ def distillation_loss_rows(
     vocab_size: int,
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row losses (N,) float32 and, when compute_grad, d(row loss)/d(student) (N, V_s) in the student's
-    dtype (zeros past vocab_size); else an empty tensor. softcap = 0 means none. Runs the triton or cpp
+    """Per-row losses (N,) float32 and, when compute_grad, d(row loss)/d(student) (N, V_s) in `grad_dtype`
+    (zeros past vocab_size); else an empty tensor. softcap = 0 means none. Runs the triton or cpp
     kernels; `distillation_loss` calls the reference directly when the torch backend is selected."""
     if labels is not None:
         check_label_range(labels, vocab_size, ignore_index)
@@ -339,19 +339,20 @@ def _(
     compute_grad,
 ):
     rows = student.new_empty(student.shape[0], dtype=torch.float32)
-    return rows, student.new_empty(student.shape if compute_grad else (0,))
+    return rows, student.new_empty(student.shape if compute_grad else (0,), dtype=grad_dtype(student.dtype))
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.student_dtype = inputs[0].dtype
     ctx.set_materialize_grads(False)  # the stored-gradient output gets no incoming gradient: no N x V zeros
 
 
 def _backward(ctx, grad_rows, _unused):
     (grad,) = ctx.saved_tensors
     # In place: the stored gradient is consumed (a second backward through it raises autograd's
-    # "modified by an inplace operation" error instead of returning a wrong number).
-    return (grad.mul_(grad_rows.unsqueeze(-1)),) + (None,) * 12
+    # "modified by an inplace operation" error instead of returning a wrong number), then rounded once.
+    return (grad.mul_(grad_rows.unsqueeze(-1)).to(ctx.student_dtype),) + (None,) * 12
 
 
 distillation_loss_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -361,11 +362,18 @@ def _unit_column_stride(logits: Tensor) -> Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
+def grad_dtype(student_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the stored d(row loss)/d(student): float32 for a float16 student (at LLM vocabularies
+    most entries are below fp16's normal range; backward scales them by the incoming gradient, a loss scale,
+    and rounds the product once), else the student's dtype (bf16 has fp32's range)."""
+    return torch.float32 if student_dtype == torch.float16 else student_dtype
+
+
 def _grad_buffer(student: Tensor, vocab_size: int) -> Tensor:
     """Where the kernels write the gradient: the first vocab_size columns; the rest stay zero. A large
     host buffer is backed by huge pages before its first touch (page faults would cost as much as the
     kernel)."""
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    grad = torch.empty_like(student, dtype=grad_dtype(student.dtype), memory_format=torch.contiguous_format)
     if grad.device.type == "cpu" and cpp_extension is not None and grad.nbytes >= HUGE_PAGE_MIN_BYTES:
         cpp_extension.advise_huge_pages(grad.data_ptr(), grad.nbytes)
     return grad if vocab_size == student.shape[1] else grad.zero_()
