@@ -9,8 +9,8 @@
 // fp16 student, else the student dtype.
 //
 // Math in fp32, row sums in double: c(z) = softcap * tanh(z / softcap) (identity without softcap),
-// q = softmax(c(z_s) / T), p = softmax(c(z_t) / T),
-// loss = soft_scale * D(p, q) + hard_weight * CE(softmax(c(z_s)), label).
+// q = softmax(c(z_s) / T), p = softmax(c(z_t) / T) (T one number, or one per row: RowTemperature),
+// loss = soft_scale * D(p, q) + hard_weight * CE(softmax(c(z_s)), label); a term of weight 0 adds nothing.
 // With qg_j = q_j dD/dq_j and C = sum_j qg_j, the softmax Jacobian gives dD/ds_j = qg_j - q_j C.
 //
 // Everything computed per column lives here, as TSA_HOST_DEVICE functions, so both kernels share one
@@ -44,8 +44,10 @@ struct DistillationParams {
   int64_t n_cols;  // K
   int divergence;  // DivergenceCode
   float beta;      // jsd mixing weight
-  float inv_temperature;
-  float soft_scale;  // weight of D (T^2 scaling included by the caller)
+  float inv_temperature;     // 1 / T of every row, unless temperature is set
+  const float* temperature;  // (n_rows,) T per row, or null
+  float soft_scale;  // weight of D: with one T its T^2 included by the caller; with T per row see scale_by_t2
+  bool scale_by_t2;  // with T per row: row r's D also times T_r^2
   float hard_weight;
   float label_smoothing;
   float softcap;  // 0: none
@@ -61,6 +63,18 @@ using GradStorage = std::conditional_t<std::is_same_v<Student, Half>, float, Stu
 // The kernels (the CUDA one exists only in builds with TSA_FAST_WITH_CUDA; stream is a cudaStream_t).
 void distillation_loss_forward_cpu(const DistillationParams& params);
 void distillation_loss_forward_cuda(const DistillationParams& params, std::uintptr_t stream);
+
+// 1 / T and the weight of D for one row.
+struct RowTemperature {
+  float inv_t;
+  float soft_scale;
+};
+
+TSA_HOST_DEVICE inline RowTemperature row_temperature(const DistillationParams& params, int64_t row) {
+  if (params.temperature == nullptr) return {params.inv_temperature, params.soft_scale};
+  const float t = params.temperature[row];
+  return {1.0f / t, params.scale_by_t2 ? params.soft_scale * t * t : params.soft_scale};
+}
 
 // ---- tanh, softcap -----------------------------------------------------------------------------------
 

@@ -79,7 +79,8 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
   }
   const auto* z_student = static_cast<const Student*>(params.student) + row * params.student_row_stride;
   const auto* z_teacher = static_cast<const Teacher*>(params.teacher) + row * params.teacher_row_stride;
-  const float inv_t = params.inv_temperature;
+  const RowTemperature temperature = row_temperature(params, row);
+  const float inv_t = temperature.inv_t, soft_scale = temperature.soft_scale;
   const float beta = params.beta;  // a local: the gradient stores could alias params
   const bool hard = params.hard_weight > 0.0f;
   const auto scratch_row = [&](int64_t i) { return scratch + i * n; };
@@ -125,7 +126,7 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
     const double c_sum =
         kDivergence == kForwardKL ? -1.0 : column_sum(n, [&](int j) { return column_terms(j).q_grad; });
     const float eps = params.label_smoothing;
-    const GradientScales scales{params.soft_scale * inv_t, float(c_sum), params.hard_weight, 1.0f - eps,
+    const GradientScales scales{soft_scale * inv_t, float(c_sum), params.hard_weight, 1.0f - eps,
                                 eps / float(n)};
     const int label_column = hard ? int(label) : -1;  // 32-bit, so that the compare vectorizes
     const float inv_softcap = params.softcap > 0.0f ? 1.0f / params.softcap : 0.0f;
@@ -136,7 +137,7 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
       return terms.value;
     });
   }
-  params.loss[row] = weighted(params.soft_scale, float(divergence)) + weighted(params.hard_weight, cross_entropy);
+  params.loss[row] = weighted(soft_scale, float(divergence)) + weighted(params.hard_weight, cross_entropy);
 }
 
 template <class Student, class Teacher, int kDivergence>

@@ -102,7 +102,8 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
   }
   const auto* z_student = static_cast<const Student*>(params.student) + row * params.student_row_stride;
   const auto* z_teacher = static_cast<const Teacher*>(params.teacher) + row * params.teacher_row_stride;
-  const float inv_t = params.inv_temperature;
+  const RowTemperature temperature = row_temperature(params, row);
+  const float inv_t = temperature.inv_t, soft_scale = temperature.soft_scale;
   const float softcap = params.softcap;
   const float inv_softcap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
   const bool hard = params.hard_weight > 0.0f;
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
 
   // Pass 3: D, and the gradient.
   const float eps = params.label_smoothing;
-  const GradientScales scales{params.soft_scale * inv_t, float(c_sum), params.hard_weight, 1.0f - eps,
+  const GradientScales scales{soft_scale * inv_t, float(c_sum), params.hard_weight, 1.0f - eps,
                               eps / float(n)};
   double partial = 0.0;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
@@ -164,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
   const float divergence = float(block_all_reduce(partial, Sum{}));
 
   if (threadIdx.x == 0) {
-    float loss = weighted(params.soft_scale, divergence);
+    float loss = weighted(soft_scale, divergence);
     if (hard) {
       const float mean_capped = float(stats.capped_sum / double(n));
       loss += params.hard_weight * smoothed_cross_entropy(stats.hard.max + log_sum_hard,

@@ -7,10 +7,12 @@ else the student's). Only the first K = `vocab_size` columns are read and writte
 fp32/fp16/bf16 (independently); all math is fp32. Rows whose label is `ignore_index` read nothing and
 write a zero loss and a zero gradient row.
 
-Math (P = softmax(c(z_t) / T), Q = softmax(c(z_s) / T), c = softcap * tanh(. / softcap) or identity):
+Math (P = softmax(c(z_t) / T), Q = softmax(c(z_s) / T), c = softcap * tanh(. / softcap) or identity; T one
+number or one per row, soft_scale = soft_weight * (T^2 if scale_by_t2 else 1), per row with T):
     loss = soft_scale * D(P, Q) + hard_weight * CE_eps(softmax(c(z_s)), label)
     dloss/dc(z_s) = soft_scale / T * (qg - Q * sum(qg)) + hard_weight * (Q1 - (1 - eps) onehot - eps / K)
-with qg = Q * dD/dQ per element (`_divergence_terms`); for forward KL qg = -P and sum(qg) = -1.
+with qg = Q * dD/dQ per element (`_divergence_terms`); for forward KL qg = -P and sum(qg) = -1. A term of
+weight 0 contributes nothing (not 0 * inf).
 
 Tiling: one program owns BLOCK_ROWS rows and sweeps the vocabulary in BLOCK_V-wide tiles:
     pass 1  online log-sum-exp of both distributions (and of the student at T = 1 for the hard term);
@@ -101,6 +103,7 @@ def _distillation_loss_fwd_kernel(
     stride_student,
     stride_teacher,
     stride_grad,
+    temperature_ptr,
     inv_temperature,
     beta,
     soft_scale,
@@ -113,11 +116,24 @@ def _distillation_loss_fwd_kernel(
     HAS_HARD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    ROW_TEMPERATURE: tl.constexpr,
+    SCALE_BY_T2: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     in_range = rows < n_rows
+    # 1 / T as a column (BLOCK_ROWS, 1) and the divergence's weight per row: from one T (soft_scale includes
+    # its T^2), or from each row's own T (soft_scale is soft_weight, times T_r^2 with SCALE_BY_T2).
+    if ROW_TEMPERATURE:
+        temperature = tl.load(temperature_ptr + rows, mask=in_range, other=1.0)
+        inv_t = (1.0 / temperature)[:, None]
+        row_soft_scale = tl.full([BLOCK_ROWS], soft_scale, tl.float32)
+        if SCALE_BY_T2:
+            row_soft_scale *= temperature * temperature
+    else:
+        inv_t = tl.full([BLOCK_ROWS, 1], inv_temperature, tl.float32)
+        row_soft_scale = tl.full([BLOCK_ROWS], soft_scale, tl.float32)
     if HAS_LABELS:
         labels = tl.load(labels_ptr + rows, mask=in_range, other=ignore_index)
         counted = in_range & (labels != ignore_index)
@@ -139,8 +155,8 @@ def _distillation_loss_fwd_kernel(
         mask = counted[:, None] & (start + cols < n_cols)
         c_s, _ = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
         c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
-        m_s, d_s = online_logsumexp(m_s, d_s, c_s * inv_temperature)
-        m_t, d_t = online_logsumexp(m_t, d_t, c_t * inv_temperature)
+        m_s, d_s = online_logsumexp(m_s, d_s, c_s * inv_t)
+        m_t, d_t = online_logsumexp(m_t, d_t, c_t * inv_t)
         if HAS_HARD:
             m_h, d_h = online_logsumexp(m_h, d_h, c_s)
             sum_h += tl.sum(tl.where(mask, c_s, 0.0), axis=1)
@@ -157,8 +173,8 @@ def _distillation_loss_fwd_kernel(
             mask = counted[:, None] & (start + cols < n_cols)
             c_s, _ = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
             c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
-            log_q = (c_s * inv_temperature - m_s[:, None]) - log_d_s[:, None]
-            log_p = (c_t * inv_temperature - m_t[:, None]) - log_d_t[:, None]
+            log_q = (c_s * inv_t - m_s[:, None]) - log_d_s[:, None]
+            log_p = (c_t * inv_t - m_t[:, None]) - log_d_t[:, None]
             _, qg = _divergence_terms(tl.exp(log_p), tl.exp(log_q), log_p, log_q, beta, DIVERGENCE)
             qg_sum += tl.sum(tl.where(mask, qg, 0.0).to(tl.float64), axis=1)
 
@@ -171,14 +187,15 @@ def _distillation_loss_fwd_kernel(
         mask = counted[:, None] & in_cols
         c_s, dc_s = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
         c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
-        log_q = (c_s * inv_temperature - m_s[:, None]) - log_d_s[:, None]
-        log_p = (c_t * inv_temperature - m_t[:, None]) - log_d_t[:, None]
+        log_q = (c_s * inv_t - m_s[:, None]) - log_d_s[:, None]
+        log_p = (c_t * inv_t - m_t[:, None]) - log_d_t[:, None]
         q = tl.exp(log_q)
         d, qg = _divergence_terms(tl.exp(log_p), q, log_p, log_q, beta, DIVERGENCE)
         div += tl.sum(tl.where(mask, d, 0.0).to(tl.float64), axis=1)
         if COMPUTE_GRAD:
             # A weight of 0 contributes nothing, also where the divergence is infinite (not 0 * inf = NaN).
-            grad = tl.where(soft_scale != 0.0, soft_scale * inv_temperature * (qg - q * row_constant[:, None]), 0.0)
+            soft = row_soft_scale[:, None]
+            grad = tl.where(soft != 0.0, soft * inv_t * (qg - q * row_constant[:, None]), 0.0)
             if HAS_HARD:
                 target = tl.where(start + cols == labels[:, None], 1.0 - label_smoothing, 0.0)
                 grad += hard_weight * (
@@ -188,7 +205,7 @@ def _distillation_loss_fwd_kernel(
             out = grad_ptr + rows.to(tl.int64)[:, None] * stride_grad + start + cols
             tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & in_cols)
 
-    loss = tl.where(soft_scale != 0.0, soft_scale * div.to(tl.float32), 0.0)
+    loss = tl.where(row_soft_scale != 0.0, row_soft_scale * div.to(tl.float32), 0.0)
     if HAS_HARD:
         safe_labels = tl.where(counted, labels, 0)
         c_y, _ = _load_capped(
@@ -217,8 +234,9 @@ def distillation_loss_forward(
     grad: torch.Tensor | None,
     divergence: int,
     beta: float,
-    temperature: float,
-    soft_scale: float,
+    temperature: float | torch.Tensor,
+    soft_weight: float,
+    scale_by_t2: bool,
     hard_weight: float,
     label_smoothing: float,
     ignore_index: int,
@@ -227,10 +245,18 @@ def distillation_loss_forward(
 ) -> None:
     """Write the per-row losses into `row_loss` (N,) float32 and, unless `grad` is None, the gradient of
     each row's loss into its first `vocab_size` columns. student/teacher: (N, V) with unit column stride;
-    labels: (N,) int64 or None (every row counts); softcap 0 means none."""
+    labels: (N,) int64 or None (every row counts); temperature: a float, or (N,) float32 contiguous, one T
+    per row (each row's divergence then times its own T^2 with scale_by_t2); softcap 0 means none."""
     n_rows = student.shape[0]
     if student.stride(-1) != 1 or teacher.stride(-1) != 1 or teacher.shape[0] != n_rows:
         raise ValueError(f"need (N, V) logits with unit column stride, got {student.shape}, {teacher.shape}")
+    row_temperature = isinstance(temperature, torch.Tensor)
+    if row_temperature and (temperature.shape != (n_rows,) or temperature.dtype != torch.float32):
+        raise ValueError(
+            f"temperature must be a float or ({n_rows},) float32, got {temperature.dtype} {temperature.shape}"
+        )
+    scalar_t = 1.0 if row_temperature else float(temperature)
+    soft_scale = soft_weight * (scalar_t**2 if scale_by_t2 and not row_temperature else 1.0)
     block_rows, block_v, num_warps = tiles(n_rows, vocab_size)
     grid = (triton.cdiv(n_rows, block_rows),)
     _distillation_loss_fwd_kernel[grid](
@@ -244,7 +270,8 @@ def distillation_loss_forward(
         student.stride(0),
         teacher.stride(0),
         0 if grad is None else grad.stride(0),
-        1.0 / temperature,
+        temperature.contiguous() if row_temperature else None,
+        1.0 / scalar_t,
         beta,
         soft_scale,
         hard_weight,
@@ -256,6 +283,8 @@ def distillation_loss_forward(
         HAS_HARD=hard_weight != 0.0,
         HAS_SOFTCAP=softcap != 0.0,
         COMPUTE_GRAD=grad is not None,
+        ROW_TEMPERATURE=row_temperature,
+        SCALE_BY_T2=scale_by_t2,
         BLOCK_ROWS=block_rows,
         BLOCK_V=block_v,
         num_warps=num_warps,

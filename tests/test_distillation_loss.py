@@ -402,14 +402,80 @@ def test_fp16_gradient_under_loss_scaling_is_rounded_once(backend):
     assert median <= 2**-11, f"median relative error {median:.2e}"
 
 
+def launch_rows(backend, student, teacher, labels, temperature, *, divergence, soft_weight, scale_by_t2, **options):
+    """Per-row losses and d(row loss)/d(student) from the backend's launcher (the reference, by autograd, for
+    torch), with `temperature` a float or one per row."""
+    from tsa_fast.ops.distillation_loss import distillation_loss_forward_cpp
+    from tsa_fast.reference.distillation_loss import distillation_loss_rows
+
+    if backend == "torch":
+        z = student.detach().clone().requires_grad_()
+        rows = distillation_loss_rows(
+            z,
+            teacher,
+            labels,
+            divergence_name=divergence,
+            temperature=temperature,
+            soft_weight=soft_weight,
+            scale_by_t2=scale_by_t2,
+            **options,
+        )
+        return rows.detach(), torch.autograd.grad(rows.sum(), z)[0]
+    launcher = distillation_loss_forward_cpp if backend == "cpp" else tsa_fast.kernels.distillation_loss_forward
+    rows, grad = torch.empty(len(student), device=DEVICE), torch.empty_like(student)
+    launcher(
+        student,
+        teacher,
+        labels,
+        rows,
+        grad,
+        DIVERGENCES.index(divergence),
+        options.get("beta", 0.5),
+        temperature,
+        soft_weight,
+        scale_by_t2,
+        options.get("hard_weight", 0.0),
+        options.get("label_smoothing", 0.0),
+        -100,
+        options.get("softcap") or 0.0,
+        student.shape[-1],
+    )
+    return rows, grad
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("scale_by_t2", [True, False])
+def test_temperature_per_row(backend, divergence, scale_by_t2):
+    """The launchers (and the reference) take one temperature per row: each row is the loss at its own T,
+    scaled by its own T^2 with scale_by_t2."""
+    student, teacher, labels = make_inputs((6,), 90)
+    temperature = torch.tensor([0.5, 1.0, 2.0, 3.5, 1.0, 7.0], device=DEVICE)
+    options = dict(divergence=divergence, soft_weight=0.7, scale_by_t2=scale_by_t2, hard_weight=0.3)
+    options |= dict(label_smoothing=0.1, softcap=20.0, beta=0.3)
+    rows, grad = launch_rows(backend, student, teacher, labels, temperature, **options)
+    for i, t in enumerate(temperature.tolist()):
+        one = slice(i, i + 1)
+        expected = launch_rows("torch", student[one].double(), teacher[one].double(), labels[one], t, **options)
+        assert_rel_close(rows[one], expected[0], TOL[torch.float32], f"row {i} loss")
+        assert_rel_close(grad[one], expected[1], TOL[torch.float32], f"row {i} grad")
+
+
+def test_reference_takes_a_0d_temperature():
+    student, teacher, labels = make_inputs((4,), 30)
+    options = dict(divergence="symmetric_kl", soft_weight=1.0, scale_by_t2=True)
+    as_tensor = launch_rows("torch", student, teacher, labels, torch.tensor(2.5), **options)
+    as_float = launch_rows("torch", student, teacher, labels, 2.5, **options)
+    assert torch.equal(as_tensor[0], as_float[0]) and torch.equal(as_tensor[1], as_float[1])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Compiled for GPUs without one: Triton ships ptxas.
 
 
 def compile_distillation_loss_kernel():
     """The kernel at the launcher's tiles for an LLM vocabulary (every divergence, every option on: bf16
-    logits, labels, hard term, softcap, gradient; forward KL also with none, as a no-grad forward without
-    labels launches it) and for a small one, for sm_80 and sm_90."""
+    logits, labels, hard term, softcap, gradient, a temperature per row; forward KL also with none, as a
+    no-grad forward without labels launches it) and for a small one, for sm_80 and sm_90."""
     import triton
 
     from tsa_fast.kernels import distillation_loss as kernels
@@ -417,6 +483,7 @@ def compile_distillation_loss_kernel():
     types = dict(
         labels_ptr="*i64",
         loss_ptr="*fp32",
+        temperature_ptr="*fp32",
         inv_temperature="fp32",
         beta="fp32",
         soft_scale="fp32",
@@ -424,8 +491,10 @@ def compile_distillation_loss_kernel():
         label_smoothing="fp32",
         softcap="fp32",
     )
-    options = dict(HAS_LABELS=True, HAS_HARD=True, HAS_SOFTCAP=True, COMPUTE_GRAD=True)
-    no_options = {name: False for name in options} | dict(labels_ptr=None, grad_ptr=None)
+    options = dict(
+        HAS_LABELS=True, HAS_HARD=True, HAS_SOFTCAP=True, COMPUTE_GRAD=True, ROW_TEMPERATURE=True, SCALE_BY_T2=True
+    )
+    no_options = {name: False for name in options} | dict(labels_ptr=None, grad_ptr=None, temperature_ptr=None)
     forward_kl = DIVERGENCES.index("forward_kl")
     cases = [(128256, dict(options, DIVERGENCE=DIVERGENCES.index(d))) for d in DIVERGENCES]
     cases += [(128256, dict(no_options, DIVERGENCE=forward_kl)), (50, dict(options, DIVERGENCE=forward_kl))]

@@ -301,7 +301,7 @@ def distillation_loss_rows(
     backend = select_backend(student.device, student.dtype)
     if backend == "torch":
         raise ValueError(f"no kernel backend for {student.dtype} on {student.device.type}: call distillation_loss")
-    launch = _launch_cpp if backend == "cpp" else triton_kernels.distillation_loss_forward
+    launch = distillation_loss_forward_cpp if backend == "cpp" else triton_kernels.distillation_loss_forward
     if student.shape[0] > 0:
         launch(
             student,
@@ -312,7 +312,8 @@ def distillation_loss_rows(
             divergence,
             beta,
             temperature,
-            soft_scale,
+            soft_scale,  # soft_weight, with the T^2 of scale_by_t2 folded in
+            False,
             hard_weight,
             label_smoothing,
             ignore_index,
@@ -379,25 +380,37 @@ def _grad_buffer(student: Tensor, vocab_size: int) -> Tensor:
     return grad if vocab_size == student.shape[1] else grad.zero_()
 
 
-def _launch_cpp(
-    student,
-    teacher,
-    labels,
-    row_loss,
-    grad,
-    divergence,
-    beta,
-    temperature,
-    soft_scale,
-    hard_weight,
-    label_smoothing,
-    ignore_index,
-    softcap,
-    vocab_size,
-):
+def distillation_loss_forward_cpp(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None,
+    row_loss: Tensor,
+    grad: Tensor | None,
+    divergence: int,
+    beta: float,
+    temperature: float | Tensor,
+    soft_weight: float,
+    scale_by_t2: bool,
+    hard_weight: float,
+    label_smoothing: float,
+    ignore_index: int,
+    softcap: float,
+    vocab_size: int,
+) -> None:
     """The C++ kernels of `tsa_fast._C` (CPU with OpenMP, or CUDA), called with raw pointers; same
-    contract as the Triton launcher `tsa_fast.kernels.distillation_loss_forward`."""
+    contract as the Triton launcher `tsa_fast.kernels.distillation_loss_forward` (temperature: a float, or
+    (N,) float32, one T per row)."""
     ext = cpp_extension
+    row_temperature = isinstance(temperature, Tensor)
+    if row_temperature:
+        if temperature.shape != (student.shape[0],) or temperature.dtype != torch.float32:
+            raise ValueError(
+                f"temperature must be a float or ({student.shape[0]},) float32, got {temperature.dtype} "
+                f"{tuple(temperature.shape)}"
+            )
+        temperature = temperature.contiguous()
+    scalar_t = 1.0 if row_temperature else float(temperature)
+    soft_scale = soft_weight * (scalar_t**2 if scale_by_t2 and not row_temperature else 1.0)
     args = [
         student.data_ptr(),
         DTYPE_CODES[student.dtype],
@@ -413,8 +426,10 @@ def _launch_cpp(
         vocab_size,
         divergence,
         beta,
-        1.0 / temperature,
+        1.0 / scalar_t,
+        temperature.data_ptr() if row_temperature else 0,
         soft_scale,
+        scale_by_t2,
         hard_weight,
         label_smoothing,
         softcap,

@@ -8,7 +8,8 @@ With P_t = softmax(c(z_t) / T), P_s = softmax(c(z_s) / T) and c(z) = softcap * t
 
     row = soft_weight * T^2 (if scale_by_t2) * D(P_t, P_s) + hard_weight * CE(softmax(c(z_s)), label)
 
-where D is one of DIVERGENCES and CE uses label smoothing eps:
+where T is a number or one T per row (each row then at its own T, times its own T^2), D is one of
+DIVERGENCES, a term of weight 0 contributes nothing (not 0 * inf), and CE uses label smoothing eps:
     CE = -(1 - eps) * log q1[label] - eps * mean_j log q1[j],   q1 = softmax(c(z_s)).
 """
 
@@ -25,6 +26,14 @@ REDUCTIONS = ("mean", "sum", "batchmean", "none")
 def softcapped(logits: Tensor, softcap: float | None) -> Tensor:
     """c(z) = softcap * tanh(z / softcap), or z itself when softcap is None."""
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def per_column(temperature: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """The temperature as it divides (N, V) logits: a number, a 0-d tensor, or (N,) as an (N, 1) column."""
+    if not isinstance(temperature, Tensor):
+        return temperature
+    temperature = temperature.detach().to(dtype)
+    return temperature[:, None] if temperature.dim() == 1 else temperature
 
 
 def kl_divergence(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -69,7 +78,7 @@ def distillation_loss_rows(
     *,
     divergence_name: str = "forward_kl",
     beta: float = 0.5,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     scale_by_t2: bool = True,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
@@ -78,7 +87,8 @@ def distillation_loss_rows(
     softcap: float | None = None,
     vocab_size: int | None = None,
 ) -> Tensor:
-    """Per-row losses, shape (N,) for (N, V_s) / (N, V_t) logits and (N,) labels; ignored rows are 0."""
+    """Per-row losses, shape (N,) for (N, V_s) / (N, V_t) logits and (N,) labels; ignored rows are 0.
+    temperature: a number, or a tensor of shape (N,) (one T per row) or () (a constant)."""
     vocab = vocab_size or student_logits.shape[-1]
     compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     z_s = student_logits[:, :vocab].to(compute_dtype)
@@ -88,8 +98,8 @@ def distillation_loss_rows(
     # loss and gradient are exactly zero; no data-dependent shapes, so torch.compile traces it whole.
     c_s = softcapped(torch.where(counted[:, None], z_s, 0.0), softcap)
     c_t = softcapped(torch.where(counted[:, None], z_t, 0.0), softcap)
-    log_q = torch.log_softmax(c_s / temperature, dim=-1)
-    log_p = torch.log_softmax(c_t / temperature, dim=-1)
+    log_q = torch.log_softmax(c_s / per_column(temperature, compute_dtype), dim=-1)
+    log_p = torch.log_softmax(c_t / per_column(temperature, compute_dtype), dim=-1)
     return row_losses(
         log_p,
         log_q,
@@ -122,14 +132,17 @@ def row_losses(
     *,
     divergence_name: str,
     beta: float,
-    temperature: float,
+    temperature: float | Tensor,
     scale_by_t2: bool,
     soft_weight: float,
     hard_weight: float,
     label_smoothing: float,
 ) -> Tensor:
     """Per-row losses (N,) from the teacher's and student's log-probabilities at temperature T (over the
-    categories the divergence compares) and the student's capped logits c(z_s) (the hard term)."""
+    categories the divergence compares) and the student's capped logits c(z_s) (the hard term); temperature
+    a number or a tensor of shape (N,) or ()."""
+    if isinstance(temperature, Tensor):
+        temperature = temperature.detach().to(log_q.dtype)
     t2 = temperature**2 if scale_by_t2 else 1.0
     # A term of weight 0 contributes nothing, also where it is infinite (not 0 * inf = NaN).
     loss = torch.zeros_like(log_q[:, 0])
