@@ -117,7 +117,8 @@ struct DivergenceTerms {
   float q_grad;  // qg_j = q_j * dD/dq_j
 };
 
-// Column j's terms of D(p, q) for DivergenceCode kDivergence (p: teacher, q: student).
+// Column j's terms of D(p, q) for DivergenceCode kDivergence (p: teacher, q: student), from the probabilities
+// and half their logs (half_log_prob: log-probabilities may pass fp32's range where the terms do not).
 template <int kDivergence>
 TSA_HOST_DEVICE inline DivergenceTerms divergence_terms(float p, float log_p, float q, float log_q, float beta) {
   if constexpr (kDivergence == kForwardKL) {  // KL(p || q)
@@ -125,11 +126,11 @@ TSA_HOST_DEVICE inline DivergenceTerms divergence_terms(float p, float log_p, fl
   } else if constexpr (kDivergence == kReverseKL) {  // KL(q || p)
     const float reverse = xlog_ratio(q, log_q, log_p);
     return {reverse, reverse + q};
-  } else if constexpr (kDivergence == kSymmetricKL) {  // (KL(p || q) + KL(q || p)) / 2
-    const float reverse = xlog_ratio(q, log_q, log_p);
-    return {0.5f * (xlog_ratio(p, log_p, log_q) + reverse), 0.5f * (reverse + q - p)};
+  } else if constexpr (kDivergence == kSymmetricKL) {  // (KL(p || q) + KL(q || p)) / 2, halves summed
+    const float half_reverse = half_xlog_ratio(q, log_q, log_p);
+    return {half_xlog_ratio(p, log_p, log_q) + half_reverse, half_reverse + 0.5f * (q - p)};
   } else if constexpr (kDivergence == kJSD) {  // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
-    const float log_m = logf(beta * p + (1.0f - beta) * q);
+    const float log_m = 0.5f * logf(beta * p + (1.0f - beta) * q);
     const float student_part = xlog_ratio(q, log_q, log_m);
     return {beta * xlog_ratio(p, log_p, log_m) + (1.0f - beta) * student_part, (1.0f - beta) * student_part};
   } else {  // kTVD: sum |p - q| / 2
@@ -164,8 +165,15 @@ TSA_HOST_DEVICE inline float student_gradient(const GradientScales& scales, floa
 
 // Cross-entropy with label smoothing eps at T = 1 from lse = logsumexp_j c_j:
 // (1 - eps) (lse - c_y) + eps (lse - mean_j c_j); without smoothing a -inf logit is +inf only at the label.
-TSA_HOST_DEVICE inline float smoothed_cross_entropy(float lse, float label_logit, float mean_logit, float eps) {
-  return (1.0f - eps) * (lse - label_logit) + weighted(eps, lse - mean_logit);
+// In double: lse - c passes fp32's range for logits near its limit.
+TSA_HOST_DEVICE inline double smoothed_cross_entropy(double lse, double label_logit, double mean_logit, double eps) {
+  return (1.0 - eps) * (lse - label_logit) + (eps != 0.0 ? eps * (lse - mean_logit) : 0.0);
+}
+
+// A row's loss from its terms, in double until the end; a term of weight 0 contributes nothing.
+TSA_HOST_DEVICE inline float row_loss(float soft_scale, double divergence, float hard_weight, double cross_entropy) {
+  return float((soft_scale != 0.0f ? soft_scale * divergence : 0.0) +
+               (hard_weight != 0.0f ? hard_weight * cross_entropy : 0.0));
 }
 
 // ---- Dispatch from a runtime divergence code to a template argument (host) ---------------------------

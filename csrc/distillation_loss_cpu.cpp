@@ -104,19 +104,21 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
   const float log_z_teacher = float(std::log(z_t));
   const float inv_z_teacher = float(1.0 / z_t);
 
-  float cross_entropy = 0.0f, inv_z_hard = 0.0f;
+  double cross_entropy = 0.0;
+  float inv_z_hard = 0.0f;
   if (hard) {
     const double z_h = exp_and_sum(capped, n, 1.0f, max_capped, exp_hard);
     inv_z_hard = float(1.0 / z_h);
-    const float mean_capped = float(column_sum(n, [&](int j) { return capped[j]; }) / double(n));
-    cross_entropy = smoothed_cross_entropy(max_capped + float(std::log(z_h)), capped[label], mean_capped,
+    const double mean_capped = column_sum(n, [&](int j) { return capped[j]; }) / double(n);
+    cross_entropy = smoothed_cross_entropy(max_capped + std::log(z_h), capped[label], mean_capped,
                                            params.label_smoothing);
   }
 
   const auto student_prob = [&](int j) { return exp_student[j] * inv_z_student; };
   const auto column_terms = [&](int j) {
-    return divergence_terms<kDivergence>(exp_teacher[j] * inv_z_teacher, (teacher[j] - max_teacher) - log_z_teacher,
-                                         student_prob(j), (capped[j] * inv_t - max_student) - log_z_student, beta);
+    return divergence_terms<kDivergence>(exp_teacher[j] * inv_z_teacher,
+                                         half_log_prob(teacher[j], max_teacher, log_z_teacher), student_prob(j),
+                                         half_log_prob(capped[j] * inv_t, max_student, log_z_student), beta);
   };
   double divergence;
   if (grad == nullptr) {
@@ -137,7 +139,7 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
       return terms.value;
     });
   }
-  params.loss[row] = weighted(soft_scale, float(divergence)) + weighted(params.hard_weight, cross_entropy);
+  params.loss[row] = row_loss(soft_scale, divergence, params.hard_weight, cross_entropy);
 }
 
 template <class Student, class Teacher, int kDivergence>

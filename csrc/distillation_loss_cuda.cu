@@ -133,10 +133,11 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
   };
   const auto column = [&](int64_t j) {
     const float capped_student = capped(to_float(z_student[j]));
-    const float log_q = (capped_student * inv_t - stats.student.max) - log_sum_student;
-    const float log_p = (capped(to_float(z_teacher[j])) * inv_t - stats.teacher.max) - log_sum_teacher;
-    const float q = expf(log_q);
-    return Column{capped_student, q, divergence_terms<kDivergence>(expf(log_p), log_p, q, log_q, params.beta)};
+    const float half_log_q = half_log_prob(capped_student * inv_t, stats.student.max, log_sum_student);
+    const float half_log_p = half_log_prob(capped(to_float(z_teacher[j])) * inv_t, stats.teacher.max, log_sum_teacher);
+    const float q = expf(2.0f * half_log_q);
+    return Column{capped_student, q,
+                  divergence_terms<kDivergence>(expf(2.0f * half_log_p), half_log_p, q, half_log_q, params.beta)};
   };
 
   // Pass 2 (gradient, divergences other than forward_kl): C = sum_j qg_j, needed before the gradient.
@@ -162,17 +163,14 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
       grad[j] = from_float<Grad>(g);
     }
   }
-  const float divergence = float(block_all_reduce(partial, Sum{}));
+  const double divergence = block_all_reduce(partial, Sum{});
 
   if (threadIdx.x == 0) {
-    float loss = weighted(soft_scale, divergence);
-    if (hard) {
-      const float mean_capped = float(stats.capped_sum / double(n));
-      loss += params.hard_weight * smoothed_cross_entropy(stats.hard.max + log_sum_hard,
-                                                          capped(to_float(z_student[label])), mean_capped,
-                                                          params.label_smoothing);
-    }
-    params.loss[row] = loss;
+    const double cross_entropy =
+        hard ? smoothed_cross_entropy(double(stats.hard.max) + log(stats.hard.sum), capped(to_float(z_student[label])),
+                                      stats.capped_sum / double(n), params.label_smoothing)
+             : 0.0;
+    params.loss[row] = row_loss(soft_scale, divergence, params.hard_weight, cross_entropy);
   }
 }
 

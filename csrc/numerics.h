@@ -158,10 +158,22 @@ TSA_HOST_DEVICE inline float fast_exp(float x) {
 #endif
 }
 
-// a log(a / b) from log a and log b, with 0 log 0 = 0 (a masked key or a -inf logit: a = 0, log a = -inf);
-// nan for a nan a (a nan or +inf logit, a row of only -inf).
-TSA_HOST_DEVICE inline float xlog_ratio(float a, float log_a, float log_b) {
-  return a != 0.0f ? a * (log_a - log_b) : 0.0f;
+// Half a log-softmax entry, (x - max - log Z) / 2, as (x/2 - max/2) - log Z/2: for x near the fp32 limit
+// (+-3.4e38) x - max and log-probabilities pass fp32's range (-6e38) where their ratio to another model's
+// still gives a finite q log(q / p). Halving is exact, so elsewhere this is exactly half the log-probability.
+TSA_HOST_DEVICE inline float half_log_prob(float x, float max, float log_z) {
+  return (0.5f * x - 0.5f * max) - 0.5f * log_z;
+}
+
+// a log(a / b) (and half of it) from half_log_a = log(a) / 2 and half_log_b = log(b) / 2 (half_log_prob),
+// finite wherever the result is; 0 log 0 = 0 (a masked key or a -inf logit: a = 0, log a = -inf); nan for a nan a (a nan or +inf
+// logit, a row of only -inf).
+TSA_HOST_DEVICE inline float half_xlog_ratio(float a, float half_log_a, float half_log_b) {
+  return a != 0.0f ? a * (half_log_a - half_log_b) : 0.0f;  // a log(a / b) / 2
+}
+
+TSA_HOST_DEVICE inline float xlog_ratio(float a, float half_log_a, float half_log_b) {
+  return 2.0f * half_xlog_ratio(a, half_log_a, half_log_b);
 }
 
 // ---- Dispatch from a runtime dtype code to a template argument (host) --------------------------------

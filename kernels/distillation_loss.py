@@ -58,23 +58,33 @@ def _load_capped(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _divergence_terms(p, q, log_p, log_q, beta, DIVERGENCE: tl.constexpr):
-    """Per element: the divergence summand d and qg = q * dD/dq. Zero-probability terms are exactly 0; a NaN
+def _half_log_prob(x, m, log_d):
+    """Half the log-softmax, (x - m - log d) / 2, as (x/2 - m/2) - log(d)/2: near the fp32 limit (+-3.4e38)
+    x - m and log-probabilities pass fp32's range (-6e38) where q log(q / p) is still finite. Halving is exact:
+    elsewhere this is exactly half the log-probability."""
+    return (0.5 * x - 0.5 * m[:, None]) - 0.5 * log_d[:, None]
+
+
+@triton.jit
+def _divergence_terms(p, q, half_log_p, half_log_q, beta, DIVERGENCE: tl.constexpr):
+    """Per element: the divergence summand d and qg = q * dD/dq, from the probabilities and half their logs
+    (a log(a/b) as 2 (a (h_a - h_b)): finite wherever it is). Zero-probability terms are exactly 0; a NaN
     probability (a NaN or +inf logit, a row of only -inf) makes both NaN."""
     if DIVERGENCE == FORWARD_KL:
-        d = tl.where(p != 0, p * (log_p - log_q), 0.0)
+        d = tl.where(p != 0, 2.0 * (p * (half_log_p - half_log_q)), 0.0)
         qg = -p
     elif DIVERGENCE == REVERSE_KL:
-        d = tl.where(q != 0, q * (log_q - log_p), 0.0)
+        d = tl.where(q != 0, 2.0 * (q * (half_log_q - half_log_p)), 0.0)
         qg = d + q
     elif DIVERGENCE == SYMMETRIC_KL:
-        reverse = tl.where(q != 0, q * (log_q - log_p), 0.0)
-        d = 0.5 * (tl.where(p != 0, p * (log_p - log_q), 0.0) + reverse)
-        qg = 0.5 * (reverse + q - p)
+        # The halves of both KLs summed: each KL may pass fp32's range where their mean does not.
+        half_reverse = tl.where(q != 0, q * (half_log_q - half_log_p), 0.0)
+        d = tl.where(p != 0, p * (half_log_p - half_log_q), 0.0) + half_reverse
+        qg = half_reverse + 0.5 * (q - p)
     elif DIVERGENCE == JSD:
         # log(q/m) and log(p/m) from the log-ratio of the larger to the smaller, not as log q - log m:
         # a difference of two rounded logs would cancel where p ~ q. A NaN ratio takes the second branch.
-        log_pq = log_p - log_q
+        log_pq = 2.0 * (half_log_p - half_log_q)
         p_larger = log_pq > 0
         log_smaller_m = -tl.log(
             tl.where(p_larger, beta + (1.0 - beta) * tl.exp(-log_pq), beta * tl.exp(log_pq) + (1.0 - beta))
@@ -150,7 +160,8 @@ def _distillation_loss_fwd_kernel(
     m_s = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
     m_t, m_h = m_s, m_s
     d_s = tl.zeros([BLOCK_ROWS], tl.float32)
-    d_t, d_h, sum_h = d_s, d_s, d_s
+    d_t, d_h = d_s, d_s
+    sum_h = tl.zeros([BLOCK_ROWS], tl.float64)  # sum of c(z_s): fp32 overflows for logits near its limit
     for start in range(0, n_cols, BLOCK_V):
         mask = counted[:, None] & (start + cols < n_cols)
         c_s, _ = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
@@ -159,7 +170,7 @@ def _distillation_loss_fwd_kernel(
         m_t, d_t = online_logsumexp(m_t, d_t, c_t * inv_t)
         if HAS_HARD:
             m_h, d_h = online_logsumexp(m_h, d_h, c_s)
-            sum_h += tl.sum(tl.where(mask, c_s, 0.0), axis=1)
+            sum_h += tl.sum(tl.where(mask, c_s, 0.0).to(tl.float64), axis=1)
     # log-softmax as (x - max) - log(sum): x - max is exact near the max, where m + log(d) would round.
     log_d_s, log_d_t = tl.log(d_s), tl.log(d_t)
 
@@ -173,9 +184,10 @@ def _distillation_loss_fwd_kernel(
             mask = counted[:, None] & (start + cols < n_cols)
             c_s, _ = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
             c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
-            log_q = (c_s * inv_t - m_s[:, None]) - log_d_s[:, None]
-            log_p = (c_t * inv_t - m_t[:, None]) - log_d_t[:, None]
-            _, qg = _divergence_terms(tl.exp(log_p), tl.exp(log_q), log_p, log_q, beta, DIVERGENCE)
+            half_log_q = _half_log_prob(c_s * inv_t, m_s, log_d_s)
+            half_log_p = _half_log_prob(c_t * inv_t, m_t, log_d_t)
+            p, q = tl.exp(2.0 * half_log_p), tl.exp(2.0 * half_log_q)
+            _, qg = _divergence_terms(p, q, half_log_p, half_log_q, beta, DIVERGENCE)
             qg_sum += tl.sum(tl.where(mask, qg, 0.0).to(tl.float64), axis=1)
 
     # Pass 3: the divergence, and the gradient tile written once (zeros for ignored rows).
@@ -187,10 +199,10 @@ def _distillation_loss_fwd_kernel(
         mask = counted[:, None] & in_cols
         c_s, dc_s = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
         c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
-        log_q = (c_s * inv_t - m_s[:, None]) - log_d_s[:, None]
-        log_p = (c_t * inv_t - m_t[:, None]) - log_d_t[:, None]
-        q = tl.exp(log_q)
-        d, qg = _divergence_terms(tl.exp(log_p), q, log_p, log_q, beta, DIVERGENCE)
+        half_log_q = _half_log_prob(c_s * inv_t, m_s, log_d_s)
+        half_log_p = _half_log_prob(c_t * inv_t, m_t, log_d_t)
+        q = tl.exp(2.0 * half_log_q)
+        d, qg = _divergence_terms(tl.exp(2.0 * half_log_p), q, half_log_p, half_log_q, beta, DIVERGENCE)
         div += tl.sum(tl.where(mask, d, 0.0).to(tl.float64), axis=1)
         if COMPUTE_GRAD:
             # A weight of 0 contributes nothing, also where the divergence is infinite (not 0 * inf = NaN).
@@ -205,16 +217,18 @@ def _distillation_loss_fwd_kernel(
             out = grad_ptr + rows.to(tl.int64)[:, None] * stride_grad + start + cols
             tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & in_cols)
 
-    loss = tl.where(row_soft_scale != 0.0, row_soft_scale * div.to(tl.float32), 0.0)
+    # The row's loss in fp64 until the store: lse - c passes fp32's range for logits near its limit.
+    loss = tl.where(row_soft_scale != 0.0, row_soft_scale.to(tl.float64) * div, 0.0)
     if HAS_HARD:
         safe_labels = tl.where(counted, labels, 0)
         c_y, _ = _load_capped(
             student_ptr + rows.to(tl.int64) * stride_student + safe_labels, counted, softcap, HAS_SOFTCAP
         )
-        nll = (m_h - c_y) + log_d_h
-        smoothing = tl.where(label_smoothing != 0.0, label_smoothing * ((m_h - sum_h / n_cols) + log_d_h), 0.0)
+        lse_h = m_h.to(tl.float64) + log_d_h.to(tl.float64)
+        nll = lse_h - c_y.to(tl.float64)
+        smoothing = tl.where(label_smoothing != 0.0, label_smoothing * (lse_h - sum_h / n_cols), 0.0)
         loss += hard_weight * ((1.0 - label_smoothing) * nll + smoothing)
-    tl.store(loss_ptr + rows, tl.where(counted, loss, 0.0), mask=in_range)
+    tl.store(loss_ptr + rows, tl.where(counted, loss, 0.0).to(tl.float32), mask=in_range)
 
 
 def tiles(n_rows: int, vocab_size: int) -> tuple[int, int, int]:

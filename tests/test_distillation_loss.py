@@ -468,6 +468,31 @@ def test_reference_takes_a_0d_temperature():
     assert torch.equal(as_tensor[0], as_float[0]) and torch.equal(as_tensor[1], as_float[1])
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_logits_near_the_float32_limit(backend, divergence, temperature):
+    """Logits up to +-3.4e38: wherever the float64 loss and gradient fit in fp32, every backend gives them
+    (log-probabilities and row sums past the fp32 range must not overflow on the way). The torch backend
+    within 1/16 of the fp32 range: its autograd multiplies the incoming gradient (here up to 2 T^2) by a
+    log-ratio before the probability that makes their product small."""
+    student, teacher, labels = make_inputs((1000,), 8, ignore="none")
+    for logits in (student, teacher):
+        huge = torch.rand(logits.shape, device=DEVICE) < 0.3
+        logits[huge] = (torch.rand(logits.shape, device=DEVICE, dtype=torch.float64) * 6.8e38 - 3.4e38)[huge].float()
+    options = dict(divergence=divergence, temperature=temperature, hard_weight=0.5, label_smoothing=0.1)
+    options["reduction"] = "none"
+    expected_loss, expected_grad = loss_and_grad(reference_loss, student.double(), teacher.double(), labels, **options)
+    limit = torch.finfo(torch.float32).max / (16 if backend == "torch" else 1)
+    fits = lambda x: x.isfinite() & (x.abs() < limit)  # noqa: E731
+    rows = fits(expected_loss) & fits(expected_grad).all(-1)
+    assert rows.sum() > 30
+    student, teacher, labels = student[rows], teacher[rows], labels[rows]
+    expected_loss, expected_grad = loss_and_grad(reference_loss, student.double(), teacher.double(), labels, **options)
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    assert_rel_close(loss, expected_loss, TOL[torch.float32], "loss")
+    assert_rel_close(grad, expected_grad, TOL[torch.float32], "grad")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Compiled for GPUs without one: Triton ships ptxas.
 

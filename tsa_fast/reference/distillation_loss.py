@@ -36,39 +36,60 @@ def per_column(temperature: float | Tensor, dtype: torch.dtype) -> float | Tenso
     return temperature[:, None] if temperature.dim() == 1 else temperature
 
 
+def half_log_softmax(x: Tensor) -> Tensor:
+    """log_softmax(x) / 2 over the last dim, as (x/2 - max/2) - log(sum exp(x - max)) / 2. The divergences take
+    log-probabilities halved: for logits near the fp32 limit (+-3.4e38) x - max and the log-probabilities pass
+    fp32's range (-6e38) where q log(q / p) is still finite. Halving is exact: elsewhere this is exactly half
+    of log_softmax(x)."""
+    half = 0.5 * x - 0.5 * x.amax(-1, keepdim=True).detach()  # the max cancels: no gradient through it
+    return half - 0.5 * torch.exp(2 * half).sum(-1, keepdim=True).log()
+
+
+def half_kl_divergence(half_log_a: Tensor, half_log_b: Tensor) -> Tensor:
+    """KL(a || b) / 2 over the last dim from halved log-probabilities; terms with a = 0 are 0 (and have 0
+    gradient), a NaN a makes the row and its gradient NaN."""
+    a = torch.exp(2 * half_log_a)
+    return (a * torch.where(a != 0, half_log_a - half_log_b, 0.0)).sum(-1)
+
+
 def kl_divergence(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) over the last dim from log-probabilities; terms with a = 0 are 0 (and have 0 gradient), a NaN
-    a makes the row and its gradient NaN."""
-    a = log_a.exp()
-    return (a * torch.where(a != 0, log_a - log_b, 0.0)).sum(-1)
+    """KL(a || b) over the last dim from log-probabilities (`half_kl_divergence`)."""
+    return 2 * half_kl_divergence(0.5 * log_a, 0.5 * log_b)
 
 
-def divergence(log_p: Tensor, log_q: Tensor, name: str, beta: float = 0.5) -> Tensor:
-    """Per-row divergence between teacher P (log_p) and student Q (log_q), shape (N,)."""
+def divergence(half_log_p: Tensor, half_log_q: Tensor, name: str, beta: float = 0.5) -> Tensor:
+    """Per-row divergence between teacher P and student Q from their halved log-probabilities, shape (N,)."""
     if name == "forward_kl":
-        return kl_divergence(log_p, log_q)
+        return 2 * half_kl_divergence(half_log_p, half_log_q)
     if name == "reverse_kl":
-        return kl_divergence(log_q, log_p)
-    if name == "symmetric_kl":
-        return 0.5 * (kl_divergence(log_p, log_q) + kl_divergence(log_q, log_p))
+        return 2 * half_kl_divergence(half_log_q, half_log_p)
+    if name == "symmetric_kl":  # the halves summed: each KL may pass fp32's range where their mean does not
+        return half_kl_divergence(half_log_p, half_log_q) + half_kl_divergence(half_log_q, half_log_p)
+    p, q = torch.exp(2 * half_log_p), torch.exp(2 * half_log_q)
     if name == "jsd":
-        m = beta * log_p.exp() + (1 - beta) * log_q.exp()
-        log_m = torch.log(torch.where(m != 0, m, 1.0))  # m = 0 only where p = q = 0: terms that are 0
-        return beta * kl_divergence(log_p, log_m) + (1 - beta) * kl_divergence(log_q, log_m)
+        m = beta * p + (1 - beta) * q
+        half_log_m = 0.5 * torch.log(torch.where(m != 0, m, 1.0))  # m = 0 only where p = q = 0: terms that are 0
+        return 2 * (
+            beta * half_kl_divergence(half_log_p, half_log_m) + (1 - beta) * half_kl_divergence(half_log_q, half_log_m)
+        )
     if name == "tvd":
-        difference = log_p.exp() - log_q.exp()
+        difference = p - q
         # |x| as x * sign(x), and sign(NaN) = 0 made NaN (+ 0 * x), so that a NaN teacher gives a NaN gradient.
         return 0.5 * (difference * (difference.sign().detach() + 0.0 * difference.detach())).sum(-1)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {name!r}")
 
 
 def smoothed_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
-    """Per-row cross-entropy of softmax(logits) against labels with label smoothing, shape (N,)."""
-    log_q = torch.log_softmax(logits, dim=-1)
-    nll = -log_q.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    """Per-row cross-entropy of softmax(logits) against labels with label smoothing, shape (N,), float64:
+    (1 - eps) (lse - z_label) + eps (lse - mean z), lse = logsumexp(z). The per-row sums and differences are in
+    float64 (for fp32 logits near their limit, lse - z and the sum of a row pass fp32's range)."""
+    max_logit = logits.amax(-1, keepdim=True).detach()  # cancels: no gradient through it
+    lse = max_logit.squeeze(-1).double() + torch.exp(logits - max_logit).sum(-1).log().double()
+    nll = lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double()
     if label_smoothing == 0.0:  # a term of weight 0 contributes nothing, also where it is infinite
         return nll
-    return (1 - label_smoothing) * nll - label_smoothing * log_q.mean(-1)
+    mean_logit = logits.sum(-1, dtype=torch.float64) / logits.shape[-1]
+    return (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
 
 
 def distillation_loss_rows(
@@ -98,11 +119,11 @@ def distillation_loss_rows(
     # loss and gradient are exactly zero; no data-dependent shapes, so torch.compile traces it whole.
     c_s = softcapped(torch.where(counted[:, None], z_s, 0.0), softcap)
     c_t = softcapped(torch.where(counted[:, None], z_t, 0.0), softcap)
-    log_q = torch.log_softmax(c_s / per_column(temperature, compute_dtype), dim=-1)
-    log_p = torch.log_softmax(c_t / per_column(temperature, compute_dtype), dim=-1)
+    half_log_q = half_log_softmax(c_s / per_column(temperature, compute_dtype))
+    half_log_p = half_log_softmax(c_t / per_column(temperature, compute_dtype))
     return row_losses(
-        log_p,
-        log_q,
+        half_log_p,
+        half_log_q,
         c_s,
         labels,
         counted,
@@ -124,8 +145,8 @@ def counted_rows(labels: Tensor | None, ignore_index: int, n_rows: int, device: 
 
 
 def row_losses(
-    log_p: Tensor,
-    log_q: Tensor,
+    half_log_p: Tensor,
+    half_log_q: Tensor,
     capped_student: Tensor,
     labels: Tensor | None,
     counted: Tensor,
@@ -138,20 +159,21 @@ def row_losses(
     hard_weight: float,
     label_smoothing: float,
 ) -> Tensor:
-    """Per-row losses (N,) from the teacher's and student's log-probabilities at temperature T (over the
-    categories the divergence compares) and the student's capped logits c(z_s) (the hard term); temperature
-    a number or a tensor of shape (N,) or ()."""
+    """Per-row losses (N,) from the teacher's and student's log-probabilities at temperature T, halved
+    (`half_log_softmax`; over the categories the divergence compares), and the student's capped logits c(z_s)
+    (the hard term); temperature a number or a tensor of shape (N,) or ()."""
+    dtype = half_log_q.dtype
     if isinstance(temperature, Tensor):
-        temperature = temperature.detach().to(log_q.dtype)
+        temperature = temperature.detach().to(dtype)
     t2 = temperature**2 if scale_by_t2 else 1.0
     # A term of weight 0 contributes nothing, also where it is infinite (not 0 * inf = NaN).
-    loss = torch.zeros_like(log_q[:, 0])
+    loss = torch.zeros_like(half_log_q[:, 0])
     if soft_weight != 0.0:
-        loss = loss + soft_weight * t2 * divergence(log_p, log_q, divergence_name, beta)
+        loss = loss + soft_weight * t2 * divergence(half_log_p, half_log_q, divergence_name, beta)
     if hard_weight != 0.0:
         safe_labels = torch.where(counted, labels, 0).long()
         loss = loss + hard_weight * smoothed_cross_entropy(capped_student, safe_labels, label_smoothing)
-    return torch.where(counted, loss, 0.0)
+    return torch.where(counted, loss, 0.0).to(dtype)
 
 
 def reduce_rows(rows: Tensor, counted: Tensor | None, reduction: str, leading_shape: torch.Size) -> Tensor:

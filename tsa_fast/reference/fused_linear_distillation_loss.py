@@ -108,8 +108,8 @@ def topk_distillation_loss_rows(
     log_q = torch.log_softmax(capped / per_column(temperature, capped.dtype), -1)
     log_p, log_q = topk_bucket_log_probs(log_q, indices, teacher_logprobs)
     return row_losses(
-        log_p,
-        log_q,
+        0.5 * log_p,
+        0.5 * log_q,
         capped,
         labels,
         counted,
