@@ -130,9 +130,19 @@ TSA_HOST_DEVICE inline DivergenceTerms divergence_terms(float p, float log_p, fl
     const float half_reverse = half_xlog_ratio(q, log_q, log_p);
     return {half_xlog_ratio(p, log_p, log_q) + half_reverse, half_reverse + 0.5f * (q - p)};
   } else if constexpr (kDivergence == kJSD) {  // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
-    const float log_m = 0.5f * logf(beta * p + (1.0f - beta) * q);
-    const float student_part = xlog_ratio(q, log_q, log_m);
-    return {beta * xlog_ratio(p, log_p, log_m) + (1.0f - beta) * student_part, (1.0f - beta) * student_part};
+    // log(p/m) and log(q/m) from r = log(p/q), not as log p - log m: log m of the rounded p and q would
+    // disagree with the log-probabilities where p ~ q ~ 1 (a peaked row). For the larger of p, q, say p:
+    // m/p = 1 + (1 - beta) expm1(-r), so log(p/m) = -log1p((1 - beta) expm1(-r)); the smaller's log is that
+    // minus |r|. A nan r takes the second branch (and stays nan).
+    const float r = 2.0f * (log_p - log_q);
+    const bool p_larger = r > 0.0f;
+    const float log_larger_m =
+        -accurate_log1p((p_larger ? 1.0f - beta : beta) * accurate_expm1(p_larger ? -r : r));
+    const float log_pm = p_larger ? log_larger_m : log_larger_m + r;
+    const float log_qm = p_larger ? log_larger_m - r : log_larger_m;
+    const float student_part = q != 0.0f ? q * log_qm : 0.0f;
+    const float teacher_part = p != 0.0f ? p * log_pm : 0.0f;
+    return {beta * teacher_part + (1.0f - beta) * student_part, (1.0f - beta) * student_part};
   } else {  // kTVD: sum |p - q| / 2
     static_assert(kDivergence == kTVD, "unknown divergence");
     const float sign = float(q > p) - float(q < p) + 0.0f * p;  // nan for a nan p (0 * p)

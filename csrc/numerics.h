@@ -176,6 +176,26 @@ TSA_HOST_DEVICE inline float xlog_ratio(float a, float half_log_a, float half_lo
   return 2.0f * half_xlog_ratio(a, half_log_a, half_log_b);
 }
 
+// log(1 + x) and e^x - 1 in fp32 to a few ulps where 1 + x and e^x round to near 1 (CUDA: log1pf, expm1f).
+// Host: Kahan's quotients, in which the rounding of u = 1 + x (or of u = e^x) cancels.
+TSA_HOST_DEVICE inline float accurate_log1p(float x) {
+#ifdef __CUDA_ARCH__
+  return log1pf(x);
+#else
+  const float u = 1.0f + x;
+  return u == 1.0f ? x : logf(u) * (x / (u - 1.0f));
+#endif
+}
+
+TSA_HOST_DEVICE inline float accurate_expm1(float x) {
+#ifdef __CUDA_ARCH__
+  return expm1f(x);
+#else
+  const float u = fast_exp(x), u_minus_1 = u - 1.0f;
+  return u == 1.0f ? x : (u_minus_1 == -1.0f ? -1.0f : u_minus_1 * (x / logf(u)));
+#endif
+}
+
 // ---- Dispatch from a runtime dtype code to a template argument (host) --------------------------------
 
 template <class T>

@@ -58,6 +58,20 @@ def _load_capped(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _log1p(x):
+    """log(1 + x) to a few ulps where 1 + x rounds near 1 (Kahan: the rounding of u = 1 + x cancels)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _expm1(x):
+    """e^x - 1 to a few ulps where e^x rounds near 1 (Kahan: the rounding of u = e^x cancels)."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (x / tl.log(u))))
+
+
+@triton.jit
 def _half_log_prob(x, m, log_d):
     """Half the log-softmax, (x - m - log d) / 2, as (x/2 - m/2) - log(d)/2: near the fp32 limit (+-3.4e38)
     x - m and log-probabilities pass fp32's range (-6e38) where q log(q / p) is still finite. Halving is exact:
@@ -82,15 +96,15 @@ def _divergence_terms(p, q, half_log_p, half_log_q, beta, DIVERGENCE: tl.constex
         d = tl.where(p != 0, p * (half_log_p - half_log_q), 0.0) + half_reverse
         qg = half_reverse + 0.5 * (q - p)
     elif DIVERGENCE == JSD:
-        # log(q/m) and log(p/m) from the log-ratio of the larger to the smaller, not as log q - log m:
-        # a difference of two rounded logs would cancel where p ~ q. A NaN ratio takes the second branch.
+        # log(p/m) and log(q/m) from r = log(p/q), not as log p - log m: log m of the rounded p and q would
+        # disagree with the log-probabilities where p ~ q ~ 1 (a peaked row). For the larger of p, q, say p:
+        # m/p = 1 + (1 - beta) expm1(-r), so log(p/m) = -log1p((1 - beta) expm1(-r)); the smaller's log is
+        # that minus |r|. A NaN ratio takes the second branch (and stays NaN).
         log_pq = 2.0 * (half_log_p - half_log_q)
         p_larger = log_pq > 0
-        log_smaller_m = -tl.log(
-            tl.where(p_larger, beta + (1.0 - beta) * tl.exp(-log_pq), beta * tl.exp(log_pq) + (1.0 - beta))
-        )
-        log_qm = tl.where(p_larger, log_smaller_m - log_pq, log_smaller_m)
-        log_pm = tl.where(p_larger, log_smaller_m, log_smaller_m + log_pq)
+        log_larger_m = -_log1p(tl.where(p_larger, 1.0 - beta, beta) * _expm1(tl.where(p_larger, -log_pq, log_pq)))
+        log_qm = tl.where(p_larger, log_larger_m - log_pq, log_larger_m)
+        log_pm = tl.where(p_larger, log_larger_m, log_larger_m + log_pq)
         student_term = tl.where(q != 0, q * log_qm, 0.0)
         d = beta * tl.where(p != 0, p * log_pm, 0.0) + (1.0 - beta) * student_term
         qg = (1.0 - beta) * student_term

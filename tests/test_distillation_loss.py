@@ -493,6 +493,49 @@ def test_logits_near_the_float32_limit(backend, divergence, temperature):
     assert_rel_close(grad, expected_grad, TOL[torch.float32], "grad")
 
 
+def plain_divergence(student, teacher, labels=None, *, divergence, beta, temperature, reduction="none"):
+    """Each divergence written plainly in PyTorch (log_softmax, log of the mixture, zero-probability terms
+    dropped): the yardstick of what fp32 arithmetic gives on an input."""
+    log_q, log_p = torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1)
+    kl = lambda log_a, log_b: (log_a.exp() * torch.where(log_a.exp() > 0, log_a - log_b, 0.0)).sum(-1)  # noqa: E731
+    if divergence == "forward_kl":
+        rows = kl(log_p, log_q)
+    elif divergence == "reverse_kl":
+        rows = kl(log_q, log_p)
+    elif divergence == "symmetric_kl":
+        rows = 0.5 * (kl(log_p, log_q) + kl(log_q, log_p))
+    elif divergence == "jsd":
+        m = beta * log_p.exp() + (1 - beta) * log_q.exp()
+        log_m = torch.log(torch.where(m > 0, m, 1.0))
+        rows = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+    else:
+        rows = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    return rows * temperature**2
+
+
+@pytest.mark.parametrize(
+    "divergence, beta", [(name, 0.5) for name in DIVERGENCES] + [("jsd", 0.1), ("jsd", 0.9)], ids=str
+)
+@pytest.mark.parametrize(
+    "scale, peak, temperature",
+    [(3.0, 10.0, 1.0), (3.0, 20.0, 2.0), (1.0, 30.0, 1.0)],
+    ids=["peak10", "peak20-T2", "peak30"],
+)
+def test_peaked_distributions_within_twice_plain_fp32_error(backend, divergence, beta, scale, peak, temperature):
+    """Peaked, nearly equal teacher and student (a JSD near 0): loss and gradient within twice the error of the
+    divergence written plainly in fp32 PyTorch on the same input, plus 1e-6 (the attention tests' rule)."""
+    student = torch.randn(8, 1000, device=DEVICE) * scale
+    teacher = student + 0.1 * scale * torch.randn(8, 1000, device=DEVICE)
+    student[:, 0] += peak
+    teacher[:, 0] += peak
+    options = dict(divergence=divergence, beta=beta, temperature=temperature, reduction="none")
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, None, **options)
+    expected = loss_and_grad(reference_loss, student.double(), teacher.double(), None, **options)
+    plain = loss_and_grad(plain_divergence, student, teacher, None, **options)
+    for actual, wanted, yardstick, what in zip((loss, grad), expected, plain, ("loss", "grad")):
+        assert_rel_close(actual, wanted, 2 * rel_error(yardstick, wanted) + 1e-6, what)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Compiled for GPUs without one: Triton ships ptxas.
 

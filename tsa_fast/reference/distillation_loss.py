@@ -67,11 +67,21 @@ def divergence(half_log_p: Tensor, half_log_q: Tensor, name: str, beta: float = 
         return half_kl_divergence(half_log_p, half_log_q) + half_kl_divergence(half_log_q, half_log_p)
     p, q = torch.exp(2 * half_log_p), torch.exp(2 * half_log_q)
     if name == "jsd":
-        m = beta * p + (1 - beta) * q
-        half_log_m = 0.5 * torch.log(torch.where(m != 0, m, 1.0))  # m = 0 only where p = q = 0: terms that are 0
-        return 2 * (
-            beta * half_kl_divergence(half_log_p, half_log_m) + (1 - beta) * half_kl_divergence(half_log_q, half_log_m)
-        )
+        # log(p/m) and log(q/m) from r = log(p/q), not as log p - log m: log m of the rounded p and q would
+        # disagree with the log-probabilities where p ~ q ~ 1 (a peaked row). For the larger of p, q, say p:
+        # m/p = 1 + (1 - beta) expm1(-r), so log(p/m) = -log1p((1 - beta) expm1(-r)); the smaller's log is
+        # that minus |r|. r = 0 where p = q = 0 (terms that are 0), so that no NaN reaches the gradient.
+        r = torch.where((p == 0) & (q == 0), 0.0, 2 * (half_log_p - half_log_q))
+        p_larger = r > 0
+        log_larger_m = -torch.log1p(torch.where(p_larger, 1 - beta, beta) * torch.expm1(torch.where(p_larger, -r, r)))
+        log_pm = torch.where(p_larger, log_larger_m, log_larger_m + r)
+        log_qm = torch.where(p_larger, log_larger_m - r, log_larger_m)
+        xlog = lambda a, log_ratio: (a * torch.where(a != 0, log_ratio, 0.0)).sum(-1)  # noqa: E731
+        jsd = beta * xlog(p, log_pm) + (1 - beta) * xlog(q, log_qm)
+        # dJSD/dq_j = (1 - beta) log(q_j/m_j): the terms through m cancel exactly, but autograd of the line above
+        # would form them as a difference of rounded terms. So the value is jsd, the gradient flows through q.
+        student_part = (1 - beta) * xlog(q, log_qm.detach())
+        return jsd.detach() + (student_part - student_part.detach())
     if name == "tvd":
         difference = p - q
         # |x| as x * sign(x), and sign(NaN) = 0 made NaN (+ 0 * x), so that a NaN teacher gives a NaN gradient.
