@@ -176,14 +176,45 @@ TSA_HOST_DEVICE inline float xlog_ratio(float a, float half_log_a, float half_lo
   return 2.0f * half_xlog_ratio(a, half_log_a, half_log_b);
 }
 
+// log x in fp32 (CUDA: logf). Host: within 1 ulp for normal x > 0: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// log m by Cephes' logf polynomial, e ln2 added in two parts; -inf for 0, +inf for inf, nan for negative or
+// nan x (subnormal x, which the callers never pass, read as 0). Branch-free, so the loops that call it
+// vectorize (a libm logf call would not).
+TSA_HOST_DEVICE inline float fast_log(float x) {
+#ifdef __CUDA_ARCH__
+  return logf(x);
+#else
+  const uint32_t bits = float_bits(x);
+  const bool low = (bits & 0x007fffffu) < 0x003504f3u;  // mantissa below sqrt(2): m in [1, sqrt 2), else halved
+  const float m = bits_float((bits & 0x007fffffu) | (low ? 0x3f800000u : 0x3f000000u)) - 1.0f;
+  const float e = float(int((bits >> 23) & 0xffu) - (low ? 127 : 126));
+  const float z = m * m;
+  float poly = 7.0376836292e-2f;
+  poly = poly * m - 1.1514610310e-1f;
+  poly = poly * m + 1.1676998740e-1f;
+  poly = poly * m - 1.2420140846e-1f;
+  poly = poly * m + 1.4249322787e-1f;
+  poly = poly * m - 1.6668057665e-1f;
+  poly = poly * m + 2.0000714765e-1f;
+  poly = poly * m - 2.4999993993e-1f;
+  poly = poly * m + 3.3333331174e-1f;
+  const float y = poly * m * z + e * -2.12194440e-4f - 0.5f * z;
+  const float log = m + y + e * 0.693359375f;
+  const bool normal = x >= 1.17549435e-38f && x < INFINITY;  // false for nan
+  return normal ? log : (x == 0.0f ? -INFINITY : (x == INFINITY ? INFINITY : NAN));
+#endif
+}
+
 // log(1 + x) and e^x - 1 in fp32 to a few ulps where 1 + x and e^x round to near 1 (CUDA: log1pf, expm1f).
-// Host: Kahan's quotients, in which the rounding of u = 1 + x (or of u = e^x) cancels.
+// Host: log1p by Kahan's quotient, in which the rounding of u = 1 + x cancels; expm1 by its Taylor series to
+// x^8 / 8! for |x| < 1/2 (truncation below 1e-8 relative), e^x - 1 above, where it does not cancel.
+// Branch-free (fast_log, fast_exp), so the loops that call them vectorize.
 TSA_HOST_DEVICE inline float accurate_log1p(float x) {
 #ifdef __CUDA_ARCH__
   return log1pf(x);
 #else
   const float u = 1.0f + x;
-  return u == 1.0f ? x : logf(u) * (x / (u - 1.0f));
+  return u == 1.0f ? x : fast_log(u) * (x / (u - 1.0f));
 #endif
 }
 
@@ -191,8 +222,15 @@ TSA_HOST_DEVICE inline float accurate_expm1(float x) {
 #ifdef __CUDA_ARCH__
   return expm1f(x);
 #else
-  const float u = fast_exp(x), u_minus_1 = u - 1.0f;
-  return u == 1.0f ? x : (u_minus_1 == -1.0f ? -1.0f : u_minus_1 * (x / logf(u)));
+  float poly = 1.0f / 40320.0f;
+  poly = poly * x + 1.0f / 5040.0f;
+  poly = poly * x + 1.0f / 720.0f;
+  poly = poly * x + 1.0f / 120.0f;
+  poly = poly * x + 1.0f / 24.0f;
+  poly = poly * x + 1.0f / 6.0f;
+  poly = poly * x + 0.5f;
+  const float small = (poly * x) * x + x;
+  return fabsf(x) < 0.5f ? small : fast_exp(x) - 1.0f;
 #endif
 }
 
