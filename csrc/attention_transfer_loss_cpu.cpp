@@ -213,7 +213,9 @@ TSA_CPU_CLONES void forward_chunk(const Geometry& g, int64_t b, int64_t h, int64
       drop_masked_keys(s_s, row_keys, keep);
       drop_masked_keys(s_t, row_keys, keep);
       const float max_s = row_max(s_s, row_keys), max_t = row_max(s_t, row_keys);
-      if (max_t == -INFINITY || !g.row_kept(keep, i)) {  // no visible key, or a padded position
+      // No visible key, or a padded position. (Teacher scores all -inf where the student's are not give
+      // kl = nan below, as a nan score does.)
+      if ((max_s == -INFINITY && max_t == -INFINITY) || !g.row_kept(keep, i)) {
         p.kl[out] = 0.0f;
         p.lse_s[out] = p.lse_t[out] = -INFINITY;
         continue;
@@ -231,7 +233,7 @@ TSA_CPU_CLONES void forward_chunk(const Geometry& g, int64_t b, int64_t h, int64
       double kl = 0.0;
 #pragma omp simd reduction(+ : kl)
       for (int64_t j = 0; j < row_keys; ++j)
-        kl += xlog_ratio(e_t[j] * inv_z_t, (s_t[j] - max_t) - log_z_t, (s_s[j] - max_s) - log_z_s);
+        kl += xlog_ratio(e_t[j] * inv_z_t, half_log_prob(s_t[j], max_t, log_z_t), half_log_prob(s_s[j], max_s, log_z_s));
       p.kl[out] = float(kl);
       p.lse_s[out] = max_s + log_z_s;
       p.lse_t[out] = max_t + log_z_t;

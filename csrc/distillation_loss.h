@@ -5,11 +5,12 @@
 // or bf16 (independently), column stride 1, row strides in elements; only the first K = n_cols columns are
 // read. Optional int64 labels (rows whose label is ignore_index are skipped: loss 0, zero gradient row,
 // logits not read; labels must otherwise be in [0, K), the caller checks). Written: loss[r] in fp32 and,
-// when grad is non-null, grad[r, :K] = d loss[r] / d z_s[r, :K] in the student dtype.
+// when grad is non-null, grad[r, :K] = d loss[r] / d z_s[r, :K] in GradStorage<student dtype>: fp32 for an
+// fp16 student, else the student dtype.
 //
 // Math in fp32, row sums in double: c(z) = softcap * tanh(z / softcap) (identity without softcap),
-// q = softmax(c(z_s) / T), p = softmax(c(z_t) / T),
-// loss = soft_scale * D(p, q) + hard_weight * CE(softmax(c(z_s)), label).
+// q = softmax(c(z_s) / T), p = softmax(c(z_t) / T) (T one number, or one per row: RowTemperature),
+// loss = soft_scale * D(p, q) + hard_weight * CE(softmax(c(z_s)), label); a term of weight 0 adds nothing.
 // With qg_j = q_j dD/dq_j and C = sum_j qg_j, the softmax Jacobian gives dD/ds_j = qg_j - q_j C.
 //
 // Everything computed per column lives here, as TSA_HOST_DEVICE functions, so both kernels share one
@@ -37,23 +38,43 @@ struct DistillationParams {
   int64_t teacher_row_stride;
   const int64_t* labels;  // (n_rows,), or null: every row counts (then hard_weight must be 0)
   float* loss;            // (n_rows,) out
-  void* grad;             // (n_rows, grad_row_stride) out in student_dtype, or null: no gradient
+  void* grad;             // (n_rows, grad_row_stride) out in GradStorage<student dtype>, or null: no gradient
   int64_t grad_row_stride;
   int64_t n_rows;
   int64_t n_cols;  // K
   int divergence;  // DivergenceCode
   float beta;      // jsd mixing weight
-  float inv_temperature;
-  float soft_scale;  // weight of D (T^2 scaling included by the caller)
+  float inv_temperature;     // 1 / T of every row, unless temperature is set
+  const float* temperature;  // (n_rows,) T per row, or null
+  float soft_scale;  // weight of D: with one T its T^2 included by the caller; with T per row see scale_by_t2
+  bool scale_by_t2;  // with T per row: row r's D also times T_r^2
   float hard_weight;
   float label_smoothing;
   float softcap;  // 0: none
   int64_t ignore_index;
 };
 
+// The gradient's storage type: fp32 for an fp16 student, whose d(row loss)/dz is often below fp16's normal
+// range at LLM vocabularies: stored in fp16 and then scaled by the incoming gradient (a loss scale), it would
+// be rounded twice and often flushed to zero; the caller rounds the scaled product once. bf16 has fp32's range.
+template <class Student>
+using GradStorage = std::conditional_t<std::is_same_v<Student, Half>, float, Student>;
+
 // The kernels (the CUDA one exists only in builds with TSA_FAST_WITH_CUDA; stream is a cudaStream_t).
 void distillation_loss_forward_cpu(const DistillationParams& params);
 void distillation_loss_forward_cuda(const DistillationParams& params, std::uintptr_t stream);
+
+// 1 / T and the weight of D for one row.
+struct RowTemperature {
+  float inv_t;
+  float soft_scale;
+};
+
+TSA_HOST_DEVICE inline RowTemperature row_temperature(const DistillationParams& params, int64_t row) {
+  if (params.temperature == nullptr) return {params.inv_temperature, params.soft_scale};
+  const float t = params.temperature[row];
+  return {1.0f / t, params.scale_by_t2 ? params.soft_scale * t * t : params.soft_scale};
+}
 
 // ---- tanh, softcap -----------------------------------------------------------------------------------
 
@@ -82,10 +103,11 @@ TSA_HOST_DEVICE inline float softcapped(float z, float softcap, float inv_softca
   return softcap * fast_tanh(z * inv_softcap);
 }
 
-// c'(z) = 1 - tanh^2(z / softcap), from the capped value c(z). inv_softcap = 0 (no softcap) gives 1.
+// c'(z) = 1 - tanh^2(z / softcap), from the capped value c(z). inv_softcap = 0 (no softcap) gives 1, also
+// for c(z) = -inf (a masked column), where capped * inv_softcap would be -inf * 0 = nan.
 TSA_HOST_DEVICE inline float softcap_slope(float capped, float inv_softcap) {
   const float tanh = capped * inv_softcap;
-  return 1.0f - tanh * tanh;
+  return inv_softcap > 0.0f ? 1.0f - tanh * tanh : 1.0f;
 }
 
 // ---- Divergences -------------------------------------------------------------------------------------
@@ -95,7 +117,8 @@ struct DivergenceTerms {
   float q_grad;  // qg_j = q_j * dD/dq_j
 };
 
-// Column j's terms of D(p, q) for DivergenceCode kDivergence (p: teacher, q: student).
+// Column j's terms of D(p, q) for DivergenceCode kDivergence (p: teacher, q: student), from the probabilities
+// and half their logs (half_log_prob: log-probabilities may pass fp32's range where the terms do not).
 template <int kDivergence>
 TSA_HOST_DEVICE inline DivergenceTerms divergence_terms(float p, float log_p, float q, float log_q, float beta) {
   if constexpr (kDivergence == kForwardKL) {  // KL(p || q)
@@ -103,21 +126,34 @@ TSA_HOST_DEVICE inline DivergenceTerms divergence_terms(float p, float log_p, fl
   } else if constexpr (kDivergence == kReverseKL) {  // KL(q || p)
     const float reverse = xlog_ratio(q, log_q, log_p);
     return {reverse, reverse + q};
-  } else if constexpr (kDivergence == kSymmetricKL) {  // (KL(p || q) + KL(q || p)) / 2
-    const float reverse = xlog_ratio(q, log_q, log_p);
-    return {0.5f * (xlog_ratio(p, log_p, log_q) + reverse), 0.5f * (reverse + q - p)};
+  } else if constexpr (kDivergence == kSymmetricKL) {  // (KL(p || q) + KL(q || p)) / 2, halves summed
+    const float half_reverse = half_xlog_ratio(q, log_q, log_p);
+    return {half_xlog_ratio(p, log_p, log_q) + half_reverse, half_reverse + 0.5f * (q - p)};
   } else if constexpr (kDivergence == kJSD) {  // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
-    const float log_m = logf(beta * p + (1.0f - beta) * q);
-    const float student_part = xlog_ratio(q, log_q, log_m);
-    return {beta * xlog_ratio(p, log_p, log_m) + (1.0f - beta) * student_part, (1.0f - beta) * student_part};
+    // log(p/m) and log(q/m) from r = log(p/q), not as log p - log m: log m of the rounded p and q would
+    // disagree with the log-probabilities where p ~ q ~ 1 (a peaked row). For the larger of p, q, say p:
+    // m/p = 1 + (1 - beta) expm1(-r), so log(p/m) = -log1p((1 - beta) expm1(-r)); the smaller's log is that
+    // minus |r|. A nan r takes the second branch (and stays nan).
+    const float r = 2.0f * (log_p - log_q);
+    const bool p_larger = r > 0.0f;
+    const float log_larger_m =
+        -accurate_log1p((p_larger ? 1.0f - beta : beta) * accurate_expm1(p_larger ? -r : r));
+    const float log_pm = p_larger ? log_larger_m : log_larger_m + r;
+    const float log_qm = p_larger ? log_larger_m - r : log_larger_m;
+    const float student_part = q != 0.0f ? q * log_qm : 0.0f;
+    const float teacher_part = p != 0.0f ? p * log_pm : 0.0f;
+    return {beta * teacher_part + (1.0f - beta) * student_part, (1.0f - beta) * student_part};
   } else {  // kTVD: sum |p - q| / 2
     static_assert(kDivergence == kTVD, "unknown divergence");
-    const float sign = float(q > p) - float(q < p);
+    const float sign = float(q > p) - float(q < p) + 0.0f * p;  // nan for a nan p (0 * p)
     return {0.5f * fabsf(p - q), 0.5f * q * sign};
   }
 }
 
 // ---- Gradient and hard term --------------------------------------------------------------------------
+
+// weight * value, where a weight of 0 contributes nothing, also for an infinite or nan value (not 0 * inf).
+TSA_HOST_DEVICE inline float weighted(float weight, float value) { return weight != 0.0f ? weight * value : 0.0f; }
 
 // Per-row constants of the gradient.
 struct GradientScales {
@@ -132,15 +168,22 @@ struct GradientScales {
 // with q1 = softmax(c(z_s)) at T = 1.
 TSA_HOST_DEVICE inline float student_gradient(const GradientScales& scales, float q_grad, float q, float q1,
                                               bool is_label, float slope) {
-  const float soft = scales.soft * (q_grad - q * scales.c_sum);
-  const float hard = scales.hard * (q1 - (is_label ? scales.label_weight : 0.0f) - scales.uniform_weight);
+  const float soft = weighted(scales.soft, q_grad - q * scales.c_sum);
+  const float hard = weighted(scales.hard, q1 - (is_label ? scales.label_weight : 0.0f) - scales.uniform_weight);
   return (soft + hard) * slope;
 }
 
 // Cross-entropy with label smoothing eps at T = 1 from lse = logsumexp_j c_j:
-// (1 - eps) (lse - c_y) + eps (lse - mean_j c_j).
-TSA_HOST_DEVICE inline float smoothed_cross_entropy(float lse, float label_logit, float mean_logit, float eps) {
-  return (1.0f - eps) * (lse - label_logit) + eps * (lse - mean_logit);
+// (1 - eps) (lse - c_y) + eps (lse - mean_j c_j); without smoothing a -inf logit is +inf only at the label.
+// In double: lse - c passes fp32's range for logits near its limit.
+TSA_HOST_DEVICE inline double smoothed_cross_entropy(double lse, double label_logit, double mean_logit, double eps) {
+  return (1.0 - eps) * (lse - label_logit) + (eps != 0.0 ? eps * (lse - mean_logit) : 0.0);
+}
+
+// A row's loss from its terms, in double until the end; a term of weight 0 contributes nothing.
+TSA_HOST_DEVICE inline float row_loss(float soft_scale, double divergence, float hard_weight, double cross_entropy) {
+  return float((soft_scale != 0.0f ? soft_scale * divergence : 0.0) +
+               (hard_weight != 0.0f ? hard_weight * cross_entropy : 0.0));
 }
 
 // ---- Dispatch from a runtime divergence code to a template argument (host) ---------------------------

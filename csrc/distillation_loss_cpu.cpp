@@ -69,17 +69,18 @@ TSA_ALWAYS_INLINE double exp_and_sum(const float* x, int n, float scale, float s
 template <class Student, class Teacher, int kDivergence>
 TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int64_t row, float* scratch) {
   const int n = int(params.n_cols);  // < 2^31, checked by the entry point
-  Student* grad =
-      params.grad == nullptr ? nullptr : static_cast<Student*>(params.grad) + row * params.grad_row_stride;
+  using Grad = GradStorage<Student>;
+  Grad* grad = params.grad == nullptr ? nullptr : static_cast<Grad*>(params.grad) + row * params.grad_row_stride;
   const int64_t label = params.labels == nullptr ? -1 : params.labels[row];
   if (params.labels != nullptr && label == params.ignore_index) {
     params.loss[row] = 0.0f;
-    if (grad != nullptr) std::fill(grad, grad + n, from_float<Student>(0.0f));
+    if (grad != nullptr) std::fill(grad, grad + n, from_float<Grad>(0.0f));
     return;
   }
   const auto* z_student = static_cast<const Student*>(params.student) + row * params.student_row_stride;
   const auto* z_teacher = static_cast<const Teacher*>(params.teacher) + row * params.teacher_row_stride;
-  const float inv_t = params.inv_temperature;
+  const RowTemperature temperature = row_temperature(params, row);
+  const float inv_t = temperature.inv_t, soft_scale = temperature.soft_scale;
   const float beta = params.beta;  // a local: the gradient stores could alias params
   const bool hard = params.hard_weight > 0.0f;
   const auto scratch_row = [&](int64_t i) { return scratch + i * n; };
@@ -103,19 +104,21 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
   const float log_z_teacher = float(std::log(z_t));
   const float inv_z_teacher = float(1.0 / z_t);
 
-  float cross_entropy = 0.0f, inv_z_hard = 0.0f;
+  double cross_entropy = 0.0;
+  float inv_z_hard = 0.0f;
   if (hard) {
     const double z_h = exp_and_sum(capped, n, 1.0f, max_capped, exp_hard);
     inv_z_hard = float(1.0 / z_h);
-    const float mean_capped = float(column_sum(n, [&](int j) { return capped[j]; }) / double(n));
-    cross_entropy = smoothed_cross_entropy(max_capped + float(std::log(z_h)), capped[label], mean_capped,
+    const double mean_capped = column_sum(n, [&](int j) { return capped[j]; }) / double(n);
+    cross_entropy = smoothed_cross_entropy(max_capped + std::log(z_h), capped[label], mean_capped,
                                            params.label_smoothing);
   }
 
   const auto student_prob = [&](int j) { return exp_student[j] * inv_z_student; };
   const auto column_terms = [&](int j) {
-    return divergence_terms<kDivergence>(exp_teacher[j] * inv_z_teacher, (teacher[j] - max_teacher) - log_z_teacher,
-                                         student_prob(j), (capped[j] * inv_t - max_student) - log_z_student, beta);
+    return divergence_terms<kDivergence>(exp_teacher[j] * inv_z_teacher,
+                                         half_log_prob(teacher[j], max_teacher, log_z_teacher), student_prob(j),
+                                         half_log_prob(capped[j] * inv_t, max_student, log_z_student), beta);
   };
   double divergence;
   if (grad == nullptr) {
@@ -125,18 +128,18 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
     const double c_sum =
         kDivergence == kForwardKL ? -1.0 : column_sum(n, [&](int j) { return column_terms(j).q_grad; });
     const float eps = params.label_smoothing;
-    const GradientScales scales{params.soft_scale * inv_t, float(c_sum), params.hard_weight, 1.0f - eps,
+    const GradientScales scales{soft_scale * inv_t, float(c_sum), params.hard_weight, 1.0f - eps,
                                 eps / float(n)};
     const int label_column = hard ? int(label) : -1;  // 32-bit, so that the compare vectorizes
     const float inv_softcap = params.softcap > 0.0f ? 1.0f / params.softcap : 0.0f;
     divergence = column_sum(n, [&](int j) {
       const DivergenceTerms terms = column_terms(j);
-      grad[j] = from_float<Student>(student_gradient(scales, terms.q_grad, student_prob(j), exp_hard[j] * inv_z_hard,
+      grad[j] = from_float<Grad>(student_gradient(scales, terms.q_grad, student_prob(j), exp_hard[j] * inv_z_hard,
                                                      j == label_column, softcap_slope(capped[j], inv_softcap)));
       return terms.value;
     });
   }
-  params.loss[row] = params.soft_scale * float(divergence) + params.hard_weight * cross_entropy;
+  params.loss[row] = row_loss(soft_scale, divergence, params.hard_weight, cross_entropy);
 }
 
 template <class Student, class Teacher, int kDivergence>

@@ -90,19 +90,20 @@ template <class Student, class Teacher, int kDivergence>
 __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const DistillationParams params) {
   const int64_t row = blockIdx.x;
   const int64_t n = params.n_cols;
-  Student* grad =
-      params.grad == nullptr ? nullptr : static_cast<Student*>(params.grad) + row * params.grad_row_stride;
+  using Grad = GradStorage<Student>;
+  Grad* grad = params.grad == nullptr ? nullptr : static_cast<Grad*>(params.grad) + row * params.grad_row_stride;
   const int64_t label = params.labels == nullptr ? -1 : params.labels[row];
   if (params.labels != nullptr && label == params.ignore_index) {
     if (grad != nullptr) {
-      for (int64_t j = threadIdx.x; j < n; j += kThreads) grad[j] = from_float<Student>(0.0f);
+      for (int64_t j = threadIdx.x; j < n; j += kThreads) grad[j] = from_float<Grad>(0.0f);
     }
     if (threadIdx.x == 0) params.loss[row] = 0.0f;
     return;
   }
   const auto* z_student = static_cast<const Student*>(params.student) + row * params.student_row_stride;
   const auto* z_teacher = static_cast<const Teacher*>(params.teacher) + row * params.teacher_row_stride;
-  const float inv_t = params.inv_temperature;
+  const RowTemperature temperature = row_temperature(params, row);
+  const float inv_t = temperature.inv_t, soft_scale = temperature.soft_scale;
   const float softcap = params.softcap;
   const float inv_softcap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
   const bool hard = params.hard_weight > 0.0f;
@@ -132,10 +133,11 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
   };
   const auto column = [&](int64_t j) {
     const float capped_student = capped(to_float(z_student[j]));
-    const float log_q = (capped_student * inv_t - stats.student.max) - log_sum_student;
-    const float log_p = (capped(to_float(z_teacher[j])) * inv_t - stats.teacher.max) - log_sum_teacher;
-    const float q = expf(log_q);
-    return Column{capped_student, q, divergence_terms<kDivergence>(expf(log_p), log_p, q, log_q, params.beta)};
+    const float half_log_q = half_log_prob(capped_student * inv_t, stats.student.max, log_sum_student);
+    const float half_log_p = half_log_prob(capped(to_float(z_teacher[j])) * inv_t, stats.teacher.max, log_sum_teacher);
+    const float q = expf(2.0f * half_log_q);
+    return Column{capped_student, q,
+                  divergence_terms<kDivergence>(expf(2.0f * half_log_p), half_log_p, q, half_log_q, params.beta)};
   };
 
   // Pass 2 (gradient, divergences other than forward_kl): C = sum_j qg_j, needed before the gradient.
@@ -148,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
 
   // Pass 3: D, and the gradient.
   const float eps = params.label_smoothing;
-  const GradientScales scales{params.soft_scale * inv_t, float(c_sum), params.hard_weight, 1.0f - eps,
+  const GradientScales scales{soft_scale * inv_t, float(c_sum), params.hard_weight, 1.0f - eps,
                               eps / float(n)};
   double partial = 0.0;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
@@ -158,20 +160,17 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
       const float q1 = hard ? expf((c.capped_student - stats.hard.max) - log_sum_hard) : 0.0f;
       const float g = student_gradient(scales, c.terms.q_grad, c.q, q1, j == label,
                                        softcap_slope(c.capped_student, inv_softcap));
-      grad[j] = from_float<Student>(g);
+      grad[j] = from_float<Grad>(g);
     }
   }
-  const float divergence = float(block_all_reduce(partial, Sum{}));
+  const double divergence = block_all_reduce(partial, Sum{});
 
   if (threadIdx.x == 0) {
-    float loss = params.soft_scale * divergence;
-    if (hard) {
-      const float mean_capped = float(stats.capped_sum / double(n));
-      loss += params.hard_weight * smoothed_cross_entropy(stats.hard.max + log_sum_hard,
-                                                          capped(to_float(z_student[label])), mean_capped,
-                                                          params.label_smoothing);
-    }
-    params.loss[row] = loss;
+    const double cross_entropy =
+        hard ? smoothed_cross_entropy(double(stats.hard.max) + log(stats.hard.sum), capped(to_float(z_student[label])),
+                                      stats.capped_sum / double(n), params.label_smoothing)
+             : 0.0;
+    params.loss[row] = row_loss(soft_scale, divergence, params.hard_weight, cross_entropy);
   }
 }
 

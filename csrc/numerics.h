@@ -158,9 +158,80 @@ TSA_HOST_DEVICE inline float fast_exp(float x) {
 #endif
 }
 
-// a log(a / b) from log a and log b, with 0 log 0 = 0 (a masked key or a -inf logit: a = 0, log a = -inf).
-TSA_HOST_DEVICE inline float xlog_ratio(float a, float log_a, float log_b) {
-  return a > 0.0f ? a * (log_a - log_b) : 0.0f;
+// Half a log-softmax entry, (x - max - log Z) / 2, as (x/2 - max/2) - log Z/2: for x near the fp32 limit
+// (+-3.4e38) x - max and log-probabilities pass fp32's range (-6e38) where their ratio to another model's
+// still gives a finite q log(q / p). Halving is exact, so elsewhere this is exactly half the log-probability.
+TSA_HOST_DEVICE inline float half_log_prob(float x, float max, float log_z) {
+  return (0.5f * x - 0.5f * max) - 0.5f * log_z;
+}
+
+// a log(a / b) (and half of it) from half_log_a = log(a) / 2 and half_log_b = log(b) / 2 (half_log_prob),
+// finite wherever the result is; 0 log 0 = 0 (a masked key or a -inf logit: a = 0, log a = -inf); nan for a nan a (a nan or +inf
+// logit, a row of only -inf).
+TSA_HOST_DEVICE inline float half_xlog_ratio(float a, float half_log_a, float half_log_b) {
+  return a != 0.0f ? a * (half_log_a - half_log_b) : 0.0f;  // a log(a / b) / 2
+}
+
+TSA_HOST_DEVICE inline float xlog_ratio(float a, float half_log_a, float half_log_b) {
+  return 2.0f * half_xlog_ratio(a, half_log_a, half_log_b);
+}
+
+// log x in fp32 (CUDA: logf). Host: within 1 ulp for normal x > 0: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// log m by Cephes' logf polynomial, e ln2 added in two parts; -inf for 0, +inf for inf, nan for negative or
+// nan x (subnormal x, which the callers never pass, read as 0). Branch-free, so the loops that call it
+// vectorize (a libm logf call would not).
+TSA_HOST_DEVICE inline float fast_log(float x) {
+#ifdef __CUDA_ARCH__
+  return logf(x);
+#else
+  const uint32_t bits = float_bits(x);
+  const bool low = (bits & 0x007fffffu) < 0x003504f3u;  // mantissa below sqrt(2): m in [1, sqrt 2), else halved
+  const float m = bits_float((bits & 0x007fffffu) | (low ? 0x3f800000u : 0x3f000000u)) - 1.0f;
+  const float e = float(int((bits >> 23) & 0xffu) - (low ? 127 : 126));
+  const float z = m * m;
+  float poly = 7.0376836292e-2f;
+  poly = poly * m - 1.1514610310e-1f;
+  poly = poly * m + 1.1676998740e-1f;
+  poly = poly * m - 1.2420140846e-1f;
+  poly = poly * m + 1.4249322787e-1f;
+  poly = poly * m - 1.6668057665e-1f;
+  poly = poly * m + 2.0000714765e-1f;
+  poly = poly * m - 2.4999993993e-1f;
+  poly = poly * m + 3.3333331174e-1f;
+  const float y = poly * m * z + e * -2.12194440e-4f - 0.5f * z;
+  const float log = m + y + e * 0.693359375f;
+  const bool normal = x >= 1.17549435e-38f && x < INFINITY;  // false for nan
+  return normal ? log : (x == 0.0f ? -INFINITY : (x == INFINITY ? INFINITY : NAN));
+#endif
+}
+
+// log(1 + x) and e^x - 1 in fp32 to a few ulps where 1 + x and e^x round to near 1 (CUDA: log1pf, expm1f).
+// Host: log1p by Kahan's quotient, in which the rounding of u = 1 + x cancels; expm1 by its Taylor series to
+// x^8 / 8! for |x| < 1/2 (truncation below 1e-8 relative), e^x - 1 above, where it does not cancel.
+// Branch-free (fast_log, fast_exp), so the loops that call them vectorize.
+TSA_HOST_DEVICE inline float accurate_log1p(float x) {
+#ifdef __CUDA_ARCH__
+  return log1pf(x);
+#else
+  const float u = 1.0f + x;
+  return u == 1.0f ? x : fast_log(u) * (x / (u - 1.0f));
+#endif
+}
+
+TSA_HOST_DEVICE inline float accurate_expm1(float x) {
+#ifdef __CUDA_ARCH__
+  return expm1f(x);
+#else
+  float poly = 1.0f / 40320.0f;
+  poly = poly * x + 1.0f / 5040.0f;
+  poly = poly * x + 1.0f / 720.0f;
+  poly = poly * x + 1.0f / 120.0f;
+  poly = poly * x + 1.0f / 24.0f;
+  poly = poly * x + 1.0f / 6.0f;
+  poly = poly * x + 0.5f;
+  const float small = (poly * x) * x + x;
+  return fabsf(x) < 0.5f ? small : fast_exp(x) - 1.0f;
+#endif
 }
 
 // ---- Dispatch from a runtime dtype code to a template argument (host) --------------------------------

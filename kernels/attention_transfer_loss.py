@@ -157,11 +157,12 @@ def _attention_transfer_fwd_kernel(
         m_t, shift = m_new, shift_new
 
     # KL = E_{A_t}[log A_t - log A_s] = acc / l_t - log l_t + log l_s. A row with no visible key has
-    # m = -inf and l = 0: it writes lse = -inf (the mark of a row that does not count) and kl = 0.
+    # m = -inf and l = 0: it writes lse = -inf (the mark of a row that does not count) and kl = 0. A NaN
+    # score, or teacher scores all -inf where the student's are not (l_t = 0 < l_s), give kl = NaN.
     log_l_s, log_l_t = tl.log(l_s), tl.log(l_t)
     lse_s = m_s + log_l_s
     lse_t = m_t + log_l_t
-    kl = tl.where(l_t > 0, acc / l_t + (log_l_s - log_l_t), 0.0)
+    kl = tl.where((l_s == 0) & (l_t == 0), 0.0, acc / l_t + (log_l_s - log_l_t))
     row_base = tl.program_id(1).to(tl.int64) * n_q
     tl.store(kl_ptr + row_base + rows, kl, mask=rows < n_q)
     tl.store(lse_s_ptr + row_base + rows, lse_s, mask=rows < n_q)

@@ -483,6 +483,30 @@ def test_forced_cpp_backend_on_cuda_takes_triton(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Non-finite teacher inputs: NaN propagates, on every backend alike.
+
+
+@pytest.mark.parametrize("case", ["nan_query", "inf_key", "minus_inf_row"])
+def test_non_finite_teacher_gives_nan(backend, case):
+    """A NaN or +inf teacher score, or a row whose teacher scores are all -inf, makes the loss NaN and the
+    gradients NaN where that row reaches them (the rows' own dq_s, the keys' dk_s), as PyTorch's math does."""
+    q_s, k_s, q_t, k_t = make_inputs(n_q=20, d_s=16, d_t=16)
+    if case == "nan_query":
+        q_t[0, 1, 3, 2] = math.nan
+    elif case == "inf_key":
+        q_t[1, 0] = q_t[1, 0].abs()
+        k_t[1, 0, 5] = math.inf  # every score against key 5 is +inf
+    else:
+        q_t[0, 2, 7, 0], k_t[0, 2, :, 0] = -math.inf, 1.0  # row 7's teacher scores are all -inf
+    loss, dq, dk = loss_and_grads(tsa_fast.attention_transfer_loss, q_s, k_s, q_t, k_t)
+    _, expected_dq, expected_dk = loss_and_grads(reference_loss, *(x.double() for x in (q_s, k_s, q_t, k_t)))
+    assert loss.isnan()
+    for actual, expected, what in ((dq, expected_dq, "dq_s"), (dk, expected_dk, "dk_s")):
+        assert expected.isnan().any() and not expected.isnan().all(), what
+        assert torch.equal(actual.isnan(), expected.isnan()), what
+
+
+# ---------------------------------------------------------------------------------------------------
 # Compiled for GPUs without one: Triton ships ptxas.
 
 

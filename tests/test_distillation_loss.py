@@ -314,13 +314,236 @@ def test_unknown_forced_backend_raises(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Non-finite and extreme inputs: what the math gives, on every backend alike.
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_student_minus_inf_columns_get_zero_gradient(backend, divergence):
+    """A padded vocabulary masked with -inf in both models (no softcap): finite loss, gradient exactly 0 there."""
+    student, teacher, labels = make_inputs((5,), 80)
+    student[:, 70:], teacher[:, 70:] = -math.inf, -math.inf
+    loss, grad = check_against_reference(student, teacher, labels, TOL[torch.float32], divergence=divergence)
+    assert loss.isfinite().all() and torch.all(grad[:, 70:] == 0)
+
+
+def cross_entropy_loss_and_grad(student, labels, **options):
+    """F.cross_entropy per row in float64 and its gradient (the hard term alone, as an independent oracle)."""
+    return loss_and_grad(
+        lambda s, _, y, **o: torch.nn.functional.cross_entropy(s, y, reduction="none", **o),
+        student.double(),
+        None,
+        labels,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "symmetric_kl"])
+def test_zero_soft_weight_ignores_an_infinite_divergence(backend, divergence):
+    """soft_weight=0 contributes nothing, also where the divergence is +inf (not 0 * inf = NaN)."""
+    student, teacher, labels = make_inputs((6,), 64)
+    teacher[:, :8] = -math.inf  # KL(Q || P) = +inf
+    options = dict(divergence=divergence, soft_weight=0.0, hard_weight=1.0, label_smoothing=0.1, reduction="none")
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    expected_loss, expected_grad = cross_entropy_loss_and_grad(student, labels, label_smoothing=0.1)
+    assert_rel_close(loss, expected_loss, TOL[torch.float32], "loss")
+    assert_rel_close(grad, expected_grad, TOL[torch.float32], "grad")
+
+
+def test_label_on_minus_inf_student_column_gives_infinite_loss(backend):
+    """Without label smoothing a label where the student logit is -inf has CE = +inf (not 0 * inf = NaN), with
+    the finite gradient softmax - onehot."""
+    student, teacher, labels = make_inputs((4,), 50, ignore="none")
+    student[:, 5], labels[0] = -math.inf, 5
+    options = dict(soft_weight=0.0, hard_weight=1.0, reduction="none")
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    expected_loss, expected_grad = cross_entropy_loss_and_grad(student, labels)
+    assert loss[0] == math.inf and loss[1:].isfinite().all()
+    assert_rel_close(loss, expected_loss, TOL[torch.float32], "loss")
+    assert_rel_close(grad, expected_grad, TOL[torch.float32], "grad")
+
+
+@pytest.mark.parametrize("softcap", [1e6, 1e3, 30.0])
+def test_softcap_much_larger_than_logits_is_exact(backend, softcap):
+    """softcap * tanh(z / softcap) keeps fp32's digits where |z| << softcap (c(z) ~ z there)."""
+    student, teacher, labels = make_inputs((6,), 200)
+    check_against_reference(student, teacher, labels, TOL[torch.float32], softcap=softcap, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_non_finite_teacher_gives_nan_row(backend, divergence):
+    """A NaN or +inf teacher logit, or a counted teacher row of only -inf, makes that row's loss and gradient
+    NaN (NaN propagates, as in PyTorch); the other rows, and ignored rows whatever they hold, are unaffected."""
+    student, teacher, labels = make_inputs((7,), 60, ignore="none")
+    teacher[0, 3], teacher[1, 5], teacher[2], teacher[3, 0] = math.nan, math.inf, -math.inf, math.nan
+    labels[3] = -100
+    options = dict(divergence=divergence, hard_weight=0.5, reduction="none")
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    assert loss[:3].isnan().all() and grad[:3].isnan().all(), (loss, grad[:3].isnan().sum(-1))
+    assert loss[3] == 0 and torch.all(grad[3] == 0)
+    check_against_reference(student[3:], teacher[3:], labels[3:], TOL[torch.float32], **options)
+
+
+def test_fp16_gradient_under_loss_scaling_is_rounded_once(backend):
+    """An fp16 student at a large vocabulary with the loss scaled by 65536 (mixed-precision training): each
+    gradient entry is the float64 gradient rounded once to fp16, not d(row loss)/dz rounded to fp16 (often
+    subnormal) and then scaled: no entry flushed to zero that fp16 represents, median error ~ fp16 rounding."""
+    student, teacher, labels = make_inputs((4,), 32768, dtype=torch.float16, ignore="none")
+    options = dict(divergence="forward_kl", hard_weight=0.5, reduction="sum")
+    student = student.detach().requires_grad_()
+    (tsa_fast.distillation_loss(student, teacher, labels, **options) * 65536.0).backward()
+    z64 = student.detach().double().requires_grad_()
+    (reference_loss(z64, teacher.double(), labels, **options) * 65536.0).backward()
+    expected, grad = z64.grad, student.grad.double()
+    representable = expected.half() != 0
+    flushed = (grad == 0) & representable
+    assert flushed.sum() == 0, f"{flushed.double().mean():.2%} of the entries flushed to zero"
+    normal = expected.abs() >= torch.finfo(torch.float16).tiny
+    median = ((grad - expected).abs() / expected.abs())[normal].median().item()
+    assert median <= 2**-11, f"median relative error {median:.2e}"
+
+
+def launch_rows(backend, student, teacher, labels, temperature, *, divergence, soft_weight, scale_by_t2, **options):
+    """Per-row losses and d(row loss)/d(student) from the backend's launcher (the reference, by autograd, for
+    torch), with `temperature` a float or one per row."""
+    from tsa_fast.ops.distillation_loss import distillation_loss_forward_cpp
+    from tsa_fast.reference.distillation_loss import distillation_loss_rows
+
+    if backend == "torch":
+        z = student.detach().clone().requires_grad_()
+        rows = distillation_loss_rows(
+            z,
+            teacher,
+            labels,
+            divergence_name=divergence,
+            temperature=temperature,
+            soft_weight=soft_weight,
+            scale_by_t2=scale_by_t2,
+            **options,
+        )
+        return rows.detach(), torch.autograd.grad(rows.sum(), z)[0]
+    launcher = distillation_loss_forward_cpp if backend == "cpp" else tsa_fast.kernels.distillation_loss_forward
+    rows, grad = torch.empty(len(student), device=DEVICE), torch.empty_like(student)
+    launcher(
+        student,
+        teacher,
+        labels,
+        rows,
+        grad,
+        DIVERGENCES.index(divergence),
+        options.get("beta", 0.5),
+        temperature,
+        soft_weight,
+        scale_by_t2,
+        options.get("hard_weight", 0.0),
+        options.get("label_smoothing", 0.0),
+        -100,
+        options.get("softcap") or 0.0,
+        student.shape[-1],
+    )
+    return rows, grad
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("scale_by_t2", [True, False])
+def test_temperature_per_row(backend, divergence, scale_by_t2):
+    """The launchers (and the reference) take one temperature per row: each row is the loss at its own T,
+    scaled by its own T^2 with scale_by_t2."""
+    student, teacher, labels = make_inputs((6,), 90)
+    temperature = torch.tensor([0.5, 1.0, 2.0, 3.5, 1.0, 7.0], device=DEVICE)
+    options = dict(divergence=divergence, soft_weight=0.7, scale_by_t2=scale_by_t2, hard_weight=0.3)
+    options |= dict(label_smoothing=0.1, softcap=20.0, beta=0.3)
+    rows, grad = launch_rows(backend, student, teacher, labels, temperature, **options)
+    for i, t in enumerate(temperature.tolist()):
+        one = slice(i, i + 1)
+        expected = launch_rows("torch", student[one].double(), teacher[one].double(), labels[one], t, **options)
+        assert_rel_close(rows[one], expected[0], TOL[torch.float32], f"row {i} loss")
+        assert_rel_close(grad[one], expected[1], TOL[torch.float32], f"row {i} grad")
+
+
+def test_reference_takes_a_0d_temperature():
+    student, teacher, labels = make_inputs((4,), 30)
+    options = dict(divergence="symmetric_kl", soft_weight=1.0, scale_by_t2=True)
+    as_tensor = launch_rows("torch", student, teacher, labels, torch.tensor(2.5), **options)
+    as_float = launch_rows("torch", student, teacher, labels, 2.5, **options)
+    assert torch.equal(as_tensor[0], as_float[0]) and torch.equal(as_tensor[1], as_float[1])
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_logits_near_the_float32_limit(backend, divergence, temperature):
+    """Logits up to +-3.4e38: wherever the float64 loss and gradient fit in fp32, every backend gives them
+    (log-probabilities and row sums past the fp32 range must not overflow on the way). The torch backend
+    within 1/16 of the fp32 range: its autograd multiplies the incoming gradient (here up to 2 T^2) by a
+    log-ratio before the probability that makes their product small."""
+    student, teacher, labels = make_inputs((1000,), 8, ignore="none")
+    for logits in (student, teacher):
+        huge = torch.rand(logits.shape, device=DEVICE) < 0.3
+        logits[huge] = (torch.rand(logits.shape, device=DEVICE, dtype=torch.float64) * 6.8e38 - 3.4e38)[huge].float()
+    options = dict(divergence=divergence, temperature=temperature, hard_weight=0.5, label_smoothing=0.1)
+    options["reduction"] = "none"
+    expected_loss, expected_grad = loss_and_grad(reference_loss, student.double(), teacher.double(), labels, **options)
+    limit = torch.finfo(torch.float32).max / (16 if backend == "torch" else 1)
+    fits = lambda x: x.isfinite() & (x.abs() < limit)  # noqa: E731
+    rows = fits(expected_loss) & fits(expected_grad).all(-1)
+    assert rows.sum() > 30
+    student, teacher, labels = student[rows], teacher[rows], labels[rows]
+    expected_loss, expected_grad = loss_and_grad(reference_loss, student.double(), teacher.double(), labels, **options)
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    assert_rel_close(loss, expected_loss, TOL[torch.float32], "loss")
+    assert_rel_close(grad, expected_grad, TOL[torch.float32], "grad")
+
+
+def plain_divergence(student, teacher, labels=None, *, divergence, beta, temperature, reduction="none"):
+    """Each divergence written plainly in PyTorch (log_softmax, log of the mixture, zero-probability terms
+    dropped): the yardstick of what fp32 arithmetic gives on an input."""
+    log_q, log_p = torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1)
+    kl = lambda log_a, log_b: (log_a.exp() * torch.where(log_a.exp() > 0, log_a - log_b, 0.0)).sum(-1)  # noqa: E731
+    if divergence == "forward_kl":
+        rows = kl(log_p, log_q)
+    elif divergence == "reverse_kl":
+        rows = kl(log_q, log_p)
+    elif divergence == "symmetric_kl":
+        rows = 0.5 * (kl(log_p, log_q) + kl(log_q, log_p))
+    elif divergence == "jsd":
+        m = beta * log_p.exp() + (1 - beta) * log_q.exp()
+        log_m = torch.log(torch.where(m > 0, m, 1.0))
+        rows = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+    else:
+        rows = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    return rows * temperature**2
+
+
+@pytest.mark.parametrize(
+    "divergence, beta", [(name, 0.5) for name in DIVERGENCES] + [("jsd", 0.1), ("jsd", 0.9)], ids=str
+)
+@pytest.mark.parametrize(
+    "scale, peak, temperature",
+    [(3.0, 10.0, 1.0), (3.0, 20.0, 2.0), (1.0, 30.0, 1.0)],
+    ids=["peak10", "peak20-T2", "peak30"],
+)
+def test_peaked_distributions_within_twice_plain_fp32_error(backend, divergence, beta, scale, peak, temperature):
+    """Peaked, nearly equal teacher and student (a JSD near 0): loss and gradient within twice the error of the
+    divergence written plainly in fp32 PyTorch on the same input, plus 1e-6 (the attention tests' rule)."""
+    student = torch.randn(8, 1000, device=DEVICE) * scale
+    teacher = student + 0.1 * scale * torch.randn(8, 1000, device=DEVICE)
+    student[:, 0] += peak
+    teacher[:, 0] += peak
+    options = dict(divergence=divergence, beta=beta, temperature=temperature, reduction="none")
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, None, **options)
+    expected = loss_and_grad(reference_loss, student.double(), teacher.double(), None, **options)
+    plain = loss_and_grad(plain_divergence, student, teacher, None, **options)
+    for actual, wanted, yardstick, what in zip((loss, grad), expected, plain, ("loss", "grad")):
+        assert_rel_close(actual, wanted, 2 * rel_error(yardstick, wanted) + 1e-6, what)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Compiled for GPUs without one: Triton ships ptxas.
 
 
 def compile_distillation_loss_kernel():
     """The kernel at the launcher's tiles for an LLM vocabulary (every divergence, every option on: bf16
-    logits, labels, hard term, softcap, gradient; forward KL also with none, as a no-grad forward without
-    labels launches it) and for a small one, for sm_80 and sm_90."""
+    logits, labels, hard term, softcap, gradient, a temperature per row; forward KL also with none, as a
+    no-grad forward without labels launches it) and for a small one, for sm_80 and sm_90."""
     import triton
 
     from tsa_fast.kernels import distillation_loss as kernels
@@ -328,6 +551,7 @@ def compile_distillation_loss_kernel():
     types = dict(
         labels_ptr="*i64",
         loss_ptr="*fp32",
+        temperature_ptr="*fp32",
         inv_temperature="fp32",
         beta="fp32",
         soft_scale="fp32",
@@ -335,8 +559,10 @@ def compile_distillation_loss_kernel():
         label_smoothing="fp32",
         softcap="fp32",
     )
-    options = dict(HAS_LABELS=True, HAS_HARD=True, HAS_SOFTCAP=True, COMPUTE_GRAD=True)
-    no_options = {name: False for name in options} | dict(labels_ptr=None, grad_ptr=None)
+    options = dict(
+        HAS_LABELS=True, HAS_HARD=True, HAS_SOFTCAP=True, COMPUTE_GRAD=True, ROW_TEMPERATURE=True, SCALE_BY_T2=True
+    )
+    no_options = {name: False for name in options} | dict(labels_ptr=None, grad_ptr=None, temperature_ptr=None)
     forward_kl = DIVERGENCES.index("forward_kl")
     cases = [(128256, dict(options, DIVERGENCE=DIVERGENCES.index(d))) for d in DIVERGENCES]
     cases += [(128256, dict(no_options, DIVERGENCE=forward_kl)), (50, dict(options, DIVERGENCE=forward_kl))]

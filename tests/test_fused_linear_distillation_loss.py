@@ -389,6 +389,26 @@ def test_peak_memory_is_chunk_bound():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Non-finite teacher inputs: NaN propagates, on every backend alike.
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
+def test_non_finite_teacher_gives_nan_row(backend, teacher, divergence):
+    """A NaN in a row of the teacher (its hidden state, logits or top-k log-probabilities) makes that row's loss
+    and its student_hidden gradient NaN; the other rows are unaffected."""
+    student, teachers, labels = make_problem(teacher=teacher, ignore="none", bias=False)
+    key = {"hidden": "teacher_hidden", "logits": "teacher_logits", "topk": "teacher_topk"}[teacher]
+    (teachers[key][1] if teacher == "topk" else teachers[key])[2, 1] = float("nan")
+    loss, grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss, student, teachers, labels, divergence=divergence, reduction="none"
+    )
+    assert loss[2].isnan() and grads["student_hidden"][2].isnan().all()
+    others = torch.arange(len(loss)) != 2
+    assert loss[others].isfinite().all() and grads["student_hidden"][others].isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Bad input.
 
 

@@ -56,6 +56,10 @@ def attention_transfer_loss(
 
     Returns: the float32 loss (float64 for float64 inputs), a scalar.
 
+    Non-finite inputs: a NaN or infinite teacher score that a counted row sees (a NaN or inf in q_t / k_t), or
+    a counted row whose teacher scores are all -inf, makes the loss NaN and the gradients NaN where that row
+    reaches them, on every backend (as PyTorch's math does). Masked keys are never part of the result.
+
     Raises:
         TypeError: a non-tensor input. ValueError: a bad shape, dtype, device, mask, scale, relation_heads
             or reduction, naming the offending values.

@@ -60,6 +60,12 @@ def distillation_loss(
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or per-row losses of the leading shape for "none".
 
+    Non-finite inputs (every backend alike): a -inf logit is a token of probability 0 (gradient 0 there); it
+    makes a divergence +inf where the other model has mass there (reverse/symmetric KL for a -inf teacher
+    logit), as it does the cross-entropy of a label on a -inf student logit without label smoothing. A NaN
+    or +inf logit, or a counted teacher row of only -inf, makes that row's loss and gradient NaN. A term
+    whose weight is 0 contributes nothing, even where it is infinite. Rows that do not count are never read.
+
     Raises:
         ValueError: any bad argument, shape, dtype or device, naming the offending values; labels outside
             [0, K) other than ignore_index (on CUDA, checked asynchronously on the device).
@@ -283,8 +289,8 @@ def distillation_loss_rows(
     vocab_size: int,
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row losses (N,) float32 and, when compute_grad, d(row loss)/d(student) (N, V_s) in the student's
-    dtype (zeros past vocab_size); else an empty tensor. softcap = 0 means none. Runs the triton or cpp
+    """Per-row losses (N,) float32 and, when compute_grad, d(row loss)/d(student) (N, V_s) in `grad_dtype`
+    (zeros past vocab_size); else an empty tensor. softcap = 0 means none. Runs the triton or cpp
     kernels; `distillation_loss` calls the reference directly when the torch backend is selected."""
     if labels is not None:
         check_label_range(labels, vocab_size, ignore_index)
@@ -295,7 +301,7 @@ def distillation_loss_rows(
     backend = select_backend(student.device, student.dtype)
     if backend == "torch":
         raise ValueError(f"no kernel backend for {student.dtype} on {student.device.type}: call distillation_loss")
-    launch = _launch_cpp if backend == "cpp" else triton_kernels.distillation_loss_forward
+    launch = distillation_loss_forward_cpp if backend == "cpp" else triton_kernels.distillation_loss_forward
     if student.shape[0] > 0:
         launch(
             student,
@@ -306,7 +312,8 @@ def distillation_loss_rows(
             divergence,
             beta,
             temperature,
-            soft_scale,
+            soft_scale,  # soft_weight, with the T^2 of scale_by_t2 folded in
+            False,
             hard_weight,
             label_smoothing,
             ignore_index,
@@ -333,19 +340,20 @@ def _(
     compute_grad,
 ):
     rows = student.new_empty(student.shape[0], dtype=torch.float32)
-    return rows, student.new_empty(student.shape if compute_grad else (0,))
+    return rows, student.new_empty(student.shape if compute_grad else (0,), dtype=grad_dtype(student.dtype))
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.student_dtype = inputs[0].dtype
     ctx.set_materialize_grads(False)  # the stored-gradient output gets no incoming gradient: no N x V zeros
 
 
 def _backward(ctx, grad_rows, _unused):
     (grad,) = ctx.saved_tensors
     # In place: the stored gradient is consumed (a second backward through it raises autograd's
-    # "modified by an inplace operation" error instead of returning a wrong number).
-    return (grad.mul_(grad_rows.unsqueeze(-1)),) + (None,) * 12
+    # "modified by an inplace operation" error instead of returning a wrong number), then rounded once.
+    return (grad.mul_(grad_rows.unsqueeze(-1)).to(ctx.student_dtype),) + (None,) * 12
 
 
 distillation_loss_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -355,35 +363,54 @@ def _unit_column_stride(logits: Tensor) -> Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
+def grad_dtype(student_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the stored d(row loss)/d(student): float32 for a float16 student (at LLM vocabularies
+    most entries are below fp16's normal range; backward scales them by the incoming gradient, a loss scale,
+    and rounds the product once), else the student's dtype (bf16 has fp32's range)."""
+    return torch.float32 if student_dtype == torch.float16 else student_dtype
+
+
 def _grad_buffer(student: Tensor, vocab_size: int) -> Tensor:
     """Where the kernels write the gradient: the first vocab_size columns; the rest stay zero. A large
     host buffer is backed by huge pages before its first touch (page faults would cost as much as the
     kernel)."""
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    grad = torch.empty_like(student, dtype=grad_dtype(student.dtype), memory_format=torch.contiguous_format)
     if grad.device.type == "cpu" and cpp_extension is not None and grad.nbytes >= HUGE_PAGE_MIN_BYTES:
         cpp_extension.advise_huge_pages(grad.data_ptr(), grad.nbytes)
     return grad if vocab_size == student.shape[1] else grad.zero_()
 
 
-def _launch_cpp(
-    student,
-    teacher,
-    labels,
-    row_loss,
-    grad,
-    divergence,
-    beta,
-    temperature,
-    soft_scale,
-    hard_weight,
-    label_smoothing,
-    ignore_index,
-    softcap,
-    vocab_size,
-):
+def distillation_loss_forward_cpp(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None,
+    row_loss: Tensor,
+    grad: Tensor | None,
+    divergence: int,
+    beta: float,
+    temperature: float | Tensor,
+    soft_weight: float,
+    scale_by_t2: bool,
+    hard_weight: float,
+    label_smoothing: float,
+    ignore_index: int,
+    softcap: float,
+    vocab_size: int,
+) -> None:
     """The C++ kernels of `tsa_fast._C` (CPU with OpenMP, or CUDA), called with raw pointers; same
-    contract as the Triton launcher `tsa_fast.kernels.distillation_loss_forward`."""
+    contract as the Triton launcher `tsa_fast.kernels.distillation_loss_forward` (temperature: a float, or
+    (N,) float32, one T per row)."""
     ext = cpp_extension
+    row_temperature = isinstance(temperature, Tensor)
+    if row_temperature:
+        if temperature.shape != (student.shape[0],) or temperature.dtype != torch.float32:
+            raise ValueError(
+                f"temperature must be a float or ({student.shape[0]},) float32, got {temperature.dtype} "
+                f"{tuple(temperature.shape)}"
+            )
+        temperature = temperature.contiguous()
+    scalar_t = 1.0 if row_temperature else float(temperature)
+    soft_scale = soft_weight * (scalar_t**2 if scale_by_t2 and not row_temperature else 1.0)
     args = [
         student.data_ptr(),
         DTYPE_CODES[student.dtype],
@@ -399,8 +426,10 @@ def _launch_cpp(
         vocab_size,
         divergence,
         beta,
-        1.0 / temperature,
+        1.0 / scalar_t,
+        temperature.data_ptr() if row_temperature else 0,
         soft_scale,
+        scale_by_t2,
         hard_weight,
         label_smoothing,
         softcap,

@@ -70,6 +70,8 @@ def fused_linear_distillation_loss(
 
     Returns: the loss as `distillation_loss` returns it (float32; float64 for float64 inputs).
     Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant.
+    Non-finite values act as in `distillation_loss` on the logits they give: a NaN in a teacher row (hidden
+    state, logits, top-k log-probabilities) makes that row's loss NaN, and the gradients it reaches.
 
     Raises: TypeError for an unknown option; ValueError for a bad shape, dtype, device, option, a missing
     or doubled teacher form, or a bad chunk_size.

@@ -8,7 +8,8 @@ With P_t = softmax(c(z_t) / T), P_s = softmax(c(z_s) / T) and c(z) = softcap * t
 
     row = soft_weight * T^2 (if scale_by_t2) * D(P_t, P_s) + hard_weight * CE(softmax(c(z_s)), label)
 
-where D is one of DIVERGENCES and CE uses label smoothing eps:
+where T is a number or one T per row (each row then at its own T, times its own T^2), D is one of
+DIVERGENCES, a term of weight 0 contributes nothing (not 0 * inf), and CE uses label smoothing eps:
     CE = -(1 - eps) * log q1[label] - eps * mean_j log q1[j],   q1 = softmax(c(z_s)).
 """
 
@@ -27,34 +28,78 @@ def softcapped(logits: Tensor, softcap: float | None) -> Tensor:
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
+def per_column(temperature: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """The temperature as it divides (N, V) logits: a number, a 0-d tensor, or (N,) as an (N, 1) column."""
+    if not isinstance(temperature, Tensor):
+        return temperature
+    temperature = temperature.detach().to(dtype)
+    return temperature[:, None] if temperature.dim() == 1 else temperature
+
+
+def half_log_softmax(x: Tensor) -> Tensor:
+    """log_softmax(x) / 2 over the last dim, as (x/2 - max/2) - log(sum exp(x - max)) / 2. The divergences take
+    log-probabilities halved: for logits near the fp32 limit (+-3.4e38) x - max and the log-probabilities pass
+    fp32's range (-6e38) where q log(q / p) is still finite. Halving is exact: elsewhere this is exactly half
+    of log_softmax(x)."""
+    half = 0.5 * x - 0.5 * x.amax(-1, keepdim=True).detach()  # the max cancels: no gradient through it
+    return half - 0.5 * torch.exp(2 * half).sum(-1, keepdim=True).log()
+
+
+def half_kl_divergence(half_log_a: Tensor, half_log_b: Tensor) -> Tensor:
+    """KL(a || b) / 2 over the last dim from halved log-probabilities; terms with a = 0 are 0 (and have 0
+    gradient), a NaN a makes the row and its gradient NaN."""
+    a = torch.exp(2 * half_log_a)
+    return (a * torch.where(a != 0, half_log_a - half_log_b, 0.0)).sum(-1)
+
+
 def kl_divergence(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) over the last dim from log-probabilities; terms with a = 0 are 0 (and have 0 gradient)."""
-    a = log_a.exp()
-    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
+    """KL(a || b) over the last dim from log-probabilities (`half_kl_divergence`)."""
+    return 2 * half_kl_divergence(0.5 * log_a, 0.5 * log_b)
 
 
-def divergence(log_p: Tensor, log_q: Tensor, name: str, beta: float = 0.5) -> Tensor:
-    """Per-row divergence between teacher P (log_p) and student Q (log_q), shape (N,)."""
+def divergence(half_log_p: Tensor, half_log_q: Tensor, name: str, beta: float = 0.5) -> Tensor:
+    """Per-row divergence between teacher P and student Q from their halved log-probabilities, shape (N,)."""
     if name == "forward_kl":
-        return kl_divergence(log_p, log_q)
+        return 2 * half_kl_divergence(half_log_p, half_log_q)
     if name == "reverse_kl":
-        return kl_divergence(log_q, log_p)
-    if name == "symmetric_kl":
-        return 0.5 * (kl_divergence(log_p, log_q) + kl_divergence(log_q, log_p))
+        return 2 * half_kl_divergence(half_log_q, half_log_p)
+    if name == "symmetric_kl":  # the halves summed: each KL may pass fp32's range where their mean does not
+        return half_kl_divergence(half_log_p, half_log_q) + half_kl_divergence(half_log_q, half_log_p)
+    p, q = torch.exp(2 * half_log_p), torch.exp(2 * half_log_q)
     if name == "jsd":
-        m = beta * log_p.exp() + (1 - beta) * log_q.exp()
-        log_m = torch.log(torch.where(m > 0, m, 1.0))  # m = 0 only where p = q = 0: terms that are 0
-        return beta * kl_divergence(log_p, log_m) + (1 - beta) * kl_divergence(log_q, log_m)
+        # log(p/m) and log(q/m) from r = log(p/q), not as log p - log m: log m of the rounded p and q would
+        # disagree with the log-probabilities where p ~ q ~ 1 (a peaked row). For the larger of p, q, say p:
+        # m/p = 1 + (1 - beta) expm1(-r), so log(p/m) = -log1p((1 - beta) expm1(-r)); the smaller's log is
+        # that minus |r|. r = 0 where p = q = 0 (terms that are 0), so that no NaN reaches the gradient.
+        r = torch.where((p == 0) & (q == 0), 0.0, 2 * (half_log_p - half_log_q))
+        p_larger = r > 0
+        log_larger_m = -torch.log1p(torch.where(p_larger, 1 - beta, beta) * torch.expm1(torch.where(p_larger, -r, r)))
+        log_pm = torch.where(p_larger, log_larger_m, log_larger_m + r)
+        log_qm = torch.where(p_larger, log_larger_m - r, log_larger_m)
+        xlog = lambda a, log_ratio: (a * torch.where(a != 0, log_ratio, 0.0)).sum(-1)  # noqa: E731
+        jsd = beta * xlog(p, log_pm) + (1 - beta) * xlog(q, log_qm)
+        # dJSD/dq_j = (1 - beta) log(q_j/m_j): the terms through m cancel exactly, but autograd of the line above
+        # would form them as a difference of rounded terms. So the value is jsd, the gradient flows through q.
+        student_part = (1 - beta) * xlog(q, log_qm.detach())
+        return jsd.detach() + (student_part - student_part.detach())
     if name == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+        difference = p - q
+        # |x| as x * sign(x), and sign(NaN) = 0 made NaN (+ 0 * x), so that a NaN teacher gives a NaN gradient.
+        return 0.5 * (difference * (difference.sign().detach() + 0.0 * difference.detach())).sum(-1)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {name!r}")
 
 
 def smoothed_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
-    """Per-row cross-entropy of softmax(logits) against labels with label smoothing, shape (N,)."""
-    log_q = torch.log_softmax(logits, dim=-1)
-    nll = -log_q.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return (1 - label_smoothing) * nll - label_smoothing * log_q.mean(-1)
+    """Per-row cross-entropy of softmax(logits) against labels with label smoothing, shape (N,), float64:
+    (1 - eps) (lse - z_label) + eps (lse - mean z), lse = logsumexp(z). The per-row sums and differences are in
+    float64 (for fp32 logits near their limit, lse - z and the sum of a row pass fp32's range)."""
+    max_logit = logits.amax(-1, keepdim=True).detach()  # cancels: no gradient through it
+    lse = max_logit.squeeze(-1).double() + torch.exp(logits - max_logit).sum(-1).log().double()
+    nll = lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double()
+    if label_smoothing == 0.0:  # a term of weight 0 contributes nothing, also where it is infinite
+        return nll
+    mean_logit = logits.sum(-1, dtype=torch.float64) / logits.shape[-1]
+    return (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
 
 
 def distillation_loss_rows(
@@ -64,7 +109,7 @@ def distillation_loss_rows(
     *,
     divergence_name: str = "forward_kl",
     beta: float = 0.5,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     scale_by_t2: bool = True,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
@@ -73,7 +118,8 @@ def distillation_loss_rows(
     softcap: float | None = None,
     vocab_size: int | None = None,
 ) -> Tensor:
-    """Per-row losses, shape (N,) for (N, V_s) / (N, V_t) logits and (N,) labels; ignored rows are 0."""
+    """Per-row losses, shape (N,) for (N, V_s) / (N, V_t) logits and (N,) labels; ignored rows are 0.
+    temperature: a number, or a tensor of shape (N,) (one T per row) or () (a constant)."""
     vocab = vocab_size or student_logits.shape[-1]
     compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     z_s = student_logits[:, :vocab].to(compute_dtype)
@@ -83,11 +129,11 @@ def distillation_loss_rows(
     # loss and gradient are exactly zero; no data-dependent shapes, so torch.compile traces it whole.
     c_s = softcapped(torch.where(counted[:, None], z_s, 0.0), softcap)
     c_t = softcapped(torch.where(counted[:, None], z_t, 0.0), softcap)
-    log_q = torch.log_softmax(c_s / temperature, dim=-1)
-    log_p = torch.log_softmax(c_t / temperature, dim=-1)
+    half_log_q = half_log_softmax(c_s / per_column(temperature, compute_dtype))
+    half_log_p = half_log_softmax(c_t / per_column(temperature, compute_dtype))
     return row_losses(
-        log_p,
-        log_q,
+        half_log_p,
+        half_log_q,
         c_s,
         labels,
         counted,
@@ -109,28 +155,35 @@ def counted_rows(labels: Tensor | None, ignore_index: int, n_rows: int, device: 
 
 
 def row_losses(
-    log_p: Tensor,
-    log_q: Tensor,
+    half_log_p: Tensor,
+    half_log_q: Tensor,
     capped_student: Tensor,
     labels: Tensor | None,
     counted: Tensor,
     *,
     divergence_name: str,
     beta: float,
-    temperature: float,
+    temperature: float | Tensor,
     scale_by_t2: bool,
     soft_weight: float,
     hard_weight: float,
     label_smoothing: float,
 ) -> Tensor:
-    """Per-row losses (N,) from the teacher's and student's log-probabilities at temperature T (over the
-    categories the divergence compares) and the student's capped logits c(z_s) (the hard term)."""
+    """Per-row losses (N,) from the teacher's and student's log-probabilities at temperature T, halved
+    (`half_log_softmax`; over the categories the divergence compares), and the student's capped logits c(z_s)
+    (the hard term); temperature a number or a tensor of shape (N,) or ()."""
+    dtype = half_log_q.dtype
+    if isinstance(temperature, Tensor):
+        temperature = temperature.detach().to(dtype)
     t2 = temperature**2 if scale_by_t2 else 1.0
-    loss = soft_weight * t2 * divergence(log_p, log_q, divergence_name, beta)
+    # A term of weight 0 contributes nothing, also where it is infinite (not 0 * inf = NaN).
+    loss = torch.zeros_like(half_log_q[:, 0])
+    if soft_weight != 0.0:
+        loss = loss + soft_weight * t2 * divergence(half_log_p, half_log_q, divergence_name, beta)
     if hard_weight != 0.0:
         safe_labels = torch.where(counted, labels, 0).long()
         loss = loss + hard_weight * smoothed_cross_entropy(capped_student, safe_labels, label_smoothing)
-    return torch.where(counted, loss, 0.0)
+    return torch.where(counted, loss, 0.0).to(dtype)
 
 
 def reduce_rows(rows: Tensor, counted: Tensor | None, reduction: str, leading_shape: torch.Size) -> Tensor:

@@ -19,7 +19,14 @@ import math
 import torch
 from torch import Tensor
 
-from tsa_fast.reference.distillation_loss import counted_rows, distillation_loss, reduce_rows, row_losses, softcapped
+from tsa_fast.reference.distillation_loss import (
+    counted_rows,
+    distillation_loss,
+    per_column,
+    reduce_rows,
+    row_losses,
+    softcapped,
+)
 
 
 def linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -82,7 +89,7 @@ def topk_distillation_loss_rows(
     *,
     divergence: str = "forward_kl",
     beta: float = 0.5,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     scale_by_t2: bool = True,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
@@ -98,10 +105,11 @@ def topk_distillation_loss_rows(
     capped = softcapped(torch.where(counted[:, None], student_logits[:, :vocab], 0.0), softcap)
     # Ignored rows get placeholder top-k entries, so whatever they hold cannot reach the math.
     indices, teacher_logprobs = (torch.where(counted[:, None], x, 0) for x in (indices, teacher_logprobs))
-    log_p, log_q = topk_bucket_log_probs(torch.log_softmax(capped / temperature, -1), indices, teacher_logprobs)
+    log_q = torch.log_softmax(capped / per_column(temperature, capped.dtype), -1)
+    log_p, log_q = topk_bucket_log_probs(log_q, indices, teacher_logprobs)
     return row_losses(
-        log_p,
-        log_q,
+        0.5 * log_p,
+        0.5 * log_q,
         capped,
         labels,
         counted,
