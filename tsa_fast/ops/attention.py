@@ -51,7 +51,8 @@ def attention(
 
     Raises:
         TypeError: a non-tensor input. ValueError: a bad shape, dtype, device, head count, head dim, mask or
-            scale, naming the offending values; or TSA_FAST_BACKEND=cpp (this op has no C++ kernel).
+            scale, naming the offending values. A forced TSA_FAST_BACKEND=cpp leaves this op on its default
+            backend (it has no C++ kernel); float64 runs the reference under any forced backend.
     """
     _check_inputs(q, k, v, key_padding_mask)
     _check_options(causal, softmax_scale, return_lse)
