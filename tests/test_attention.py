@@ -359,6 +359,49 @@ def test_sdpa_hands_the_rest_to_pytorch(backend, kernel_calls, case):
     ) and not kernel_calls
 
 
+@pytest.fixture
+def torch_sdpa_patched(monkeypatch):
+    """torch.nn.functional.scaled_dot_product_attention replaced by tsa_fast's for the test (a global patch, as
+    Liger-style patches do); returns PyTorch's own function. monkeypatch restores it afterwards."""
+    original = F.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", tsa_fast.scaled_dot_product_attention)
+    return original
+
+
+@both_backends
+@pytest.mark.parametrize("case", ["kernel", "dropout", "float mask"])
+def test_sdpa_patched_into_pytorch_falls_back_to_pytorchs_own(backend, kernel_calls, torch_sdpa_patched, case):
+    """With PyTorch's name patched to the drop-in, what the kernels do not cover still reaches PyTorch's own
+    function (captured at import), not the patched name (which would recurse forever)."""
+    q, k, v = make_inputs(n_q=20, n_k=30)
+    kwargs = {"dropout": dict(dropout_p=0.3), "float mask": dict(attn_mask=torch.randn(2, 1, 20, 30, device=DEVICE))}
+    results = []
+    for fn in (F.scaled_dot_product_attention, torch_sdpa_patched):
+        torch.manual_seed(1)
+        results.append(sdpa_output_and_grads(fn, q, k, v, **kwargs.get(case, {})))
+    for actual, expected, what in zip(*results, ("out", "dq", "dk", "dv")):
+        assert_rel_close(actual, expected, 0.0 if case != "kernel" else 1e-5, what)
+    assert len(kernel_calls) == (backend == "triton" and case == "kernel")
+
+
+@both_backends
+def test_torch_multihead_attention_through_the_patched_sdpa(backend, torch_sdpa_patched, monkeypatch):
+    """torch.nn.MultiheadAttention calls the patched name (its fast path with need_weights=False): the same
+    output and gradients as with PyTorch's own SDPA."""
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).to(DEVICE)
+    x = torch.randn(2, 19, 32, device=DEVICE)
+    padded = torch.rand(2, 19, device=DEVICE) < 0.3
+    results = []
+    for sdpa in (tsa_fast.scaled_dot_product_attention, torch_sdpa_patched):
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+        mha.zero_grad()
+        out = mha(x, x, x, key_padding_mask=padded, need_weights=False)[0]
+        out.square().sum().backward()
+        results.append((out, mha.in_proj_weight.grad.clone()))
+    for actual, expected, what in zip(*results, ("out", "in_proj_weight grad")):
+        assert_rel_close(actual, expected, 1e-5, what)
+
+
 def test_sdpa_raises_pytorchs_errors():
     q, k, v = make_inputs(heads=4, heads_kv=2)
     with pytest.raises(RuntimeError) as expected:

@@ -21,6 +21,9 @@ from tsa_fast.reference import attention as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import default_scale
 
 MAX_HEAD_DIM = 256
+# PyTorch's own SDPA, captured at import: the fallback must not call the name `F.scaled_dot_product_attention`,
+# which a global patch (F.scaled_dot_product_attention = tsa_fast.scaled_dot_product_attention) points back here.
+TORCH_SDPA = F.scaled_dot_product_attention
 
 
 def attention(
@@ -82,11 +85,12 @@ def scaled_dot_product_attention(
     inputs with no dropout, no mask or a bool mask that masks keys only (shape (B or 1, 1, 1, N_k), or
     constant along heads and queries: size 1 or stride 0 there), `is_causal` only with N_q == N_k (PyTorch
     aligns it top-left), head dims <= 256. Everything else (dropout, float masks, other shapes) goes to
-    PyTorch's, which also raises its own errors for bad arguments.
+    PyTorch's, which also raises its own errors for bad arguments. PyTorch's function is the one captured at
+    import, so patching PyTorch's name with this one (`F.scaled_dot_product_attention = ...`) works.
     """
     covered, key_padding_mask = _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if not covered or kernel_backend(query) != "triton":
-        return F.scaled_dot_product_attention(
+        return TORCH_SDPA(
             query,
             key,
             value,
