@@ -152,6 +152,39 @@ def test_half_precision(backend):
     assert our_error <= 2 * torch_error + 1e-4 * expected.norm()
 
 
+@both_backends
+@pytest.mark.parametrize("config", ["default", "kdim-vdim", "bias_kv-zero_attn"])
+def test_torch_jit_script(backend, config):
+    """torch.jit.script works as on torch.nn.MultiheadAttention (cf. PyTorch's test_script_mha_in_proj_weight_none)
+    and the scripted module (PyTorch's attention, sharing this module's parameters) gives the eager outputs."""
+    _, ours = make_pair(config)
+    scripted = torch.jit.script(ours)
+    query, key, value = make_inputs(config, self_attention=False, src_len=11)
+    pad = torch.rand(3, 11, device=DEVICE) < 0.3
+    pad[:, 0] = False
+    for kwargs in (dict(need_weights=False), dict(key_padding_mask=pad, need_weights=False), dict()):
+        expected, actual = ours(query, key, value, **kwargs), scripted(query, key, value, **kwargs)
+        assert_rel_close(actual[0], expected[0], 1e-5, "output")
+        assert (actual[1] is None) == (expected[1] is None)
+    with torch.no_grad():
+        ours.out_proj.weight.mul_(2)  # parameters are shared, not copied
+    assert_rel_close(scripted(query, key, value)[0], ours(query, key, value)[0], 1e-5, "output after an update")
+    block = AttentionBlock(ours)
+    expected = block(query, key, value)
+    assert_rel_close(torch.jit.script(block)(query, key, value), expected, 1e-5, "a scripted parent's output")
+
+
+class AttentionBlock(torch.nn.Module):
+    """A parent module for torch.jit.script."""
+
+    def __init__(self, attention: torch.nn.MultiheadAttention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return self.attention(query, key, value, need_weights=False)[0]
+
+
 def outcome(fn):
     """fn()'s result, or (type, message) of what it raised."""
     try:

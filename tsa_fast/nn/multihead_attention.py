@@ -18,7 +18,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     ignore, as in PyTorch), and no `attn_mask` unless `is_causal=True` hints that it is the causal mask
     (trusted, as PyTorch does). Everything else, including `need_weights=True` (the default: the weights
     are computed the slow way, as PyTorch's does), nested tensors, and shapes PyTorch rejects (it raises its
-    own error), runs `torch.nn.MultiheadAttention.forward`.
+    own error), runs `torch.nn.MultiheadAttention.forward`. `torch.jit.script` compiles PyTorch's attention on
+    the same parameters (see `__prepare_scriptable__`).
     """
 
     def forward(
@@ -85,6 +86,16 @@ class MultiheadAttention(nn.MultiheadAttention):
         else:
             shapes_fit &= attn_mask is None
         return shapes_fit and self.head_dim <= MAX_HEAD_DIM and kernel_backend(query) == "triton"
+
+    def __prepare_scriptable__(self) -> nn.MultiheadAttention:
+        """What torch.jit.script compiles in this module's place: a torch.nn.MultiheadAttention that shares its
+        parameters, buffers and settings (TorchScript cannot compile the dispatch to the kernels), so a
+        scripted model runs PyTorch's attention with the same weights. Scripting a parent module makes
+        PyTorch put that module in the parent's place (its `__prepare_scriptable__` protocol): the parent then
+        runs PyTorch's attention in eager mode too, with the same results."""
+        plain = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
+        plain.__dict__.update(self.__dict__)
+        return plain
 
 
 def _seq_first(*tensors: Tensor) -> list[Tensor]:
