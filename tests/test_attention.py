@@ -234,6 +234,52 @@ def test_rows_without_keys_give_zeros_not_nan(backend):
     assert all(x.isfinite().all() for x in (out, dq, dk, dv))
 
 
+def poisoned_and_zeroed(mask, *tensors, value=math.nan):
+    """Each (B, H, N, D) tensor with `value` at the positions `mask` (B, N) drops, and with 0 there."""
+    padded = ~mask[:, None, :, None]
+    return [x.masked_fill(padded, value) for x in tensors], [x.masked_fill(padded, 0.0) for x in tensors]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "cpp"], indirect=True)  # cpp: the default, torch here
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_padded_key_and_value_slots_are_never_read(backend, causal, value):
+    """NaN or inf in the keys and values of padded slots: the output, lse and gradients of the same inputs
+    with zeros there (bit for bit), and zero gradients at the padded slots."""
+    q, k, v = make_inputs(n_q=20, n_k=45, heads=4, heads_kv=2)
+    mask = padding_mask(2, 45)
+    (k_bad, v_bad), (k_zero, v_zero) = poisoned_and_zeroed(mask, k, v, value=value)
+    grad_out, grad_lse = torch.randn(2, 4, 20, 32, device=DEVICE), torch.randn(2, 4, 20, device=DEVICE)
+    options = dict(causal=causal, key_padding_mask=mask, return_lse=True)
+    actual = outputs_and_grads(tsa_fast.attention, q, k_bad, v_bad, grad_out, grad_lse, **options)
+    expected = outputs_and_grads(tsa_fast.attention, q, k_zero, v_zero, grad_out, grad_lse, **options)
+    for a, e, what in zip(actual, expected, ("out", "lse", "dq", "dk", "dv")):
+        assert torch.equal(a, e), what
+    assert not actual[3].masked_select(~mask[:, None, :, None]).any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "cpp"], indirect=True)
+@pytest.mark.parametrize("n_q", [45, 20], ids=["self-attention", "cross-attention"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_transfer_loss_never_reads_padded_slots(backend, n_q, causal):
+    """tsa_fast.attention_transfer_loss with NaN in the padded keys of both models (and, in self-attention,
+    in the padded positions' queries, whose rows do not count): the loss and gradients of zeros there."""
+    q_s, k_s, q_t, k_t = (torch.randn(2, 3, n, 16, device=DEVICE) for n in (n_q, 45, n_q, 45))
+    mask = padding_mask(2, 45)
+    (k_s_bad, k_t_bad), (k_s_zero, k_t_zero) = poisoned_and_zeroed(mask, k_s, k_t)
+    if n_q == 45:
+        (q_s_bad, q_t_bad), (q_s_zero, q_t_zero) = poisoned_and_zeroed(mask, q_s, q_t)
+    else:
+        (q_s_bad, q_t_bad), (q_s_zero, q_t_zero) = (q_s, q_t), (q_s, q_t)
+    results = []
+    for inputs in ((q_s_bad, k_s_bad, q_t_bad, k_t_bad), (q_s_zero, k_s_zero, q_t_zero, k_t_zero)):
+        student = [x.clone().requires_grad_() for x in inputs[:2]]
+        loss = tsa_fast.attention_transfer_loss(*student, *inputs[2:], causal=causal, key_padding_mask=mask)
+        results.append((loss, *torch.autograd.grad(loss, student)))
+    for actual, expected, what in zip(*results, ("loss", "dq_s", "dk_s")):
+        assert torch.equal(actual, expected), what
+
+
 @both_backends
 def test_non_contiguous_inputs(backend):
     """(B, N, H, D) transposed views, a slice of a wider head dim, a strided mask: strides, no copies."""

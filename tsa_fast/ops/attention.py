@@ -45,7 +45,9 @@ def attention(
         causal: key j is visible to query i only if j <= i + N_k - N_q (aligned bottom-right, as
             FlashAttention: the last query sees every key).
         softmax_scale: finite > 0; default 1 / sqrt(D).
-        key_padding_mask: (B, N_k) bool, True = keep.
+        key_padding_mask: (B, N_k) bool, True = keep. Padded keys are never read: whatever their k and v slots
+            hold (NaN, inf) reaches no output, lse or gradient, and their gradients are 0. A NaN or inf in a
+            visible key, value or any query propagates, as in PyTorch.
         return_lse: also return lse (B, H, N_q), the log-sum-exp of each row's scaled scores (float32;
             float64 for float64 inputs), differentiable.
 
