@@ -448,6 +448,22 @@ def test_torch_multihead_attention_through_the_patched_sdpa(backend, torch_sdpa_
         assert_rel_close(actual, expected, 1e-5, what)
 
 
+@both_backends
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(is_causal=1), dict(is_causal=None), dict(enable_gqa="yes"), dict(dropout_p="0"), dict(scale="0.1")],
+    ids=str,
+)
+def test_sdpa_bad_option_types_raise_pytorchs_type_error(backend, kernel_calls, kwargs):
+    """Options of the wrong type go to PyTorch, whose TypeError names them, never to the kernels."""
+    q, k, v = make_inputs()
+    with pytest.raises(TypeError) as expected:
+        F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with pytest.raises(TypeError) as actual:
+        tsa_fast.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert str(actual.value) == str(expected.value) and not kernel_calls
+
+
 def test_sdpa_raises_pytorchs_errors():
     q, k, v = make_inputs(heads=4, heads_kv=2)
     with pytest.raises(RuntimeError) as expected:
@@ -535,9 +551,11 @@ def _tensors(**shapes):
         (dict(), dict(softmax_scale=0.0), ValueError, "softmax_scale.*0.0"),
         (dict(), dict(softmax_scale=math.inf), ValueError, "softmax_scale.*inf"),
         (dict(), dict(softmax_scale=-1), ValueError, "softmax_scale.*-1"),
-        (dict(), dict(softmax_scale="0.1"), ValueError, "softmax_scale.*'0.1'"),
-        (dict(), dict(causal=1), ValueError, "causal must be a bool, got 1"),
-        (dict(), dict(return_lse=None), ValueError, "return_lse must be a bool, got None"),
+        (dict(), dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a number, got '0.1'"),
+        (dict(), dict(softmax_scale=True), TypeError, "softmax_scale must be a number, got True"),
+        (dict(), dict(causal=1), TypeError, "causal must be a bool, got 1"),
+        (dict(), dict(causal="no"), TypeError, "causal must be a bool, got 'no'"),
+        (dict(), dict(return_lse=None), TypeError, "return_lse must be a bool, got None"),
         (dict(), dict(key_padding_mask=torch.ones(2, 8)), ValueError, "key_padding_mask must be bool.*torch.float32"),
         (
             dict(),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tsa_fast.backends import KERNEL_DTYPES, select_triton_or_torch, triton_kernels
-from tsa_fast.ops.checks import FLOAT_DTYPES, is_real
+from tsa_fast.ops.checks import FLOAT_DTYPES, check_bool, check_real, is_real
 from tsa_fast.reference import attention as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import default_scale
 
@@ -55,9 +55,13 @@ def attention(
         lse = -inf, with zero gradients.
 
     Raises:
-        TypeError: a non-tensor input. ValueError: a bad shape, dtype, device, head count, head dim, mask or
-            scale, naming the offending values. A forced TSA_FAST_BACKEND=cpp leaves this op on its default
-            backend (it has no C++ kernel); float64 runs the reference under any forced backend.
+        TypeError: a non-tensor input, a flag that is not a bool or a scale that is not a number, naming it.
+        ValueError: a bad shape, dtype, device, head count, head dim, mask or scale value, naming the
+            offending values.
+
+    Backends: triton (CUDA; CPU tensors under TRITON_INTERPRET=1 when forced) or torch. A forced
+    TSA_FAST_BACKEND=cpp leaves this op on its default backend (it has no C++ kernel); float64 runs the
+    reference under any forced backend.
     """
     _check_inputs(q, k, v, key_padding_mask)
     _check_options(causal, softmax_scale, return_lse)
@@ -113,7 +117,8 @@ def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         return False, None
     (batch, heads, n_q, d), (_, heads_kv, n_k, _), d_v = query.shape, key.shape, value.shape[3]
     if (
-        dropout_p != 0.0
+        not (isinstance(is_causal, bool) and isinstance(enable_gqa, bool))  # PyTorch's TypeError otherwise
+        or dropout_p != 0.0
         or query.dtype not in KERNEL_DTYPES
         or key.dtype != query.dtype
         or value.dtype != query.dtype
@@ -170,13 +175,13 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
 
 
 def _check_options(causal, softmax_scale, return_lse) -> None:
-    for name, flag in (("causal", causal), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {flag!r}")
-    if softmax_scale is not None and (
-        not is_real(softmax_scale) or not math.isfinite(softmax_scale) or softmax_scale <= 0
-    ):
-        raise ValueError(f"softmax_scale must be None or a finite number > 0, got {softmax_scale!r}")
+    """A wrong type is a TypeError naming the option, a bad scale a ValueError."""
+    check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
+    if softmax_scale is not None:
+        check_real("softmax_scale", softmax_scale)
+        if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+            raise ValueError(f"softmax_scale must be None or a finite number > 0, got {softmax_scale!r}")
 
 
 @torch.library.custom_op("tsa_fast::flash_attention", mutates_args=())
