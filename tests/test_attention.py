@@ -2,7 +2,10 @@
 float64 reference (output, lse and the gradients through both) by the FlashAttention test rule; masks,
 GQA/MQA, head dims, rows with no key, the SDPA drop-in and its hand-offs to PyTorch, compile, errors."""
 
+import importlib
 import math
+import os
+import subprocess
 import sys
 
 import pytest
@@ -24,6 +27,8 @@ import tsa_fast
 from tsa_fast.backends import triton_kernels
 from tsa_fast.reference.attention import attention as reference_attention
 from tsa_fast.reference.attention_transfer_loss import visible_keys
+
+attention_op = importlib.import_module("tsa_fast.ops.attention")  # the module (tsa_fast.ops.attention: the op)
 
 # The "small atol" of the test rule, on relative norm errors: err <= 2 err(PyTorch, same dtype) + ATOL.
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -311,6 +316,95 @@ def test_backward_is_deterministic(backend):
     q, k, v = (x.requires_grad_() for x in make_inputs(n_q=50, heads=4, heads_kv=2))
     grads = [torch.autograd.grad(tsa_fast.attention(q, k, v, causal=True).square().sum(), (q, k, v)) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torch backend: PyTorch's fused CPU flash attention where it applies, else chunks of query rows.
+
+
+@pytest.fixture(params=["pytorch-flash", "chunked"])
+def torch_path(request, monkeypatch):
+    """The torch backend, on PyTorch's flash attention where it applies, or on the chunked path in 16-row
+    chunks (several per test sequence) everywhere."""
+    monkeypatch.setenv("TSA_FAST_BACKEND", "torch")
+    if request.param == "chunked":
+        monkeypatch.setattr(attention_op, "pytorch_flash_applies", lambda *args: False)
+        monkeypatch.setattr(attention_op, "CHUNK_ELEMENTS", 1)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "shape, options",
+    [
+        (dict(n_q=70), dict()),
+        (dict(n_q=70), dict(causal=True)),
+        (dict(n_q=45, n_k=70), dict(causal=True, key_padding_mask="mask")),
+        (dict(n_q=70, n_k=37, d_v=24), dict(causal=True)),
+        (dict(n_q=33, heads=4, heads_kv=2), dict(causal=True, key_padding_mask="left")),
+        (dict(n_q=50, heads=3, heads_kv=1, dtype=torch.bfloat16), dict(key_padding_mask="mask", softmax_scale=0.3)),
+        (dict(n_q=50, dtype=torch.float16), dict(causal=True)),
+    ],
+    ids=["plain", "causal", "causal-Nq<Nk-padding", "causal-Nq>Nk-Dv24", "GQA-causal-left-padding", "MQA-bf16", "fp16"],
+)
+@pytest.mark.parametrize("lse", ["lse-differentiated", "lse-unused"])
+def test_torch_backend_paths(torch_path, shape, options, lse):
+    """Both paths of the torch backend within the test rule of the float64 reference, with lse in the loss
+    (the chunked backward) and without (PyTorch's flash backward where the forward ran it); left padding with
+    causal leaves the first rows without a visible key."""
+    q, k, v = make_inputs(**shape)
+    if options.get("key_padding_mask") == "mask":
+        options = dict(options, key_padding_mask=padding_mask(2, k.shape[2], fully_padded=(1,)))
+    if options.get("key_padding_mask") == "left":
+        options = dict(options, key_padding_mask=torch.arange(k.shape[2]) >= torch.tensor([[0], [9]]))
+    if lse == "lse-differentiated":
+        check_against_reference(q, k, v, **options)
+        return
+    grad_out = torch.randn(*q.shape[:3], v.shape[3])
+    results = []
+    for fn, inputs in ((tsa_fast.attention, (q, k, v)), (pytorch_attention, (q, k, v))):
+        inputs = [x.detach().clone().requires_grad_() for x in inputs]
+        out = fn(*inputs, **options)
+        out = out[0] if isinstance(out, tuple) else out
+        results.append((out, *torch.autograd.grad((out * grad_out.to(out.dtype)).sum(), inputs)))
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    wanted = reference_attention(*leaves, **options)
+    expected = (wanted, *torch.autograd.grad((wanted * grad_out.double()).sum(), leaves))
+    for actual, torch_own, exact, what in zip(*results, expected, ("out", "dq", "dk", "dv")):
+        assert_rel_close(actual, exact, 2 * rel_error(torch_own, exact) + ATOL[q.dtype], what)
+
+
+MEMORY_SCRIPT = """
+import sys, torch, tsa_fast
+from benchmarks.common import cpu_peak_extra_bytes_of
+torch.manual_seed(0)
+n_q, n_k, lse_used = int(sys.argv[1]), 8192, sys.argv[2] == "lse"
+q = torch.randn(1, 2, n_q, 64, requires_grad=True)
+k, v = (torch.randn(1, 2, n_k, 64, requires_grad=True) for _ in range(2))
+mask = torch.rand(1, n_k) > 0.1
+
+def step():
+    out, lse = tsa_fast.attention(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)
+    (out.sum() + lse[lse.isfinite()].sum() if lse_used else out.sum()).backward()
+
+step()
+q.grad = k.grad = v.grad = None
+print(cpu_peak_extra_bytes_of(step))
+"""
+
+
+@pytest.mark.parametrize("n_q, lse", [(8192, "out"), (8192, "lse"), (4096, "out")], ids=["flash", "lse", "Nq<Nk"])
+def test_torch_backend_holds_no_n_by_n_scores(n_q, lse):
+    """B=1, H=2, N_k=8192, causal with padding, forward + backward on the CPU (a fresh process, its resident
+    memory sampled): PyTorch's flash attention (N_q = N_k, lse unused) and the chunked path (lse in the loss;
+    N_q < N_k) both peak under half of one N_q x N_k fp32 score map per head (256 MB at N_q = 8192), which
+    the reference holds several of."""
+    env = {name: value for name, value in os.environ.items() if name not in ("TRITON_INTERPRET", "TSA_FAST_BACKEND")}
+    env["OMP_NUM_THREADS"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-c", MEMORY_SCRIPT, str(n_q), lse]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=300, check=True)
+    peak = int(result.stdout.strip().splitlines()[-1])
+    assert peak < 2 * n_q * 8192 * 4 / 2, f"{peak / 2**20:.0f} MB"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,8 +3,11 @@ kernels, a drop-in for `torch.nn.functional.scaled_dot_product_attention`.
 
 The kernels run behind a `torch.library` custom op, `tsa_fast::flash_attention` (output and lse), whose
 backward is a second custom op, `tsa_fast::flash_attention_backward`: `torch.compile(fullgraph=True)` traces
-both without a graph break. There is no C++ kernel: the torch backend of `attention` is the reference (it
-materializes the scores); `scaled_dot_product_attention` hands what the kernels do not cover to PyTorch's.
+both without a graph break. There is no C++ kernel: behind the same ops, the torch backend (the CPU, or a
+GPU without Triton) runs PyTorch's fused CPU flash attention where its semantics are this op's and
+otherwise the same math in PyTorch over chunks of query rows, both without the N_q x N_k scores; float64
+runs the reference, which materializes them. `scaled_dot_product_attention` hands what the op does not cover
+to PyTorch's.
 """
 
 from __future__ import annotations
@@ -59,14 +62,17 @@ def attention(
         ValueError: a bad shape, dtype, device, head count, head dim, mask or scale value, naming the
             offending values.
 
-    Backends: triton (CUDA; CPU tensors under TRITON_INTERPRET=1 when forced) or torch. A forced
-    TSA_FAST_BACKEND=cpp leaves this op on its default backend (it has no C++ kernel); float64 runs the
-    reference under any forced backend.
+    Backends: triton (CUDA; CPU tensors under TRITON_INTERPRET=1 when forced) or torch (the CPU, or a GPU
+    without Triton), both in O(B x H x N) extra memory: the torch backend runs PyTorch's fused CPU flash
+    attention where its semantics are this op's (D = D_v; not causal, or causal with N_q = N_k; lse not
+    differentiated), else the same math in PyTorch over chunks of query rows (`torch_attention_forward`). A
+    forced TSA_FAST_BACKEND=cpp leaves this op on its default backend (it has no C++ kernel); float64 runs the
+    reference (which materializes the scores) under any forced backend.
     """
     _check_inputs(q, k, v, key_padding_mask)
     _check_options(causal, softmax_scale, return_lse)
     scale = default_scale(q) if softmax_scale is None else float(softmax_scale)
-    if kernel_backend(q) == "torch":
+    if q.dtype not in KERNEL_DTYPES:
         out, lse = reference.attention(
             q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask, return_lse=True
         )
@@ -87,7 +93,8 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """A drop-in for `torch.nn.functional.scaled_dot_product_attention`: same arguments, same result.
 
-    The fused kernels run (where the triton backend applies: CUDA tensors) on (B, H, N, D) fp32/fp16/bf16
+    This op's path (the Triton kernels where the triton backend applies, CUDA tensors; on the CPU the torch
+    backend of `attention`, which never reads padded keys) runs on (B, H, N, D) fp32/fp16/bf16
     inputs with no dropout, no mask or a bool mask that masks keys only (shape (B or 1, 1, 1, N_k), or
     constant along heads and queries: size 1 or stride 0 there), `is_causal` only with N_q == N_k (PyTorch
     aligns it top-left), head dims <= 256. Everything else (dropout, float masks, other shapes) goes to
@@ -95,7 +102,7 @@ def scaled_dot_product_attention(
     import, so patching PyTorch's name with this one (`F.scaled_dot_product_attention = ...`) works.
     """
     covered, key_padding_mask = _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if not covered or kernel_backend(query) != "triton":
+    if not covered or (kernel_backend(query) == "torch" and query.device.type != "cpu"):  # PyTorch's GPU kernels
         return TORCH_SDPA(
             query,
             key,
@@ -149,7 +156,7 @@ def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 
 
 def kernel_backend(q: Tensor) -> str:
-    """triton or torch (the reference; always for float64)."""
+    """triton or torch (the CPU path of this module; float64, always torch, runs the reference)."""
     return select_triton_or_torch(q.device, q.dtype)
 
 
@@ -188,8 +195,10 @@ def _check_options(causal, softmax_scale, return_lse) -> None:
 def flash_attention(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, softmax_scale: float
 ) -> tuple[Tensor, Tensor]:
-    """(out (B, H, N_q, D_v), lse (B, H, N_q) float32) by the Triton kernels; differentiable w.r.t. q, k, v
-    through both outputs."""
+    """(out (B, H, N_q, D_v), lse (B, H, N_q) float32) by the Triton kernels or the torch backend; differentiable
+    w.r.t. q, k, v through both outputs."""
+    if kernel_backend(q) == "torch":
+        return torch_attention_forward(q, k, v, key_padding_mask, causal, softmax_scale)
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     triton_kernels.attention_forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale)
@@ -204,7 +213,7 @@ def _(q, k, v, key_padding_mask, causal, softmax_scale):
 @torch.library.custom_op("tsa_fast::flash_attention_backward", mutates_args=())
 def flash_attention_backward(
     grad_out: Tensor,
-    grad_lse: Tensor,
+    grad_lse: Tensor | None,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -214,10 +223,14 @@ def flash_attention_backward(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv): the gradient of sum(grad_out * out) + sum(grad_lse * lse), recomputing the scores."""
+    """(dq, dk, dv): the gradient of sum(grad_out * out) + sum(grad_lse * lse) (None: lse unused), recomputing
+    the scores."""
+    if kernel_backend(q) == "torch":
+        return torch_attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, softmax_scale)
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     triton_kernels.attention_backward(
-        q, k, v, key_padding_mask, out, lse, grad_out, grad_lse.float().contiguous(), dq, dk, dv, causal, softmax_scale
+        q, k, v, key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale
     )
     return dq, dk, dv
 
@@ -229,14 +242,15 @@ def _(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, softmax_s
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, causal, softmax_scale = inputs
+    ctx.set_materialize_grads(False)  # grad_lse stays None when lse is unused (the torch backend's fast path)
     ctx.save_for_backward(q, k, v, key_padding_mask, *output)
     ctx.options = (causal, softmax_scale)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-    if grad_lse is None:  # lse unused
-        grad_lse = torch.zeros_like(lse)
+    if grad_out is None:  # only lse is used
+        grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.tsa_fast.flash_attention_backward(
         grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, *ctx.options
     )
@@ -244,6 +258,158 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torch backend: O(B x H x N) extra memory, no N_q x N_k scores.
+
+# Scores the chunked path holds at once (B x H x rows x N_k fp32, two such buffers in the backward), at least
+# MIN_CHUNK_ROWS query rows: 16 MB, a few hundred rows at B = 1, H = 8, N = 4096.
+CHUNK_ELEMENTS = 1 << 22
+MIN_CHUNK_ROWS = 16
+
+
+def pytorch_flash_applies(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> bool:
+    """Whether PyTorch's fused CPU flash attention computes this op: CPU tensors, D = D_v, and not causal or
+    causal with N_q = N_k (its causal mask is aligned top-left, which is bottom-right only then). It takes
+    GQA, any strides, fp32/fp16/bf16, an additive key mask (fully masked rows give 0), and returns the lse."""
+    return q.device.type == "cpu" and q.shape[3] == v.shape[3] and (not causal or q.shape[2] == k.shape[2])
+
+
+def torch_attention_forward(q, k, v, key_padding_mask, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(out, lse) as `flash_attention` returns them, by PyTorch's fused CPU flash attention where it applies,
+    else by `chunked_attention_forward`. Padded keys and values are zeroed first (never read)."""
+    if not pytorch_flash_applies(q, k, v, causal):
+        return chunked_attention_forward(q, k, v, key_padding_mask, causal, scale)
+    k, v = zero_padded_keys(key_padding_mask, k, v)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=_additive_key_mask(key_padding_mask, q.dtype), scale=scale
+    )
+    # It gives a row with no visible key lse = 0 (and out = 0): -inf, as the other backends.
+    if key_padding_mask is not None:
+        seen = key_padding_mask.cumsum(-1) > 0 if causal else key_padding_mask.any(-1, keepdim=True)
+        lse = lse.masked_fill(~seen[:, None, :], -math.inf)
+    return out.contiguous(), lse.contiguous()
+
+
+def torch_attention_backward(
+    grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `torch_attention_forward`: PyTorch's fused CPU flash backward where the forward ran it
+    and lse is not differentiated (grad_lse None), else `chunked_attention_backward`."""
+    if grad_lse is not None or not pytorch_flash_applies(q, k, v, causal):
+        return chunked_attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, scale)
+    k_read, v_read = zero_padded_keys(key_padding_mask, k, v)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out,
+        q,
+        k_read,
+        v_read,
+        out,
+        lse.masked_fill(lse == -math.inf, 0.0),  # the lse the forward kernel returned for rows with no key
+        0.0,
+        causal,
+        attn_mask=_additive_key_mask(key_padding_mask, q.dtype),
+        scale=scale,
+    )
+    return dq, dk, dv  # padded keys get no probability, so dk, dv are 0 there
+
+
+def zero_padded_keys(key_padding_mask: Tensor | None, *tensors: Tensor) -> list[Tensor]:
+    """(B, H_kv, N_k, D) tensors with the padded keys' rows set to 0 (copies), so that what those slots hold
+    (NaN, inf) meets no product; unchanged without a mask."""
+    if key_padding_mask is None:
+        return list(tensors)
+    padded = ~key_padding_mask[:, None, :, None]
+    return [x.masked_fill(padded, 0.0) for x in tensors]
+
+
+def _additive_key_mask(key_padding_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, 1, 1, N_k): 0 for kept keys, -inf for padded ones, in the inputs' dtype (what PyTorch's flash
+    attention takes); None without a mask."""
+    if key_padding_mask is None:
+        return None
+    zeros = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+    return zeros.masked_fill(~key_padding_mask, -math.inf)[:, None, None, :]
+
+
+def _query_chunks(q: Tensor, n_k: int):
+    """(first, last) query rows of each chunk of the chunked path."""
+    batch, heads, n_q, _ = q.shape
+    rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, batch * heads * n_k))
+    return [(first, min(n_q, first + rows)) for first in range(0, n_q, rows)]
+
+
+def _chunk_probabilities(q_c, k, first, last, n_q, key_padding_mask, causal, scale, lse=None):
+    """The probabilities (B, H_kv, G * C, end) of query rows [first, last) (q_c: (B, H_kv, G * C, D) fp32)
+    over the keys [0, end) any of them sees (end < N_k when causal), and their lse (B, H_kv, G * C), from
+    the scores (softmax, in place); or from the given lse (the backward's recomputation). One buffer."""
+    batch, heads_kv, rows, _ = q_c.shape
+    n_k = k.shape[2]
+    end = min(n_k, max(0, last + n_k - n_q)) if causal else n_k
+    s = torch.matmul(q_c, k[:, :, :end].transpose(-1, -2)).mul_(scale)
+    chunk = last - first
+    view = s.view(batch, heads_kv, rows // chunk, chunk, end)
+    if causal:  # aligned bottom-right: key j is visible to query i when j <= i + N_k - N_q
+        i = torch.arange(first, last, device=s.device)[:, None]
+        view.masked_fill_(torch.arange(end, device=s.device)[None, :] > i + (n_k - n_q), -math.inf)
+    if key_padding_mask is not None:
+        view.masked_fill_(~key_padding_mask[:, None, None, None, :end], -math.inf)
+    if lse is None:
+        lse = torch.logsumexp(s, -1) if end > 0 else s.new_full((batch, heads_kv, rows), -math.inf)
+    # A row with no visible key (lse = -inf) gets p = exp(-inf - 0) = 0, not NaN.
+    s.sub_(lse.masked_fill(lse == -math.inf, 0.0)[..., None]).exp_()
+    return s, lse, end
+
+
+def _grouped_rows(x: Tensor, heads_kv: int, first: int, last: int) -> Tensor:
+    """Rows [first, last) of a (B, H, N, D) tensor as (B, H_kv, G * C, D) fp32: the G = H / H_kv query heads
+    of each key/value head stacked (GQA without repeating k, v)."""
+    rows = x[:, :, first:last].float()
+    return rows.reshape(x.shape[0], heads_kv, -1, x.shape[3])
+
+
+def chunked_attention_forward(q, k, v, key_padding_mask, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(out, lse) in PyTorch, chunks of query rows at a time (the reference's math, in fp32): extra memory
+    O(CHUNK_ELEMENTS + B x H x N), whatever N_q, N_k, D, D_v, causal alignment and padding."""
+    batch, heads, n_q, _ = q.shape
+    heads_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[3]
+    k, v = zero_padded_keys(key_padding_mask, k.float(), v.float())
+    out = q.new_empty(batch, heads_kv, heads // heads_kv, n_q, d_v)
+    lse = q.new_empty(batch, heads_kv, heads // heads_kv, n_q, dtype=torch.float32)
+    for first, last in _query_chunks(q, n_k):
+        q_c = _grouped_rows(q, heads_kv, first, last)
+        p, lse_c, end = _chunk_probabilities(q_c, k, first, last, n_q, key_padding_mask, causal, scale)
+        out[..., first:last, :] = torch.matmul(p, v[:, :, :end]).view(batch, heads_kv, -1, last - first, d_v)
+        lse[..., first:last] = lse_c.view(batch, heads_kv, -1, last - first)
+    return out.view(batch, heads, n_q, d_v), lse.view(batch, heads, n_q)
+
+
+def chunked_attention_backward(
+    grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `chunked_attention_forward` (grad_lse None: lse unused), recomputing each chunk's
+    probabilities from the saved lse: ds = p (do v^T - delta), delta = rowsum(do * out) - dlse."""
+    batch, heads, n_q, d = q.shape
+    heads_kv, n_k = k.shape[1], k.shape[2]
+    k_read, v_read = zero_padded_keys(key_padding_mask, k.float(), v.float())
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    lse = lse.view(batch, heads_kv, -1, n_q)
+    for first, last in _query_chunks(q, n_k):
+        q_c, do_c = _grouped_rows(q, heads_kv, first, last), _grouped_rows(grad_out, heads_kv, first, last)
+        lse_c = lse[..., first:last].reshape(batch, heads_kv, -1)
+        p, _, end = _chunk_probabilities(q_c, k_read, first, last, n_q, key_padding_mask, causal, scale, lse_c)
+        dv[:, :, :end] += torch.matmul(p.transpose(-1, -2), do_c)
+        delta_c = _grouped_rows(delta[..., None], heads_kv, first, last)
+        ds = torch.matmul(do_c, v_read[:, :, :end].transpose(-1, -2)).sub_(delta_c).mul_(p)
+        dq[:, :, first:last] = torch.matmul(ds, k_read[:, :, :end]).mul_(scale).view(batch, heads, last - first, d)
+        dk[:, :, :end] += torch.matmul(ds.transpose(-1, -2), q_c).mul_(scale)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def check_key_padding_mask(key_padding_mask, batch: int, n_k: int, like: tuple[str, Tensor]) -> None:
