@@ -460,6 +460,21 @@ def test_sdpa_runs_the_kernel_and_matches_pytorch(backend, kernel_calls, shape, 
 
 
 @both_backends
+def test_sdpa_key_mask_takes_this_path_and_never_reads_padded_slots(backend):
+    """A key mask (as the engine's encoders pass it) runs this op's path on either backend (on the CPU the torch
+    backend's, not PyTorch's SDPA, which would return NaN): NaN in padded keys and values gives PyTorch's result
+    on zeros there, gradients included."""
+    q, k, v = make_inputs(n_q=30, n_k=30, heads=4, heads_kv=2)
+    keep = padding_mask(2, 30)
+    (k_bad, v_bad), (k_zero, v_zero) = poisoned_and_zeroed(keep, k, v)
+    kwargs = dict(attn_mask=keep[:, None, None, :], enable_gqa=True)
+    actual = sdpa_output_and_grads(tsa_fast.scaled_dot_product_attention, q, k_bad, v_bad, **kwargs)
+    expected = sdpa_output_and_grads(F.scaled_dot_product_attention, q, k_zero, v_zero, **kwargs)
+    for a, e, what in zip(actual, expected, ("out", "dq", "dk", "dv")):
+        assert_rel_close(a, e, 1e-5, what)
+
+
+@both_backends
 @pytest.mark.parametrize(
     "case",
     [
