@@ -342,24 +342,29 @@ def _query_chunks(q: Tensor, n_k: int):
 
 def _chunk_probabilities(q_c, k, first, last, n_q, key_padding_mask, causal, scale, lse=None):
     """The probabilities (B, H_kv, G * C, end) of query rows [first, last) (q_c: (B, H_kv, G * C, D) fp32)
-    over the keys [0, end) any of them sees (end < N_k when causal), and their lse (B, H_kv, G * C), from
-    the scores (softmax, in place); or from the given lse (the backward's recomputation). One buffer."""
+    over the keys [0, end) any of them sees (end < N_k when causal), and their lse (B, H_kv, G * C): a softmax
+    of the scores in place (one buffer, one exp per score), or exp(s - lse) from the given lse (the
+    backward's recomputation)."""
     batch, heads_kv, rows, _ = q_c.shape
     n_k = k.shape[2]
     end = min(n_k, max(0, last + n_k - n_q)) if causal else n_k
-    s = torch.matmul(q_c, k[:, :, :end].transpose(-1, -2)).mul_(scale)
+    s = torch.matmul(q_c * scale, k[:, :, :end].transpose(-1, -2))
     chunk = last - first
     view = s.view(batch, heads_kv, rows // chunk, chunk, end)
-    if causal:  # aligned bottom-right: key j is visible to query i when j <= i + N_k - N_q
-        i = torch.arange(first, last, device=s.device)[:, None]
-        view.masked_fill_(torch.arange(end, device=s.device)[None, :] > i + (n_k - n_q), -math.inf)
+    if causal:  # aligned bottom-right: key j is visible to query i when j <= i + N_k - N_q; masks only the
+        start = max(0, first + n_k - n_q + 1)  # columns past the chunk's first diagonal
+        i = torch.arange(first, last, device=s.device)[:, None] + (n_k - n_q)
+        view[..., start:].masked_fill_(torch.arange(start, end, device=s.device)[None, :] > i, -math.inf)
     if key_padding_mask is not None:
         view.masked_fill_(~key_padding_mask[:, None, None, None, :end], -math.inf)
-    if lse is None:
-        lse = torch.logsumexp(s, -1) if end > 0 else s.new_full((batch, heads_kv, rows), -math.inf)
-    # A row with no visible key (lse = -inf) gets p = exp(-inf - 0) = 0, not NaN.
-    s.sub_(lse.masked_fill(lse == -math.inf, 0.0)[..., None]).exp_()
-    return s, lse, end
+    if lse is not None:  # a row with no visible key (lse = -inf) gets p = exp(-inf - 0) = 0, not NaN
+        return s.sub_(lse.masked_fill(lse == -math.inf, 0.0)[..., None]).exp_(), lse, end
+    if end == 0:
+        return s, s.new_full((batch, heads_kv, rows), -math.inf), end
+    row_max = s.amax(-1, keepdim=True)
+    row_sum = s.sub_(row_max.masked_fill(row_max == -math.inf, 0.0)).exp_().sum(-1, keepdim=True)
+    lse = (row_max + row_sum.log()).squeeze(-1)  # -inf for a row with no visible key (max -inf, sum 0)
+    return s.div_(row_sum.masked_fill(row_sum == 0, 1.0)), lse, end
 
 
 def _grouped_rows(x: Tensor, heads_kv: int, first: int, last: int) -> Tensor:
@@ -408,7 +413,8 @@ def chunked_attention_backward(
         delta_c = _grouped_rows(delta[..., None], heads_kv, first, last)
         ds = torch.matmul(do_c, v_read[:, :, :end].transpose(-1, -2)).sub_(delta_c).mul_(p)
         dq[:, :, first:last] = torch.matmul(ds, k_read[:, :, :end]).mul_(scale).view(batch, heads, last - first, d)
-        dk[:, :, :end] += torch.matmul(ds.transpose(-1, -2), q_c).mul_(scale)
+        dk[:, :, :end] += torch.matmul(ds.transpose(-1, -2), q_c)
+    dk.mul_(scale)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
