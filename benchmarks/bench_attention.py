@@ -7,6 +7,11 @@ and forward + backward.
 Compared on B x H x N x D problems (GPU: 16 heads, B * N = 16k tokens; causal and not; D = 64 and 128):
   triton          tsa_fast.attention on the Triton kernels (GPU only: on the CPU they run under the
                   interpreter, which is no speed measurement)
+  torch           tsa_fast.attention on its torch backend (CPU): PyTorch's fused CPU flash attention where
+                  its semantics are the op's (here: not causal, or causal with N_q = N_k), in O(N) memory
+  torch_chunked   the same backend on its chunked path (chunks of query rows, PyTorch ops), which serves
+                  what PyTorch's kernel does not (bottom-right causal with N_q != N_k, D != D_v, a
+                  differentiated lse), forced here on the same problems
   sdpa_<backend>  F.scaled_dot_product_attention held to one of its backends (flash, efficient, cudnn, math)
                   with `sdpa_kernel`, each that runs the problem on this device (a backend that cannot is
                   skipped); `sdpa`: PyTorch's own choice (CPU)
@@ -16,15 +21,19 @@ backends, and one compile per shape, mask and mode would not fit gpu.sh's time b
 GPU: bf16, N = 1024, 4096, 16384. Targets (issue 4, H200, D = 128, N >= 4096): forward >= 1.1x and backward
 (fwd+bwd time less fwd time) >= 0.9x the speed of sdpa_flash, forward >= 55% of the 989 TFLOP/s dense bf16
 peak; the backward recomputes q k^T once more than FlashAttention-2 to stay deterministic.
-CPU: fp32, B = 1, H = 8, N = 1024 and 2048, D = 64, the SDPA backends and the reference.
+CPU: fp32, B = 1, H = 8, N = 512 .. 8192, D = 64: the torch backend's two paths, the SDPA backends and the
+reference (issue 20's target: no N x N allocation, and at least SDPA's speed where both apply). Peak
+extra memory on the CPU is measured in a fresh process (`python -m benchmarks.bench_attention ...`).
 Roofline: FLOPs over the measured matrix-product rate, counting 4 B H N^2 D for the forward and 2.5 times
 that for the backward (FlashAttention's convention), halved when causal. Peak extra memory: the CUDA
-allocator's peak; on the CPU the RSS growth of this process (indicative at these sizes).
+allocator's peak; on the CPU the RSS growth of one step in a fresh process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import sys
 
 import pytest
 import torch
@@ -35,6 +44,7 @@ import tsa_fast
 from benchmarks.common import (
     DEVICE,
     SMOKE,
+    cpu_peak_extra_bytes_of,
     describe,
     measure,
     record_peak_memory,
@@ -48,22 +58,36 @@ if SMOKE:
 elif DEVICE.type == "cuda":
     PROBLEMS, HEADS, DTYPE = [(16384 // n, n, d) for d in (64, 128) for n in (1024, 4096, 16384)], 16, torch.bfloat16
 else:
-    PROBLEMS, HEADS, DTYPE = [(1, 1024, 64), (1, 2048, 64)], 8, torch.float32
+    PROBLEMS, HEADS, DTYPE = [(1, n, 64) for n in (512, 1024, 2048, 4096, 8192)], 8, torch.float32
 SDPA_BACKENDS = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
     "sdpa_math": SDPBackend.MATH,
 }
-IMPLS = (["triton", *SDPA_BACKENDS] if DEVICE.type == "cuda" else ["sdpa", "sdpa_flash", "sdpa_math"]) + ["reference"]
+CPU_IMPLS = ["torch", "torch_chunked", "sdpa", "sdpa_flash", "sdpa_math"]
+IMPLS = (["triton", *SDPA_BACKENDS] if DEVICE.type == "cuda" else CPU_IMPLS) + ["reference"]
 MAX_MATERIALIZED_N = 4096  # the reference and sdpa_math hold B x H x N x N scores
+MODULE = "benchmarks.bench_attention"
+attention_op = importlib.import_module("tsa_fast.ops.attention")  # the module (tsa_fast.ops.attention: the op)
+
+
+@contextlib.contextmanager
+def chunked_path():
+    """The torch backend with PyTorch's flash attention ruled out: its chunked path runs everything."""
+    applies = attention_op.pytorch_flash_applies
+    attention_op.pytorch_flash_applies = lambda *args: False
+    try:
+        yield
+    finally:
+        attention_op.pytorch_flash_applies = applies
 
 
 def attention_fn(impl: str, causal: bool):
     """A callable (q, k, v) -> out for one implementation."""
     if impl == "reference":
         return lambda q, k, v: reference_attention(q, k, v, causal=causal)
-    if impl == "triton":
+    if impl in ("triton", "torch", "torch_chunked"):
         return lambda q, k, v: tsa_fast.attention(q, k, v, causal=causal)
 
     def sdpa(q, k, v):  # sdpa_kernel's context manager is single-use: a new one per call
@@ -73,15 +97,30 @@ def attention_fn(impl: str, causal: bool):
     return sdpa
 
 
-def step(fn, q, k, v, grad_out):
-    """One forward, or forward + backward when the inputs require grad (as zero_grad() leaves .grad)."""
-    if grad_out is None:
-        with torch.no_grad():
-            fn(q, k, v)
-    else:
-        q.grad = k.grad = v.grad = None
-        fn(q, k, v).backward(grad_out)
+def step(fn, q, k, v, grad_out, path=contextlib.nullcontext):
+    """One forward, or forward + backward when the inputs require grad (as zero_grad() leaves .grad), inside
+    the `path` context (chunked_path for torch_chunked)."""
+    with path():
+        if grad_out is None:
+            with torch.no_grad():
+                fn(q, k, v)
+        else:
+            q.grad = k.grad = v.grad = None
+            fn(q, k, v).backward(grad_out)
     synchronize()
+
+
+def make_inputs(batch: int, n: int, d: int, mode: str):
+    """q, k, v (B, HEADS, N, D) and the output gradient (None for the forward)."""
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(batch, HEADS, n, d, device=DEVICE, generator=generator, dtype=DTYPE) for _ in range(3))
+    if mode == "fwd":
+        return q, k, v, None
+    return *(x.requires_grad_() for x in (q, k, v)), torch.randn_like(q)
+
+
+def path_of(impl: str):
+    return chunked_path if impl == "torch_chunked" else contextlib.nullcontext
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -92,15 +131,10 @@ def test_attention(benchmark, impl, problem, causal, mode):
     batch, n, d = problem
     if impl in ("reference", "sdpa_math") and n > MAX_MATERIALIZED_N:
         pytest.skip(f"{impl} materializes the N x N scores: N <= {MAX_MATERIALIZED_N}")
-    generator = torch.Generator(DEVICE).manual_seed(0)
-    q, k, v = (torch.randn(batch, HEADS, n, d, device=DEVICE, generator=generator, dtype=DTYPE) for _ in range(3))
-    grad_out = None
-    if mode == "fwd+bwd":
-        q, k, v = (x.requires_grad_() for x in (q, k, v))
-        grad_out = torch.randn_like(q)
-    fn = attention_fn(impl, causal)
+    q, k, v, grad_out = make_inputs(batch, n, d, mode)
+    fn, path = attention_fn(impl, causal), path_of(impl)
     try:
-        step(fn, q, k, v, grad_out)  # warm-up: autotuning, compilation, first touch of memory
+        step(fn, q, k, v, grad_out, path)  # warm-up: autotuning, compilation, first touch of memory
     except RuntimeError as error:  # an SDPA backend that cannot run this problem on this device
         pytest.skip(f"{impl}: {error}".splitlines()[0])
     describe(
@@ -115,7 +149,20 @@ def test_attention(benchmark, impl, problem, causal, mode):
         D=d,
         mask="causal" if causal else "full",
     )
-    measure(benchmark, step, fn, q, k, v, grad_out)
+    measure(benchmark, step, fn, q, k, v, grad_out, path)
     flops = 4 * batch * HEADS * n * n * d * (3.5 if mode == "fwd+bwd" else 1) / (2 if causal else 1)
     record_roofline(benchmark, DTYPE, flops=flops)
-    record_peak_memory(benchmark, lambda: step(fn, q, k, v, grad_out))
+    args = (impl, str(causal), mode, str(batch), str(n), str(d))
+    record_peak_memory(benchmark, lambda: step(fn, q, k, v, grad_out, path), MODULE, *args)
+
+
+def measure_cpu_peak(impl: str, causal: str, mode: str, batch: str, n: str, d: str) -> int:
+    """Peak RSS growth of one step in this (fresh) process, beyond the inputs and .grad."""
+    q, k, v, grad_out = make_inputs(int(batch), int(n), int(d), mode)
+    fn, path = attention_fn(impl, causal == "True"), path_of(impl)
+    step(fn, q, k, v, grad_out, path)  # warm-up, and the .grad buffers
+    return cpu_peak_extra_bytes_of(lambda: step(fn, q, k, v, grad_out, path))
+
+
+if __name__ == "__main__":
+    print(measure_cpu_peak(*sys.argv[1:]))

@@ -252,6 +252,11 @@ TSA_CPU_CLONES void backward_rows(const Geometry& g, int64_t b, int64_t h, int64
   load_transposed(head_of<Student>(p.k_s, b, h), p.n_k, p.d_s, g.ldk, ws.keys_s_t.data());
   load_transposed(head_of<Teacher>(p.k_t, b, h), p.n_k, p.d_t, g.ldk, ws.keys_t_t.data());
   load_rows(head_of<Student>(p.k_s, b, h), 0, p.n_k, p.d_s, 1.0f, g.ldk, g.ld_ds, ws.keys_s.data());
+  // Padded keys (and, below, the queries of rows that do not count) are zeroed: their dS is 0, but 0 * NaN
+  // would carry a NaN they hold into dq (and dk).
+  if (keep != nullptr)
+    for (int64_t j = 0; j < p.n_k; ++j)
+      if (keep[j] == 0) std::fill(ws.keys_s.data() + j * g.ld_ds, ws.keys_s.data() + (j + 1) * g.ld_ds, 0.0f);
   for (int64_t i0 = first; i0 < last; i0 += kBlockRows) {
     const int64_t n = std::min(kBlockRows, last - i0);
     const int64_t cols = round_up(std::max<int64_t>(0, g.key_end(i0 + n - 1)), kLanes);
@@ -275,6 +280,7 @@ TSA_CPU_CLONES void backward_rows(const Geometry& g, int64_t b, int64_t h, int64
         for (int64_t j = 0; j < row_keys; ++j) ds[j] = w * (fast_exp(ds[j] - lse_s) - fast_exp(s_t[j] - lse_t));
       }
       std::fill(ds + row_keys, ds + cols, 0.0f);
+      if (!counted) std::fill(ws.queries_s.data() + r * g.ld_ds, ws.queries_s.data() + (r + 1) * g.ld_ds, 0.0f);
     }
     // dq = scale_s dS k_s for the block's rows.
     tile_product<false>(ws.scores_s.data(), g.ldk, ws.keys_s.data(), g.ld_ds, cols, kBlockRows, g.ld_ds,

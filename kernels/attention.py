@@ -115,6 +115,16 @@ def _tile_scores(
 
 
 @triton.jit
+def _zero_padded_keys(tile, cols, mask_ptr, stride_mask_n, n_k, HAS_MASK: tl.constexpr):
+    """The k or v tile of keys `cols` with the rows of padded keys set to 0, so that what those slots hold
+    (NaN, inf) never meets a product: a masked score is -inf, but 0 * NaN in p v or ds k would still be NaN."""
+    if HAS_MASK:
+        kept = tl.load(mask_ptr + cols * stride_mask_n, mask=cols < n_k, other=0) != 0
+        tile = tl.where(kept[:, None], tile, 0.0)
+    return tile
+
+
+@triton.jit
 def _key_range(start_m, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For the query rows [start_m, start_m + BLOCK_M): key tiles [0, full) are visible to every row (no
     mask), [full, end) need the bounds and causal mask, keys from end on are hidden from every row."""
@@ -184,6 +194,7 @@ def _fwd_tiles(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(k_ptr, cols, tl.arange(0, BLOCK_D), stride_kn, stride_kd, n_k, d, UPCAST)
+        k = _zero_padded_keys(k, cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)
         s = _tile_scores(q, k, rows, cols, mask_ptr, stride_mask_n, n_q, n_k, qk_scale, CAUSAL, HAS_MASK, MASKED)
         # Online softmax: when the row max grows, rescale what was summed so far by 2^(m_old - m_new).
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -192,6 +203,7 @@ def _fwd_tiles(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = load_tile(v_ptr, cols, tl.arange(0, BLOCK_DV), stride_vn, stride_vd, n_k, d_v, UPCAST)
+        v = _zero_padded_keys(v, cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
@@ -376,6 +388,8 @@ def _dq_tiles(
         cols = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(k_ptr, cols, tl.arange(0, BLOCK_D), stride_kn, stride_kd, n_k, d, UPCAST)
         v = load_tile(v_ptr, cols, tl.arange(0, BLOCK_DV), stride_vn, stride_vd, n_k, d_v, UPCAST)
+        k = _zero_padded_keys(k, cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)
+        v = _zero_padded_keys(v, cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)
         s = _tile_scores(q, k, rows, cols, mask_ptr, stride_mask_n, n_q, n_k, qk_scale, CAUSAL, HAS_MASK, MASKED)
         p = tl.exp2(s - lse2[:, None])  # the forward's probabilities, from the saved lse
         ds = p * (dot(do, tl.trans(v)) - delta[:, None])

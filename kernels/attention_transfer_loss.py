@@ -242,7 +242,14 @@ def _attention_transfer_bwd_dq_kernel(
     for start_n in range(0, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         visible = visible_keys(rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
-        k_s = load_tile(k_s_ptr, cols, dims_s, stride_ks_n, stride_ks_d, n_k, d_s, UPCAST)
+        # Padded keys are not loaded (0): their ds is 0, but 0 * NaN would carry a NaN they hold into dq.
+        kept = cols < n_k
+        if HAS_MASK:
+            kept &= tl.load(mask_ptr + cols * stride_mask_n, mask=kept, other=0) != 0
+        k_s_ptrs = k_s_ptr + cols[:, None] * stride_ks_n + dims_s[None, :] * stride_ks_d
+        k_s = tl.load(k_s_ptrs, mask=kept[:, None] & (dims_s[None, :] < d_s), other=0.0)
+        if UPCAST:
+            k_s = k_s.to(tl.float32)
         k_t = load_tile(k_t_ptr, cols, dims_t, stride_kt_n, stride_kt_d, n_k, d_t, UPCAST)
         ds = _grad_scores(q_s, k_s, q_t, k_t, lse_s, lse_t, w, visible, scale_s, scale_t)
         dq += dot(ds.to(k_s.dtype), k_s)
@@ -328,6 +335,7 @@ def _attention_transfer_bwd_dk_kernel(
         q_s = load_tile(q_s_ptr, rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST)
         q_t = load_tile(q_t_ptr, rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST)
         ds = _grad_scores(q_s, k_s, q_t, k_t, lse_s, lse_t, w, visible, scale_s, scale_t)
+        q_s = tl.where(rows_counted[:, None], q_s, 0.0)  # a padded position's query (ds = 0) may hold NaN
         dk += dot(tl.trans(ds).to(q_s.dtype), q_s)
 
     dk_ptrs = head(dk_ptr, b, h, stride_dk_b, stride_dk_h) + cols[:, None] * stride_dk_n + dims_s[None, :] * stride_dk_d

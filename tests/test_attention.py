@@ -2,7 +2,10 @@
 float64 reference (output, lse and the gradients through both) by the FlashAttention test rule; masks,
 GQA/MQA, head dims, rows with no key, the SDPA drop-in and its hand-offs to PyTorch, compile, errors."""
 
+import importlib
 import math
+import os
+import subprocess
 import sys
 
 import pytest
@@ -24,6 +27,8 @@ import tsa_fast
 from tsa_fast.backends import triton_kernels
 from tsa_fast.reference.attention import attention as reference_attention
 from tsa_fast.reference.attention_transfer_loss import visible_keys
+
+attention_op = importlib.import_module("tsa_fast.ops.attention")  # the module (tsa_fast.ops.attention: the op)
 
 # The "small atol" of the test rule, on relative norm errors: err <= 2 err(PyTorch, same dtype) + ATOL.
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -234,6 +239,52 @@ def test_rows_without_keys_give_zeros_not_nan(backend):
     assert all(x.isfinite().all() for x in (out, dq, dk, dv))
 
 
+def poisoned_and_zeroed(mask, *tensors, value=math.nan):
+    """Each (B, H, N, D) tensor with `value` at the positions `mask` (B, N) drops, and with 0 there."""
+    padded = ~mask[:, None, :, None]
+    return [x.masked_fill(padded, value) for x in tensors], [x.masked_fill(padded, 0.0) for x in tensors]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "cpp"], indirect=True)  # cpp: the default, torch here
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_padded_key_and_value_slots_are_never_read(backend, causal, value):
+    """NaN or inf in the keys and values of padded slots: the output, lse and gradients of the same inputs
+    with zeros there (bit for bit), and zero gradients at the padded slots."""
+    q, k, v = make_inputs(n_q=20, n_k=45, heads=4, heads_kv=2)
+    mask = padding_mask(2, 45)
+    (k_bad, v_bad), (k_zero, v_zero) = poisoned_and_zeroed(mask, k, v, value=value)
+    grad_out, grad_lse = torch.randn(2, 4, 20, 32, device=DEVICE), torch.randn(2, 4, 20, device=DEVICE)
+    options = dict(causal=causal, key_padding_mask=mask, return_lse=True)
+    actual = outputs_and_grads(tsa_fast.attention, q, k_bad, v_bad, grad_out, grad_lse, **options)
+    expected = outputs_and_grads(tsa_fast.attention, q, k_zero, v_zero, grad_out, grad_lse, **options)
+    for a, e, what in zip(actual, expected, ("out", "lse", "dq", "dk", "dv")):
+        assert torch.equal(a, e), what
+    assert not actual[3].masked_select(~mask[:, None, :, None]).any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "cpp"], indirect=True)
+@pytest.mark.parametrize("n_q", [45, 20], ids=["self-attention", "cross-attention"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_transfer_loss_never_reads_padded_slots(backend, n_q, causal):
+    """tsa_fast.attention_transfer_loss with NaN in the padded keys of both models (and, in self-attention,
+    in the padded positions' queries, whose rows do not count): the loss and gradients of zeros there."""
+    q_s, k_s, q_t, k_t = (torch.randn(2, 3, n, 16, device=DEVICE) for n in (n_q, 45, n_q, 45))
+    mask = padding_mask(2, 45)
+    (k_s_bad, k_t_bad), (k_s_zero, k_t_zero) = poisoned_and_zeroed(mask, k_s, k_t)
+    if n_q == 45:
+        (q_s_bad, q_t_bad), (q_s_zero, q_t_zero) = poisoned_and_zeroed(mask, q_s, q_t)
+    else:
+        (q_s_bad, q_t_bad), (q_s_zero, q_t_zero) = (q_s, q_t), (q_s, q_t)
+    results = []
+    for inputs in ((q_s_bad, k_s_bad, q_t_bad, k_t_bad), (q_s_zero, k_s_zero, q_t_zero, k_t_zero)):
+        student = [x.clone().requires_grad_() for x in inputs[:2]]
+        loss = tsa_fast.attention_transfer_loss(*student, *inputs[2:], causal=causal, key_padding_mask=mask)
+        results.append((loss, *torch.autograd.grad(loss, student)))
+    for actual, expected, what in zip(*results, ("loss", "dq_s", "dk_s")):
+        assert torch.equal(actual, expected), what
+
+
 @both_backends
 def test_non_contiguous_inputs(backend):
     """(B, N, H, D) transposed views, a slice of a wider head dim, a strided mask: strides, no copies."""
@@ -265,6 +316,95 @@ def test_backward_is_deterministic(backend):
     q, k, v = (x.requires_grad_() for x in make_inputs(n_q=50, heads=4, heads_kv=2))
     grads = [torch.autograd.grad(tsa_fast.attention(q, k, v, causal=True).square().sum(), (q, k, v)) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torch backend: PyTorch's fused CPU flash attention where it applies, else chunks of query rows.
+
+
+@pytest.fixture(params=["pytorch-flash", "chunked"])
+def torch_path(request, monkeypatch):
+    """The torch backend, on PyTorch's flash attention where it applies, or on the chunked path in 16-row
+    chunks (several per test sequence) everywhere."""
+    monkeypatch.setenv("TSA_FAST_BACKEND", "torch")
+    if request.param == "chunked":
+        monkeypatch.setattr(attention_op, "pytorch_flash_applies", lambda *args: False)
+        monkeypatch.setattr(attention_op, "CHUNK_ELEMENTS", 1)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "shape, options",
+    [
+        (dict(n_q=70), dict()),
+        (dict(n_q=70), dict(causal=True)),
+        (dict(n_q=45, n_k=70), dict(causal=True, key_padding_mask="mask")),
+        (dict(n_q=70, n_k=37, d_v=24), dict(causal=True)),
+        (dict(n_q=33, heads=4, heads_kv=2), dict(causal=True, key_padding_mask="left")),
+        (dict(n_q=50, heads=3, heads_kv=1, dtype=torch.bfloat16), dict(key_padding_mask="mask", softmax_scale=0.3)),
+        (dict(n_q=50, dtype=torch.float16), dict(causal=True)),
+    ],
+    ids=["plain", "causal", "causal-Nq<Nk-padding", "causal-Nq>Nk-Dv24", "GQA-causal-left-padding", "MQA-bf16", "fp16"],
+)
+@pytest.mark.parametrize("lse", ["lse-differentiated", "lse-unused"])
+def test_torch_backend_paths(torch_path, shape, options, lse):
+    """Both paths of the torch backend within the test rule of the float64 reference, with lse in the loss
+    (the chunked backward) and without (PyTorch's flash backward where the forward ran it); left padding with
+    causal leaves the first rows without a visible key."""
+    q, k, v = make_inputs(**shape)
+    if options.get("key_padding_mask") == "mask":
+        options = dict(options, key_padding_mask=padding_mask(2, k.shape[2], fully_padded=(1,)))
+    if options.get("key_padding_mask") == "left":
+        options = dict(options, key_padding_mask=torch.arange(k.shape[2]) >= torch.tensor([[0], [9]]))
+    if lse == "lse-differentiated":
+        check_against_reference(q, k, v, **options)
+        return
+    grad_out = torch.randn(*q.shape[:3], v.shape[3])
+    results = []
+    for fn, inputs in ((tsa_fast.attention, (q, k, v)), (pytorch_attention, (q, k, v))):
+        inputs = [x.detach().clone().requires_grad_() for x in inputs]
+        out = fn(*inputs, **options)
+        out = out[0] if isinstance(out, tuple) else out
+        results.append((out, *torch.autograd.grad((out * grad_out.to(out.dtype)).sum(), inputs)))
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    wanted = reference_attention(*leaves, **options)
+    expected = (wanted, *torch.autograd.grad((wanted * grad_out.double()).sum(), leaves))
+    for actual, torch_own, exact, what in zip(*results, expected, ("out", "dq", "dk", "dv")):
+        assert_rel_close(actual, exact, 2 * rel_error(torch_own, exact) + ATOL[q.dtype], what)
+
+
+MEMORY_SCRIPT = """
+import sys, torch, tsa_fast
+from benchmarks.common import cpu_peak_extra_bytes_of
+torch.manual_seed(0)
+n_q, n_k, lse_used = int(sys.argv[1]), 8192, sys.argv[2] == "lse"
+q = torch.randn(1, 2, n_q, 64, requires_grad=True)
+k, v = (torch.randn(1, 2, n_k, 64, requires_grad=True) for _ in range(2))
+mask = torch.rand(1, n_k) > 0.1
+
+def step():
+    out, lse = tsa_fast.attention(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)
+    (out.sum() + lse[lse.isfinite()].sum() if lse_used else out.sum()).backward()
+
+step()
+q.grad = k.grad = v.grad = None
+print(cpu_peak_extra_bytes_of(step))
+"""
+
+
+@pytest.mark.parametrize("n_q, lse", [(8192, "out"), (8192, "lse"), (4096, "out")], ids=["flash", "lse", "Nq<Nk"])
+def test_torch_backend_holds_no_n_by_n_scores(n_q, lse):
+    """B=1, H=2, N_k=8192, causal with padding, forward + backward on the CPU (a fresh process, its resident
+    memory sampled): PyTorch's flash attention (N_q = N_k, lse unused) and the chunked path (lse in the loss;
+    N_q < N_k) both peak under half of one N_q x N_k fp32 score map per head (256 MB at N_q = 8192), which
+    the reference holds several of."""
+    env = {name: value for name, value in os.environ.items() if name not in ("TRITON_INTERPRET", "TSA_FAST_BACKEND")}
+    env["OMP_NUM_THREADS"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-c", MEMORY_SCRIPT, str(n_q), lse]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=300, check=True)
+    peak = int(result.stdout.strip().splitlines()[-1])
+    assert peak < 2 * n_q * 8192 * 4 / 2, f"{peak / 2**20:.0f} MB"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -320,6 +460,21 @@ def test_sdpa_runs_the_kernel_and_matches_pytorch(backend, kernel_calls, shape, 
 
 
 @both_backends
+def test_sdpa_key_mask_takes_this_path_and_never_reads_padded_slots(backend):
+    """A key mask (as the engine's encoders pass it) runs this op's path on either backend (on the CPU the torch
+    backend's, not PyTorch's SDPA, which would return NaN): NaN in padded keys and values gives PyTorch's result
+    on zeros there, gradients included."""
+    q, k, v = make_inputs(n_q=30, n_k=30, heads=4, heads_kv=2)
+    keep = padding_mask(2, 30)
+    (k_bad, v_bad), (k_zero, v_zero) = poisoned_and_zeroed(keep, k, v)
+    kwargs = dict(attn_mask=keep[:, None, None, :], enable_gqa=True)
+    actual = sdpa_output_and_grads(tsa_fast.scaled_dot_product_attention, q, k_bad, v_bad, **kwargs)
+    expected = sdpa_output_and_grads(F.scaled_dot_product_attention, q, k_zero, v_zero, **kwargs)
+    for a, e, what in zip(actual, expected, ("out", "dq", "dk", "dv")):
+        assert_rel_close(a, e, 1e-5, what)
+
+
+@both_backends
 @pytest.mark.parametrize(
     "case",
     [
@@ -357,6 +512,65 @@ def test_sdpa_hands_the_rest_to_pytorch(backend, kernel_calls, case):
     assert (
         torch.equal(*results) if isinstance(results[0], torch.Tensor) else results[0] == results[1]
     ) and not kernel_calls
+
+
+@pytest.fixture
+def torch_sdpa_patched(monkeypatch):
+    """torch.nn.functional.scaled_dot_product_attention replaced by tsa_fast's for the test (a global patch, as
+    Liger-style patches do); returns PyTorch's own function. monkeypatch restores it afterwards."""
+    original = F.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", tsa_fast.scaled_dot_product_attention)
+    return original
+
+
+@both_backends
+@pytest.mark.parametrize("case", ["kernel", "dropout", "float mask"])
+def test_sdpa_patched_into_pytorch_falls_back_to_pytorchs_own(backend, kernel_calls, torch_sdpa_patched, case):
+    """With PyTorch's name patched to the drop-in, what the kernels do not cover still reaches PyTorch's own
+    function (captured at import), not the patched name (which would recurse forever)."""
+    q, k, v = make_inputs(n_q=20, n_k=30)
+    kwargs = {"dropout": dict(dropout_p=0.3), "float mask": dict(attn_mask=torch.randn(2, 1, 20, 30, device=DEVICE))}
+    results = []
+    for fn in (F.scaled_dot_product_attention, torch_sdpa_patched):
+        torch.manual_seed(1)
+        results.append(sdpa_output_and_grads(fn, q, k, v, **kwargs.get(case, {})))
+    for actual, expected, what in zip(*results, ("out", "dq", "dk", "dv")):
+        assert_rel_close(actual, expected, 0.0 if case != "kernel" else 1e-5, what)
+    assert len(kernel_calls) == (backend == "triton" and case == "kernel")
+
+
+@both_backends
+def test_torch_multihead_attention_through_the_patched_sdpa(backend, torch_sdpa_patched, monkeypatch):
+    """torch.nn.MultiheadAttention calls the patched name (its fast path with need_weights=False): the same
+    output and gradients as with PyTorch's own SDPA."""
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).to(DEVICE)
+    x = torch.randn(2, 19, 32, device=DEVICE)
+    padded = torch.rand(2, 19, device=DEVICE) < 0.3
+    results = []
+    for sdpa in (tsa_fast.scaled_dot_product_attention, torch_sdpa_patched):
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+        mha.zero_grad()
+        out = mha(x, x, x, key_padding_mask=padded, need_weights=False)[0]
+        out.square().sum().backward()
+        results.append((out, mha.in_proj_weight.grad.clone()))
+    for actual, expected, what in zip(*results, ("out", "in_proj_weight grad")):
+        assert_rel_close(actual, expected, 1e-5, what)
+
+
+@both_backends
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(is_causal=1), dict(is_causal=None), dict(enable_gqa="yes"), dict(dropout_p="0"), dict(scale="0.1")],
+    ids=str,
+)
+def test_sdpa_bad_option_types_raise_pytorchs_type_error(backend, kernel_calls, kwargs):
+    """Options of the wrong type go to PyTorch, whose TypeError names them, never to the kernels."""
+    q, k, v = make_inputs()
+    with pytest.raises(TypeError) as expected:
+        F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with pytest.raises(TypeError) as actual:
+        tsa_fast.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert str(actual.value) == str(expected.value) and not kernel_calls
 
 
 def test_sdpa_raises_pytorchs_errors():
@@ -446,9 +660,11 @@ def _tensors(**shapes):
         (dict(), dict(softmax_scale=0.0), ValueError, "softmax_scale.*0.0"),
         (dict(), dict(softmax_scale=math.inf), ValueError, "softmax_scale.*inf"),
         (dict(), dict(softmax_scale=-1), ValueError, "softmax_scale.*-1"),
-        (dict(), dict(softmax_scale="0.1"), ValueError, "softmax_scale.*'0.1'"),
-        (dict(), dict(causal=1), ValueError, "causal must be a bool, got 1"),
-        (dict(), dict(return_lse=None), ValueError, "return_lse must be a bool, got None"),
+        (dict(), dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a number, got '0.1'"),
+        (dict(), dict(softmax_scale=True), TypeError, "softmax_scale must be a number, got True"),
+        (dict(), dict(causal=1), TypeError, "causal must be a bool, got 1"),
+        (dict(), dict(causal="no"), TypeError, "causal must be a bool, got 'no'"),
+        (dict(), dict(return_lse=None), TypeError, "return_lse must be a bool, got None"),
         (dict(), dict(key_padding_mask=torch.ones(2, 8)), ValueError, "key_padding_mask must be bool.*torch.float32"),
         (
             dict(),

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import tsa_fast
+
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("tsa_fast.integrations.hf")  # skips only where transformers is missing or too old
 
@@ -121,3 +123,32 @@ def test_dropout_runs_transformers_sdpa(monkeypatch):
 def test_tsa_fast_imports_without_transformers():
     code = "import sys, tsa_fast, tsa_fast.nn, tsa_fast.integrations; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@both_backends
+@pytest.mark.parametrize("model_class, config", [("LlamaForCausalLM", llama_config), ("BertModel", bert_config)])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_models_through_a_global_sdpa_patch(backend, monkeypatch, model_class, config, padded):
+    """transformers' own "sdpa" attention with torch.nn.functional.scaled_dot_product_attention patched to
+    tsa_fast's (restored by monkeypatch): the outputs and gradients of the unpatched model. Unpadded batches run
+    the kernel (where triton applies); transformers' padded 4D masks go on to PyTorch's own function."""
+    from torch.nn import functional
+
+    from tsa_fast.backends import triton_kernels
+
+    model = getattr(transformers, model_class)._from_config(config(), attn_implementation="sdpa").to(DEVICE).eval()
+    ids, mask = padded_batch([17, 11] if padded else [17, 17], 17)
+    calls, forward = [], triton_kernels.attention_forward
+    monkeypatch.setattr(triton_kernels, "attention_forward", lambda *a: calls.append(1) or forward(*a))
+    weights = torch.randn(2, 17, VOCAB if model_class == "LlamaForCausalLM" else 64, device=DEVICE)
+    results = []
+    for sdpa in (tsa_fast.scaled_dot_product_attention, functional.scaled_dot_product_attention):  # patched, own
+        monkeypatch.setattr(functional, "scaled_dot_product_attention", sdpa)
+        model.zero_grad()
+        out = model(ids, attention_mask=mask)
+        hidden = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        (hidden * weights).sum().backward()  # random weights: a LayerNorm output's mean square is constant
+        results.append((hidden[mask.bool()], next(model.parameters()).grad.clone()))
+    assert bool(calls) == (backend == "triton" and not padded)
+    for actual, expected, what in zip(*results, ("outputs", "embedding grad")):
+        assert_rel_close(actual, expected, 1e-5, what)

@@ -150,3 +150,114 @@ def test_half_precision(backend):
     torch_error = (theirs(query, query, query, need_weights=False)[0].double() - expected).norm()
     our_error = (ours(query, query, query, need_weights=False)[0].double() - expected).norm()
     assert our_error <= 2 * torch_error + 1e-4 * expected.norm()
+
+
+@both_backends
+@pytest.mark.parametrize("config", ["default", "kdim-vdim", "bias_kv-zero_attn"])
+def test_torch_jit_script(backend, config):
+    """torch.jit.script works as on torch.nn.MultiheadAttention (cf. PyTorch's test_script_mha_in_proj_weight_none)
+    and the scripted module (PyTorch's attention, sharing this module's parameters) gives the eager outputs."""
+    _, ours = make_pair(config)
+    scripted = torch.jit.script(ours)
+    query, key, value = make_inputs(config, self_attention=False, src_len=11)
+    pad = torch.rand(3, 11, device=DEVICE) < 0.3
+    pad[:, 0] = False
+    for kwargs in (dict(need_weights=False), dict(key_padding_mask=pad, need_weights=False), dict()):
+        expected, actual = ours(query, key, value, **kwargs), scripted(query, key, value, **kwargs)
+        assert_rel_close(actual[0], expected[0], 1e-5, "output")
+        assert (actual[1] is None) == (expected[1] is None)
+    with torch.no_grad():
+        ours.out_proj.weight.mul_(2)  # parameters are shared, not copied
+    assert_rel_close(scripted(query, key, value)[0], ours(query, key, value)[0], 1e-5, "output after an update")
+    block = AttentionBlock(ours)
+    expected = block(query, key, value)
+    assert_rel_close(torch.jit.script(block)(query, key, value), expected, 1e-5, "a scripted parent's output")
+
+
+class AttentionBlock(torch.nn.Module):
+    """A parent module for torch.jit.script."""
+
+    def __init__(self, attention: torch.nn.MultiheadAttention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return self.attention(query, key, value, need_weights=False)[0]
+
+
+def outcome(fn):
+    """fn()'s result, or (type, message) of what it raised."""
+    try:
+        return fn()
+    except Exception as error:
+        return type(error), str(error)
+
+
+@both_backends
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_nested_tensors_run_torch(backend, monkeypatch, batch_first):
+    """Nested (ragged) inputs: what PyTorch does, not a crash: a nested result on its fast path (eval mode,
+    batch_first), its own error otherwise."""
+    monkeypatch.setattr(triton_kernels, "attention_forward", None)  # would fail if called
+    options = dict(embed_dim=32, num_heads=4, batch_first=batch_first, device=DEVICE)
+    theirs = torch.nn.MultiheadAttention(**options).eval()
+    ours = tsa_fast.nn.MultiheadAttention(**options).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.nested.nested_tensor([torch.randn(n, 32, device=DEVICE) for n in (5, 9)])
+    with torch.inference_mode():
+        expected, actual = (outcome(lambda m=m: m(x, x, x, need_weights=False)[0]) for m in (theirs, ours))
+    if batch_first:
+        assert actual.is_nested and expected.is_nested
+        assert all(torch.equal(a, e) for a, e in zip(actual.unbind(), expected.unbind()))
+    else:
+        assert actual == expected and "NestedTensor" in expected[1]
+
+
+def _bad_call(case):
+    """(config, query, key, value, kwargs) of a call torch.nn.MultiheadAttention rejects."""
+    query, key, value = make_inputs("default", self_attention=False, src_len=11)
+    return {
+        "query embedding dim": ("default", query[..., :30], key, value, {}),
+        "key embedding dim": ("default", query, key[..., :30], value[..., :30], {}),
+        "key and value shapes": ("default", query, key, value[:9], {}),
+        "batch sizes": ("default", query, key[:, :2], value[:, :2], {}),
+        "key_padding_mask shape": ("default", query, key, value, dict(key_padding_mask=torch.zeros(3, 5).bool())),
+        "kdim": ("kdim-vdim", *make_inputs("kdim-vdim", self_attention=False)[:1], torch.randn(3, 17, 19), None, {}),
+        "causal mask shape": (
+            "default",
+            query,
+            query,
+            query,
+            dict(is_causal=True, attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1)),
+        ),
+    }[case]
+
+
+@both_backends
+@pytest.mark.parametrize(
+    "case",
+    [
+        "query embedding dim",
+        "key embedding dim",
+        "key and value shapes",
+        "batch sizes",
+        "key_padding_mask shape",
+        "kdim",
+        "causal mask shape",
+    ],
+)
+def test_bad_shapes_fail_as_in_pytorch(backend, case):
+    """The fused path (need_weights=False) fails on bad shapes as torch.nn.MultiheadAttention does: the same
+    exception type and message (an AssertionError naming the embedding dimension, ...), or, for the causal
+    hint's mask, which PyTorch does not check here, the same output."""
+    config, query, key, value, kwargs = _bad_call(case)
+    if value is None:
+        value = key[..., :12]
+    theirs, ours = make_pair(config)
+    expected, actual = (outcome(lambda m=m: m(query, key, value, need_weights=False, **kwargs)) for m in (theirs, ours))
+    if case == "causal mask shape":  # PyTorch ignores the hint's mask here: the same output
+        assert_rel_close(actual[0], expected[0], 1e-5, "output")
+        return
+    assert actual == expected
+    if case == "query embedding dim":
+        assert expected[0] is AssertionError and "embedding dimension of 32" in expected[1]

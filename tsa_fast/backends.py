@@ -3,7 +3,8 @@
 `TSA_FAST_BACKEND=triton|cpp|torch` forces one; otherwise the fastest available for the tensor's device
 is chosen: CUDA prefers triton, then the CUDA kernels of `tsa_fast._C`, then torch; CPU prefers the C++
 kernels of `tsa_fast._C`, then torch. Triton runs on CPU tensors only when forced and
-`TRITON_INTERPRET=1` (how CI tests the kernels). Kernels take fp32/fp16/bf16; float64 uses torch.
+`TRITON_INTERPRET=1` (how CI tests the kernels). Kernels take fp32/fp16/bf16; float64 always runs torch (the
+reference), whatever is forced.
 The package imports and works without Triton and without the extension.
 """
 
@@ -47,13 +48,14 @@ def available_backends(device: torch.device, dtype: torch.dtype = torch.float32)
 
 
 def select_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend to run on; raises ValueError for an unknown or unusable `TSA_FAST_BACKEND`."""
-    names = available_backends(device, dtype)
+    """The backend to run on: torch for a dtype no kernel takes (float64), even when another is forced; raises
+    ValueError for an unknown `TSA_FAST_BACKEND`, or a forced one that cannot run this device and dtype."""
     forced = os.environ.get("TSA_FAST_BACKEND", "").strip()
-    if not forced:
-        return names[0]
-    if forced not in BACKENDS:
+    if forced and forced not in BACKENDS:
         raise ValueError(f"TSA_FAST_BACKEND must be one of {BACKENDS}, got {forced!r}")
+    names = available_backends(device, dtype)
+    if not forced or dtype not in KERNEL_DTYPES:
+        return names[0]
     if forced not in names:
         raise ValueError(f"TSA_FAST_BACKEND={forced!r} cannot run {dtype} tensors on {device.type}; available: {names}")
     return forced

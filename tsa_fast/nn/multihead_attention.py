@@ -17,7 +17,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     (eval mode or dropout=0), no `add_bias_kv` / `add_zero_attn`, a bool or no `key_padding_mask` (True =
     ignore, as in PyTorch), and no `attn_mask` unless `is_causal=True` hints that it is the causal mask
     (trusted, as PyTorch does). Everything else, including `need_weights=True` (the default: the weights
-    are computed the slow way, as PyTorch's does), runs `torch.nn.MultiheadAttention.forward`.
+    are computed the slow way, as PyTorch's does), nested tensors, and shapes PyTorch rejects (it raises its
+    own error), runs `torch.nn.MultiheadAttention.forward`. `torch.jit.script` compiles PyTorch's attention on
+    the same parameters (see `__prepare_scriptable__`).
     """
 
     def forward(
@@ -31,7 +33,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if not self._fused(query, key, key_padding_mask, need_weights, attn_mask, is_causal):
+        if not self._fused(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
             return super().forward(
                 query,
                 key,
@@ -60,20 +62,40 @@ class MultiheadAttention(nn.MultiheadAttention):
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, batch, self.embed_dim))
         return (out.transpose(0, 1) if self.batch_first else out), None
 
-    def _fused(self, query, key, key_padding_mask, need_weights, attn_mask, is_causal) -> bool:
-        """Whether this call runs on the kernels (shapes, dtypes and flags only: no host sync)."""
-        if query.dim() != 3 or need_weights or self.bias_k is not None or self.add_zero_attn:
+    def _fused(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal) -> bool:
+        """Whether this call runs on the kernels (shapes, dtypes and flags only: no host sync). Nested tensors
+        and shapes that PyTorch rejects go to its forward, which then gives its own result or error."""
+        tensors = (query, key, value)
+        if any(x.is_nested for x in tensors) or any(x.dim() != 3 for x in tensors):
             return False
-        if self.training and self.dropout > 0:
+        if need_weights or self.bias_k is not None or self.add_zero_attn or (self.training and self.dropout > 0):
             return False
-        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-            return False
-        seq = 1 if self.batch_first else 0
+        seq, batch = (1, 0) if self.batch_first else (0, 1)
+        shapes_fit = (
+            query.shape[2] == self.embed_dim
+            and (key.shape[2], value.shape[2]) == (self.kdim, self.vdim)
+            and key.shape[:2] == value.shape[:2]
+            and key.shape[batch] == query.shape[batch]
+            and key.dtype == value.dtype == query.dtype
+        )
+        if key_padding_mask is not None:
+            mask_shape = (query.shape[batch], key.shape[seq])
+            shapes_fit &= key_padding_mask.dtype == torch.bool and key_padding_mask.shape == mask_shape
         if is_causal:  # the hint comes with its mask (PyTorch raises otherwise); L == S aligns it as the kernel
-            masks_fit = attn_mask is not None and query.shape[seq] == key.shape[seq]
+            shapes_fit &= attn_mask is not None and attn_mask.dim() in (2, 3) and query.shape[seq] == key.shape[seq]
         else:
-            masks_fit = attn_mask is None
-        return masks_fit and self.head_dim <= MAX_HEAD_DIM and kernel_backend(query) == "triton"
+            shapes_fit &= attn_mask is None
+        return shapes_fit and self.head_dim <= MAX_HEAD_DIM and kernel_backend(query) == "triton"
+
+    def __prepare_scriptable__(self) -> nn.MultiheadAttention:
+        """What torch.jit.script compiles in this module's place: a torch.nn.MultiheadAttention that shares its
+        parameters, buffers and settings (TorchScript cannot compile the dispatch to the kernels), so a
+        scripted model runs PyTorch's attention with the same weights. Scripting a parent module makes
+        PyTorch put that module in the parent's place (its `__prepare_scriptable__` protocol): the parent then
+        runs PyTorch's attention in eager mode too, with the same results."""
+        plain = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
+        plain.__dict__.update(self.__dict__)
+        return plain
 
 
 def _seq_first(*tensors: Tensor) -> list[Tensor]:

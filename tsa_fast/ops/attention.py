@@ -3,8 +3,11 @@ kernels, a drop-in for `torch.nn.functional.scaled_dot_product_attention`.
 
 The kernels run behind a `torch.library` custom op, `tsa_fast::flash_attention` (output and lse), whose
 backward is a second custom op, `tsa_fast::flash_attention_backward`: `torch.compile(fullgraph=True)` traces
-both without a graph break. There is no C++ kernel: the torch backend of `attention` is the reference (it
-materializes the scores); `scaled_dot_product_attention` hands what the kernels do not cover to PyTorch's.
+both without a graph break. There is no C++ kernel: behind the same ops, the torch backend (the CPU, or a
+GPU without Triton) runs PyTorch's fused CPU flash attention where its semantics are this op's and
+otherwise the same math in PyTorch over chunks of query rows, both without the N_q x N_k scores; float64
+runs the reference, which materializes them. `scaled_dot_product_attention` hands what the op does not cover
+to PyTorch's.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tsa_fast.backends import KERNEL_DTYPES, select_triton_or_torch, triton_kernels
-from tsa_fast.ops.checks import FLOAT_DTYPES, is_real
+from tsa_fast.ops.checks import FLOAT_DTYPES, check_bool, check_real, is_real
 from tsa_fast.reference import attention as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import default_scale
 
 MAX_HEAD_DIM = 256
+# PyTorch's own SDPA, captured at import: the fallback must not call the name `F.scaled_dot_product_attention`,
+# which a global patch (F.scaled_dot_product_attention = tsa_fast.scaled_dot_product_attention) points back here.
+TORCH_SDPA = F.scaled_dot_product_attention
 
 
 def attention(
@@ -42,7 +48,9 @@ def attention(
         causal: key j is visible to query i only if j <= i + N_k - N_q (aligned bottom-right, as
             FlashAttention: the last query sees every key).
         softmax_scale: finite > 0; default 1 / sqrt(D).
-        key_padding_mask: (B, N_k) bool, True = keep.
+        key_padding_mask: (B, N_k) bool, True = keep. Padded keys are never read: whatever their k and v slots
+            hold (NaN, inf) reaches no output, lse or gradient, and their gradients are 0. A NaN or inf in a
+            visible key, value or any query propagates, as in PyTorch.
         return_lse: also return lse (B, H, N_q), the log-sum-exp of each row's scaled scores (float32;
             float64 for float64 inputs), differentiable.
 
@@ -50,13 +58,21 @@ def attention(
         lse = -inf, with zero gradients.
 
     Raises:
-        TypeError: a non-tensor input. ValueError: a bad shape, dtype, device, head count, head dim, mask or
-            scale, naming the offending values; or TSA_FAST_BACKEND=cpp (this op has no C++ kernel).
+        TypeError: a non-tensor input, a flag that is not a bool or a scale that is not a number, naming it.
+        ValueError: a bad shape, dtype, device, head count, head dim, mask or scale value, naming the
+            offending values.
+
+    Backends: triton (CUDA; CPU tensors under TRITON_INTERPRET=1 when forced) or torch (the CPU, or a GPU
+    without Triton), both in O(B x H x N) extra memory: the torch backend runs PyTorch's fused CPU flash
+    attention where its semantics are this op's (D = D_v; not causal, or causal with N_q = N_k; lse not
+    differentiated), else the same math in PyTorch over chunks of query rows (`torch_attention_forward`). A
+    forced TSA_FAST_BACKEND=cpp leaves this op on its default backend (it has no C++ kernel); float64 runs the
+    reference (which materializes the scores) under any forced backend.
     """
     _check_inputs(q, k, v, key_padding_mask)
     _check_options(causal, softmax_scale, return_lse)
     scale = default_scale(q) if softmax_scale is None else float(softmax_scale)
-    if kernel_backend(q) == "torch":
+    if q.dtype not in KERNEL_DTYPES:
         out, lse = reference.attention(
             q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask, return_lse=True
         )
@@ -77,15 +93,17 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """A drop-in for `torch.nn.functional.scaled_dot_product_attention`: same arguments, same result.
 
-    The fused kernels run (where the triton backend applies: CUDA tensors) on (B, H, N, D) fp32/fp16/bf16
+    This op's path (the Triton kernels where the triton backend applies, CUDA tensors; on the CPU the torch
+    backend of `attention`, which never reads padded keys) runs on (B, H, N, D) fp32/fp16/bf16
     inputs with no dropout, no mask or a bool mask that masks keys only (shape (B or 1, 1, 1, N_k), or
     constant along heads and queries: size 1 or stride 0 there), `is_causal` only with N_q == N_k (PyTorch
     aligns it top-left), head dims <= 256. Everything else (dropout, float masks, other shapes) goes to
-    PyTorch's, which also raises its own errors for bad arguments.
+    PyTorch's, which also raises its own errors for bad arguments. PyTorch's function is the one captured at
+    import, so patching PyTorch's name with this one (`F.scaled_dot_product_attention = ...`) works.
     """
     covered, key_padding_mask = _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if not covered or kernel_backend(query) != "triton":
-        return F.scaled_dot_product_attention(
+    if not covered or (kernel_backend(query) == "torch" and query.device.type != "cpu"):  # PyTorch's GPU kernels
+        return TORCH_SDPA(
             query,
             key,
             value,
@@ -106,7 +124,8 @@ def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         return False, None
     (batch, heads, n_q, d), (_, heads_kv, n_k, _), d_v = query.shape, key.shape, value.shape[3]
     if (
-        dropout_p != 0.0
+        not (isinstance(is_causal, bool) and isinstance(enable_gqa, bool))  # PyTorch's TypeError otherwise
+        or dropout_p != 0.0
         or query.dtype not in KERNEL_DTYPES
         or key.dtype != query.dtype
         or value.dtype != query.dtype
@@ -137,7 +156,7 @@ def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 
 
 def kernel_backend(q: Tensor) -> str:
-    """triton or torch (the reference; always for float64)."""
+    """triton or torch (the CPU path of this module; float64, always torch, runs the reference)."""
     return select_triton_or_torch(q.device, q.dtype)
 
 
@@ -163,21 +182,23 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
 
 
 def _check_options(causal, softmax_scale, return_lse) -> None:
-    for name, flag in (("causal", causal), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {flag!r}")
-    if softmax_scale is not None and (
-        not is_real(softmax_scale) or not math.isfinite(softmax_scale) or softmax_scale <= 0
-    ):
-        raise ValueError(f"softmax_scale must be None or a finite number > 0, got {softmax_scale!r}")
+    """A wrong type is a TypeError naming the option, a bad scale a ValueError."""
+    check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
+    if softmax_scale is not None:
+        check_real("softmax_scale", softmax_scale)
+        if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+            raise ValueError(f"softmax_scale must be None or a finite number > 0, got {softmax_scale!r}")
 
 
 @torch.library.custom_op("tsa_fast::flash_attention", mutates_args=())
 def flash_attention(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, softmax_scale: float
 ) -> tuple[Tensor, Tensor]:
-    """(out (B, H, N_q, D_v), lse (B, H, N_q) float32) by the Triton kernels; differentiable w.r.t. q, k, v
-    through both outputs."""
+    """(out (B, H, N_q, D_v), lse (B, H, N_q) float32) by the Triton kernels or the torch backend; differentiable
+    w.r.t. q, k, v through both outputs."""
+    if kernel_backend(q) == "torch":
+        return torch_attention_forward(q, k, v, key_padding_mask, causal, softmax_scale)
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     triton_kernels.attention_forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale)
@@ -192,7 +213,7 @@ def _(q, k, v, key_padding_mask, causal, softmax_scale):
 @torch.library.custom_op("tsa_fast::flash_attention_backward", mutates_args=())
 def flash_attention_backward(
     grad_out: Tensor,
-    grad_lse: Tensor,
+    grad_lse: Tensor | None,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -202,10 +223,14 @@ def flash_attention_backward(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv): the gradient of sum(grad_out * out) + sum(grad_lse * lse), recomputing the scores."""
+    """(dq, dk, dv): the gradient of sum(grad_out * out) + sum(grad_lse * lse) (None: lse unused), recomputing
+    the scores."""
+    if kernel_backend(q) == "torch":
+        return torch_attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, softmax_scale)
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     triton_kernels.attention_backward(
-        q, k, v, key_padding_mask, out, lse, grad_out, grad_lse.float().contiguous(), dq, dk, dv, causal, softmax_scale
+        q, k, v, key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale
     )
     return dq, dk, dv
 
@@ -217,14 +242,15 @@ def _(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, softmax_s
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, causal, softmax_scale = inputs
+    ctx.set_materialize_grads(False)  # grad_lse stays None when lse is unused (the torch backend's fast path)
     ctx.save_for_backward(q, k, v, key_padding_mask, *output)
     ctx.options = (causal, softmax_scale)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-    if grad_lse is None:  # lse unused
-        grad_lse = torch.zeros_like(lse)
+    if grad_out is None:  # only lse is used
+        grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.tsa_fast.flash_attention_backward(
         grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, *ctx.options
     )
@@ -232,6 +258,164 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torch backend: O(B x H x N) extra memory, no N_q x N_k scores.
+
+# Scores the chunked path holds at once (B x H x rows x N_k fp32, two such buffers in the backward), at least
+# MIN_CHUNK_ROWS query rows: 16 MB, a few hundred rows at B = 1, H = 8, N = 4096.
+CHUNK_ELEMENTS = 1 << 22
+MIN_CHUNK_ROWS = 16
+
+
+def pytorch_flash_applies(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> bool:
+    """Whether PyTorch's fused CPU flash attention computes this op: CPU tensors, D = D_v, and not causal or
+    causal with N_q = N_k (its causal mask is aligned top-left, which is bottom-right only then). It takes
+    GQA, any strides, fp32/fp16/bf16, an additive key mask (fully masked rows give 0), and returns the lse."""
+    return q.device.type == "cpu" and q.shape[3] == v.shape[3] and (not causal or q.shape[2] == k.shape[2])
+
+
+def torch_attention_forward(q, k, v, key_padding_mask, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(out, lse) as `flash_attention` returns them, by PyTorch's fused CPU flash attention where it applies,
+    else by `chunked_attention_forward`. Padded keys and values are zeroed first (never read)."""
+    if not pytorch_flash_applies(q, k, v, causal):
+        return chunked_attention_forward(q, k, v, key_padding_mask, causal, scale)
+    k, v = zero_padded_keys(key_padding_mask, k, v)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=_additive_key_mask(key_padding_mask, q.dtype), scale=scale
+    )
+    # It gives a row with no visible key lse = 0 (and out = 0): -inf, as the other backends.
+    if key_padding_mask is not None:
+        seen = key_padding_mask.cumsum(-1) > 0 if causal else key_padding_mask.any(-1, keepdim=True)
+        lse = lse.masked_fill(~seen[:, None, :], -math.inf)
+    return out.contiguous(), lse.contiguous()
+
+
+def torch_attention_backward(
+    grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `torch_attention_forward`: PyTorch's fused CPU flash backward where the forward ran it
+    and lse is not differentiated (grad_lse None), else `chunked_attention_backward`."""
+    if grad_lse is not None or not pytorch_flash_applies(q, k, v, causal):
+        return chunked_attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, scale)
+    k_read, v_read = zero_padded_keys(key_padding_mask, k, v)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out,
+        q,
+        k_read,
+        v_read,
+        out,
+        lse.masked_fill(lse == -math.inf, 0.0),  # the lse the forward kernel returned for rows with no key
+        0.0,
+        causal,
+        attn_mask=_additive_key_mask(key_padding_mask, q.dtype),
+        scale=scale,
+    )
+    return dq, dk, dv  # padded keys get no probability, so dk, dv are 0 there
+
+
+def zero_padded_keys(key_padding_mask: Tensor | None, *tensors: Tensor) -> list[Tensor]:
+    """(B, H_kv, N_k, D) tensors with the padded keys' rows set to 0 (copies), so that what those slots hold
+    (NaN, inf) meets no product; unchanged without a mask."""
+    if key_padding_mask is None:
+        return list(tensors)
+    padded = ~key_padding_mask[:, None, :, None]
+    return [x.masked_fill(padded, 0.0) for x in tensors]
+
+
+def _additive_key_mask(key_padding_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, 1, 1, N_k): 0 for kept keys, -inf for padded ones, in the inputs' dtype (what PyTorch's flash
+    attention takes); None without a mask."""
+    if key_padding_mask is None:
+        return None
+    zeros = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+    return zeros.masked_fill(~key_padding_mask, -math.inf)[:, None, None, :]
+
+
+def _query_chunks(q: Tensor, n_k: int):
+    """(first, last) query rows of each chunk of the chunked path."""
+    batch, heads, n_q, _ = q.shape
+    rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, batch * heads * n_k))
+    return [(first, min(n_q, first + rows)) for first in range(0, n_q, rows)]
+
+
+def _chunk_probabilities(q_c, k, first, last, n_q, key_padding_mask, causal, scale, lse=None):
+    """The probabilities (B, H_kv, G * C, end) of query rows [first, last) (q_c: (B, H_kv, G * C, D) fp32)
+    over the keys [0, end) any of them sees (end < N_k when causal), and their lse (B, H_kv, G * C): a softmax
+    of the scores in place (one buffer, one exp per score), or exp(s - lse) from the given lse (the
+    backward's recomputation)."""
+    batch, heads_kv, rows, _ = q_c.shape
+    n_k = k.shape[2]
+    end = min(n_k, max(0, last + n_k - n_q)) if causal else n_k
+    s = torch.matmul(q_c * scale, k[:, :, :end].transpose(-1, -2))
+    chunk = last - first
+    view = s.view(batch, heads_kv, rows // chunk, chunk, end)
+    if causal:  # aligned bottom-right: key j is visible to query i when j <= i + N_k - N_q; masks only the
+        start = max(0, first + n_k - n_q + 1)  # columns past the chunk's first diagonal
+        i = torch.arange(first, last, device=s.device)[:, None] + (n_k - n_q)
+        view[..., start:].masked_fill_(torch.arange(start, end, device=s.device)[None, :] > i, -math.inf)
+    if key_padding_mask is not None:
+        view.masked_fill_(~key_padding_mask[:, None, None, None, :end], -math.inf)
+    if lse is not None:  # a row with no visible key (lse = -inf) gets p = exp(-inf - 0) = 0, not NaN
+        return s.sub_(lse.masked_fill(lse == -math.inf, 0.0)[..., None]).exp_(), lse, end
+    if end == 0:
+        return s, s.new_full((batch, heads_kv, rows), -math.inf), end
+    row_max = s.amax(-1, keepdim=True)
+    row_sum = s.sub_(row_max.masked_fill(row_max == -math.inf, 0.0)).exp_().sum(-1, keepdim=True)
+    lse = (row_max + row_sum.log()).squeeze(-1)  # -inf for a row with no visible key (max -inf, sum 0)
+    return s.div_(row_sum.masked_fill(row_sum == 0, 1.0)), lse, end
+
+
+def _grouped_rows(x: Tensor, heads_kv: int, first: int, last: int) -> Tensor:
+    """Rows [first, last) of a (B, H, N, D) tensor as (B, H_kv, G * C, D) fp32: the G = H / H_kv query heads
+    of each key/value head stacked (GQA without repeating k, v)."""
+    rows = x[:, :, first:last].float()
+    return rows.reshape(x.shape[0], heads_kv, -1, x.shape[3])
+
+
+def chunked_attention_forward(q, k, v, key_padding_mask, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(out, lse) in PyTorch, chunks of query rows at a time (the reference's math, in fp32): extra memory
+    O(CHUNK_ELEMENTS + B x H x N), whatever N_q, N_k, D, D_v, causal alignment and padding."""
+    batch, heads, n_q, _ = q.shape
+    heads_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[3]
+    k, v = zero_padded_keys(key_padding_mask, k.float(), v.float())
+    out = q.new_empty(batch, heads_kv, heads // heads_kv, n_q, d_v)
+    lse = q.new_empty(batch, heads_kv, heads // heads_kv, n_q, dtype=torch.float32)
+    for first, last in _query_chunks(q, n_k):
+        q_c = _grouped_rows(q, heads_kv, first, last)
+        p, lse_c, end = _chunk_probabilities(q_c, k, first, last, n_q, key_padding_mask, causal, scale)
+        out[..., first:last, :] = torch.matmul(p, v[:, :, :end]).view(batch, heads_kv, -1, last - first, d_v)
+        lse[..., first:last] = lse_c.view(batch, heads_kv, -1, last - first)
+    return out.view(batch, heads, n_q, d_v), lse.view(batch, heads, n_q)
+
+
+def chunked_attention_backward(
+    grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `chunked_attention_forward` (grad_lse None: lse unused), recomputing each chunk's
+    probabilities from the saved lse: ds = p (do v^T - delta), delta = rowsum(do * out) - dlse."""
+    batch, heads, n_q, d = q.shape
+    heads_kv, n_k = k.shape[1], k.shape[2]
+    k_read, v_read = zero_padded_keys(key_padding_mask, k.float(), v.float())
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    lse = lse.view(batch, heads_kv, -1, n_q)
+    for first, last in _query_chunks(q, n_k):
+        q_c, do_c = _grouped_rows(q, heads_kv, first, last), _grouped_rows(grad_out, heads_kv, first, last)
+        lse_c = lse[..., first:last].reshape(batch, heads_kv, -1)
+        p, _, end = _chunk_probabilities(q_c, k_read, first, last, n_q, key_padding_mask, causal, scale, lse_c)
+        dv[:, :, :end] += torch.matmul(p.transpose(-1, -2), do_c)
+        delta_c = _grouped_rows(delta[..., None], heads_kv, first, last)
+        ds = torch.matmul(do_c, v_read[:, :, :end].transpose(-1, -2)).sub_(delta_c).mul_(p)
+        dq[:, :, first:last] = torch.matmul(ds, k_read[:, :, :end]).mul_(scale).view(batch, heads, last - first, d)
+        dk[:, :, :end] += torch.matmul(ds.transpose(-1, -2), q_c)
+    dk.mul_(scale)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def check_key_padding_mask(key_padding_mask, batch: int, n_k: int, like: tuple[str, Tensor]) -> None:

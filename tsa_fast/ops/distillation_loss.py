@@ -110,7 +110,7 @@ def distillation_loss_rows_autograd(
     student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int
 ) -> Tensor:
     """Per-row losses (N,) of (N, V) logits, differentiable w.r.t. `student`, on the selected backend."""
-    if select_backend(student.device, student.dtype) == "torch":
+    if select_backend(student.device, torch.promote_types(student.dtype, teacher.dtype)) == "torch":
         # The reference itself, differentiated by autograd (and traced by torch.compile as plain ops;
         # there the data-dependent label check is left to the ops that index with the labels).
         if labels is not None:
@@ -124,7 +124,7 @@ def distillation_loss_rows_and_grad(
     student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) and d(row loss)/d(student) (N, V_s), outside autograd, on the selected backend."""
-    if select_backend(student.device, student.dtype) == "torch":
+    if select_backend(student.device, torch.promote_types(student.dtype, teacher.dtype)) == "torch":
         if labels is not None:
             check_label_range(labels, vocab, options["ignore_index"])
         return rows_and_grad_by_autograd(lambda z: _reference_rows(z, teacher, labels, options, vocab), student)

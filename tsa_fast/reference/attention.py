@@ -9,7 +9,8 @@ j <= i + N_k - N_q when causal, i.e. aligned bottom-right) and key/value head h 
 
     s_ij = scale * q_i . k_j,   lse_i = log sum_j exp(s_ij),   out_i = sum_j exp(s_ij - lse_i) v_j
 
-A row with no visible key has out_i = 0 and lse_i = -inf, with zero gradients.
+A row with no visible key has out_i = 0 and lse_i = -inf, with zero gradients. Padded keys and values are
+zeroed before any product, so that whatever they hold (NaN, inf) reaches no result; their gradients are 0.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def attention(
     scale = default_scale(q) if softmax_scale is None else softmax_scale
     group = q.shape[1] // k.shape[1]
     k, v = (x.to(dtype).repeat_interleave(group, dim=1) for x in (k, v))
+    if key_padding_mask is not None:  # padded slots are never read: NaN or inf there cannot reach a result
+        k, v = (x.masked_fill(~key_padding_mask[:, None, :, None], 0.0) for x in (k, v))
     visible = visible_keys(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
     has_key = visible.any(-1, keepdim=True)
     # Rows with no visible key see every key (finite math) and leave through `where`: zero output and gradient.

@@ -64,6 +64,11 @@ def attention_transfer_rows(
     counted = counted.expand(q_s.shape[0], q_s.shape[1], n_q)
     # Rows that do not count see every key (finite math) and leave through `where`: zero loss, zero gradient.
     visible = visible | ~counted[..., None]
+    if key_padding_mask is not None:  # padded slots are never read: NaN or inf there cannot reach a result
+        padded = ~key_padding_mask[:, None, :, None]
+        k_s, k_t = k_s.masked_fill(padded, 0.0), k_t.masked_fill(padded, 0.0)
+        if n_q == n_k:
+            q_s, q_t = q_s.masked_fill(padded, 0.0), q_t.masked_fill(padded, 0.0)
 
     def log_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
         """log A: the log-softmax of the scores over the visible keys, (B, H, N_q, N_k)."""
