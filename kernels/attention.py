@@ -368,10 +368,8 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    tile_args = (
-        *(stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n),
-        *(n_q, n_k, d, d_v, qk_scale, window_left, window_right, softcap),
-    )
+    tile_args = (stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, n_q, n_k, d, d_v, qk_scale)
+    tile_args += (window_left, window_right, softcap)
     first, full_lo, full_hi, end = _key_range(
         start_m, n_q, n_k, window_left, window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N
     )
@@ -632,10 +630,8 @@ def _attention_bwd_dq_kernel(
     qk_scale = sm_scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    tile_args = (
-        *(stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n),
-        *(n_q, n_k, d, d_v, qk_scale, window_left, window_right, softcap),
-    )
+    tile_args = (stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, n_q, n_k, d, d_v, qk_scale)
+    tile_args += (window_left, window_right, softcap)
     first, full_lo, full_hi, end = _key_range(
         start_m, n_q, n_k, window_left, window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N
     )
@@ -866,7 +862,7 @@ def _attention_bwd_dkdv_kernel(
         row_base = (b * n_heads + h).to(tl.int64) * n_q
         tile_args = (q_head, do_head, lse_ptr + row_base, delta_ptr + row_base, mask_ptr, cols)
         strides = (stride_qn, stride_qd, stride_don, stride_dod, n_q, n_k, d, d_v, qk_scale)
-        strides = (*strides, window_left, window_right, softcap)
+        strides += (window_left, window_right, softcap)
         # Query tiles [first, full_lo) meet the causal diagonal or the window's right edge (masked),
         # [full_lo, full_hi) see every key of the block, [full_hi, end) meet the window's left edge (masked).
         dk, dv = _dkdv_tiles(
