@@ -1,33 +1,40 @@
-"""Fused attention, FlashAttention-2 style: softmax(q k^T * scale + mask) v and its gradient, without the
+"""Fused attention, FlashAttention-2 style: softmax(c(q k^T * scale) + mask) v and its gradient, without the
 N_q x N_k attention map, in O(B x H x N) extra memory.
 
-Contract: `attention_forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale)` writes
-out (B, H, N_q, D_v) and the log-sum-exp of each row's scaled scores, lse (B, H, N_q) float32 contiguous
-(natural log; -inf for a row with no visible key, whose output is 0). `attention_backward(q, k, v,
-key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale)` writes the gradient of
-sum(grad_out * out) + sum(grad_lse * lse) w.r.t. q, k, v. q: (B, H, N_q, D), k: (B, H_kv, N_k, D),
+Contract: `attention_forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale, window, softcap)`
+writes out (B, H, N_q, D_v) and the log-sum-exp of each row's scaled (and capped) scores, lse (B, H, N_q)
+float32 contiguous (natural log; -inf for a row with no visible key, whose output is 0).
+`attention_backward(q, k, v, key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv, causal,
+softmax_scale, window, softcap)` writes the gradient of sum(grad_out * out) + sum(grad_lse * lse) w.r.t. q, k,
+v. window = (left, right), FlashAttention's sliding window (-1 = unbounded, default (-1, -1)); softcap > 0
+caps the scores, 0 (default) leaves them. q: (B, H, N_q, D), k: (B, H_kv, N_k, D),
 v: (B, H_kv, N_k, D_v), any strides, one dtype of fp32/fp16/bf16; H a multiple of H_kv (GQA/MQA: query
 head h reads key/value head h // (H / H_kv), nothing is repeated in memory); D, D_v <= 256, any value
 (padded to a power of two inside the kernel by masked loads, never by copying). key_padding_mask: (B, N_k)
 bool, True = keep, any strides, or None.
 
-Math, per (b, h, query row i), over the visible keys j (kept, and j <= i + N_k - N_q when causal: aligned
-bottom-right), in base 2 with the scale folded in (qk_scale = scale * log2(e), exp2 is the fast path):
+Math, per (b, h, query row i), over the visible keys j (kept; j <= i + N_k - N_q when causal: aligned
+bottom-right; i + N_k - N_q - left <= j <= i + N_k - N_q + right in a window, causal setting right = 0), in
+base 2 with the scale folded in (qk_scale = scale * log2(e), exp2 is the fast path):
     s_ij = qk_scale q_i . k_j,   m_i = max_j s_ij,   l_i = sum_j 2^(s_ij - m_i),
     out_i = sum_j 2^(s_ij - m_i) v_j / l_i
     lse_i = ln(2) (m_i + log2 l_i),   p_ij = 2^(s_ij - lse_i log2(e))   (recomputed in the backward)
     dv_j = sum_i p_ij do_i,   ds_ij = p_ij (do_i . v_j - delta_i),   delta_i = do_i . out_i - dlse_i
     dq_i = scale sum_j ds_ij k_j,   dk_j = scale sum_i ds_ij q_i
+With a softcap (Gemma 2), s_ij = log2(e) softcap tanh(scale q_i . k_j / softcap) and ds_ij picks up the factor
+1 - tanh^2 (the tanh of kernels/utils.py keeps its digits for small arguments).
 
 Tiling:
     forward  one program per (BLOCK_M query rows, b, h) holds its q tile and sweeps BLOCK_N-key tiles of k, v
              with the online softmax (running max m, sum l, output acc rescaled by 2^(m_old - m_new)); the
-             sweep is split in two loops: key tiles every row of the block sees pay no mask, the last
-             partial tile and the causal diagonal do. Causal sweeps stop at the block's last diagonal.
+             sweep covers only the key tiles some row of the block sees (causal: up to the block's last
+             diagonal; a window: from the first row's left edge to the last row's right edge, so its cost
+             falls with the window) in up to three loops: key tiles every row of the block sees pay no mask,
+             the window's left edge, the causal diagonal or right edge and the last partial tile do.
     delta    one program per (BLOCK_M rows, b, h): delta = rowsum(do * out) - dlse.
     dk, dv   one program per (BLOCK_N keys, b, h_kv) holds its k, v tiles and sweeps the query tiles of every
-             query head sharing them (GQA), masked on the causal diagonal only: a padded key's dk, dv are
-             stored as zeros.
+             query head sharing them (GQA), only those that see some key of the block, masked on the causal
+             diagonal and the window's edges only: a padded key's dk, dv are stored as zeros.
     dq       one program per (BLOCK_M rows, b, h), the forward's sweep: dq += ds k.
 Every output element is written by one program: deterministic, no atomics (dq costs one more recomputation
 of q k^T and do v^T than FlashAttention-2's atomic accumulation). Block sizes and warps are autotuned on a
@@ -39,7 +46,8 @@ not fit a smaller GPU fails to launch there and the autotuner skips it.
 Memory traffic per (b, h): the forward reads q and writes out once and reads k, v once per query tile,
 (N_q / BLOCK_M) N_k (D + D_v) elements, plus 4 bytes of lse per row; the backward reads k, v once per query
 tile (dq) and q, do once per key tile (dk, dv), writes dq, dk, dv once. FLOPs: 4 N_q N_k D forward
-(2 for q k^T, 2 for p v, with D = D_v), 14 N_q N_k D backward (FlashAttention-2: 10), halved when causal.
+(2 for q k^T, 2 for p v, with D = D_v), 14 N_q N_k D backward (FlashAttention-2: 10), halved when causal;
+with a window of W keys per row, N_k becomes about W in both (and in the traffic of k, v).
 Nothing of size N_q x N_k leaves the registers.
 """
 

@@ -797,6 +797,23 @@ def test_window_other_tile_shapes(backend, monkeypatch, fwd, dkdv, dq):
         check_banded(q, k, v, window=window, key_padding_mask=padding_mask(1, n_k))
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n_q=st.integers(1, 80),
+    n_k=st.integers(1, 80),
+    left=st.integers(-1, 90),
+    right=st.integers(-1, 90),
+    causal=st.booleans(),
+    softcap=st.sampled_from([None, 0.7, 20.0]),
+    masked=st.booleans(),
+)
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_property_random_windows(backend, n_q, n_k, left, right, causal, softcap, masked):
+    q, k, v = make_inputs(batch=1, heads=2, heads_kv=1, n_q=n_q, n_k=n_k, d=24)
+    mask = padding_mask(1, n_k) if masked else None
+    check_banded(q, k, v, causal=causal, window=(left, right), softcap=softcap, key_padding_mask=mask)
+
+
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_window_rows_without_keys_give_zeros_not_nan(backend):
     """A window (0, 0) with N_q > N_k: the first N_q - N_k rows have no key (their diagonal is before key 0)."""
