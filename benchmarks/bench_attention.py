@@ -24,6 +24,11 @@ peak; the backward recomputes q k^T once more than FlashAttention-2 to stay dete
 CPU: fp32, B = 1, H = 8, N = 512 .. 8192, D = 64: the torch backend's two paths, the SDPA backends and the
 reference (issue 20's target: no N x N allocation, and at least SDPA's speed where both apply). Peak
 extra memory on the CPU is measured in a fresh process (`python -m benchmarks.bench_attention ...`).
+Sliding window (`test_attention_window`): causal with window (4095, 0), i.e. 4096 keys per row, against full
+causal at the same N (GPU: bf16, B = 1, N = 32k, D = 128; triton, and SDPA's efficient backend given the band as
+a bool mask). The kernels skip the key tiles outside the band, so the window's time should be about
+(N W - W^2 / 2) / (N^2 / 2) of causal's, 23% at N = 32k, W = 4096: the same TFLOP/s counting visible pairs.
+The CPU runs SDPA with the band mask and the reference (which masks, skipping nothing).
 Roofline: FLOPs over the measured matrix-product rate, counting 4 B H N^2 D for the forward and 2.5 times
 that for the backward (FlashAttention's convention), halved when causal. Peak extra memory: the CUDA
 allocator's peak; on the CPU the RSS growth of one step in a fresh process.
@@ -52,6 +57,7 @@ from benchmarks.common import (
     synchronize,
 )
 from tsa_fast.reference.attention import attention as reference_attention
+from tsa_fast.reference.attention import window_band
 
 if SMOKE:
     PROBLEMS, HEADS, DTYPE = [(1, 64, 32), (1, 128, 32)], 2, torch.float32
@@ -162,6 +168,71 @@ def measure_cpu_peak(impl: str, causal: str, mode: str, batch: str, n: str, d: s
     fn, path = attention_fn(impl, causal == "True"), path_of(impl)
     step(fn, q, k, v, grad_out, path)  # warm-up, and the .grad buffers
     return cpu_peak_extra_bytes_of(lambda: step(fn, q, k, v, grad_out, path))
+
+
+# (B, N, D, W): window (W - 1, 0) with causal, W keys per row.
+if SMOKE:
+    WINDOW_PROBLEMS = [(1, 128, 32, 32)]
+elif DEVICE.type == "cuda":
+    WINDOW_PROBLEMS = [(1, 32768, 128, 4096)]
+else:
+    WINDOW_PROBLEMS = [(1, 2048, 64, 256)]
+WINDOW_IMPLS = ["triton", "sdpa_efficient"] if DEVICE.type == "cuda" else ["sdpa", "reference"]
+
+
+def window_fn(impl: str, n: int, window: tuple[int, int] | None):
+    """A callable (q, k, v) -> out: causal attention, within `window` when given."""
+    if impl == "reference":
+        return lambda q, k, v: reference_attention(q, k, v, causal=True, window=window)
+    if impl == "triton":
+        return lambda q, k, v: tsa_fast.attention(q, k, v, causal=True, window=window)
+    band = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()
+    if window is not None:
+        band &= window_band(n, n, window, DEVICE)
+
+    def sdpa(q, k, v):  # the band as a bool mask: SDPA has no sliding window
+        with contextlib.nullcontext() if impl == "sdpa" else sdpa_kernel([SDPA_BACKENDS[impl]]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+
+    return sdpa
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("banded", [True, False], ids=["window", "causal"])
+@pytest.mark.parametrize("problem", WINDOW_PROBLEMS, ids=[f"B{b}-N{n}-D{d}-W{w}" for b, n, d, w in WINDOW_PROBLEMS])
+@pytest.mark.parametrize("impl", WINDOW_IMPLS)
+def test_attention_window(benchmark, impl, problem, banded, mode):
+    batch, n, d, width = problem
+    if impl == "reference" and n > MAX_MATERIALIZED_N:
+        pytest.skip(f"{impl} materializes the N x N scores: N <= {MAX_MATERIALIZED_N}")
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(batch, HEADS, n, d, device=DEVICE, generator=generator, dtype=DTYPE) for _ in range(3))
+    grad_out = None
+    if mode == "fwd+bwd":
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        grad_out = torch.randn_like(q)
+    fn = window_fn(impl, n, (width - 1, 0) if banded else None)
+    try:
+        step(fn, q, k, v, grad_out)  # warm-up: autotuning, compilation, first touch of memory
+    except RuntimeError as error:  # an SDPA backend that cannot run this problem on this device
+        pytest.skip(f"{impl}: {error}".splitlines()[0])
+    describe(
+        benchmark,
+        op="attention_window",
+        mode=mode,
+        impl=impl,
+        dtype=DTYPE,
+        size={"B": batch, "N": n},
+        x="N",
+        H=HEADS,
+        D=d,
+        mask=f"window{width}" if banded else "causal",
+    )
+    measure(benchmark, step, fn, q, k, v, grad_out)
+    pairs = n * width - width * (width - 1) / 2 if banded else n * (n + 1) / 2  # visible (query, key) pairs
+    flops = 4 * batch * HEADS * pairs * d * (3.5 if mode == "fwd+bwd" else 1)
+    record_roofline(benchmark, DTYPE, flops=flops)
+    record_peak_memory(benchmark, lambda: step(fn, q, k, v, grad_out))
 
 
 if __name__ == "__main__":

@@ -1,33 +1,40 @@
-"""Fused attention, FlashAttention-2 style: softmax(q k^T * scale + mask) v and its gradient, without the
+"""Fused attention, FlashAttention-2 style: softmax(c(q k^T * scale) + mask) v and its gradient, without the
 N_q x N_k attention map, in O(B x H x N) extra memory.
 
-Contract: `attention_forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale)` writes
-out (B, H, N_q, D_v) and the log-sum-exp of each row's scaled scores, lse (B, H, N_q) float32 contiguous
-(natural log; -inf for a row with no visible key, whose output is 0). `attention_backward(q, k, v,
-key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale)` writes the gradient of
-sum(grad_out * out) + sum(grad_lse * lse) w.r.t. q, k, v. q: (B, H, N_q, D), k: (B, H_kv, N_k, D),
+Contract: `attention_forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale, window, softcap)`
+writes out (B, H, N_q, D_v) and the log-sum-exp of each row's scaled (and capped) scores, lse (B, H, N_q)
+float32 contiguous (natural log; -inf for a row with no visible key, whose output is 0).
+`attention_backward(q, k, v, key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv, causal,
+softmax_scale, window, softcap)` writes the gradient of sum(grad_out * out) + sum(grad_lse * lse) w.r.t. q, k,
+v. window = (left, right), FlashAttention's sliding window (-1 = unbounded, default (-1, -1)); softcap > 0
+caps the scores, 0 (default) leaves them. q: (B, H, N_q, D), k: (B, H_kv, N_k, D),
 v: (B, H_kv, N_k, D_v), any strides, one dtype of fp32/fp16/bf16; H a multiple of H_kv (GQA/MQA: query
 head h reads key/value head h // (H / H_kv), nothing is repeated in memory); D, D_v <= 256, any value
 (padded to a power of two inside the kernel by masked loads, never by copying). key_padding_mask: (B, N_k)
 bool, True = keep, any strides, or None.
 
-Math, per (b, h, query row i), over the visible keys j (kept, and j <= i + N_k - N_q when causal: aligned
-bottom-right), in base 2 with the scale folded in (qk_scale = scale * log2(e), exp2 is the fast path):
+Math, per (b, h, query row i), over the visible keys j (kept; j <= i + N_k - N_q when causal: aligned
+bottom-right; i + N_k - N_q - left <= j <= i + N_k - N_q + right in a window, causal setting right = 0), in
+base 2 with the scale folded in (qk_scale = scale * log2(e), exp2 is the fast path):
     s_ij = qk_scale q_i . k_j,   m_i = max_j s_ij,   l_i = sum_j 2^(s_ij - m_i),
     out_i = sum_j 2^(s_ij - m_i) v_j / l_i
     lse_i = ln(2) (m_i + log2 l_i),   p_ij = 2^(s_ij - lse_i log2(e))   (recomputed in the backward)
     dv_j = sum_i p_ij do_i,   ds_ij = p_ij (do_i . v_j - delta_i),   delta_i = do_i . out_i - dlse_i
     dq_i = scale sum_j ds_ij k_j,   dk_j = scale sum_i ds_ij q_i
+With a softcap (Gemma 2), s_ij = log2(e) softcap tanh(scale q_i . k_j / softcap) and ds_ij picks up the factor
+1 - tanh^2 (the tanh of kernels/utils.py keeps its digits for small arguments).
 
 Tiling:
     forward  one program per (BLOCK_M query rows, b, h) holds its q tile and sweeps BLOCK_N-key tiles of k, v
              with the online softmax (running max m, sum l, output acc rescaled by 2^(m_old - m_new)); the
-             sweep is split in two loops: key tiles every row of the block sees pay no mask, the last
-             partial tile and the causal diagonal do. Causal sweeps stop at the block's last diagonal.
+             sweep covers only the key tiles some row of the block sees (causal: up to the block's last
+             diagonal; a window: from the first row's left edge to the last row's right edge, so its cost
+             falls with the window) in up to three loops: key tiles every row of the block sees pay no mask,
+             the window's left edge, the causal diagonal or right edge and the last partial tile do.
     delta    one program per (BLOCK_M rows, b, h): delta = rowsum(do * out) - dlse.
     dk, dv   one program per (BLOCK_N keys, b, h_kv) holds its k, v tiles and sweeps the query tiles of every
-             query head sharing them (GQA), masked on the causal diagonal only: a padded key's dk, dv are
-             stored as zeros.
+             query head sharing them (GQA), only those that see some key of the block, masked on the causal
+             diagonal and the window's edges only: a padded key's dk, dv are stored as zeros.
     dq       one program per (BLOCK_M rows, b, h), the forward's sweep: dq += ds k.
 Every output element is written by one program: deterministic, no atomics (dq costs one more recomputation
 of q k^T and do v^T than FlashAttention-2's atomic accumulation). Block sizes and warps are autotuned on a
@@ -39,7 +46,8 @@ not fit a smaller GPU fails to launch there and the autotuner skips it.
 Memory traffic per (b, h): the forward reads q and writes out once and reads k, v once per query tile,
 (N_q / BLOCK_M) N_k (D + D_v) elements, plus 4 bytes of lse per row; the backward reads k, v once per query
 tile (dq) and q, do once per key tile (dk, dv), writes dq, dk, dv once. FLOPs: 4 N_q N_k D forward
-(2 for q k^T, 2 for p v, with D = D_v), 14 N_q N_k D backward (FlashAttention-2: 10), halved when causal.
+(2 for q k^T, 2 for p v, with D = D_v), 14 N_q N_k D backward (FlashAttention-2: 10), halved when causal;
+with a window of W keys per row, N_k becomes about W in both (and in the traffic of k, v).
 Nothing of size N_q x N_k leaves the registers.
 """
 
@@ -49,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot, head, launch_autotuned, load_tile, scores, visible_keys
+from .utils import dot, head, launch_autotuned, load_tile, tanh, visible_keys
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -80,7 +88,7 @@ def _prune(configs, named_args, **kwargs):
 
 # Autotuning key: the sequence lengths rounded up to powers of two (tune_n_q, tune_n_k: no retuning at each
 # new length, e.g. in generation), the head dims and the options (and, implicitly, the dtypes).
-TUNE_KEY = ["tune_n_q", "tune_n_k", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK"]
+TUNE_KEY = ["tune_n_q", "tune_n_k", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "WINDOW", "SOFTCAP"]
 FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4))
 # ptxas (sm_90, bf16, head dims 64 and 128, causal or not) spills no register in the first candidate of dk, dv
 # (32 x 64 on 8 warps) nor of dq (64 x 32 on 8 warps); the 4-warp tiles they replaced spilled up to 2.9 KB
@@ -100,18 +108,34 @@ def _tile_scores(
     n_q,
     n_k,
     qk_scale,
+    left,
+    right,
+    softcap,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """qk_scale * q k^T for (rows, cols); with MASKED, -inf where key j is out of range, padded (HAS_MASK) or
-    past row i's diagonal (CAUSAL). Tiles that every row sees in full skip the mask (MASKED=False)."""
-    if MASKED:
-        visible = visible_keys(rows, cols, rows < n_q, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
-        s = scores(q, k, qk_scale, visible)
+    """The scores of (rows, cols) in base 2, s = log2(e) c(scale q k^T) (c = softcap tanh(. / softcap) with
+    SOFTCAP, else identity), and dc/dx = 1 - tanh^2 (1 without SOFTCAP) for the backward. With MASKED, s is
+    -inf where key j is out of range, padded (HAS_MASK), past row i's diagonal (CAUSAL) or outside its window
+    (WINDOW: i + n_k - n_q - left <= j <= i + n_k - n_q + right). Tiles that every row sees in full skip the
+    mask (MASKED=False)."""
+    if SOFTCAP:  # qk_scale / (log2(e) softcap) = scale / softcap: tanh's argument in natural units
+        t = tanh(dot(q, tl.trans(k)) * (qk_scale / (LOG2E * softcap)))
+        s = t * (softcap * LOG2E)
+        slope = 1.0 - t * t
     else:
         s = dot(q, tl.trans(k)) * qk_scale
-    return s
+        slope = 1.0
+    if MASKED:
+        visible = visible_keys(rows, cols, rows < n_q, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
+        if WINDOW:
+            diagonal = rows[:, None] + (n_k - n_q)
+            visible &= (cols[None, :] >= diagonal - left) & (cols[None, :] <= diagonal + right)
+        s = tl.where(visible, s, float("-inf"))
+    return s, slope
 
 
 @triton.jit
@@ -125,29 +149,85 @@ def _zero_padded_keys(tile, cols, mask_ptr, stride_mask_n, n_k, HAS_MASK: tl.con
 
 
 @triton.jit
-def _key_range(start_m, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For the query rows [start_m, start_m + BLOCK_M): key tiles [0, full) are visible to every row (no
-    mask), [full, end) need the bounds and causal mask, keys from end on are hidden from every row."""
-    if CAUSAL:  # row i sees keys j <= i + n_k - n_q
-        end = tl.minimum(tl.maximum(start_m + BLOCK_M + n_k - n_q, 0), n_k)
-        full = tl.minimum(tl.maximum(start_m + 1 + n_k - n_q, 0), n_k) // BLOCK_N * BLOCK_N
+def _key_range(
+    start_m,
+    n_q,
+    n_k,
+    left,
+    right,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """For the query rows [start_m, start_m + BLOCK_M), the key tiles in three runs: [first, full_lo) need the
+    mask, [full_lo, full_hi) are visible to every row (no mask but the padding), [full_hi, end) need the mask;
+    keys before `first` or from `end` on are hidden from every row and never loaded. Row i sees keys j in
+    [i + n_k - n_q - left, i + n_k - n_q + right] (WINDOW; CAUSAL: left unbounded, right = 0)."""
+    if CAUSAL or WINDOW:
+        if CAUSAL:
+            left, right = n_k, 0  # a left bound of n_k hides no key
+        # The diagonals of the block's first and last rows (rows past n_q are never stored: left out).
+        first_diagonal = start_m + n_k - n_q
+        last_diagonal = tl.minimum(start_m + BLOCK_M, n_q) - 1 + n_k - n_q
+        first = tl.minimum(tl.maximum(first_diagonal - left, 0), n_k) // BLOCK_N * BLOCK_N
+        end = tl.minimum(tl.maximum(last_diagonal + 1 + right, 0), n_k)
+        # Keys every row sees: from the last row's left edge to the first row's right edge.
+        full_lo = tl.cdiv(tl.minimum(tl.maximum(last_diagonal - left, 0), n_k), BLOCK_N) * BLOCK_N
+        full_hi = tl.minimum(tl.maximum(first_diagonal + 1 + right, 0), n_k) // BLOCK_N * BLOCK_N
+        # A window narrower than the block: no tile is visible to every row, [first, end) is one masked run
+        # (the one that also runs without a window).
+        none_full = full_hi < full_lo
+        full_lo = tl.where(none_full, first, full_lo)
+        full_hi = tl.where(none_full, first, full_hi)
     else:
+        first = 0
+        full_lo = 0
+        full_hi = n_k // BLOCK_N * BLOCK_N
         end = n_k
-        full = n_k // BLOCK_N * BLOCK_N
-    return full, end
+    return first, full_lo, full_hi, end
 
 
 @triton.jit
-def _query_range(start_n, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For the keys [start_n, start_n + BLOCK_N): query tiles before `start` see none of them (causal),
-    [start, full) see some (causal mask), [full, n_q) see all."""
-    if CAUSAL:  # key j is seen by rows i >= j - (n_k - n_q)
-        start = tl.maximum(start_n - (n_k - n_q), 0) // BLOCK_M * BLOCK_M
-        full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (n_k - n_q), 0), BLOCK_M) * BLOCK_M, n_q)
+def _query_range(
+    start_n,
+    n_q,
+    n_k,
+    left,
+    right,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """For the keys [start_n, start_n + BLOCK_N), the query tiles in three runs: [first, full_lo) and
+    [full_hi, end) see some of them (masked), [full_lo, full_hi) see all; rows before `first` or from `end`
+    on see none and are never loaded. Key j is seen by rows i in [j - (n_k - n_q) - right, j - (n_k - n_q) +
+    left] (WINDOW; CAUSAL: left unbounded, right = 0)."""
+    if CAUSAL or WINDOW:
+        if CAUSAL:
+            left, right = n_k, 0
+        # The rows on the diagonal of the block's first and last keys (keys past n_k are never stored: left out).
+        first_row = start_n - (n_k - n_q)
+        last_row = tl.minimum(start_n + BLOCK_N, n_k) - 1 - (n_k - n_q)
+        first = tl.minimum(tl.maximum(first_row - right, 0), n_q) // BLOCK_M * BLOCK_M
+        end = tl.minimum(tl.maximum(last_row + 1 + left, 0), n_q)
+        # Rows that see every key: from the last key's lowest row to the first key's highest row. Rows past
+        # n_q add nothing (q = do = 0), so a run that reaches n_q covers the partial last tile.
+        full_lo = tl.cdiv(tl.minimum(tl.maximum(last_row - right, 0), n_q), BLOCK_M) * BLOCK_M
+        full_lo = tl.minimum(full_lo, n_q)
+        full_hi = tl.minimum(tl.maximum(first_row + 1 + left, 0), n_q)
+        full_hi = tl.where(full_hi == n_q, n_q, full_hi // BLOCK_M * BLOCK_M)
+        # A window narrower than the block: [first, end) is one masked run (the one that also runs when causal).
+        none_full = full_hi < full_lo
+        full_lo = tl.where(none_full, end, full_lo)
+        full_hi = tl.where(none_full, end, full_hi)
     else:
-        start = 0
-        full = 0
-    return start, full
+        first = 0
+        full_lo = 0
+        full_hi = n_q
+        end = n_q
+    return first, full_lo, full_hi, end
 
 
 @triton.jit
@@ -182,8 +262,13 @@ def _fwd_tiles(
     d,
     d_v,
     qk_scale,
+    left,
+    right,
+    softcap,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -195,7 +280,25 @@ def _fwd_tiles(
         cols = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(k_ptr, cols, tl.arange(0, BLOCK_D), stride_kn, stride_kd, n_k, d, UPCAST)
         k = _zero_padded_keys(k, cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)
-        s = _tile_scores(q, k, rows, cols, mask_ptr, stride_mask_n, n_q, n_k, qk_scale, CAUSAL, HAS_MASK, MASKED)
+        s, _ = _tile_scores(
+            q,
+            k,
+            rows,
+            cols,
+            mask_ptr,
+            stride_mask_n,
+            n_q,
+            n_k,
+            qk_scale,
+            left,
+            right,
+            softcap,
+            CAUSAL,
+            HAS_MASK,
+            WINDOW,
+            SOFTCAP,
+            MASKED,
+        )
         # Online softmax: when the row max grows, rescale what was summed so far by 2^(m_old - m_new).
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 finite
@@ -241,12 +344,17 @@ def _attention_fwd_kernel(
     sm_scale,
     tune_n_q,
     tune_n_k,
+    window_left,
+    window_right,
+    softcap,
     stride_ob,
     stride_oh,
     stride_on,
     stride_od,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -269,9 +377,36 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     tile_args = (stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, n_q, n_k, d, d_v, qk_scale)
-    full, end = _key_range(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
-    # Key tiles [0, full) are visible to every row of the block: no mask but the padding. [full, end): the
-    # partial last tile and the causal diagonal.
+    tile_args += (window_left, window_right, softcap)
+    first, full_lo, full_hi, end = _key_range(
+        start_m, n_q, n_k, window_left, window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N
+    )
+    # Key tiles [full_lo, full_hi) are visible to every row of the block: no mask but the padding. [first,
+    # full_lo): the window's left edge; [full_hi, end): its right edge or the causal diagonal, and the partial
+    # last tile. Tiles outside [first, end) are never loaded: a window's cost falls with its width.
+    if WINDOW:
+        acc, m_i, l_i = _fwd_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_ptr,
+            v_ptr,
+            mask_ptr,
+            rows,
+            first,
+            full_lo,
+            *tile_args,
+            CAUSAL=CAUSAL,
+            HAS_MASK=HAS_MASK,
+            WINDOW=WINDOW,
+            SOFTCAP=SOFTCAP,
+            MASKED=True,
+            UPCAST=UPCAST,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+            BLOCK_DV=BLOCK_DV,
+        )
     acc, m_i, l_i = _fwd_tiles(
         acc,
         m_i,
@@ -281,11 +416,13 @@ def _attention_fwd_kernel(
         v_ptr,
         mask_ptr,
         rows,
-        0,
-        full,
+        full_lo,
+        full_hi,
         *tile_args,
         CAUSAL=False,
         HAS_MASK=HAS_MASK,
+        WINDOW=False,
+        SOFTCAP=SOFTCAP,
         MASKED=HAS_MASK,
         UPCAST=UPCAST,
         BLOCK_N=BLOCK_N,
@@ -301,11 +438,13 @@ def _attention_fwd_kernel(
         v_ptr,
         mask_ptr,
         rows,
-        full,
+        full_hi,
         end,
         *tile_args,
         CAUSAL=CAUSAL,
         HAS_MASK=HAS_MASK,
+        WINDOW=WINDOW,
+        SOFTCAP=SOFTCAP,
         MASKED=True,
         UPCAST=UPCAST,
         BLOCK_N=BLOCK_N,
@@ -375,8 +514,13 @@ def _dq_tiles(
     d,
     d_v,
     qk_scale,
+    left,
+    right,
+    softcap,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -390,9 +534,27 @@ def _dq_tiles(
         v = load_tile(v_ptr, cols, tl.arange(0, BLOCK_DV), stride_vn, stride_vd, n_k, d_v, UPCAST)
         k = _zero_padded_keys(k, cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)
         v = _zero_padded_keys(v, cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)
-        s = _tile_scores(q, k, rows, cols, mask_ptr, stride_mask_n, n_q, n_k, qk_scale, CAUSAL, HAS_MASK, MASKED)
+        s, slope = _tile_scores(
+            q,
+            k,
+            rows,
+            cols,
+            mask_ptr,
+            stride_mask_n,
+            n_q,
+            n_k,
+            qk_scale,
+            left,
+            right,
+            softcap,
+            CAUSAL,
+            HAS_MASK,
+            WINDOW,
+            SOFTCAP,
+            MASKED,
+        )
         p = tl.exp2(s - lse2[:, None])  # the forward's probabilities, from the saved lse
-        ds = p * (dot(do, tl.trans(v)) - delta[:, None])
+        ds = p * (dot(do, tl.trans(v)) - delta[:, None]) * slope  # through the softcap: d c / d x
         dq += dot(ds.to(k.dtype), k)
     return dq
 
@@ -431,6 +593,9 @@ def _attention_bwd_dq_kernel(
     sm_scale,
     tune_n_q,
     tune_n_k,
+    window_left,
+    window_right,
+    softcap,
     stride_dob,
     stride_doh,
     stride_don,
@@ -441,6 +606,8 @@ def _attention_bwd_dq_kernel(
     stride_dqd,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -472,8 +639,36 @@ def _attention_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     tile_args = (stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, n_q, n_k, d, d_v, qk_scale)
-    full, end = _key_range(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
-    # As in the forward: tiles [0, full) unmasked but for the padding, [full, end) masked.
+    tile_args += (window_left, window_right, softcap)
+    first, full_lo, full_hi, end = _key_range(
+        start_m, n_q, n_k, window_left, window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N
+    )
+    # As in the forward: tiles [full_lo, full_hi) unmasked but for the padding, [first, full_lo) and
+    # [full_hi, end) masked, none outside.
+    if WINDOW:
+        dq = _dq_tiles(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_ptr,
+            v_ptr,
+            mask_ptr,
+            rows,
+            first,
+            full_lo,
+            *tile_args,
+            CAUSAL=CAUSAL,
+            HAS_MASK=HAS_MASK,
+            WINDOW=WINDOW,
+            SOFTCAP=SOFTCAP,
+            MASKED=True,
+            UPCAST=UPCAST,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+            BLOCK_DV=BLOCK_DV,
+        )
     dq = _dq_tiles(
         dq,
         q,
@@ -484,11 +679,13 @@ def _attention_bwd_dq_kernel(
         v_ptr,
         mask_ptr,
         rows,
-        0,
-        full,
+        full_lo,
+        full_hi,
         *tile_args,
         CAUSAL=False,
         HAS_MASK=HAS_MASK,
+        WINDOW=False,
+        SOFTCAP=SOFTCAP,
         MASKED=HAS_MASK,
         UPCAST=UPCAST,
         BLOCK_N=BLOCK_N,
@@ -505,11 +702,13 @@ def _attention_bwd_dq_kernel(
         v_ptr,
         mask_ptr,
         rows,
-        full,
+        full_hi,
         end,
         *tile_args,
         CAUSAL=CAUSAL,
         HAS_MASK=HAS_MASK,
+        WINDOW=WINDOW,
+        SOFTCAP=SOFTCAP,
         MASKED=True,
         UPCAST=UPCAST,
         BLOCK_N=BLOCK_N,
@@ -544,7 +743,12 @@ def _dkdv_tiles(
     d,
     d_v,
     qk_scale,
+    left,
+    right,
+    softcap,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -558,11 +762,28 @@ def _dkdv_tiles(
         q = load_tile(q_ptr, rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST)
         do = load_tile(do_ptr, rows, tl.arange(0, BLOCK_DV), stride_don, stride_dod, n_q, d_v, UPCAST)
         lse2, delta = _row_stats(lse_ptr, delta_ptr, rows, n_q)
-        p = tl.exp2(
-            _tile_scores(q, k, rows, cols, mask_ptr, 0, n_q, n_k, qk_scale, CAUSAL, False, MASKED) - lse2[:, None]
+        s, slope = _tile_scores(
+            q,
+            k,
+            rows,
+            cols,
+            mask_ptr,
+            0,
+            n_q,
+            n_k,
+            qk_scale,
+            left,
+            right,
+            softcap,
+            CAUSAL,
+            False,
+            WINDOW,
+            SOFTCAP,
+            MASKED,
         )
+        p = tl.exp2(s - lse2[:, None])
         dv += dot(tl.trans(p).to(do.dtype), do)
-        ds = p * (dot(do, tl.trans(v)) - delta[:, None])
+        ds = p * (dot(do, tl.trans(v)) - delta[:, None]) * slope
         dk += dot(tl.trans(ds).to(q.dtype), q)
     return dk, dv
 
@@ -602,6 +823,9 @@ def _attention_bwd_dkdv_kernel(
     sm_scale,
     tune_n_q,
     tune_n_k,
+    window_left,
+    window_right,
+    softcap,
     stride_dob,
     stride_doh,
     stride_don,
@@ -616,6 +840,8 @@ def _attention_bwd_dkdv_kernel(
     stride_dvd,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -633,7 +859,9 @@ def _attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    start, full = _query_range(start_n, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+    first, full_lo, full_hi, end = _query_range(
+        start_n, n_q, n_k, window_left, window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N
+    )
     # GQA: the `group` query heads that share this k, v head add to its gradient here, in turn (no atomics).
     for g in range(group):
         h = h_kv * group + g
@@ -642,17 +870,21 @@ def _attention_bwd_dkdv_kernel(
         row_base = (b * n_heads + h).to(tl.int64) * n_q
         tile_args = (q_head, do_head, lse_ptr + row_base, delta_ptr + row_base, mask_ptr, cols)
         strides = (stride_qn, stride_qd, stride_don, stride_dod, n_q, n_k, d, d_v, qk_scale)
-        # Query tiles [start, full) meet the causal diagonal (masked), [full, n_q) see every key of the block.
+        strides += (window_left, window_right, softcap)
+        # Query tiles [first, full_lo) meet the causal diagonal or the window's right edge (masked),
+        # [full_lo, full_hi) see every key of the block, [full_hi, end) meet the window's left edge (masked).
         dk, dv = _dkdv_tiles(
             dk,
             dv,
             k,
             v,
             *tile_args,
-            start,
-            full,
+            first,
+            full_lo,
             *strides,
             CAUSAL=CAUSAL,
+            WINDOW=WINDOW,
+            SOFTCAP=SOFTCAP,
             MASKED=True,
             UPCAST=UPCAST,
             BLOCK_M=BLOCK_M,
@@ -665,16 +897,37 @@ def _attention_bwd_dkdv_kernel(
             k,
             v,
             *tile_args,
-            full,
-            n_q,
+            full_lo,
+            full_hi,
             *strides,
             CAUSAL=False,
+            WINDOW=False,
+            SOFTCAP=SOFTCAP,
             MASKED=False,
             UPCAST=UPCAST,
             BLOCK_M=BLOCK_M,
             BLOCK_D=BLOCK_D,
             BLOCK_DV=BLOCK_DV,
         )
+        if WINDOW:
+            dk, dv = _dkdv_tiles(
+                dk,
+                dv,
+                k,
+                v,
+                *tile_args,
+                full_hi,
+                end,
+                *strides,
+                CAUSAL=CAUSAL,
+                WINDOW=WINDOW,
+                SOFTCAP=SOFTCAP,
+                MASKED=True,
+                UPCAST=UPCAST,
+                BLOCK_M=BLOCK_M,
+                BLOCK_D=BLOCK_D,
+                BLOCK_DV=BLOCK_DV,
+            )
 
     # Padding: a padded key's p above was never normalized by any row (garbage, even inf); it reaches only
     # this key's own dk, dv, which are zero.
@@ -707,11 +960,27 @@ def _launch(kernel, grid, interpreted, *args, **meta):
     launch_autotuned(kernel, grid, blocks, *args, **meta)
 
 
-def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale):
-    """The arguments the forward, dq and dk/dv kernels share (strides, sizes, scale, tuning key) and their
-    compile-time options."""
+def _band(n_q: int, n_k: int, causal: bool, window: tuple[int, int]) -> tuple[bool, bool, int, int]:
+    """(CAUSAL, WINDOW, left, right) for the kernels: causal sets the window's right side to 0; a band that
+    bounds no side is plain attention, one bounded on the right at 0 only is causal. A side the window leaves
+    unbounded (-1), or wider than the keys, is bounded by the sequences (n_k on the left, n_q on the right),
+    which hides no key."""
+    left, right = window
+    if causal:
+        right = 0
+    if left < 0 and right < 0:
+        return False, False, 0, 0
+    if left < 0 and right == 0:
+        return True, False, 0, 0
+    return False, True, n_k if left < 0 else min(left, n_k), n_q if right < 0 else min(right, n_q)
+
+
+def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap):
+    """The arguments the forward, dq and dk/dv kernels share (strides, sizes, scale, window, softcap, tuning
+    key) and their compile-time options."""
     _, heads, n_q, d = q.shape
     n_k, d_v = v.shape[2], v.shape[3]
+    causal, windowed, left, right = _band(n_q, n_k, causal, window)
     mask_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
     args = (
         *q.stride(),
@@ -727,11 +996,16 @@ def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale):
         softmax_scale,
         triton.next_power_of_2(n_q),
         triton.next_power_of_2(n_k),
+        left,
+        right,
+        softcap,
     )
     meta = dict(
         # CPU tensors run only under the interpreter, which has no bf16 arithmetic: tiles upcast to fp32.
         CAUSAL=causal,
         HAS_MASK=key_padding_mask is not None,
+        WINDOW=windowed,
+        SOFTCAP=softcap != 0.0,
         UPCAST=q.device.type == "cpu",
         # Head dims padded to powers of two >= 16 (tl.dot) by masked loads.
         BLOCK_D=max(16, triton.next_power_of_2(d)),
@@ -749,9 +1023,12 @@ def attention_forward(
     lse: torch.Tensor,
     causal: bool,
     softmax_scale: float,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
 ) -> None:
-    """Write out (B, H, N_q, D_v), any strides, and lse (B, H, N_q) float32 contiguous."""
-    args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale)
+    """Write out (B, H, N_q, D_v), any strides, and lse (B, H, N_q) float32 contiguous. window = (left, right),
+    -1 = unbounded; softcap 0 means none."""
+    args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap)
     batch, heads, n_q = q.shape[:3]
     grid = lambda blocks: (triton.cdiv(n_q, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
     _launch(
@@ -778,10 +1055,12 @@ def attention_backward(
     dv: torch.Tensor,
     causal: bool,
     softmax_scale: float,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
 ) -> None:
     """Write dq, dk, dv (shapes of q, k, v, any strides) from out and lse of the forward, grad_out (shape of
-    out, any strides) and grad_lse ((B, H, N_q) float32 contiguous)."""
-    args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale)
+    out, any strides) and grad_lse ((B, H, N_q) float32 contiguous); window and softcap as the forward's."""
+    args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap)
     batch, heads, n_q = q.shape[:3]
     delta = torch.empty_like(lse)
     block_delta = delta_rows(meta["BLOCK_DV"])

@@ -1,6 +1,6 @@
 """Triton helpers that several kernels share: addressing a (b, h) slice, masked tile loads, which keys a
-query sees (range, padding, causal), dots accumulated in fp32, the online log-sum-exp, and the launcher that
-runs an autotuned kernel at a fixed tile under the interpreter.
+query sees (range, padding, causal), dots accumulated in fp32, an accurate tanh, the online log-sum-exp, and the
+launcher that runs an autotuned kernel at a fixed tile under the interpreter.
 
 The `@triton.jit` helpers are inlined into the kernels that call them: sharing them costs nothing at run time.
 """
@@ -56,6 +56,19 @@ def dot(a, b):
 def scores(q, k, scale, visible):
     """scale * q k^T where visible, -inf elsewhere (out of the softmax)."""
     return tl.where(visible, dot(q, tl.trans(k)) * scale, float("-inf"))
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) in fp32 to a few ulps for any x. From e = exp(-2|x|), (1 - e) / (1 + e) cannot overflow but
+    loses digits as |x| -> 0 (1 - e cancels); below |x| = 0.25 the odd Taylor series to x^9 is used instead
+    (truncation < 1e-8 relative there)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    x2 = x * x
+    series = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit

@@ -23,9 +23,16 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+try:  # Linux: a dependency; macOS, Windows: none, and the tests that launch a helper kernel here skip
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 import tsa_fast
 from tsa_fast.backends import triton_kernels
 from tsa_fast.reference.attention import attention as reference_attention
+from tsa_fast.reference.attention import window_band
 from tsa_fast.reference.attention_transfer_loss import visible_keys
 
 attention_op = importlib.import_module("tsa_fast.ops.attention")  # the module (tsa_fast.ops.attention: the op)
@@ -73,9 +80,10 @@ def pytorch_attention(q, k, v, causal=False, softmax_scale=None, key_padding_mas
     return out, torch.where(has_key, lse, -torch.inf)
 
 
-def check_against_reference(q, k, v, **options):
+def check_against_reference(q, k, v, yardstick=pytorch_attention, **options):
     """Output, lse, dq, dk, dv against the float64 reference from the same input values, each within twice
-    the error of PyTorch's attention in the inputs' dtype plus ATOL (the FlashAttention test rule)."""
+    the error of PyTorch's attention in the inputs' dtype (`yardstick`) plus ATOL (the FlashAttention test
+    rule)."""
     grad_out = torch.randn(*q.shape[:3], v.shape[3], device=DEVICE)
     grad_lse = torch.randn(q.shape[:3], device=DEVICE)
     results = outputs_and_grads(
@@ -88,7 +96,7 @@ def check_against_reference(q, k, v, **options):
         grad_lse,
         **options,
     )
-    yardstick = outputs_and_grads(pytorch_attention, q, k, v, grad_out, grad_lse, **options)
+    yardstick = outputs_and_grads(yardstick, q, k, v, grad_out, grad_lse, **options)
     out, lse, dq, dk, dv = results
     assert out.dtype == q.dtype and lse.dtype == torch.float32 and (dq.dtype, dk.dtype, dv.dtype) == (q.dtype,) * 3
     for actual, wanted, torch_own, what in zip(results, expected, yardstick, ("out", "lse", "dq", "dk", "dv")):
@@ -723,8 +731,10 @@ def compile_attention_kernels():
     import triton
 
     kernels = tsa_fast.kernels.attention
-    types = dict(mask_ptr="*i1", lse_ptr="*fp32", delta_ptr="*fp32", grad_lse_ptr="*fp32", sm_scale="fp32")
-    options = dict(CAUSAL=True, HAS_MASK=True, UPCAST=False, BLOCK_D=128, BLOCK_DV=128)
+    types = dict(
+        mask_ptr="*i1", lse_ptr="*fp32", delta_ptr="*fp32", grad_lse_ptr="*fp32", sm_scale="fp32", softcap="fp32"
+    )
+    options = dict(CAUSAL=True, HAS_MASK=True, WINDOW=False, SOFTCAP=False, UPCAST=False, BLOCK_D=128, BLOCK_DV=128)
     for kernel, configs in (
         (kernels._attention_fwd_kernel, kernels.FWD_CONFIGS),
         (kernels._attention_bwd_dkdv_kernel, kernels.DKDV_CONFIGS),
@@ -733,6 +743,9 @@ def compile_attention_kernels():
         contiguous = unit_strides(kernel, ("d", "mask_n"))
         config = max(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
         compile_for_gpus(kernel, config, dict(options, **contiguous), types)
+        # Sliding window and softcap (the window with causal off: the launcher folds causal into it).
+        compile_for_gpus(kernel, config, dict(options, CAUSAL=False, WINDOW=True, SOFTCAP=True, **contiguous), types)
+        compile_for_gpus(kernel, config, dict(options, SOFTCAP=True, **contiguous), types)
         if kernel is kernels._attention_fwd_kernel:
             no_options = dict(options, CAUSAL=False, HAS_MASK=False, mask_ptr=None, **contiguous)
             compile_for_gpus(kernel, config, no_options, types)
@@ -782,6 +795,301 @@ def test_gpu_long_sequence_deterministic(backend):
     ]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     check_against_reference(q.detach(), k.detach(), v.detach(), causal=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sliding windows (FlashAttention's window_size, aligned bottom-right) and softcap (Gemma 2).
+
+
+def pytorch_banded_attention(
+    q, k, v, causal=False, softmax_scale=None, key_padding_mask=None, window=None, softcap=None
+):
+    """The test rule's yardstick for windows and softcap, in the inputs' dtype: `pytorch_attention` with the
+    window folded into its bool mask; with a softcap (which SDPA lacks), eager attention (scores, tanh, masked
+    softmax, as transformers' eager path)."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    visible = visible_keys(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+    if window is not None:
+        visible = visible & window_band(q.shape[2], k.shape[2], window, q.device)
+    has_key = visible.any(-1)
+    group = q.shape[1] // k.shape[1]
+    scores = (q @ k.repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+    else:
+        scores = softcap * torch.tanh(scores / softcap)
+        weights = torch.softmax(scores.masked_fill(~visible, -torch.inf), dim=-1).nan_to_num(0.0)
+        out = weights @ v.repeat_interleave(group, dim=1)
+    lse = torch.logsumexp(scores.masked_fill(~(visible | ~has_key[..., None]), -torch.inf), dim=-1)
+    return out, torch.where(has_key, lse, -torch.inf)
+
+
+def check_banded(q, k, v, **options):
+    """`check_against_reference` with the banded yardstick."""
+    return check_against_reference(q, k, v, yardstick=pytorch_banded_attention, **options)
+
+
+BANDED_CASES = {
+    "left-only": (dict(n_q=70), dict(window=(9, -1))),
+    "right-only": (dict(n_q=70), dict(window=(-1, 6))),
+    "both-Nq<Nk": (dict(n_q=37, n_k=70), dict(window=(12, 5))),
+    "both-Nq>Nk": (dict(n_q=70, n_k=37), dict(window=(8, 20))),
+    "wider-than-sequence": (dict(n_q=45, n_k=40), dict(window=(100, 200))),
+    "zero": (dict(n_q=50), dict(window=(0, 0))),
+    "zero-Nq>Nk": (dict(n_q=60, n_k=35), dict(window=(0, 0))),
+    "narrower-than-tiles": (dict(n_q=100), dict(window=(3, 2))),
+    "causal-left": (dict(n_q=70), dict(causal=True, window=(16, -1))),
+    "causal-overrides-right": (dict(n_q=70, n_k=90), dict(causal=True, window=(20, 10))),
+    "unbounded-is-plain": (dict(n_q=40), dict(window=(-1, -1))),
+    "GQA-padding": (dict(n_q=60, heads=4, heads_kv=2), dict(window=(10, 3), key_padding_mask="mask")),
+    "MQA-causal-padding-Nq<Nk": (
+        dict(n_q=45, n_k=80, heads=3, heads_kv=1),
+        dict(causal=True, window=(25, -1), key_padding_mask="mask"),
+    ),
+    "multi-block-padding": (dict(batch=1, heads=1, n_q=150, n_k=130), dict(window=(40, 17), key_padding_mask="mask")),
+    "softcap": (dict(n_q=70), dict(softcap=5.0)),
+    "softcap-causal": (dict(n_q=70, n_k=50), dict(causal=True, softcap=0.5)),
+    "softcap-GQA-causal-padding": (
+        dict(n_q=45, heads=4, heads_kv=1),
+        dict(causal=True, softcap=2.0, key_padding_mask="mask"),
+    ),
+    "softcap-window": (dict(n_q=40, n_k=90), dict(window=(20, 10), softcap=3.0)),
+    "softcap-window-causal-GQA": (dict(n_q=64, heads=4, heads_kv=2), dict(causal=True, window=(15, -1), softcap=1.0)),
+}
+
+
+def banded_inputs(shape, options, dtype=torch.float32):
+    q, k, v = make_inputs(**shape, dtype=dtype)
+    if options.get("key_padding_mask") == "mask":
+        batch = q.shape[0]
+        options = dict(
+            options, key_padding_mask=padding_mask(batch, k.shape[2], fully_padded=(1,) if batch > 1 else ())
+        )
+    return q, k, v, options
+
+
+@both_backends
+@pytest.mark.parametrize("case", BANDED_CASES.values(), ids=BANDED_CASES.keys())
+def test_window_and_softcap_match_reference(backend, case):
+    q, k, v, options = banded_inputs(*case)
+    check_banded(q, k, v, **options)
+
+
+@both_backends
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_and_softcap_half_precision(backend, dtype):
+    shape, options = dict(n_q=45, n_k=70, heads=4, heads_kv=2, d=40), dict(window=(12, 4), softcap=4.0)
+    q, k, v, options = banded_inputs(shape, dict(options, key_padding_mask="mask"), dtype)
+    check_banded(q, k, v, **options)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize(
+    "fwd, dkdv, dq",
+    [((16, 64), (64, 16), (16, 32)), ((64, 16), (16, 64), (64, 16))],
+    ids=["narrow-rows", "narrow-keys"],
+)
+def test_window_other_tile_shapes(backend, monkeypatch, fwd, dkdv, dq):
+    """Tiles longer along keys than queries and the reverse, against windows narrower and wider than them:
+    the three runs (left edge masked, inside unmasked, right edge masked) meet at other boundaries."""
+    kernels = tsa_fast.kernels.attention
+    blocks = {
+        kernels._attention_fwd_kernel: fwd,
+        kernels._attention_bwd_dkdv_kernel: dkdv,
+        kernels._attention_bwd_dq_kernel: dq,
+    }
+    monkeypatch.setattr(
+        kernels, "INTERPRETER_BLOCKS", {kernel: dict(BLOCK_M=m, BLOCK_N=n) for kernel, (m, n) in blocks.items()}
+    )
+    for (n_q, n_k), window in (((100, 100), (5, 2)), ((70, 150), (40, 30)), ((150, 70), (70, -1))):
+        q, k, v = make_inputs(batch=1, heads=2, heads_kv=1, n_q=n_q, n_k=n_k, d=24)
+        check_banded(q, k, v, window=window, key_padding_mask=padding_mask(1, n_k))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n_q=st.integers(1, 80),
+    n_k=st.integers(1, 80),
+    left=st.integers(-1, 90),
+    right=st.integers(-1, 90),
+    causal=st.booleans(),
+    softcap=st.sampled_from([None, 0.7, 20.0]),
+    masked=st.booleans(),
+)
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_property_random_windows(backend, n_q, n_k, left, right, causal, softcap, masked):
+    q, k, v = make_inputs(batch=1, heads=2, heads_kv=1, n_q=n_q, n_k=n_k, d=24)
+    mask = padding_mask(1, n_k) if masked else None
+    check_banded(q, k, v, causal=causal, window=(left, right), softcap=softcap, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_window_rows_without_keys_give_zeros_not_nan(backend):
+    """A window (0, 0) with N_q > N_k: the first N_q - N_k rows have no key (their diagonal is before key 0)."""
+    q, k, v = make_inputs(n_q=40, n_k=25)
+    out, lse, dq, dk, dv = check_banded(q, k, v, window=(0, 0), softcap=2.0)
+    assert torch.all(out[:, :, :15] == 0) and torch.all(lse[:, :, :15] == -math.inf) and torch.all(dq[:, :, :15] == 0)
+    assert all(x.isfinite().all() for x in (dq, dk, dv))
+
+
+def test_window_float64_gradchecks():
+    q, k, v = (x.double().requires_grad_() for x in make_inputs(batch=1, heads=2, heads_kv=1, n_q=6, n_k=9, d=3))
+    mask = torch.tensor([[True, False, True, True, True, False, True, True, True]])
+
+    def fn(q, k, v):
+        return tsa_fast.attention(q, k, v, window=(2, 1), softcap=1.5, key_padding_mask=mask, return_lse=True)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_reference_window_is_flash_attentions_band():
+    """The reference's window, spelled out for (N_q, N_k) = (3, 5) (diagonal at j = i + 2) and window (1, 0)."""
+    band = window_band(3, 5, (1, 0), "cpu")
+    expected = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(band, expected)
+    assert torch.equal(window_band(3, 5, (-1, 0), "cpu"), torch.ones(3, 5, dtype=torch.bool).tril(2))
+    assert torch.equal(window_band(3, 5, (-1, -1), "cpu"), torch.ones(3, 5, dtype=torch.bool))
+
+
+@both_backends
+def test_torch_compile_fullgraph_window_softcap(backend):
+    """The window and softcap options trace through the custom op without a graph break, forward and backward."""
+    q, k, v = (x.requires_grad_() for x in make_inputs(batch=1, heads=2, n_q=30, d=16))
+
+    def model(q, k, v):
+        return tsa_fast.attention(q, k, v, causal=True, window=(7, -1), softcap=3.0).square().sum()
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = [(fn(q, k, v), *torch.autograd.grad(fn(q, k, v), (q, k, v))) for fn in (compiled, model)]
+    for actual, expected, what in zip(*results, ("loss", "dq", "dk", "dv")):
+        assert_rel_close(actual, expected, 1e-6, what)
+
+
+# Which tiles the kernels visit: the range helpers, launched the way the kernels call them.
+if triton is not None:
+    key_range = tsa_fast.kernels.attention._key_range
+    query_range = tsa_fast.kernels.attention._query_range
+
+    @triton.jit
+    def _ranges_kernel(
+        out_ptr,
+        n_q,
+        n_k,
+        left,
+        right,
+        CAUSAL: tl.constexpr,
+        WINDOW: tl.constexpr,
+        KEYS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """out[block] = (first, full_lo, full_hi, end) of the forward / dq's key runs of query block `block` (KEYS),
+        or of the dk, dv's query runs of key block `block`."""
+        block = tl.program_id(0)
+        if KEYS:
+            first, full_lo, full_hi, end = key_range(
+                block * BLOCK_M, n_q, n_k, left, right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N
+            )
+        else:
+            first, full_lo, full_hi, end = query_range(
+                block * BLOCK_N, n_q, n_k, left, right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N
+            )
+        tl.store(out_ptr + 4 * block, first)
+        tl.store(out_ptr + 4 * block + 1, full_lo)
+        tl.store(out_ptr + 4 * block + 2, full_hi)
+        tl.store(out_ptr + 4 * block + 3, end)
+
+    @triton.jit
+    def _tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tsa_fast.kernels.utils.tanh(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+
+
+@pytest.mark.skipif(triton is None, reason="needs Triton")
+def test_softcap_tanh_is_accurate_for_every_argument():
+    """The softcap's tanh within 4 ulps (fp32) of float64 tanh from 1e-30 to 20 and at +-inf: a tanh taken as
+    (1 - e) / (1 + e), e = exp(-2|x|), would lose most digits of small arguments (scores far below softcap)."""
+    x = torch.cat([torch.logspace(-30, 1.3, 3000), torch.linspace(0.2, 0.3, 101), torch.tensor([math.inf])])
+    x = torch.cat([x, -x, torch.zeros(1)]).float()
+    y = torch.empty_like(x)
+    _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    expected = torch.tanh(x.double())
+    assert torch.equal(y[-1:], torch.zeros(1)) and torch.equal(y.sign(), x.sign())
+    ulps = (y.double() - expected).abs() / (expected.abs() * 2.0**-23).clamp_min(2.0**-149)  # relative / eps
+    assert ulps.max() <= 4, f"{ulps.max():.1f} ulps at x = {x[ulps.argmax()]:.3e}"
+
+
+def visited_tiles(n_q, n_k, causal, window, keys, block_m, block_n):
+    """Per block, the tiles the kernel's loops visit, as {tile start: masked}, from the range helpers."""
+    causal, windowed, left, right = tsa_fast.kernels.attention._band(n_q, n_k, causal, window)
+    n_blocks = math.ceil((n_q / block_m) if keys else (n_k / block_n))
+    ranges = torch.zeros(n_blocks, 4, dtype=torch.int32)
+    _ranges_kernel[(n_blocks,)](
+        ranges, n_q, n_k, left, right, CAUSAL=causal, WINDOW=windowed, KEYS=keys, BLOCK_M=block_m, BLOCK_N=block_n
+    )
+    step = block_n if keys else block_m
+    visits = []
+    for first, full_lo, full_hi, end in ranges.tolist():
+        runs = ((first, full_lo, True), (full_lo, full_hi, False), (full_hi, end, True))
+        visits.append({start: masked for lo, hi, masked in runs for start in range(lo, hi, step)})
+        assert sum(len(range(lo, hi, step)) for lo, hi, _ in runs) == len(visits[-1]), "a tile visited twice"
+    return visits
+
+
+@pytest.mark.parametrize(
+    "n_q, n_k, causal, window",
+    [
+        (256, 256, False, (16, 0)),
+        (256, 256, False, (40, 40)),
+        (200, 300, False, (-1, 20)),
+        (300, 200, True, (50, -1)),
+        (256, 256, True, (-1, -1)),
+        (256, 256, False, (-1, -1)),
+        (100, 100, False, (0, 0)),
+        (90, 260, False, (1000, 1000)),
+    ],
+)
+@pytest.mark.parametrize("keys, block_m, block_n", [(True, 32, 16), (True, 16, 64), (False, 16, 32), (False, 64, 16)])
+@pytest.mark.skipif(triton is None, reason="needs Triton")
+def test_tiles_outside_the_window_are_skipped(n_q, n_k, causal, window, keys, block_m, block_n):
+    """The tiles each block's loops visit are exactly those holding a visible (query, key) pair (none hidden
+    from every row is loaded: the work falls with the window), and the unmasked ones exactly those whose every
+    pair (of rows < N_q, keys < N_k) is visible, for the forward / dq (key tiles per query block) and the
+    dk, dv (query tiles per key block)."""
+    band = window_band(n_q, n_k, window, "cpu") & visible_keys(n_q, n_k, causal, None, "cpu")[0, 0]
+    size, step = (block_m, block_n) if keys else (block_n, block_m)
+    grid = band if keys else band.T  # (blocks' dimension, visited dimension)
+    visits = visited_tiles(n_q, n_k, causal, window, keys, block_m, block_n)
+    for block, visited in enumerate(visits):
+        part = grid[block * size : (block + 1) * size]
+        tiles = [(start, part[:, start : start + step]) for start in range(0, grid.shape[1], step)]
+        expected = {start: not bool(tile.all() and tile.shape[1] == step) for start, tile in tiles if tile.any()}
+        if not keys:  # the dk, dv: rows past N_q add nothing, a row tile reaching N_q may skip the mask
+            expected = {start: not bool(tile.all()) for start, tile in tiles if tile.any()}
+        assert visited == expected, f"block {block}"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(window=(-2, 0)), ValueError, r"window must be \(left, right\) with each side >= 0, or -1.*\(-2, 0\)"),
+        (dict(window=(3, -5)), ValueError, r"window.*\(3, -5\)"),
+        (dict(window=(1, 2, 3)), ValueError, r"window.*\(1, 2, 3\)"),
+        (dict(window=(4,)), ValueError, r"window.*\(4,\)"),
+        (dict(window=4), TypeError, "window must be None or a pair of ints \\(left, right\\), got 4"),
+        (dict(window=(4.0, 1)), TypeError, r"window must be None or a pair of ints.*\(4.0, 1\)"),
+        (dict(window=(True, 1)), TypeError, r"window must be None or a pair of ints.*\(True, 1\)"),
+        (dict(window="4,4"), TypeError, "window must be None or a pair of ints"),
+        (dict(softcap=0.0), ValueError, "softcap must be None or a finite number > 0, got 0.0"),
+        (dict(softcap=-1.0), ValueError, "softcap.*-1.0"),
+        (dict(softcap=math.inf), ValueError, "softcap.*inf"),
+        (dict(softcap=math.nan), ValueError, "softcap.*nan"),
+        (dict(softcap="30"), TypeError, "softcap must be a number, got '30'"),
+    ],
+)
+def test_bad_window_and_softcap_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tsa_fast.attention(*_tensors(), **kwargs)
 
 
 if __name__ == "__main__":  # test_kernels_compile_for_ampere_and_hopper

@@ -152,3 +152,77 @@ def test_models_through_a_global_sdpa_patch(backend, monkeypatch, model_class, c
     assert bool(calls) == (backend == "triton" and not padded)
     for actual, expected, what in zip(*results, ("outputs", "embedding grad")):
         assert_rel_close(actual, expected, 1e-5, what)
+
+
+def count_kernel_launches(monkeypatch) -> list:
+    """A list that gets one entry per launch of the fused attention forward."""
+    from tsa_fast.backends import triton_kernels
+
+    calls, forward = [], triton_kernels.attention_forward
+    monkeypatch.setattr(triton_kernels, "attention_forward", lambda *a: calls.append(1) or forward(*a))
+    return calls
+
+
+@both_backends
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
+def test_sliding_window_and_softcap_with_a_plain_mask_run_the_kernel(backend, monkeypatch, is_causal):
+    """`sliding_window` and `softcap` with a padding mask: the kernel, giving the eager result of transformers'
+    own sliding-window mask (causal: the sliding_window keys up to the query's; bidirectional: within
+    sliding_window of it) with the scores softcapped."""
+    from transformers.masking_utils import sdpa_mask, sliding_window_bidirectional_mask_function
+
+    calls = count_kernel_launches(monkeypatch)
+    query, key, value = torch.randn(2, 4, 20, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8)
+    padding = torch.ones(2, 20, dtype=torch.bool)
+    padding[1, :4] = False
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = is_causal, 2
+    actual, _ = hf.attention_forward(
+        module, query, key, value, padding, scaling=0.4, sliding_window=5, softcap=2.0, is_causal=is_causal
+    )
+    mask_function = (sliding_window_causal_mask_function if is_causal else sliding_window_bidirectional_mask_function)(
+        5
+    )
+    mask = sdpa_mask(2, 20, 20, 0, 0, mask_function, padding, allow_is_causal_skip=False)
+    expected, _ = hf._eager_softcapped_attention(module, query, key, value, mask, 0.0, 0.4, 2.0)
+    kept = mask.any(-1)[:, 0]  # rows with a key to attend to
+    assert_rel_close(actual[kept], expected[kept], 1e-5, "output")
+    assert bool(calls) == (backend == "triton")
+
+
+def gemma2_config():
+    return transformers.Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,  # one sliding-window layer, one full
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        sliding_window=6,
+        attn_logit_softcapping=3.0,
+        query_pre_attn_scalar=16,
+    )
+
+
+@both_backends
+@pytest.mark.skipif(not hasattr(transformers, "Gemma2ForCausalLM"), reason="transformers without Gemma 2")
+def test_gemma2_softcap_and_sliding_window_match_eager(backend, monkeypatch):
+    """A Gemma 2-style model (attention logit softcapping; a sliding-window layer and a full one), padded:
+    the logits and gradients of eager attention. The full layer's softcapped attention runs the kernel; the
+    sliding-window layer, whose mask transformers builds 4D, runs eager attention with the softcap (SDPA has
+    none)."""
+    eager, fused = eager_and_fused(transformers.Gemma2ForCausalLM, gemma2_config())
+    assert eager.config.layer_types == ["sliding_attention", "full_attention"]
+    calls = count_kernel_launches(monkeypatch)
+    ids, mask = padded_batch([20, 13], 20)
+    results = []
+    for model in (eager, fused):
+        logits = model(ids, attention_mask=mask).logits
+        (logits[mask.bool()].square().mean()).backward()
+        grads = [model.model.layers[i].self_attn.q_proj.weight.grad for i in range(2)]
+        results.append((logits[mask.bool()], *grads))
+    assert bool(calls) == (backend == "triton")
+    for actual, expected, what in zip(*results, ("logits", "sliding layer q_proj grad", "full layer q_proj grad")):
+        assert_rel_close(actual, expected, 1e-5, what)

@@ -69,7 +69,7 @@ def test_span_distillation_is_masked_kl_plus_span_ce_in_float64():
     (grad,) = torch.autograd.grad(loss, student_logits)
     (reference_grad,) = torch.autograd.grad(reference, student_logits)
     assert torch.isfinite(grad).all() and (grad[~answer_mask] == 0).all()  # masked positions get nothing
-    torch.testing.assert_close(grad.double(), reference_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), reference_grad.double(), rtol=1e-4, atol=1e-6)
 
 
 def _run_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -50,6 +50,7 @@ from tsa_fast.models import TransformerOutput, every_kth_layer, mean_pool
 from tsa_fast.models.generation import check_arguments, eval_mode
 from tsa_fast.models.transformer import INIT_STD
 from tsa_fast.ops.attention import attention
+from tsa_fast.reference.attention import window_band
 from tsa_fast.reference.attention_transfer_loss import visible_keys
 
 NAME = "tsa_fast"
@@ -104,21 +105,57 @@ def attention_forward(
 ) -> tuple[Tensor, None]:
     """transformers' attention-function contract: query (B, H, N_q, D), key and value (B, H_kv, N_k, D),
     the mask from `attention_mask`; returns the output (B, N_q, H, D_v) and no weights. Inside an `HFModel`
-    forward with output_qkv, first records (query, key, value)."""
+    forward with output_qkv, first records (query, key, value).
+
+    A plain mask runs the kernel, with the layer's `softcap` (Gemma 2) and `sliding_window`, as transformers'
+    mask functions read it: causal, the `sliding_window` keys up to the query's own (window
+    (sliding_window - 1, 0)); bidirectional, keys within sliding_window of the query (window (sliding_window,
+    sliding_window)). Dropout, a position bias or a 4D mask go to transformers' SDPA attention, or with a
+    softcap (which SDPA lacks) to eager attention."""
     recorded = _recorded_qkv.get()
     if recorded is not None:
         recorded.append((query, key, value))
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = attention_mask is None or attention_mask.dim() == 2
-    if plain and dropout == 0.0 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None:
-        out = attention(query, key, value, causal=is_causal, softmax_scale=scaling, key_padding_mask=attention_mask)
+    softcap, sliding_window = kwargs.get("softcap"), kwargs.get("sliding_window")
+    window = None
+    if sliding_window is not None:
+        window = (sliding_window - 1, 0) if is_causal else (sliding_window, sliding_window)
+    if plain and dropout == 0.0 and kwargs.get("position_bias") is None:
+        out = attention(
+            query,
+            key,
+            value,
+            causal=is_causal,
+            softmax_scale=scaling,
+            key_padding_mask=attention_mask,
+            window=window,
+            softcap=softcap,
+        )
         return out.transpose(1, 2).contiguous(), None
-    if plain:  # dropout or a position bias: transformers' SDPA attention, with the mask spelled out
+    if plain:  # dropout or a position bias: the mask spelled out
         attention_mask = visible_keys(query.shape[2], key.shape[2], is_causal, attention_mask, query.device)
+        if window is not None:
+            attention_mask = attention_mask & window_band(query.shape[2], key.shape[2], window, query.device)
         is_causal = False
+    if softcap is not None:
+        return _eager_softcapped_attention(module, query, key, value, attention_mask, dropout, scaling, softcap)
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
+
+
+def _eager_softcapped_attention(module, query, key, value, attention_mask, dropout, scaling, softcap):
+    """Eager attention with logit softcapping and a 4D bool mask (True = attend), as transformers' Gemma 2
+    eager path; output (B, N_q, H, D_v)."""
+    group = query.shape[1] // key.shape[1]
+    key, value = (x.repeat_interleave(group, dim=1) for x in (key, value))
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = softcap * torch.tanh((query @ key.transpose(-1, -2)) * scale / softcap)
+    scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), None
 
 
 def register(name: str = NAME) -> None:

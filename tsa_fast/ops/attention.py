@@ -13,6 +13,7 @@ to PyTorch's.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,10 @@ def attention(
     softmax_scale: float | None = None,
     key_padding_mask: Tensor | None = None,
     return_lse: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """softmax(q k^T * scale + mask) v, without the N_q x N_k attention map.
+    """softmax(c(q k^T * scale) + mask) v, without the N_q x N_k attention map.
 
     Args:
         q: queries (B, H, N_q, D); k: keys (B, H_kv, N_k, D); v: values (B, H_kv, N_k, D_v). One dtype of
@@ -53,31 +56,52 @@ def attention(
             visible key, value or any query propagates, as in PyTorch.
         return_lse: also return lse (B, H, N_q), the log-sum-exp of each row's scaled scores (float32;
             float64 for float64 inputs), differentiable.
+        window: (left, right) ints >= -1, FlashAttention's `window_size` (sliding window attention): query i
+            sees key j only if i + N_k - N_q - left <= j <= i + N_k - N_q + right (aligned bottom-right, as
+            causal); -1 leaves that side unbounded. With causal, right is 0. Key tiles outside every row's
+            window are skipped, so the cost falls with the window.
+        softcap: finite > 0 (Gemma 2's logit softcapping): the scaled scores x become c(x) = softcap *
+            tanh(x / softcap) before the softmax (lse is that of the capped scores); default none (c(x) = x).
 
     Returns: out (B, H, N_q, D_v) in q's dtype [, lse]. A row with no visible key gives out = 0 and
         lse = -inf, with zero gradients.
 
     Raises:
-        TypeError: a non-tensor input, a flag that is not a bool or a scale that is not a number, naming it.
-        ValueError: a bad shape, dtype, device, head count, head dim, mask or scale value, naming the
-            offending values.
+        TypeError: a non-tensor input, a flag that is not a bool, a scale or softcap that is not a number or a
+            window that is not a pair of ints, naming it.
+        ValueError: a bad shape, dtype, device, head count, head dim, mask, scale, window (a side below -1,
+            not two sides) or softcap (<= 0, not finite) value, naming the offending values.
 
     Backends: triton (CUDA; CPU tensors under TRITON_INTERPRET=1 when forced) or torch (the CPU, or a GPU
     without Triton), both in O(B x H x N) extra memory: the torch backend runs PyTorch's fused CPU flash
     attention where its semantics are this op's (D = D_v; not causal, or causal with N_q = N_k; lse not
     differentiated), else the same math in PyTorch over chunks of query rows (`torch_attention_forward`). A
     forced TSA_FAST_BACKEND=cpp leaves this op on its default backend (it has no C++ kernel); float64 runs the
-    reference (which materializes the scores) under any forced backend.
+    reference (which materializes the scores) under any forced backend, and so do window and softcap on the
+    torch backend.
     """
     _check_inputs(q, k, v, key_padding_mask)
     _check_options(causal, softmax_scale, return_lse)
+    _check_window_and_softcap(window, softcap)
     scale = default_scale(q) if softmax_scale is None else float(softmax_scale)
-    if q.dtype not in KERNEL_DTYPES:
+    # float64, and window or softcap on the torch backend (its fused and chunked paths take neither): the
+    # reference, which materializes the scores.
+    if q.dtype not in KERNEL_DTYPES or (kernel_backend(q) == "torch" and (window, softcap) != (None, None)):
         out, lse = reference.attention(
-            q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask, return_lse=True
+            q,
+            k,
+            v,
+            causal=causal,
+            softmax_scale=scale,
+            key_padding_mask=key_padding_mask,
+            return_lse=True,
+            window=None if window is None else tuple(int(side) for side in window),
+            softcap=None if softcap is None else float(softcap),
         )
     else:
-        out, lse = torch.ops.tsa_fast.flash_attention(q, k, v, key_padding_mask, causal, scale)
+        left, right = (-1, -1) if window is None else (int(side) for side in window)
+        cap = 0.0 if softcap is None else float(softcap)
+        out, lse = torch.ops.tsa_fast.flash_attention(q, k, v, key_padding_mask, causal, scale, left, right, cap)
     return (out, lse) if return_lse else out
 
 
@@ -191,22 +215,50 @@ def _check_options(causal, softmax_scale, return_lse) -> None:
             raise ValueError(f"softmax_scale must be None or a finite number > 0, got {softmax_scale!r}")
 
 
+def _check_window_and_softcap(window, softcap) -> None:
+    """window: None or a pair of ints >= -1; softcap: None or a finite number > 0."""
+    if window is not None:
+        if not isinstance(window, (tuple, list)) or not all(
+            isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in window
+        ):
+            raise TypeError(f"window must be None or a pair of ints (left, right), got {window!r}")
+        if len(window) != 2 or min(window) < -1:
+            raise ValueError(
+                f"window must be (left, right) with each side >= 0, or -1 for unbounded, got {tuple(window)!r}"
+            )
+    if softcap is not None:
+        check_real("softcap", softcap)
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+
+
 @torch.library.custom_op("tsa_fast::flash_attention", mutates_args=())
 def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, softmax_scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, H, N_q, D_v), lse (B, H, N_q) float32) by the Triton kernels or the torch backend; differentiable
-    w.r.t. q, k, v through both outputs."""
+    w.r.t. q, k, v through both outputs. window sides -1 = unbounded, softcap 0 = none (the torch backend takes
+    neither: `attention` runs the reference for them there)."""
     if kernel_backend(q) == "torch":
         return torch_attention_forward(q, k, v, key_padding_mask, causal, softmax_scale)
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    triton_kernels.attention_forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale)
+    triton_kernels.attention_forward(
+        q, k, v, key_padding_mask, out, lse, causal, softmax_scale, (window_left, window_right), softcap
+    )
     return out, lse
 
 
 @flash_attention.register_fake
-def _(q, k, v, key_padding_mask, causal, softmax_scale):
+def _(q, k, v, key_padding_mask, causal, softmax_scale, window_left=-1, window_right=-1, softcap=0.0):
     return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -222,6 +274,9 @@ def flash_attention_backward(
     lse: Tensor,
     causal: bool,
     softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv): the gradient of sum(grad_out * out) + sum(grad_lse * lse) (None: lse unused), recomputing
     the scores."""
@@ -229,22 +284,26 @@ def flash_attention_backward(
         return torch_attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, softmax_scale)
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grad_lse = grad_lse.float().contiguous()
+    window = (window_left, window_right)
     triton_kernels.attention_backward(
-        q, k, v, key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale
+        q, k, v, key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale, window, softcap
     )
     return dq, dk, dv
 
 
 @flash_attention_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, softmax_scale):
+def _(
+    grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, softmax_scale, window_left, window_right, softcap
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, softmax_scale = inputs
+    q, k, v, key_padding_mask, *options = inputs  # causal, softmax_scale, window_left, window_right, softcap
     ctx.set_materialize_grads(False)  # grad_lse stays None when lse is unused (the torch backend's fast path)
     ctx.save_for_backward(q, k, v, key_padding_mask, *output)
-    ctx.options = (causal, softmax_scale)
+    ctx.options = tuple(options)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -254,7 +313,7 @@ def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv = torch.ops.tsa_fast.flash_attention_backward(
         grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, *ctx.options
     )
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -4,10 +4,14 @@ Written for clarity, not speed: it materializes the B x H x N_q x N_k scores. It
 the inputs are float64 and in float32 otherwise, returns the output in the inputs' dtype and the lse in the
 compute dtype; its gradient comes from autograd.
 
-Per (batch b, head h, query row i), with the visible keys j (kept by `key_padding_mask`, and
-j <= i + N_k - N_q when causal, i.e. aligned bottom-right) and key/value head h // (H / H_kv) (GQA):
+Per (batch b, head h, query row i), with the visible keys j (kept by `key_padding_mask`, j <= i + N_k - N_q
+when causal, i.e. aligned bottom-right, and i + N_k - N_q - left <= j <= i + N_k - N_q + right with
+window = (left, right), a side of -1 unbounded: FlashAttention's `window_size`) and key/value head
+h // (H / H_kv) (GQA):
 
-    s_ij = scale * q_i . k_j,   lse_i = log sum_j exp(s_ij),   out_i = sum_j exp(s_ij - lse_i) v_j
+    s_ij = c(scale * q_i . k_j),   lse_i = log sum_j exp(s_ij),   out_i = sum_j exp(s_ij - lse_i) v_j
+
+with c(x) = softcap * tanh(x / softcap) when `softcap` is set (Gemma 2), else c(x) = x.
 
 A row with no visible key has out_i = 0 and lse_i = -inf, with zero gradients. Padded keys and values are
 zeroed before any product, so that whatever they hold (NaN, inf) reaches no result; their gradients are 0.
@@ -30,6 +34,8 @@ def attention(
     softmax_scale: float | None = None,
     key_padding_mask: Tensor | None = None,
     return_lse: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Reference `tsa_fast.attention` (same contract, no argument checking, no fusion)."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -39,10 +45,27 @@ def attention(
     if key_padding_mask is not None:  # padded slots are never read: NaN or inf there cannot reach a result
         k, v = (x.masked_fill(~key_padding_mask[:, None, :, None], 0.0) for x in (k, v))
     visible = visible_keys(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+    if window is not None:
+        visible = visible & window_band(q.shape[2], k.shape[2], window, q.device)
     has_key = visible.any(-1, keepdim=True)
+    scores = scale * (q.to(dtype) @ k.transpose(-1, -2))
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     # Rows with no visible key see every key (finite math) and leave through `where`: zero output and gradient.
-    scores = torch.where(visible | ~has_key, scale * (q.to(dtype) @ k.transpose(-1, -2)), -torch.inf)
+    scores = torch.where(visible | ~has_key, scores, -torch.inf)
     lse = torch.logsumexp(scores, -1, keepdim=True)
     out = torch.where(has_key, torch.exp(scores - lse) @ v, 0.0).to(q.dtype)
     lse = torch.where(has_key, lse, -torch.inf).squeeze(-1)
     return (out, lse) if return_lse else out
+
+
+def window_band(n_q: int, n_k: int, window: tuple[int, int], device) -> Tensor:
+    """(N_q, N_k) bool: i + N_k - N_q - left <= j <= i + N_k - N_q + right, a side of -1 unbounded."""
+    left, right = window
+    offset = torch.arange(n_k, device=device) - torch.arange(n_q, device=device)[:, None] - (n_k - n_q)  # j - diag
+    band = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        band &= offset >= -left
+    if right >= 0:
+        band &= offset <= right
+    return band
