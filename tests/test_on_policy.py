@@ -2,6 +2,9 @@
 (`tsa_fast.distill.on_policy`, `tsa_fast.distill.sequence_kd`, `tsa_fast.distill.evaluate`) on hand-checked
 cases, and tiny end-to-end recipe runs."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ from tsa_fast.distill.on_policy import (
     on_policy_batch,
     sample_generator,
 )
+from tsa_fast.distill.sequence_kd import sequence_kd_split, teacher_completions
 from tsa_fast.distill.teachers import Teachers
 from tsa_fast.models import Transformer, TransformerConfig
 
@@ -213,3 +217,143 @@ def test_teacher_nll_is_lowest_for_the_teachers_greedy_choice():
     with torch.no_grad():
         logits = teacher.logits(teacher(greedy).hidden)
     assert torch.equal(logits[:, 3:-1].argmax(-1), greedy[:, 4:])
+
+
+# --- sequence-level KD -----------------------------------------------------------------------------------
+
+
+class CountingTeacher(torch.nn.Module):
+    """A teacher whose generate counts its calls and raises at call `fail_at` (an interrupted build)."""
+
+    def __init__(self, teacher: Transformer, fail_at: int | None = None):
+        super().__init__()
+        self.teacher, self.calls, self.fail_at = teacher, 0, fail_at
+
+    def generate(self, prompts, max_new_tokens, **options):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        return self.teacher.generate(prompts, max_new_tokens, **options)
+
+
+def completions(teacher, directory, fingerprint="a", temperature=1.0):
+    split = lm_split(10, 8)
+    return teacher_completions(
+        teacher,
+        split,
+        directory,
+        prompt_tokens=4,
+        max_new_tokens=None,
+        temperature=temperature,
+        fingerprint=fingerprint,
+        batch_size=3,
+        device=CPU,
+        progress=False,
+    )
+
+
+def test_sequence_kd_cache_resumes_and_is_keyed_by_its_fingerprint(tmp_path):
+    teacher = model(TEACHER, 1)
+    straight = completions(CountingTeacher(teacher), tmp_path / "straight")
+    prompts = lm_split(10, 8)["input_ids"][:, :4]
+    assert straight.shape == (10, SEQ) and torch.equal(straight[:, :4], prompts)
+    # The teacher's own samples: batch b drawn from a generator of (seed, b); 4 batches of at most 3 rows.
+    assert not torch.equal(straight[:3, 4:], teacher.generate(prompts[:3], SEQ - 4, temperature=0.0)[:, 4:])
+
+    killed = CountingTeacher(teacher, fail_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        completions(killed, tmp_path / "resumed")
+    resuming = CountingTeacher(teacher)
+    resumed = completions(resuming, tmp_path / "resumed")
+    assert resuming.calls == 2 and torch.equal(resumed, straight)  # batches 3 and 4 only, the same tokens
+
+    loading = CountingTeacher(teacher)
+    assert torch.equal(completions(loading, tmp_path / "straight"), straight) and loading.calls == 0
+    rebuilt = CountingTeacher(teacher)
+    greedy = completions(rebuilt, tmp_path / "straight", fingerprint="b", temperature=0.0)
+    assert rebuilt.calls == 4 and torch.equal(greedy, teacher.generate(prompts, SEQ - 4, temperature=0.0))
+
+
+def test_sequence_kd_split_trains_on_the_completion():
+    sequences = torch.tensor([[5, 6, 7, 1, 8, 9]])
+    split = sequence_kd_split(sequences, 2, eos_id=1)
+    assert split["labels"].tolist() == [[IGNORE_INDEX, 7, 1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+# --- recipes end to end ----------------------------------------------------------------------------------
+
+RECIPE = [
+    "data.vocab_size=512",
+    "data.seq_len=32",
+    "data.max_train_tokens=20000",
+    "data.max_train_examples=200",
+    "teachers.0.model.d_model=32",
+    "teachers.0.model.n_layers=2",
+    "teachers.0.model.n_heads=2",
+    "student.model.d_model=32",
+    "student.model.n_layers=1",
+    "student.model.n_heads=2",
+    "teacher_training.steps=6",
+    "teacher_training.batch_size=8",
+    "training.steps=4",
+    "training.batch_size=8",
+    "training.eval_batches=2",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "samples.prompt_tokens=8",
+    "samples.prompts=4",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def test_on_policy_recipe_runs_side_by_side(cache_dir, tmp_path):
+    from tsa_fast.recipes.lm import load_config, run
+
+    options = ["loss.on_policy.fraction=1.0", "loss.on_policy.prompt_tokens=8", "on_policy_compare=true"]
+    results = run(load_config(None, [*RECIPE, *options, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"]))
+    assert set(results) == {"teacher", "distilled", "distilled_off_policy", "baseline"}
+    for row in results.values():
+        assert row["sample_teacher_nll"] > 0 and 0 < row["sample_distinct_2"] <= 1
+    # Same initialization and data order: only the on-policy batches make the two distilled students differ.
+    assert results["distilled"]["validation_loss"] != results["distilled_off_policy"]["validation_loss"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| distilled_off_policy |" in markdown and "teacher NLL of samples" in markdown
+
+
+def test_on_policy_recipe_file_loads():
+    from tsa_fast.recipes.lm import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "stdlib_lm_on_policy.yaml")
+    assert config.on_policy_compare and config.loss.on_policy.fraction == 0.5 and config.baseline
+
+
+def test_sequence_kd_recipe_trains_on_the_teachers_completions(cache_dir, tmp_path):
+    from tsa_fast.recipes.lm import load_config, run
+
+    options = ["loss.sequence_kd.enabled=true", "loss.sequence_kd.prompt_tokens=8", "baseline=false"]
+    overrides = [*RECIPE, *options, f"data.cache_dir={cache_dir}"]
+    results = run(load_config(None, [*overrides, f"output_dir={tmp_path / 'a'}"]))
+    assert set(results) == {"teacher", "distilled"}
+    caches = list((Path(cache_dir) / "sequence_kd").iterdir())
+    assert len(caches) == 1 and json.loads((caches[0] / "meta.json").read_text())["shape"][1] == 32
+    # A second run reuses the cached completions: the same training, the same result.
+    again = run(load_config(None, [*overrides, f"output_dir={tmp_path / 'b'}"]))
+    assert again["distilled"]["validation_loss"] == results["distilled"]["validation_loss"]
+    assert list((Path(cache_dir) / "sequence_kd").iterdir()) == caches
+
+
+def test_generating_options_are_checked():
+    from tsa_fast.recipes.lm import load_config
+
+    with pytest.raises(ValueError, match="loss.on_policy.prompt_tokens=32 must be less than data.seq_len=32"):
+        load_config(None, ["data.seq_len=32", "loss.on_policy.fraction=0.5", "loss.on_policy.prompt_tokens=32"])
+    with pytest.raises(ValueError, match="teacher_cache"):
+        load_config(None, ["loss.sequence_kd.enabled=true", "teacher_cache.enabled=true"])
+    with pytest.raises(ValueError, match="on_policy_compare"):
+        load_config(None, ["on_policy_compare=true"])
+    with pytest.raises(ValueError, match="fraction"):
+        load_config(None, ["loss.on_policy.fraction=1.5"])

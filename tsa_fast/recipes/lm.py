@@ -7,10 +7,14 @@ configs/classify.yaml): native `tsa_fast.models.Transformer` teachers and studen
 2. Teachers: loaded from `teachers[i].checkpoint`, or trained by the recipe and cached under
    `data.cache_dir/teachers/` by a fingerprint of everything that determines them (a second run loads them).
 3. Students, each trained for the same steps from the same initialization: `distilled` (the objective of
-   `loss`, from the teachers or their top-k cache), `distilled_no_adversarial` (when adversarial training is
-   on and `adversarial.compare`), and `baseline` (no teacher: cross-entropy only).
-4. Evaluation of every model on validation and test, a table (printed, results.md, results.json) and the
-   training curves (curves.png), all under `output_dir`.
+   `loss`, from the teachers or their top-k cache; on-policy batches with `loss.on_policy`, on the teacher's
+   completions of the training prompts with `loss.sequence_kd`), `distilled_no_adversarial` (when adversarial
+   training is on and `adversarial.compare`), `distilled_off_policy` (with `on_policy_compare`), and
+   `baseline` (no teacher, the training data: cross-entropy only).
+4. Evaluation of every model on validation and test (LM: also the teacher's NLL of each model's sampled
+   continuations of held-out prompts, their distinct-2, and greedy completions as text), a table (printed,
+   results.md, results.json) and the training curves (curves.png), all under `output_dir`, with tokenizer.json
+   and each phase a Transformer directory (config.json), as `python -m tsa_fast.generate` reads them.
 Every phase checkpoints under `output_dir/PHASE/`; with `resume`, finished phases are loaded and an
 interrupted one continues from its last checkpoint.
 
@@ -55,6 +59,7 @@ from tsa_fast.distill.evaluate import (
 from tsa_fast.distill.metrics import plot_curves
 from tsa_fast.distill.objective import DistillationObjective
 from tsa_fast.distill.protocols import Runtime
+from tsa_fast.distill.sequence_kd import sequence_kd_split, teacher_completions
 from tsa_fast.distill.teacher_cache import TopkTeacherCache
 from tsa_fast.distill.teachers import Teachers
 from tsa_fast.generate import TOKENIZER_FILE
@@ -156,6 +161,17 @@ class RecipeConfig(RunConfig):
                     f"loss.on_policy.prompt_tokens={loss.on_policy.prompt_tokens} must be less than"
                     f" data.seq_len={self.data.seq_len}"
                 )
+        seq_kd = loss.sequence_kd
+        if seq_kd.enabled:
+            if self.data.task != "lm":
+                raise ValueError("loss.sequence_kd needs data.task='lm' (the teacher generates text)")
+            if cache.enabled:
+                raise ValueError("loss.sequence_kd trains on new sequences, which the teacher_cache does not hold")
+            if seq_kd.prompt_tokens >= self.data.seq_len:
+                raise ValueError(
+                    f"loss.sequence_kd.prompt_tokens={seq_kd.prompt_tokens} must be less than"
+                    f" data.seq_len={self.data.seq_len}"
+                )
         if self.on_policy_compare and loss.on_policy.fraction == 0:
             raise ValueError("on_policy_compare needs loss.on_policy.fraction > 0")
         if self.data.task == "lm" and self.samples.prompt_tokens >= self.data.seq_len:
@@ -218,6 +234,11 @@ def run(
         for i, (_, _, path) in enumerate(obtained):
             export_teacher(teacher_models[i], path, out_dir / f"teacher_{i}")
 
+    student_data = data  # what the distilled students train on: the teacher's completions with sequence-level KD
+    if config.loss.sequence_kd.enabled:
+        train = build_sequence_kd(config, data, teacher_models[0], obtained[0][1], device, runtime)
+        student_data = dataclasses.replace(data, train=train)
+
     runs: dict[str, tuple[Transformer, FitResult]] = {}
     variants = [("distilled", config.adversarial, config.loss)]
     if config.adversarial.method != "none" and config.adversarial.compare:
@@ -231,7 +252,13 @@ def run(
         objective = DistillationObjective(loss, data.task, student_config(config, data), teacher_models[0].config)
         optimization = runtime.optimization(student, objective, config.training)
         distiller = Distiller(
-            student, objective, data, student_phase(name, adversarial), source, optimization, agreement_with=teachers
+            student,
+            objective,
+            student_data,
+            student_phase(name, adversarial),
+            source,
+            optimization,
+            agreement_with=teachers,
         )
         runs[name] = (student, distiller.fit(resume))
         if runtime.rank == 0:
@@ -374,6 +401,39 @@ def build_teacher_cache(
         world_size=runtime.world_size,
         barrier=runtime.barrier,
     )
+
+
+def build_sequence_kd(
+    config: RecipeConfig, data: TaskData, teacher: Transformer, teacher_key: str, device: torch.device, runtime: Runtime
+) -> dict[str, torch.Tensor]:
+    """The training split of sequence-level KD: the (first) teacher's completions of the training prompts,
+    cached under a fingerprint of the teacher, the prompts and the sampling settings (`teacher_completions`)."""
+    seq_kd = config.loss.sequence_kd
+    key = fingerprint(
+        teacher_key,
+        data_fingerprint(data),
+        seq_kd.prompt_tokens,
+        seq_kd.max_new_tokens,
+        seq_kd.temperature,
+        config.seed,
+    )
+    directory = Path(seq_kd.dir) if seq_kd.dir else Path(config.data.cache_dir) / "sequence_kd"
+    sequences = teacher_completions(
+        teacher,
+        data.train,
+        directory / key,
+        prompt_tokens=seq_kd.prompt_tokens,
+        max_new_tokens=seq_kd.max_new_tokens,
+        temperature=seq_kd.temperature,
+        fingerprint=key,
+        batch_size=config.training.batch_size,
+        device=device,
+        seed=config.seed,
+        progress=config.logging.progress,
+        rank=runtime.rank,
+        barrier=runtime.barrier,
+    )
+    return sequence_kd_split(sequences, seq_kd.prompt_tokens, data.eos_id)
 
 
 def evaluate_all(config, data, models, fits: dict[str, FitResult], device, precision) -> dict:
