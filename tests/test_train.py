@@ -100,6 +100,31 @@ def test_recipe_runs_end_to_end(recipe, cache_dir, tmp_path):
     assert "loaded the cached teacher" in second
 
 
+def test_run_directory_generates_and_reports_completions(cache_dir, tmp_path):
+    """A run directory is what `python -m tsa_fast.generate` reads: tokenizer.json at the top, each phase a
+    Transformer directory (the cached teacher's too); the results hold greedy completions and sample metrics."""
+    out = tmp_path / "run"
+    finished(train_py(*TINY, "samples.prompt_tokens=8", f"output_dir={out}", f"data.cache_dir={cache_dir}"))
+    assert (out / "tokenizer.json").is_file()
+    results = json.loads((out / "results.json").read_text())
+    for name in ("teacher", "distilled", "baseline"):
+        row = results[name]
+        assert row["sample_teacher_nll"] > 0 and 0 < row["sample_distinct_2"] <= 1, name
+        assert len(row["completions"]) == 3 and all(c["prompt"] for c in row["completions"]), name
+    markdown = (out / "results.md").read_text()
+    assert "Greedy completions" in markdown and results["distilled"]["completions"][0]["prompt"] in markdown
+    prompt = results["teacher"]["completions"][0]["prompt"]
+    for phase, model in (("distilled", "distilled"), ("baseline", "baseline"), ("teacher_0", "teacher")):
+        command = [sys.executable, "-m", "tsa_fast.generate", str(out), "--phase", phase, "--prompt", prompt]
+        command += ["--temperature", "0", "--max-new-tokens", "24"]
+        cli = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stderr
+        # Greedy, 24 = seq_len - prompt tokens new tokens: the report's completion (the prompt's text encodes
+        # back to the prompt's tokens here).
+        assert cli.stdout == prompt + results[model]["completions"][0]["completion"] + "\n", phase
+        assert phase in cli.stderr
+
+
 def test_bad_data_is_a_clear_error_before_training(tmp_path):
     process = train_py(f"data.source={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'run'}")
     output, _ = process.communicate(timeout=300)

@@ -90,6 +90,35 @@ class FeatureLossConfig(Section):
         return relations
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation (GKD, Agarwal et al. 2024): a share `fraction` of the batches (GKD's lambda) are
+    the student's own continuations of the prompts (the first `prompt_tokens` of each training sequence),
+    sampled without gradient; the divergence (reverse_kl is the usual choice, or jsd with beta) is taken on
+    the generated tokens only. fraction 0: off-policy distillation, unchanged."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="share of the batches that are the student's own samples")
+    prompt_tokens: int = Field(16, ge=1, description="the first prompt_tokens of each training sequence: the prompt")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="tokens the student generates per prompt; null: the rest of the sequence"
+    )
+    sample_temperature: float = Field(1.0, ge=0, description="the student's sampling temperature (0: greedy)")
+
+
+class SequenceKDConfig(Section):
+    """Sequence-level KD (Kim and Rush 2016): the teacher's completions of the training prompts (the first
+    `prompt_tokens` of each training sequence), generated once and cached on disk, replace the training
+    continuations: the student learns them by cross-entropy (hard_weight) and, with logit_weight > 0, by
+    token-level KD from the teacher on them."""
+
+    enabled: bool = Field(False, description="train the students on the teacher's completions")
+    prompt_tokens: int = Field(16, ge=1, description="the first prompt_tokens of each training sequence: the prompt")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="tokens the teacher generates per prompt; null: the rest of the sequence"
+    )
+    temperature: float = Field(0.0, ge=0, description="the teacher's sampling temperature (0: greedy)")
+    dir: str | None = Field(None, description="where the completions are cached; null: under data.cache_dir")
+
+
 class LossConfig(FeatureLossConfig):
     """Total loss = logit_weight * T^2 * divergence + hard_weight * CE + hidden + attention terms."""
 
@@ -104,6 +133,8 @@ class LossConfig(FeatureLossConfig):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     fused: bool = Field(True, description="LM: fused_linear_distillation_loss (no N x V logits)")
     chunk_size: int | None = Field(None, ge=1, description="rows per chunk of the fused loss; null: automatic")
+    on_policy: OnPolicyConfig = Field(OnPolicyConfig(), description="on-policy batches (GKD); off by default")
+    sequence_kd: SequenceKDConfig = Field(SequenceKDConfig(), description="sequence-level KD; off by default")
 
 
 class AdversarialConfig(Section):

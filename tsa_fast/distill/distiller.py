@@ -2,7 +2,8 @@
 with or without teachers, with checkpoints it can resume from.
 
 One loop serves teacher pre-training (no teacher: cross-entropy), distillation, and the no-teacher
-baseline. Per optimizer step: `grad_accum` micro-batches (teacher targets under `torch.no_grad()`, student
+baseline. Per optimizer step: `grad_accum` micro-batches (`loss.on_policy.fraction` of them replaced by the
+student's own continuations: `tsa_fast.distill.on_policy`; teacher targets under `torch.no_grad()`, student
 forward under autocast, optional adversarial loss on perturbed embeddings), global-norm clipping, AdamW,
 warm-up + cosine learning rate. Data order is a function of (seed, step) (`batches.training_indices`), so
 a checkpoint (model, objective, optimizer, scheduler, scaler, RNG, step) is the whole state: a run killed
@@ -36,6 +37,7 @@ from tsa_fast.distill.config import AdversarialConfig, LoggingConfig, TrainingCo
 from tsa_fast.distill.evaluate import evaluate
 from tsa_fast.distill.metrics import MetricsLog
 from tsa_fast.distill.objective import DistillationObjective
+from tsa_fast.distill.on_policy import is_on_policy, on_policy_batch, sample_generator
 from tsa_fast.distill.protocols import Model, Optimization, TeacherSource
 from tsa_fast.distill.teachers import Teachers
 
@@ -148,6 +150,11 @@ class Distiller:
             raise ValueError(f"{phase.name}: the objective {'needs' if objective.has_teacher else 'takes no'} teachers")
         self.model, self.objective, self.data, self.phase, self.teachers = model, objective, data, phase, teachers
         self.agreement_with = agreement_with
+        on_policy = objective.config.on_policy
+        # On-policy batches (GKD) need a teacher to score the samples and a causal LM to draw them.
+        self.on_policy = (
+            on_policy if teachers is not None and objective.task == "lm" and on_policy.fraction > 0 else None
+        )
         self.model.to(phase.device).train()
         self.objective.to(phase.device)
         self.optimization = optimization or TorchOptimization(
@@ -261,6 +268,7 @@ class Distiller:
             )
             index = global_batch[phase.rank * t.batch_size : (phase.rank + 1) * t.batch_size]
             batch = take(self.data.train, index, phase.device)
+            batch = self.maybe_on_policy(batch, self.step * t.grad_accum + micro)
             loss, terms = self.micro_step_loss(batch, progress)
             self.optimization.backward(loss)
             total = total + loss.detach().double() / t.grad_accum
@@ -271,6 +279,19 @@ class Distiller:
         self.optimization.step()
         self.step += 1
         return total, term_sums
+
+    def maybe_on_policy(self, batch: dict[str, Tensor], micro_batch: int) -> dict[str, Tensor]:
+        """The batch, or when micro-batch `micro_batch` is drawn on-policy (`is_on_policy`: loss.on_policy.fraction
+        of them), the student's own continuations of its prompts (`on_policy_batch`). Every rank draws the same
+        decision and generates the same number of steps."""
+        phase = self.phase
+        if self.on_policy is None or not is_on_policy(self.on_policy.fraction, phase.seed, micro_batch):
+            return batch
+        generator = sample_generator(phase.seed, micro_batch, phase.rank, phase.device)
+        with phase.autocast():
+            return on_policy_batch(
+                self.model, batch, self.on_policy, generator=generator, eos_id=getattr(self.data, "eos_id", None)
+            )
 
     def step_values(self, loss: Tensor, terms: dict[str, Tensor]) -> tuple[float, dict[str, float]]:
         """A step's loss and terms (`train_step`'s) as numbers: the host sync of a logged step. Under data

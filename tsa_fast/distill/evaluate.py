@@ -1,6 +1,7 @@
 """Evaluation of a model on a split: perplexity (LM) or accuracy and macro-F1 (classification), agreement
 with the teachers (top-1 agreement, mean KL(P_t || P_s) at T = 1), optionally on inputs perturbed
-adversarially against the model itself (FGM, `epsilon` per token); and inference throughput."""
+adversarially against the model itself (FGM, `epsilon` per token); inference throughput; and for causal LMs,
+metrics of sampled continuations of held-out prompts: the teacher's NLL of them and their distinct-2."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from tsa_fast.distill.adversarial import adversarial_delta
 from tsa_fast.distill.batches import in_order
 from tsa_fast.distill.objective import student_head
+from tsa_fast.distill.on_policy import IGNORE_INDEX, continuation_batch
 from tsa_fast.distill.protocols import Model
 from tsa_fast.distill.teachers import Teachers
 
@@ -156,3 +158,83 @@ def tokens_per_second(
         return student_head(model, model(batch["input_ids"], batch.get("attention_mask")), batch, task)
 
     return throughput(models, data, forward, tokens, repeats=repeats, device=device, autocast=autocast)
+
+
+def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016) of a set of token sequences: the number of distinct n-grams over all of them
+    divided by the number of n-grams (1: no n-gram repeats; 0 when no sequence has n tokens). Raises ValueError
+    for n < 1."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def teacher_nll(
+    teacher: Model, sequences: Tensor, prompt_tokens: int, *, eos_id: int | None = None, autocast=contextlib.nullcontext
+) -> float:
+    """The teacher's mean negative log-likelihood per token of the continuations in `sequences` (B, L) int64
+    (the first prompt_tokens of each row are the prompt; a row's tokens after its first eos_id do not count):
+    mean over counted tokens x_t of -log P_teacher(x_t | x_<t), in nats. Lower: the continuations are what the
+    teacher finds likely."""
+    batch = continuation_batch(sequences, prompt_tokens, eos_id)
+    was_training = teacher.training
+    teacher.eval()
+    with autocast():
+        logits = teacher.logits(teacher(batch["input_ids"]).hidden).float()
+    teacher.train(was_training)
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX).item()
+
+
+def sampled_continuations(
+    models: dict[str, Model],
+    prompts: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    seed: int,
+    autocast=contextlib.nullcontext,
+) -> dict[str, Tensor]:
+    """Each model's continuations (B, P + max_new_tokens) of `prompts` (B, P), sampled at `temperature` (0:
+    greedy) from a generator seeded by `seed` (the same draws for a given model), for exactly max_new_tokens
+    steps."""
+    out = {}
+    for name, model in models.items():
+        generator = torch.Generator(prompts.device).manual_seed(seed)
+        with autocast():
+            out[name] = model.generate(prompts, max_new_tokens, temperature=temperature, generator=generator)
+    return out
+
+
+def sample_metrics(
+    models: dict[str, Model],
+    teacher: Model,
+    prompts: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    seed: int,
+    eos_id: int | None = None,
+    autocast=contextlib.nullcontext,
+) -> dict[str, dict[str, float]]:
+    """Per model, on its continuations of `prompts` sampled at `temperature` (`sampled_continuations`):
+    `sample_teacher_nll` (`teacher_nll`) and `sample_distinct_2` (`distinct_n` of the continuations, each cut
+    after its first eos_id)."""
+    prompt_tokens = prompts.shape[1]
+    sequences = sampled_continuations(
+        models, prompts, max_new_tokens, temperature=temperature, seed=seed, autocast=autocast
+    )
+    metrics = {}
+    for name, sequence in sequences.items():
+        continuations = [until_eos(row, eos_id) for row in sequence[:, prompt_tokens:].tolist()]
+        metrics[name] = {
+            "sample_teacher_nll": teacher_nll(teacher, sequence, prompt_tokens, eos_id=eos_id, autocast=autocast),
+            "sample_distinct_2": distinct_n(continuations, 2),
+        }
+    return metrics
+
+
+def until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """The tokens before the first eos_id (all of them when there is none)."""
+    return tokens[: tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens

@@ -78,7 +78,8 @@ class DistillationObjective(nn.Module):
             temperature=self.temperature(progress),
             scale_by_t2=c.scale_by_t2,
             soft_weight=value_at(c.logit_weight, progress),
-            hard_weight=value_at(c.hard_weight, progress),
+            # An on-policy batch's labels are the student's own samples: no cross-entropy to them (GKD).
+            hard_weight=0.0 if batch.get("on_policy") else value_at(c.hard_weight, progress),
             label_smoothing=c.label_smoothing,
         )
         if self.task == "lm" and (c.fused or teacher.topk is not None):

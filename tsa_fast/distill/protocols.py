@@ -44,11 +44,17 @@ class Model(Protocol):
     attention_mask (B, N), True = real token; it returns a `TransformerOutput` (hidden (B, N, d_model); the
     hidden states and per-block (q, k, v) when asked). The heads apply to `hidden`: `logits` (LM) and
     `classify` (classification: (B, num_classes)); `lm_head_weight` (vocab_size, d_model) is what the fused
-    loss multiplies by.
+    loss multiplies by; `generate` continues prompts (causal LMs: on-policy batches, sequence-level KD,
+    sampled evaluation).
     """
 
     config: ModelShape
     training: bool
+    # generate(prompt_ids (B, N) int64, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+    # attention_mask=None, generator=None, ...) -> (B, N + T) int64, without gradient, greedy at temperature 0:
+    # `tsa_fast.models.Transformer.generate`, `tsa_fast.integrations.hf.HFModel.generate` (each with options of
+    # its own after these, so the member is an attribute, not one signature).
+    generate: Callable[..., Tensor]
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor: ...
 

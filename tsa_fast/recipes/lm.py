@@ -7,10 +7,14 @@ configs/classify.yaml): native `tsa_fast.models.Transformer` teachers and studen
 2. Teachers: loaded from `teachers[i].checkpoint`, or trained by the recipe and cached under
    `data.cache_dir/teachers/` by a fingerprint of everything that determines them (a second run loads them).
 3. Students, each trained for the same steps from the same initialization: `distilled` (the objective of
-   `loss`, from the teachers or their top-k cache), `distilled_no_adversarial` (when adversarial training is
-   on and `adversarial.compare`), and `baseline` (no teacher: cross-entropy only).
-4. Evaluation of every model on validation and test, a table (printed, results.md, results.json) and the
-   training curves (curves.png), all under `output_dir`.
+   `loss`, from the teachers or their top-k cache; on-policy batches with `loss.on_policy`, on the teacher's
+   completions of the training prompts with `loss.sequence_kd`), `distilled_no_adversarial` (when adversarial
+   training is on and `adversarial.compare`), `distilled_off_policy` (with `on_policy_compare`), and
+   `baseline` (no teacher, the training data: cross-entropy only).
+4. Evaluation of every model on validation and test (LM: also the teacher's NLL of each model's sampled
+   continuations of held-out prompts, their distinct-2, and greedy completions as text), a table (printed,
+   results.md, results.json) and the training curves (curves.png), all under `output_dir`, with tokenizer.json
+   and each phase a Transformer directory (config.json), as `python -m tsa_fast.generate` reads them.
 Every phase checkpoints under `output_dir/PHASE/`; with `resume`, finished phases are loaded and an
 interrupted one continues from its last checkpoint.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -36,6 +41,7 @@ from tsa_fast.distill.checkpoints import save_atomically
 from tsa_fast.distill.config import (
     AdversarialConfig,
     LossConfig,
+    OnPolicyConfig,
     Schedule,
     Section,
     TeacherCacheConfig,
@@ -43,12 +49,20 @@ from tsa_fast.distill.config import (
 )
 from tsa_fast.distill.data import DataConfig, TaskData, build_data
 from tsa_fast.distill.distiller import Distiller, FitResult, Phase
-from tsa_fast.distill.evaluate import evaluate, tokens_per_second
+from tsa_fast.distill.evaluate import (
+    evaluate,
+    sample_metrics,
+    sampled_continuations,
+    tokens_per_second,
+    until_eos,
+)
 from tsa_fast.distill.metrics import plot_curves
 from tsa_fast.distill.objective import DistillationObjective
 from tsa_fast.distill.protocols import Runtime
+from tsa_fast.distill.sequence_kd import sequence_kd_split, teacher_completions
 from tsa_fast.distill.teacher_cache import TopkTeacherCache
 from tsa_fast.distill.teachers import Teachers
+from tsa_fast.generate import TOKENIZER_FILE
 from tsa_fast.models import Transformer, TransformerConfig, every_kth_layer, init_from_teacher, num_parameters
 from tsa_fast.recipes.config import RunConfig, read_recipe
 from tsa_fast.recipes.fingerprint import data_fingerprint, fingerprint
@@ -78,6 +92,21 @@ class StudentConfig(Section):
     layers: list[int] | None = Field(None, description="teacher blocks to copy; null: every k-th")
 
 
+class SamplesConfig(Section):
+    """Completions of held-out prompts (LM): the first prompt_tokens of the first `prompts` test documents,
+    continued by every model. Sampled at `temperature`: the teacher's NLL of each model's continuations and
+    their distinct-2; greedy: the first `shown` completions as text in results.md / results.json."""
+
+    prompts: int = Field(8, ge=1, description="held-out prompts (from the first test documents)")
+    prompt_tokens: int = Field(16, ge=1, description="tokens of each prompt (less than data.seq_len)")
+    max_new_tokens: int = Field(
+        32, ge=1, description="tokens generated per prompt, at most what the context leaves (data.seq_len)"
+    )
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the sampled metrics")
+    seed: int = Field(0, description="seed of the sampling")
+    shown: int = Field(3, ge=0, description="greedy completions (temperature 0) written per model; 0: none")
+
+
 class RecipeConfig(RunConfig):
     """The recipe: data, teachers, student, losses, training, and where results go (every option of
     configs/stdlib_lm.yaml and configs/classify.yaml)."""
@@ -100,6 +129,10 @@ class RecipeConfig(RunConfig):
     adversarial: AdversarialConfig = Field(AdversarialConfig(), description="adversarial distillation; off by default")
     teacher_cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="offline teacher top-k; off by default")
     baseline: bool = Field(True, description="also train the student without a teacher, for the same steps")
+    on_policy_compare: bool = Field(
+        False, description="with loss.on_policy.fraction > 0: also distill a student off-policy (distilled_off_policy)"
+    )
+    samples: SamplesConfig = Field(SamplesConfig(), description="completions of held-out prompts (LM only)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -116,6 +149,35 @@ class RecipeConfig(RunConfig):
                 raise ValueError("teacher_cache.enabled cannot be combined with adversarial training")
             if self.student.init == "teacher_layers":
                 raise ValueError("teacher_cache.enabled cannot initialize the student from teacher layers")
+        if loss.on_policy.fraction > 0:
+            if self.data.task != "lm":
+                raise ValueError("loss.on_policy needs data.task='lm' (the student generates text)")
+            if cache.enabled:
+                raise ValueError(
+                    "loss.on_policy needs the live teacher to score the student's samples, not teacher_cache"
+                )
+            if loss.on_policy.prompt_tokens >= self.data.seq_len:
+                raise ValueError(
+                    f"loss.on_policy.prompt_tokens={loss.on_policy.prompt_tokens} must be less than"
+                    f" data.seq_len={self.data.seq_len}"
+                )
+        seq_kd = loss.sequence_kd
+        if seq_kd.enabled:
+            if self.data.task != "lm":
+                raise ValueError("loss.sequence_kd needs data.task='lm' (the teacher generates text)")
+            if cache.enabled:
+                raise ValueError("loss.sequence_kd trains on new sequences, which the teacher_cache does not hold")
+            if seq_kd.prompt_tokens >= self.data.seq_len:
+                raise ValueError(
+                    f"loss.sequence_kd.prompt_tokens={seq_kd.prompt_tokens} must be less than"
+                    f" data.seq_len={self.data.seq_len}"
+                )
+        if self.on_policy_compare and loss.on_policy.fraction == 0:
+            raise ValueError("on_policy_compare needs loss.on_policy.fraction > 0")
+        if self.data.task == "lm" and self.samples.prompt_tokens >= self.data.seq_len:
+            raise ValueError(
+                f"samples.prompt_tokens={self.samples.prompt_tokens} must be less than data.seq_len={self.data.seq_len}"
+            )
         if self.student.init == "teacher_layers" and len(self.teachers) != 1:
             raise ValueError(f"student.init='teacher_layers' needs exactly one teacher, got {len(self.teachers)}")
         return self
@@ -161,26 +223,46 @@ def run(
         obtain_teacher(i, config, data, phase(f"teacher_{i}", config.teacher_training), resume, runtime)
         for i in range(len(config.teachers))
     ]
-    teacher_models = [model for model, _ in obtained]
+    teacher_models = [model for model, _, _ in obtained]
     teachers = Teachers(teacher_models, [t.weight for t in config.teachers], data.task).to(device)
     source = teachers
     if config.teacher_cache.enabled:
-        source = build_teacher_cache(config, data, teachers, [key for _, key in obtained], device, runtime)
+        source = build_teacher_cache(config, data, teachers, [key for _, key, _ in obtained], device, runtime)
+
+    if runtime.rank == 0:
+        data.tokenizer.save(str(out_dir / TOKENIZER_FILE))
+        for i, (_, _, path) in enumerate(obtained):
+            export_teacher(teacher_models[i], path, out_dir / f"teacher_{i}")
+
+    student_data = data  # what the distilled students train on: the teacher's completions with sequence-level KD
+    if config.loss.sequence_kd.enabled:
+        train = build_sequence_kd(config, data, teacher_models[0], obtained[0][1], device, runtime)
+        student_data = dataclasses.replace(data, train=train)
 
     runs: dict[str, tuple[Transformer, FitResult]] = {}
-    variants = [("distilled", config.adversarial)]
+    variants = [("distilled", config.adversarial, config.loss)]
     if config.adversarial.method != "none" and config.adversarial.compare:
-        variants.append(("distilled_no_adversarial", config.adversarial.model_copy(update={"method": "none"})))
-    for name, adversarial in variants:
+        no_adversarial = config.adversarial.model_copy(update={"method": "none"})
+        variants.append(("distilled_no_adversarial", no_adversarial, config.loss))
+    if config.on_policy_compare:
+        off_policy = config.loss.model_copy(update={"on_policy": OnPolicyConfig()})
+        variants.append(("distilled_off_policy", config.adversarial, off_policy))
+    for name, adversarial, loss in variants:
         student = build_student(config, data, teacher_models[0])
-        objective = DistillationObjective(
-            config.loss, data.task, student_config(config, data), teacher_models[0].config
-        )
+        objective = DistillationObjective(loss, data.task, student_config(config, data), teacher_models[0].config)
         optimization = runtime.optimization(student, objective, config.training)
         distiller = Distiller(
-            student, objective, data, student_phase(name, adversarial), source, optimization, agreement_with=teachers
+            student,
+            objective,
+            student_data,
+            student_phase(name, adversarial),
+            source,
+            optimization,
+            agreement_with=teachers,
         )
         runs[name] = (student, distiller.fit(resume))
+        if runtime.rank == 0:
+            write_model_config(student, out_dir / name)
     if config.baseline:
         student = build_student(config, data, teacher_models[0])
         objective = DistillationObjective(config.loss, data.task, student_config(config, data), None)
@@ -195,6 +277,8 @@ def run(
             agreement_with=teachers,
         )
         runs["baseline"] = (student, distiller.fit(resume))
+        if runtime.rank == 0:
+            write_model_config(student, out_dir / "baseline")
 
     results = evaluate_all(
         config,
@@ -228,9 +312,9 @@ def student_config(config: RecipeConfig, data: TaskData) -> TransformerConfig:
 
 def obtain_teacher(
     i: int, config: RecipeConfig, data: TaskData, phase: Phase, resume: bool, runtime: Runtime
-) -> tuple[nn.Module, str]:
-    """Teacher i, placed by `runtime`, and a key identifying it: from its checkpoint, from the recipe's cache, or
-    trained now (in one process, rank 0's, and cached)."""
+) -> tuple[nn.Module, str, Path]:
+    """Teacher i, placed by `runtime`, a key identifying it and the file of its weights: from its checkpoint, from
+    the recipe's cache, or trained now (in one process, rank 0's, and cached)."""
     spec = config.teachers[i]
     model_cfg = model_config(spec.model, data, config.data.seq_len)
     path = Path(spec.checkpoint) if spec.checkpoint else None
@@ -255,7 +339,30 @@ def obtain_teacher(
         raise FileNotFoundError(f"teachers[{i}].checkpoint not found: {path}")
     else:
         key = fingerprint(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
-    return runtime.teacher(lambda: Transformer(model_cfg), path), key
+    return runtime.teacher(lambda: Transformer(model_cfg), path), key, path
+
+
+def write_model_config(model: Transformer, directory: Path) -> None:
+    """directory/config.json: the model's TransformerConfig, so that the phase directory (its checkpoint.pt) is a
+    Transformer directory (`Transformer.from_pretrained`, `python -m tsa_fast.generate`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(model.config.model_dump_json(indent=2))
+
+
+def export_teacher(teacher: Transformer, weights: Path, directory: Path) -> None:
+    """Make `directory` the teacher's Transformer directory: config.json and model.pt, the file of its weights
+    (a cached teacher or a given checkpoint: {"config", "model"}), hard-linked where the file system allows."""
+    write_model_config(teacher, directory)
+    target = directory / "model.pt"
+    if target.exists() and os.path.samefile(target, weights):
+        return
+    tmp = target.with_name("model.pt.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(weights, tmp)
+    except OSError:
+        shutil.copyfile(weights, tmp)
+    os.replace(tmp, target)
 
 
 def build_student(config: RecipeConfig, data: TaskData, teacher: Transformer) -> Transformer:
@@ -296,6 +403,39 @@ def build_teacher_cache(
     )
 
 
+def build_sequence_kd(
+    config: RecipeConfig, data: TaskData, teacher: Transformer, teacher_key: str, device: torch.device, runtime: Runtime
+) -> dict[str, torch.Tensor]:
+    """The training split of sequence-level KD: the (first) teacher's completions of the training prompts,
+    cached under a fingerprint of the teacher, the prompts and the sampling settings (`teacher_completions`)."""
+    seq_kd = config.loss.sequence_kd
+    key = fingerprint(
+        teacher_key,
+        data_fingerprint(data),
+        seq_kd.prompt_tokens,
+        seq_kd.max_new_tokens,
+        seq_kd.temperature,
+        config.seed,
+    )
+    directory = Path(seq_kd.dir) if seq_kd.dir else Path(config.data.cache_dir) / "sequence_kd"
+    sequences = teacher_completions(
+        teacher,
+        data.train,
+        directory / key,
+        prompt_tokens=seq_kd.prompt_tokens,
+        max_new_tokens=seq_kd.max_new_tokens,
+        temperature=seq_kd.temperature,
+        fingerprint=key,
+        batch_size=config.training.batch_size,
+        device=device,
+        seed=config.seed,
+        progress=config.logging.progress,
+        rank=runtime.rank,
+        barrier=runtime.barrier,
+    )
+    return sequence_kd_split(sequences, seq_kd.prompt_tokens, data.eos_id)
+
+
 def evaluate_all(config, data, models, fits: dict[str, FitResult], device, precision) -> dict:
     """Validation and test metrics of every model, inference throughput. A student's validation metrics, with its
     agreement with the teachers, are its final validation in `fits` (name -> `Distiller.fit`'s result), which
@@ -323,7 +463,49 @@ def evaluate_all(config, data, models, fits: dict[str, FitResult], device, preci
     for name, row in results.items():
         row["inference_tokens_per_s"] = speeds[name]
         row["speedup_vs_teacher"] = speeds[name] / speeds["teacher"]
+    if data.task == "lm":
+        evaluate_samples(config.samples, data, models, results, device, autocast)
     return results
+
+
+def held_out_prompts(data: TaskData, count: int, prompt_tokens: int) -> torch.Tensor:
+    """(count', prompt_tokens) int64: the first prompt_tokens of the first `count` test documents that have that
+    many tokens (documents start the test stream and follow each EOS); count' < count on a small test split.
+    Raises ValueError when none has."""
+    stream = data.test["input_ids"].flatten()
+    starts = torch.cat((torch.zeros(1, dtype=torch.int64), (stream == data.eos_id).nonzero().flatten() + 1))
+    starts = starts[starts + prompt_tokens <= len(stream)]
+    windows = stream[starts.unsqueeze(1) + torch.arange(prompt_tokens)]
+    prompts = windows[~(windows == data.eos_id).any(dim=1)][:count]
+    if len(prompts) == 0:
+        raise ValueError(f"no test document has samples.prompt_tokens={prompt_tokens} tokens")
+    return prompts
+
+
+def evaluate_samples(samples: SamplesConfig, data: TaskData, models: dict, results: dict, device, autocast) -> None:
+    """Add to each model's row of `results` its sampled-continuation metrics on the held-out prompts
+    (`sample_metrics`: the teacher's NLL, distinct-2) and its greedy completions as text ("completions")."""
+    prompts = held_out_prompts(data, samples.prompts, samples.prompt_tokens).to(device)
+    new = min(samples.max_new_tokens, data.test["input_ids"].shape[1] - samples.prompt_tokens)
+    sampled = sample_metrics(
+        models,
+        models["teacher"],
+        prompts,
+        new,
+        temperature=samples.temperature,
+        seed=samples.seed,
+        eos_id=data.eos_id,
+        autocast=autocast,
+    )
+    shown = prompts[: samples.shown]
+    greedy = sampled_continuations(models, shown, new, temperature=0.0, seed=samples.seed, autocast=autocast)
+    decode = lambda ids: data.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    for name, row in results.items():
+        row.update(sampled[name])
+        row["completions"] = [
+            {"prompt": decode(prompt), "completion": decode(until_eos(sequence[samples.prompt_tokens :], data.eos_id))}
+            for prompt, sequence in zip(shown.tolist(), greedy[name].tolist())
+        ]
 
 
 def headline_metrics(task: str) -> list[tuple[str, str, str]]:
@@ -331,6 +513,27 @@ def headline_metrics(task: str) -> list[tuple[str, str, str]]:
     if task == "lm":
         return [("perplexity", "ppl", "{:.2f}")]
     return [("accuracy", "acc", "{:.1%}"), ("macro_f1", "macro-F1", "{:.3f}")]
+
+
+def write_completions(config: RecipeConfig, results: dict, path: Path) -> None:
+    """Append each model's greedy completions of the held-out prompts to the markdown file `path`."""
+    samples = config.samples
+    new = min(samples.max_new_tokens, config.data.seq_len - samples.prompt_tokens)
+    lines = [
+        "",
+        f"Greedy completions (temperature 0, {new} new tokens, cut at EOS) of held-out prompts"
+        f" (the first {samples.prompt_tokens} tokens of test documents):",
+    ]
+    first = next(iter(results.values()))["completions"]
+    for i, shown in enumerate(first):
+        lines += ["", f"Prompt {i + 1}: `{_one_line(shown['prompt'])}`", ""]
+        lines += [f"- {name}: `{_one_line(row['completions'][i]['completion'])}`" for name, row in results.items()]
+    with path.open("a") as file:
+        file.write("\n".join(lines) + "\n")
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\n", "\\n").replace("`", "'")
 
 
 def write_report(config: RecipeConfig, data: TaskData, results: dict, out_dir: Path) -> None:
@@ -346,10 +549,14 @@ def write_report(config: RecipeConfig, data: TaskData, results: dict, out_dir: P
     columns += [
         ("validation_agreement", "top-1 agreement", "{:.1%}"),
         ("validation_kl", "KL(teacher, model)", "{:.3f}"),
+        ("sample_teacher_nll", "teacher NLL of samples", "{:.3f}"),
+        ("sample_distinct_2", "distinct-2", "{:.3f}"),
         ("inference_tokens_per_s", "tokens/s", "{:,.0f}"),
         ("speedup_vs_teacher", "speed-up", "{:.2f}x"),
     ]
     write_table(f"{config.name}: {data.task}, validation and test", columns, results, out_dir)
+    if any(row.get("completions") for row in results.values()):
+        write_completions(config, results, out_dir / "results.md")
     metric = headline_metrics(data.task)[0][0]
     curves = {name: out_dir / name / "metrics.csv" for name in results if (out_dir / name / "metrics.csv").exists()}
     curves.update(

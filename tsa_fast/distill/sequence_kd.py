@@ -1,0 +1,112 @@
+"""Sequence-level KD (Kim and Rush 2016): the teacher's completions of the training prompts, generated once and
+cached on disk, become the student's training sequences.
+
+Prompt m is the first `prompt_tokens` of training sequence m; the teacher continues it for exactly
+`max_new_tokens` steps (`on_policy.generate_continuations`) at `temperature` (0: greedy), batch b with a
+generator seeded by (seed, b), so the completions are a function of (teacher, prompts, sampling settings,
+seed): the fingerprint that keys the cache.
+
+On disk (`directory`): `sequences.npy` (M, prompt_tokens + max_new_tokens) int64, row m = prompt m and its
+completion; `progress.json` {fingerprint, shape, batch_size, done: batches written}, updated after each batch
+is flushed, so an interrupted build continues at its first unwritten batch; `meta.json` once complete. A cache
+of another fingerprint or shape is rebuilt from scratch.
+
+Under data parallelism every rank runs every batch's generation (a sharded teacher needs every rank in each
+forward) and rank 0 writes the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import track
+from torch import Tensor
+
+from tsa_fast.distill.on_policy import continuation_batch, generate_continuations, new_tokens, prompts_of
+from tsa_fast.distill.protocols import Model
+
+_SALT = 0x5E9D
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def teacher_completions(
+    teacher: Model,
+    split: dict[str, Tensor],
+    directory: Path,
+    *,
+    prompt_tokens: int,
+    max_new_tokens: int | None,
+    temperature: float,
+    fingerprint: str,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+    rank: int = 0,
+    barrier=lambda: None,
+) -> Tensor:
+    """The teacher's completions of the prompts of `split` (its input_ids' first prompt_tokens; max_new_tokens
+    None: the rest of a sequence), (M, prompt_tokens + max_new_tokens) int64 on the CPU, read from `directory`
+    when it holds them for `fingerprint` (what determines them: the teacher, the prompts, the sampling settings
+    and seed), else generated there (continuing an interrupted build of the same fingerprint). Raises ValueError
+    for a prompt that does not fit (`new_tokens`, `prompts_of`)."""
+    input_ids = split["input_ids"]
+    steps = new_tokens(max_new_tokens, input_ids.shape[1], prompt_tokens)
+    shape = [input_ids.shape[0], prompt_tokens + steps]
+    state = {"fingerprint": fingerprint, "shape": shape, "batch_size": batch_size}
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path, progress_path, data_path = (
+        directory / "meta.json",
+        directory / "progress.json",
+        directory / "sequences.npy",
+    )
+    if _read_json(meta_path) == state:
+        return torch.from_numpy(np.load(data_path))
+    barrier()  # every rank has read the old state
+    recorded = _read_json(progress_path) or {}
+    same = {key: value for key, value in recorded.items() if key != "done"} == state and data_path.exists()
+    done = recorded.get("done") if same else None  # batches of this fingerprint already written
+    if rank == 0 and done is None:
+        meta_path.unlink(missing_ok=True)
+        np.lib.format.open_memmap(data_path, "w+", np.int64, tuple(shape))
+        _write_json(progress_path, {**state, "done": 0})
+    done = done or 0
+    barrier()
+    sequences = np.load(data_path, mmap_mode="r+") if rank == 0 else None
+    n_batches = -(-shape[0] // batch_size)
+    for number in track(range(done, n_batches), "teacher completions", disable=not progress or rank != 0):
+        rows = slice(number * batch_size, min(shape[0], (number + 1) * batch_size))
+        prompts = prompts_of({"input_ids": input_ids[rows].to(device)}, prompt_tokens)
+        generator = torch.Generator(device).manual_seed((seed * 1_000_003 + number) * 31 + _SALT)
+        generated = generate_continuations(teacher, prompts, steps, temperature=temperature, generator=generator)
+        if rank == 0:
+            sequences[rows] = generated.cpu().numpy()
+            sequences.flush()
+            _write_json(progress_path, {**state, "done": number + 1})
+    barrier()
+    if rank == 0:
+        _write_json(meta_path, state)
+    barrier()
+    return torch.from_numpy(np.load(data_path))
+
+
+def sequence_kd_split(sequences: Tensor, prompt_tokens: int, eos_id: int | None = None) -> dict[str, Tensor]:
+    """The training split of sequence-level KD: input_ids = the teacher's sequences, labels = its completion
+    tokens (`continuation_batch`: the prompt, the last position and what follows an EOS are ignore_index)."""
+    return continuation_batch(sequences, prompt_tokens, eos_id)
