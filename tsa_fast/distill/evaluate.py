@@ -22,8 +22,6 @@ from tsa_fast.distill.on_policy import IGNORE_INDEX, continuation_batch
 from tsa_fast.distill.protocols import Model
 from tsa_fast.distill.teachers import Teachers
 
-IGNORE_INDEX = -100  # a label that counts in no metric (chat data: the prompt's tokens)
-
 
 def evaluate(
     model: Model,
