@@ -264,6 +264,7 @@ class HFModel(nn.Module):
         attention_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         streamer: Callable[[Tensor], None] | None = None,
+        vocab_limit: int | None = None,
     ) -> Tensor:
         """Continue the prompts with the wrapped causal LM's own `generate` (its KV cache, attention
         "tsa_fast"), with the arguments, results and errors of `tsa_fast.models.Transformer.generate`:
@@ -271,7 +272,8 @@ class HFModel(nn.Module):
         filter) and top_p (None: 1.0); eos_id (None: no EOS, whatever the model's generation config says) is
         eos_token_id and the pad_token_id of finished rows; attention_mask (1 = token, 0 = left padding); a
         generator seeds the draws (the global RNG is left as it was); streamer gets each step's new tokens
-        (B,) int64 on the CPU. The context is the config's max_position_embeddings. In eval mode (restored)."""
+        (B,) int64 on the CPU; vocab_limit K: only tokens below K are generated (an embedding padded past the
+        tokenizer's K tokens). The context is the config's max_position_embeddings. In eval mode (restored)."""
         text = self.model.config.get_text_config()
         context = getattr(text, "max_position_embeddings", None) or sys.maxsize
         keep = check_arguments(
@@ -295,6 +297,8 @@ class HFModel(nn.Module):
             do_sample=temperature > 0,
             streamer=None if streamer is None else _StepStreamer(streamer),
         )
+        if vocab_limit is not None and vocab_limit < text.vocab_size:
+            options["suppress_tokens"] = list(range(vocab_limit, text.vocab_size))
         if temperature > 0:
             options.update(temperature=float(temperature), top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
         devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []

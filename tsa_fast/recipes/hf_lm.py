@@ -77,7 +77,7 @@ from tsa_fast.distill.teachers import Teachers
 from tsa_fast.integrations.hf import HFModel, layer_subset_student
 from tsa_fast.recipes.config import RunConfig, read_recipe
 from tsa_fast.recipes.fingerprint import fingerprint
-from tsa_fast.recipes.lm import evaluate_all, write_report
+from tsa_fast.recipes.lm import SamplesConfig, evaluate_all, write_report
 from tsa_fast.recipes.report import console
 from tsa_fast.recipes.runtime import start_run
 
@@ -162,6 +162,7 @@ class HFLMConfig(RunConfig):
     )
     adversarial: AdversarialConfig = Field(AdversarialConfig(), description="adversarial distillation; off by default")
     baseline: bool = Field(True, description="also train the student without a teacher, for the same steps")
+    samples: SamplesConfig = Field(SamplesConfig(), description="completions of held-out prompts (text data)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> HFLMConfig:
@@ -441,9 +442,9 @@ class SharedVocabularyLM(HFModel):
         return F.linear(hidden, self.lm_head_weight, None if bias is None else bias[: self.vocab_size])
 
     def generate(self, prompt_ids: Tensor, max_new_tokens: int, **options) -> Tensor:
-        """`HFModel.generate` (the whole head: the model's own generate). Raises ValueError when a generated token
-        falls in the padding, at or past vocab_size (a token no tokenizer id stands for)."""
-        out = super().generate(prompt_ids, max_new_tokens, **options)
+        """`HFModel.generate` (the model's own generate) over the first vocab_size tokens only: the padding of the
+        embedding (tokens no tokenizer id stands for) is never generated; a token there is a ValueError."""
+        out = super().generate(prompt_ids, max_new_tokens, vocab_limit=self.vocab_size, **options)
         padding = out[:, prompt_ids.shape[1] :] >= self.vocab_size
         if padding.any():
             token = int(out[:, prompt_ids.shape[1] :][padding][0])
