@@ -28,10 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
+from tsa_fast.reference.distillation_loss import DIVERGENCES
+
 from .utils import online_logsumexp
 
-# The DIVERGENCE codes, in the order of reference.DIVERGENCES (constexpr: compiled kernels read no other globals).
-FORWARD_KL, REVERSE_KL, SYMMETRIC_KL, JSD, TVD = (tl.constexpr(code) for code in range(5))
+# The DIVERGENCE codes: a name's index in DIVERGENCES, the one list of names (the unpacking fails at import if
+# it changes length); constexpr, as compiled kernels read no other globals.
+FORWARD_KL, REVERSE_KL, SYMMETRIC_KL, JSD, TVD = (tl.constexpr(code) for code in range(len(DIVERGENCES)))
 
 
 @triton.jit

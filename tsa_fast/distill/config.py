@@ -12,6 +12,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tsa_fast.reference.distillation_loss import DIVERGENCES
+
+Divergence = Literal[DIVERGENCES]  # the names of tsa_fast.distillation_loss's divergences
+
 
 class Section(BaseModel):
     """A config section: immutable, unknown keys are errors. A subclass that changes only the defaults of
@@ -122,7 +126,7 @@ class SequenceKDConfig(Section):
 class LossConfig(FeatureLossConfig):
     """Total loss = logit_weight * T^2 * divergence + hard_weight * CE + hidden + attention terms."""
 
-    divergence: Literal["forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd"] = Field(
+    divergence: Divergence = Field(
         "forward_kl", description="between the teacher's and the student's distributions (tsa_fast.distillation_loss)"
     )
     beta: float = Field(0.5, gt=0, lt=1, description="jsd mixture weight")
