@@ -258,8 +258,8 @@ def _logits(*shape, **kwargs):
     [
         (dict(divergence="kl"), ValueError, "divergence.*'kl'"),
         (dict(reduction="avg"), ValueError, "reduction.*'avg'"),
-        (dict(divergence="jsd", beta=0.0), ValueError, "reverse_kl"),
-        (dict(divergence="jsd", beta=1.0), ValueError, "forward_kl"),
+        (dict(divergence="jsd", beta=0.0), ValueError, "forward_kl"),
+        (dict(divergence="jsd", beta=1.0), ValueError, "reverse_kl"),
         (dict(temperature=0.0), ValueError, "temperature.*0.0"),
         (dict(temperature=math.inf), ValueError, "temperature.*inf"),
         (dict(temperature=math.nan), ValueError, "temperature.*nan"),
@@ -376,3 +376,55 @@ def test_large_gradient_buffer_on_huge_pages(backend):
 
 if __name__ == "__main__":  # test_kernel_compiles_for_ampere_and_hopper
     compile_distillation_loss_kernel()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Option types: a flag is a bool, a number is a number, or a TypeError naming the option.
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(scale_by_t2="no"), "scale_by_t2 must be a bool, got 'no'"),
+        (dict(scale_by_t2=None), "scale_by_t2 must be a bool, got None"),
+        (dict(scale_by_t2=1), "scale_by_t2 must be a bool, got 1"),
+        (dict(beta="0.5"), "beta must be a number, got '0.5'"),
+        (dict(beta=None, divergence="jsd"), "beta must be a number, got None"),
+        (dict(temperature="2"), "temperature must be a number.*, got '2'"),
+        (dict(temperature=None), "temperature must be a number.*, got None"),
+        (dict(temperature=True), "temperature must be a number.*, got True"),
+        (dict(soft_weight="1"), "soft_weight must be a number, got '1'"),
+        (dict(hard_weight=None), "hard_weight must be a number, got None"),
+        (dict(label_smoothing="0.1"), "label_smoothing must be a number, got '0.1'"),
+        (dict(softcap="30"), "softcap must be a number, got '30'"),
+        (dict(softcap=True), "softcap must be a number, got True"),
+        (dict(ignore_index=-100.0), "ignore_index must be an int, got -100.0"),
+        (dict(ignore_index=None), "ignore_index must be an int, got None"),
+        (dict(vocab_size=16.0), "vocab_size must be an int, got 16.0"),
+        (dict(divergence=None), "divergence must be one of .*, got None"),
+        (dict(reduction=0), "reduction must be one of .*, got 0"),
+    ],
+)
+def test_wrong_option_types_raise_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        tsa_fast.distillation_loss(_logits(4, 16), _logits(4, 16), torch.zeros(4, dtype=torch.long), **kwargs)
+
+
+def test_module_wrong_option_type_raises_type_error():
+    with pytest.raises(TypeError, match="scale_by_t2 must be a bool"):
+        tsa_fast.nn.DistillationLoss(scale_by_t2="no")(_logits(2, 8), _logits(2, 8))
+
+
+@pytest.mark.parametrize(
+    "beta, points_to, not_to", [(0.0, "forward_kl", "reverse_kl"), (1.0, "reverse_kl", "forward_kl")]
+)
+def test_jsd_beta_limit_points_to_the_divergence_it_tends_to(beta, points_to, not_to):
+    """As beta -> 0 this JSD tends to beta x forward KL, as beta -> 1 to (1 - beta) x reverse KL (Liger, TRL)."""
+    student, teacher = _logits(4, 16), _logits(4, 16)
+    for b, name in ((1e-5, "forward_kl"), (1 - 1e-5, "reverse_kl")):
+        jsd = tsa_fast.distillation_loss(student, teacher, divergence="jsd", beta=b).double()
+        limit = tsa_fast.distillation_loss(student, teacher, divergence=name).double()
+        assert abs(jsd / min(b, 1 - b) / limit - 1) < 1e-2, name
+    with pytest.raises(ValueError, match=f"beta={beta}.*use divergence='{points_to}'") as error:
+        tsa_fast.distillation_loss(student, teacher, divergence="jsd", beta=beta)
+    assert not_to not in str(error.value)

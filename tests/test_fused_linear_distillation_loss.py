@@ -524,5 +524,24 @@ def test_gpu_bf16_peak_memory_has_no_fp32_weight_copies():
     assert peak < bound
 
 
+# ---------------------------------------------------------------------------------------------------
+# Option types: a TypeError naming the option (the loss options as in `distillation_loss`, and chunk_size).
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(chunk_size=4.0), "chunk_size must be an int, got 4.0"),
+        (dict(chunk_size=True), "chunk_size must be an int, got True"),
+        (dict(scale_by_t2="no"), "scale_by_t2 must be a bool, got 'no'"),
+        (dict(beta="0.5"), "beta must be a number, got '0.5'"),
+        (dict(soft_weight=None), "soft_weight must be a number, got None"),
+    ],
+)
+def test_wrong_option_types_raise_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        tsa_fast.fused_linear_distillation_loss(**_student(), teacher_logits=torch.randn(4, 20), **kwargs)
+
+
 if __name__ == "__main__":  # test_pair_kernel_compiles_for_ampere_and_hopper
     compile_pair_kernel()

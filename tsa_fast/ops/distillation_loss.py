@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tsa_fast.backends import cpp_extension, select_backend, triton_kernels
-from tsa_fast.ops.checks import DTYPE_CODES, FLOAT_DTYPES, is_real, traced
+from tsa_fast.ops.checks import DTYPE_CODES, FLOAT_DTYPES, check_bool, check_choice, check_int, check_real, traced
 from tsa_fast.reference import distillation_loss as reference  # the module
 from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS, reduce_rows
 
@@ -47,7 +47,9 @@ def distillation_loss(
         teacher_logits: (..., V_t), same leading shape, device; a constant (no gradient).
         labels: (...) integer class ids or `ignore_index`; None counts every row (then hard_weight must be 0).
         divergence: "forward_kl" | "reverse_kl" | "symmetric_kl" | "jsd" | "tvd".
-        beta: JSD mixing weight, strictly inside (0, 1).
+        beta: JSD mixing weight, strictly inside (0, 1). As beta -> 0 the JSD tends to beta x forward KL and
+            as beta -> 1 to (1 - beta) x reverse KL (as in Liger and TRL): for those limits use
+            divergence="forward_kl" (beta = 0) or "reverse_kl" (beta = 1).
         temperature: T > 0, finite; both distributions are softmax(c(z) / T).
         scale_by_t2: multiply the divergence by T^2 (Hinton et al.).
         soft_weight, hard_weight: weights of the divergence and of the cross-entropy (at T = 1) to labels.
@@ -61,7 +63,9 @@ def distillation_loss(
         float32 loss (float64 for float64 inputs): a scalar, or per-row losses of the leading shape for "none".
 
     Raises:
-        ValueError: any bad argument, shape, dtype or device, naming the offending values; labels outside
+        TypeError: an option of the wrong type (a flag that is not a bool, a number that is not an int or
+            float, a string option that is not a string), naming it.
+        ValueError: any bad value, shape, dtype or device, naming the offending values; labels outside
             [0, K) other than ignore_index (on CUDA, checked asynchronously on the device).
     """
     options = dict(
@@ -206,9 +210,19 @@ def check_labels_tensor(labels, leading_shape: torch.Size, device: torch.device)
 
 
 def check_loss_options(options: dict, student_vocab: int, teacher_vocab: int, has_labels: bool) -> int:
-    """Validate the loss options (`LOSS_OPTIONS` names); return the vocabulary size K to use."""
-    divergence, beta, temperature = options["divergence"], options["beta"], options["temperature"]
-    vocab_size, softcap, label_smoothing = options["vocab_size"], options["softcap"], options["label_smoothing"]
+    """Validate the loss options (`LOSS_OPTIONS` names): a wrong type is a TypeError, a wrong value a
+    ValueError, each naming the option. Returns the vocabulary size K to use."""
+    check_choice("divergence", options["divergence"], DIVERGENCES)
+    check_choice("reduction", options["reduction"], REDUCTIONS)
+    check_bool("scale_by_t2", options["scale_by_t2"])
+    for name in ("beta", "temperature", "soft_weight", "hard_weight", "label_smoothing"):
+        check_real(name, options[name])
+    check_int("ignore_index", options["ignore_index"])
+    for name in ("softcap", "vocab_size"):
+        if options[name] is not None:
+            (check_real if name == "softcap" else check_int)(name, options[name])
+
+    vocab_size = options["vocab_size"]
     if vocab_size is None:
         if student_vocab != teacher_vocab:
             raise ValueError(
@@ -216,38 +230,31 @@ def check_loss_options(options: dict, student_vocab: int, teacher_vocab: int, ha
                 f"pass vocab_size=K <= {min(student_vocab, teacher_vocab)}"
             )
         vocab_size = student_vocab
-    elif (
-        isinstance(vocab_size, bool)
-        or not isinstance(vocab_size, int)
-        or not 1 <= vocab_size <= min(student_vocab, teacher_vocab)
-    ):
+    elif not 1 <= vocab_size <= min(student_vocab, teacher_vocab):
         raise ValueError(
-            f"vocab_size must be an int in [1, {min(student_vocab, teacher_vocab)}] "
+            f"vocab_size must be in [1, {min(student_vocab, teacher_vocab)}] "
             f"(student {student_vocab}, teacher {teacher_vocab}), got {vocab_size!r}"
         )
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if options["reduction"] not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {options['reduction']!r}")
-    if divergence == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(
-            f"jsd needs beta strictly inside (0, 1), got beta={beta!r}; "
-            "beta=0 is divergence='reverse_kl', beta=1 is divergence='forward_kl'"
-        )
-    if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    beta = options["beta"]
+    if options["divergence"] == "jsd" and not 0.0 < beta < 1.0:
+        # As beta -> 0 this JSD tends to beta * KL(P_t || P_s), as beta -> 1 to (1 - beta) * KL(P_s || P_t).
+        limit = "beta -> 0 it tends to beta * forward KL: use divergence='forward_kl'"
+        if beta >= 1.0:
+            limit = "beta -> 1 it tends to (1 - beta) * reverse KL: use divergence='reverse_kl'"
+        raise ValueError(f"jsd needs beta strictly inside (0, 1), got beta={beta!r}; as {limit}")
+    temperature = options["temperature"]
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     for name in ("soft_weight", "hard_weight"):
-        weight = options[name]
-        if not is_real(weight) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
+        if not math.isfinite(options[name]) or options[name] < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {options[name]!r}")
     if options["hard_weight"] != 0 and not has_labels:
         raise ValueError(f"hard_weight={options['hard_weight']!r} needs labels; pass labels or hard_weight=0")
-    if not is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    if softcap is not None and (not is_real(softcap) or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if not isinstance(options["ignore_index"], int) or isinstance(options["ignore_index"], bool):
-        raise ValueError(f"ignore_index must be an int, got {options['ignore_index']!r}")
+    if not 0.0 <= options["label_smoothing"] < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {options['label_smoothing']!r}")
+    softcap = options["softcap"]
+    if softcap is not None and (not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None or finite and > 0, got {softcap!r}")
     return vocab_size
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from tsa_fast.backends import select_backend, triton_kernels
-from tsa_fast.ops.checks import traced
+from tsa_fast.ops.checks import check_int, traced
 from tsa_fast.ops.distillation_loss import (
     LOSS_OPTIONS,
     check_label_range,
@@ -71,8 +71,9 @@ def fused_linear_distillation_loss(
     Returns: the loss as `distillation_loss` returns it (float32; float64 for float64 inputs).
     Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant.
 
-    Raises: TypeError for an unknown option; ValueError for a bad shape, dtype, device, option, a missing
-    or doubled teacher form, or a bad chunk_size.
+    Raises: TypeError for an unknown option or an option of the wrong type (as `distillation_loss`; also
+    chunk_size); ValueError for a bad shape, dtype, device, option value, a missing or doubled teacher form,
+    or a bad chunk_size.
     """
     unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
     if unknown:
@@ -90,8 +91,10 @@ def fused_linear_distillation_loss(
     n_rows = student_hidden.numel() // student_hidden.shape[-1]
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, student_hidden.shape[-1], student_weight.shape[0])
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    else:
+        check_int("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
 
     flat_labels = None if labels is None else labels.reshape(-1)
     if flat_labels is not None:
