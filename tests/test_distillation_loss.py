@@ -428,3 +428,12 @@ def test_jsd_beta_limit_points_to_the_divergence_it_tends_to(beta, points_to, no
     with pytest.raises(ValueError, match=f"beta={beta}.*use divergence='{points_to}'") as error:
         tsa_fast.distillation_loss(student, teacher, divergence="jsd", beta=beta)
     assert not_to not in str(error.value)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_zero_rows(backend, reduction):
+    """Leading shape (0,): 0 for the scalar reductions, an empty tensor for "none", a zero gradient."""
+    student, teacher, labels = make_inputs((0,), 16)
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ()) and loss.dtype == torch.float32
+    assert torch.all(loss == 0) and grad.shape == (0, 16)

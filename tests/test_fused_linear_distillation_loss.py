@@ -543,5 +543,26 @@ def test_wrong_option_types_raise_type_error(kwargs, match):
         tsa_fast.fused_linear_distillation_loss(**_student(), teacher_logits=torch.randn(4, 20), **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Edges: zero rows.
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+def test_zero_rows(backend, teacher, reduction):
+    """Leading shape (0,): the loss of no rows, as `distillation_loss` gives it (0, or an empty tensor for
+    "none"), and zero gradients of the right shapes."""
+    student, teachers, labels = make_problem(rows=0, teacher=teacher, topk=3)
+    loss, grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss, student, teachers, labels, reduction=reduction
+    )
+    logits = torch.zeros(0, 70, device=DEVICE)
+    expected = tsa_fast.distillation_loss(logits, logits, labels, reduction=reduction)
+    assert loss.shape == expected.shape and loss.dtype == torch.float32
+    assert torch.equal(loss, expected)
+    for name, grad in grads.items():
+        assert grad.shape == student[name].shape and torch.all(grad == 0), name
+
+
 if __name__ == "__main__":  # test_pair_kernel_compiles_for_ampere_and_hopper
     compile_pair_kernel()

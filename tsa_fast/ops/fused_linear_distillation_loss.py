@@ -102,7 +102,7 @@ def fused_linear_distillation_loss(
     if teacher.topk_indices is not None:
         _check_topk_indices(teacher.topk_indices, vocab)
     loss = _FusedLinearDistillation.apply(
-        student_hidden.reshape(n_rows, -1),
+        student_hidden.reshape(n_rows, student_hidden.shape[-1]),
         student_weight,
         student_bias,
         teacher,
