@@ -564,5 +564,134 @@ def test_zero_rows(backend, teacher, reduction):
         assert grad.shape == student[name].shape and torch.all(grad == 0), name
 
 
+# ---------------------------------------------------------------------------------------------------
+# Top-k teachers: k = V, invalid teachers, renormalization over the k tokens.
+
+
+def _topk_problem(vocab, k, temperature=1.0, ignore="some"):
+    student, teachers, labels = make_problem(teacher="logits", vocab=vocab, ignore=ignore)
+    logprobs, indices = torch.log_softmax(teachers["teacher_logits"].float() / temperature, -1).topk(k, -1)
+    return student, teachers, (indices, logprobs), labels
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_topk_with_k_equal_vocab_is_the_dense_loss_for_every_divergence(backend, divergence):
+    """k = V: the fp32 log-probabilities sum to 1 within rounding, and the leftover (here ~1e-7 in some
+    rows) is no tail: forward and symmetric KL were infinite (a tail bucket where the student has no mass)."""
+    student, teachers, topk, labels = _topk_problem(vocab=300, k=300, temperature=2.0)
+    leftover = 1 - topk[1].double().exp().sum(-1)
+    assert (leftover > 0).any()  # the case under test: a positive rounding leftover
+    options = dict(divergence=divergence, temperature=2.0, hard_weight=0.3, labels=labels, **student)
+    loss = tsa_fast.fused_linear_distillation_loss(teacher_topk=topk, **options)
+    dense = tsa_fast.fused_linear_distillation_loss(**teachers, **options)
+    assert_rel_close(loss, dense, 1e-5, "loss")
+
+
+def test_topk_tail_within_rounding_is_zero():
+    """The reference's buckets: a tail within rounding is exactly zero; a real tail is kept."""
+    from tsa_fast.reference.fused_linear_distillation_loss import topk_bucket_log_probs
+
+    log_q = torch.log_softmax(torch.randn(2, 6), -1)
+    indices = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    teacher = torch.log(torch.tensor([[0.5, 0.3, 0.2 - 3e-7], [0.5, 0.3, 0.1]]))
+    log_p, _ = topk_bucket_log_probs(log_q, indices, teacher)
+    assert log_p[0, -1] == -torch.inf
+    assert_rel_close(log_p[1, -1].exp(), torch.tensor(0.1), 1e-5, "tail")
+
+
+@pytest.mark.parametrize(
+    "make_bad, match",
+    [
+        (lambda i, lp: (i.index_fill(-1, torch.tensor([1]), 0).index_fill(-1, torch.tensor([0]), 0), lp), "duplicate"),
+        (lambda i, lp: (i, torch.zeros_like(lp)), r"sum to more than 1.*3\.0"),
+        (lambda i, lp: (i, torch.full_like(lp, 1.0)), r"sum to more than 1.*8\.1"),
+    ],
+    ids=["duplicated-index", "probabilities-sum-3", "probabilities-sum-8"],
+)
+def test_invalid_topk_teacher_raises(backend, make_bad, match):
+    """Duplicated indices in a row, or log-probabilities whose probabilities sum above 1: not a distribution."""
+    student, _, (indices, logprobs), labels = _topk_problem(vocab=40, k=3, ignore="none")
+    bad = make_bad(indices, logprobs)
+    with pytest.raises(ValueError, match=f"teacher_topk.*{match}"):
+        tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=bad, labels=labels)
+
+
+def test_invalid_topk_rows_that_are_ignored_pass():
+    """Ignored rows (padding) may hold anything in range: they never reach the math."""
+    student, _, (indices, logprobs), labels = _topk_problem(vocab=40, k=3, ignore="none")
+    labels[:4] = -100
+    indices[:4], logprobs[:4] = 0, 0.0  # duplicated, and probabilities summing to 3
+    loss = tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=(indices, logprobs), labels=labels)
+    expected = tsa_fast.fused_linear_distillation_loss(
+        student["student_hidden"][4:],
+        student["student_weight"],
+        student_bias=student["student_bias"],
+        teacher_topk=(indices[4:], logprobs[4:]),
+        labels=labels[4:],
+    )
+    assert_rel_close(loss, expected, 1e-6, "loss")
+
+
+def test_topk_sum_within_rounding_above_one_passes():
+    """Log-probabilities whose probabilities sum to 1 + 1e-5 (rounding) are a valid teacher."""
+    student, _, (indices, logprobs), labels = _topk_problem(vocab=40, k=40, ignore="none")
+    logprobs = logprobs + 1e-5
+    loss = tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=(indices, logprobs), labels=labels)
+    assert loss.isfinite()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_topk_renormalize_matches_dense_loss_over_the_k_tokens(backend, divergence, reduction):
+    """topk_tail="renormalize": teacher and student renormalized over the k tokens, no tail bucket; that is
+    `distillation_loss` of the student's k gathered logits against teacher logits T * logprobs (whose
+    softmax at T is the renormalized teacher)."""
+    temperature = 1.5
+    student, _, (indices, logprobs), labels = _topk_problem(vocab=50, k=6, temperature=temperature)
+    options = dict(divergence=divergence, temperature=temperature, reduction=reduction)
+
+    def gathered(student_hidden, student_weight, student_bias, labels=None, **options):
+        logits = (student_hidden @ student_weight.T + student_bias).gather(-1, indices)
+        counted_only = torch.where(labels == -100, labels, 0)  # labels index the k tokens here: only who counts
+        return tsa_fast.distillation_loss(logits, logprobs * temperature, counted_only, **options)
+
+    loss, grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss,
+        student,
+        dict(teacher_topk=(indices, logprobs), topk_tail="renormalize", chunk_size=5),
+        labels,
+        **options,
+    )
+    expected_loss, expected_grads = loss_and_grads(gathered, student, {}, labels, **options)
+    assert_rel_close(loss, expected_loss, 1e-5, "loss")
+    for name in grads:
+        assert_rel_close(grads[name], expected_grads[name], 1e-5, name)
+
+
+def test_topk_renormalize_with_hard_term_matches_reference(backend):
+    """The hard term uses the student's full distribution whatever the tail mode."""
+    student, _, topk, labels = _topk_problem(vocab=50, k=6, temperature=2.0)
+    check_against_reference(
+        student,
+        dict(teacher_topk=topk),
+        labels,
+        TOL[torch.float32],
+        topk_tail="renormalize",
+        divergence="jsd",
+        temperature=2.0,
+        hard_weight=0.4,
+        label_smoothing=0.1,
+        chunk_size=5,
+    )
+
+
+def test_topk_tail_option_checked():
+    student, _, topk, labels = _topk_problem(vocab=40, k=3)
+    with pytest.raises(ValueError, match="topk_tail must be one of .*'bucket', 'renormalize'.*'drop'"):
+        tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=topk, topk_tail="drop")
+    with pytest.raises(TypeError, match="topk_tail must be one of .*, got None"):
+        tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=topk, topk_tail=None)
+
+
 if __name__ == "__main__":  # test_pair_kernel_compiles_for_ampere_and_hopper
     compile_pair_kernel()

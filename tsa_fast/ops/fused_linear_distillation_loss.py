@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from tsa_fast.backends import select_backend, triton_kernels
-from tsa_fast.ops.checks import check_int, traced
+from tsa_fast.ops.checks import check_choice, check_int, traced
 from tsa_fast.ops.distillation_loss import (
     LOSS_OPTIONS,
     check_label_range,
@@ -37,7 +37,11 @@ from tsa_fast.ops.distillation_loss import (
     distillation_loss_rows_and_grad,
     rows_and_grad_by_autograd,
 )
-from tsa_fast.reference.fused_linear_distillation_loss import topk_distillation_loss_rows
+from tsa_fast.reference.fused_linear_distillation_loss import (
+    TOPK_TAILS,
+    topk_distillation_loss_rows,
+    topk_mass_rounding,
+)
 
 
 def fused_linear_distillation_loss(
@@ -52,6 +56,7 @@ def fused_linear_distillation_loss(
     teacher_logits: Tensor | None = None,
     teacher_topk: tuple[Tensor, Tensor] | None = None,
     chunk_size: int | None = None,
+    topk_tail: str = "bucket",
     **loss_options,
 ) -> Tensor:
     """`distillation_loss(student_hidden @ student_weight.T + student_bias, teacher logits, labels, **loss_options)`
@@ -61,8 +66,13 @@ def fused_linear_distillation_loss(
         student_hidden: (..., H_s) float; student_weight: (V_s, H_s); student_bias: (V_s,) or None.
         teacher_hidden: (..., H_t) and teacher_weight: (V_t, H_t) (+ teacher_bias (V_t,)); or
         teacher_logits: (..., V_t); or
-        teacher_topk: (indices (..., k) int64 distinct per row, logprobs (..., k) float) at temperature T.
+        teacher_topk: (indices (..., k) int64/int32, distinct per row, logprobs (..., k) float) at
+            temperature T, whose probabilities sum to at most 1 (within rounding: 1 + 1e-3 for fp32).
             Exactly one teacher form must be given.
+        topk_tail: what a top-k teacher's mass outside its k tokens is: "bucket" (default) one tail bucket
+            (1 - sum of the k probabilities; a tail within rounding of 0 is 0, so k = V is the dense loss),
+            or "renormalize": no tail, teacher and student each renormalized over the k tokens (TRL's
+            server mode). The hard term always uses the student's full distribution.
         labels: (...) or None, as in `distillation_loss`.
         chunk_size: rows per chunk; default `default_chunk_size`: the power of two near N * H_s / V (the
             chunk's logits then take about the memory of the hidden states), at least 256 rows.
@@ -72,8 +82,10 @@ def fused_linear_distillation_loss(
     Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant.
 
     Raises: TypeError for an unknown option or an option of the wrong type (as `distillation_loss`; also
-    chunk_size); ValueError for a bad shape, dtype, device, option value, a missing or doubled teacher form,
-    or a bad chunk_size.
+    chunk_size, topk_tail); ValueError for a bad shape, dtype, device, option value, a missing or doubled
+    teacher form, a bad chunk_size, or a top-k teacher that is no distribution (indices out of range, or in
+    a counted row an index twice or probabilities summing above 1; on CUDA a device-side assert, no host
+    sync).
     """
     unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
     if unknown:
@@ -96,11 +108,13 @@ def fused_linear_distillation_loss(
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
 
+    check_choice("topk_tail", topk_tail, TOPK_TAILS)
+    teacher.topk_tail = topk_tail
     flat_labels = None if labels is None else labels.reshape(-1)
     if flat_labels is not None:
         check_label_range(flat_labels, vocab, options["ignore_index"])
     if teacher.topk_indices is not None:
-        _check_topk_indices(teacher.topk_indices, vocab)
+        check_topk_teacher(teacher.topk_indices, teacher.topk_logprobs, vocab, flat_labels, options["ignore_index"])
     loss = _FusedLinearDistillation.apply(
         student_hidden.reshape(n_rows, student_hidden.shape[-1]),
         student_weight,
@@ -135,6 +149,7 @@ class _Teacher:
     logits: Tensor | None = None
     topk_indices: Tensor | None = None
     topk_logprobs: Tensor | None = None
+    topk_tail: str = "bucket"
 
     @classmethod
     def check(cls, student_hidden, hidden, weight, bias, logits, topk) -> _Teacher:
@@ -182,11 +197,11 @@ class _Teacher:
 
     def rows(
         self, start: int, end: int, weight: Tensor | None, compute_dtype: torch.dtype
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Tensor | tuple[Tensor, Tensor, str]:
         """The teacher for rows [start, end): logits (N, V_t) (in compute_dtype when computed from the hidden
-        states with `weight`, the teacher weight as `_gemm_weight` gives it), or the top-k pair."""
+        states with `weight`, the teacher weight as `_gemm_weight` gives it), or the top-k pair and tail mode."""
         if self.topk_indices is not None:
-            return self.topk_indices[start:end], self.topk_logprobs[start:end]
+            return self.topk_indices[start:end], self.topk_logprobs[start:end], self.topk_tail
         if self.logits is not None:
             return self.logits[start:end]
         return _logits(self.hidden[start:end], weight, self.bias, compute_dtype)
@@ -207,20 +222,49 @@ def _check_linear(model: str, weight, bias, hidden: Tensor) -> None:
             )
 
 
-def _check_topk_indices(indices: Tensor, vocab: int) -> None:
-    """On CPU (a host-side check), outside torch.compile's tracing, as `check_label_range`."""
-    if indices.device.type == "cpu" and not traced(indices):
-        bad = (indices < 0) | (indices >= vocab)
-        if bad.any():
-            raise ValueError(f"teacher_topk indices must be in [0, {vocab}), got {indices[bad][:8].tolist()}")
+def check_topk_teacher(indices: Tensor, logprobs: Tensor, vocab: int, labels: Tensor | None, ignore_index: int):
+    """A top-k teacher (N, k) must be a distribution: indices in [0, vocab) (every row), and in the rows that
+    count no index twice and probabilities summing to at most 1 + 10 x `topk_mass_rounding` (lenient: the
+    log-probabilities may have been computed in a lower precision than they are stored in). On CPU a
+    ValueError; on CUDA an asynchronous device assert, as `check_label_range`; skipped while torch.compile
+    traces."""
+    if traced(indices):
+        return
+    counted = torch.ones_like(indices[:, 0], dtype=torch.bool) if labels is None else labels != ignore_index
+    out_of_range = (indices < 0) | (indices >= vocab)
+    ordered = indices.sort(-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(-1) & counted
+    mass = logprobs.float().exp().sum(-1)
+    limit = 1 + 10 * topk_mass_rounding(logprobs.dtype)
+    above_one = (mass > limit) & counted
+    if indices.device.type != "cpu":
+        message = "tsa_fast.fused_linear_distillation_loss: teacher_topk"
+        torch._assert_async(~out_of_range.any(), f"{message} indices outside [0, {vocab})")
+        torch._assert_async(~repeated.any(), f"{message} has a duplicate index in a row")
+        torch._assert_async(~above_one.any(), f"{message} probabilities sum to more than 1")
+        return
+    if out_of_range.any():
+        raise ValueError(f"teacher_topk indices must be in [0, {vocab}), got {indices[out_of_range][:8].tolist()}")
+    if repeated.any():
+        row = int(repeated.nonzero()[0, 0])
+        raise ValueError(f"teacher_topk has a duplicate index in row {row}: {indices[row][:16].tolist()}")
+    if above_one.any():
+        rows = above_one.nonzero()[:8, 0]
+        raise ValueError(
+            f"teacher_topk probabilities sum to more than 1 (limit {limit:g}) in rows {rows.tolist()}: "
+            f"{[round(x, 4) for x in mass[rows].tolist()]}"
+        )
 
 
 @torch.compiler.allow_in_graph  # the top-k and torch paths run autograd inside: one node, no graph break
 def _rows_and_logit_grad(student_logits: Tensor, teacher, labels: Tensor | None, options: dict, vocab: int):
     """Per-row losses and their gradient w.r.t. the chunk's fp32 student logits."""
-    if isinstance(teacher, tuple):  # top-k with a tail bucket: the reference math on the chunk
+    if isinstance(teacher, tuple):  # top-k (indices, logprobs, tail mode): the reference math on the chunk
+        indices, logprobs, topk_tail = teacher
         return rows_and_grad_by_autograd(
-            lambda z: topk_distillation_loss_rows(z, *teacher, labels, **{**options, "vocab_size": vocab}),
+            lambda z: topk_distillation_loss_rows(
+                z, indices, logprobs, labels, **{**options, "vocab_size": vocab}, topk_tail=topk_tail
+            ),
             student_logits,
         )
     return distillation_loss_rows_and_grad(student_logits, teacher, labels, options, vocab)
