@@ -437,3 +437,70 @@ def test_zero_rows(backend, reduction):
     loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, reduction=reduction)
     assert loss.shape == ((0,) if reduction == "none" else ()) and loss.dtype == torch.float32
     assert torch.all(loss == 0) and grad.shape == (0, 16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# num_items_in_batch: the normalizer of reduction="mean" across micro-batches and ranks.
+
+
+def _micro_batches(rows=(5, 11, 8), vocab=40):
+    """A batch cut into uneven micro-batches with different numbers of ignored rows in each."""
+    student, teacher, labels = make_inputs((sum(rows),), vocab, ignore="none")
+    labels[[0, 1, 2, 7, 20]] = -100  # 3 of 5 ignored, 1 of 11, 1 of 8
+    bounds = torch.tensor((0, *rows)).cumsum(0).tolist()
+    return student, teacher, labels, list(zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.mark.parametrize("num_items_type", ["int", "tensor"])
+def test_num_items_in_batch_accumulation_equals_full_batch(backend, num_items_type):
+    """Summing the losses of uneven micro-batches, each normalized by the batch's count of counted rows,
+    gives the full batch's token mean: loss and gradient (a per-micro-batch mean would weight rows wrongly)."""
+    student, teacher, labels, parts = _micro_batches()
+    options = dict(divergence="jsd", temperature=2.0, hard_weight=0.5)
+    count = int((labels != -100).sum())
+    num_items = count if num_items_type == "int" else torch.tensor(count, device=DEVICE)
+    full_loss, full_grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    accumulated, naive = torch.zeros(()), torch.zeros(())
+    grad = torch.zeros_like(student)
+    for start, end in parts:
+        loss, part_grad = loss_and_grad(
+            tsa_fast.distillation_loss,
+            student[start:end],
+            teacher[start:end],
+            labels[start:end],
+            num_items_in_batch=num_items,
+            **options,
+        )
+        accumulated, grad[start:end] = accumulated + loss.cpu(), part_grad
+        naive = naive + tsa_fast.distillation_loss(student[start:end], teacher[start:end], labels[start:end], **options)
+    assert_rel_close(accumulated, full_loss.cpu(), 1e-6, "loss")
+    assert_rel_close(grad, full_grad, 1e-6, "grad")
+    assert rel_error(naive / len(parts), full_loss) > 1e-4  # the uneven case: a mean of micro-batch means differs
+
+
+def test_num_items_in_batch_module(backend):
+    student, teacher, labels = make_inputs((6,), 30)
+    module = tsa_fast.nn.DistillationLoss(divergence="reverse_kl")
+    expected = tsa_fast.distillation_loss(student, teacher, labels, divergence="reverse_kl", reduction="sum") / 17
+    assert_rel_close(module(student, teacher, labels, num_items_in_batch=17), expected, 1e-6, "loss")
+
+
+@pytest.mark.parametrize(
+    "num_items, kwargs, error, match",
+    [
+        (0, dict(), ValueError, "num_items_in_batch must be >= 1, got 0"),
+        (-3, dict(), ValueError, "num_items_in_batch must be >= 1, got -3"),
+        (torch.tensor(0), dict(), ValueError, "num_items_in_batch must be >= 1, got 0"),
+        (2.5, dict(), TypeError, "num_items_in_batch must be an int or a 0-d integer tensor, got 2.5"),
+        (True, dict(), TypeError, "num_items_in_batch must be an int or a 0-d integer tensor, got True"),
+        ("12", dict(), TypeError, "num_items_in_batch must be an int or a 0-d integer tensor, got '12'"),
+        (torch.tensor(3.0), dict(), TypeError, "num_items_in_batch must be .* integer tensor, got .*float32"),
+        (torch.tensor([3]), dict(), ValueError, r"num_items_in_batch must be a 0-d tensor, got shape \(1,\)"),
+        (5, dict(reduction="sum"), ValueError, "num_items_in_batch applies to reduction='mean', got 'sum'"),
+    ],
+)
+def test_bad_num_items_in_batch_raises(num_items, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tsa_fast.distillation_loss(
+            _logits(4, 16), _logits(4, 16), torch.zeros(4, dtype=torch.long), num_items_in_batch=num_items, **kwargs
+        )

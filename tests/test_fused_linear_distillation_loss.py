@@ -693,5 +693,54 @@ def test_topk_tail_option_checked():
         tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=topk, topk_tail=None)
 
 
+# ---------------------------------------------------------------------------------------------------
+# num_items_in_batch: the normalizer of reduction="mean" across micro-batches and ranks.
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+def test_num_items_in_batch_accumulation_equals_full_batch(backend, teacher):
+    """Uneven micro-batches (5, 11, 8 rows; 3, 1 and 1 ignored), each normalized by the batch's count of
+    counted rows: their summed losses and accumulated gradients are the full batch's."""
+    student, teachers, labels = make_problem(rows=24, teacher=teacher, ignore="none")
+    labels[[0, 1, 2, 7, 20]] = -100
+    options = dict(divergence="symmetric_kl", hard_weight=0.5, chunk_size=4)
+    full_loss, full_grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss, student, teachers, labels, **options
+    )
+    count = torch.tensor(int((labels != -100).sum()), device=DEVICE)
+    accumulated, grads = 0.0, {name: 0.0 for name in student}
+    for start, end in ((0, 5), (5, 16), (16, 24)):
+        rows = lambda x, start=start, end=end: x[start:end]  # noqa: E731
+        part_teachers = {
+            k: tuple(map(rows, v)) if isinstance(v, tuple) else v if k.endswith(("weight", "bias")) else rows(v)
+            for k, v in teachers.items()
+        }
+        part_student = {k: v if k != "student_hidden" else rows(v) for k, v in student.items()}
+        loss, part_grads = loss_and_grads(
+            tsa_fast.fused_linear_distillation_loss,
+            part_student,
+            part_teachers,
+            rows(labels),
+            num_items_in_batch=count,
+            **options,
+        )
+        accumulated = accumulated + loss
+        for name, grad in part_grads.items():
+            if name == "student_hidden":
+                grads[name] = torch.cat([grads[name], grad]) if start else grad
+            else:
+                grads[name] = grads[name] + grad
+    assert_rel_close(accumulated, full_loss, 1e-6, "loss")
+    for name, grad in grads.items():
+        assert_rel_close(grad, full_grads[name], 1e-6, name)
+
+
+def test_num_items_in_batch_checked():
+    with pytest.raises(ValueError, match="num_items_in_batch must be >= 1, got 0"):
+        tsa_fast.fused_linear_distillation_loss(**_student(), teacher_logits=torch.randn(4, 20), num_items_in_batch=0)
+    with pytest.raises(TypeError, match="num_items_in_batch must be an int or a 0-d integer tensor, got 2.5"):
+        tsa_fast.fused_linear_distillation_loss(**_student(), teacher_logits=torch.randn(4, 20), num_items_in_batch=2.5)
+
+
 if __name__ == "__main__":  # test_pair_kernel_compiles_for_ampere_and_hopper
     compile_pair_kernel()

@@ -9,8 +9,8 @@ from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillatio
 
 
 class FusedLinearDistillationLoss(nn.Module):
-    """`forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, **teacher)`
-    = `fused_linear_distillation_loss(..., chunk_size=chunk_size, **options)`.
+    """`forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
+    num_items_in_batch=None, **teacher)` = `fused_linear_distillation_loss(..., chunk_size=chunk_size, **options)`.
 
     Takes `chunk_size` and the keyword options of `tsa_fast.distillation_loss` (same names and
     defaults); `forward` takes the student and teacher tensors of the functional op (biases, teacher
@@ -32,6 +32,7 @@ class FusedLinearDistillationLoss(nn.Module):
         teacher_hidden: Tensor | None = None,
         teacher_weight: Tensor | None = None,
         labels: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
         **teacher,
     ) -> Tensor:
         return fused_linear_distillation_loss(
@@ -41,6 +42,7 @@ class FusedLinearDistillationLoss(nn.Module):
             teacher_weight,
             labels,
             chunk_size=self.chunk_size,
+            num_items_in_batch=num_items_in_batch,
             **teacher,
             **self.options,
         )

@@ -39,6 +39,7 @@ def distillation_loss(
     reduction: str = "mean",
     softcap: float | None = None,
     vocab_size: int | None = None,
+    num_items_in_batch: int | Tensor | None = None,
 ) -> Tensor:
     """Distillation loss between student and teacher logits, fused with its gradient.
 
@@ -58,6 +59,10 @@ def distillation_loss(
         reduction: "mean" (over counted rows; 0 if none count), "sum", "batchmean" (sum / rows), "none" (...).
         softcap: c(z) = softcap * tanh(z / softcap) applied to both logits when set (> 0).
         vocab_size: K <= V_s, V_t: use the first K columns of each (required when V_s != V_t).
+        num_items_in_batch: for reduction="mean", the number of counted rows (tokens) across all
+            micro-batches and data-parallel ranks of the step: an int >= 1 or a 0-d integer tensor (on
+            the logits' device or the CPU). The sum of row losses is divided by it instead of the local
+            count, so summing the losses of the micro-batches gives exactly the full batch's mean.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or per-row losses of the leading shape for "none".
@@ -85,6 +90,7 @@ def distillation_loss(
     check_tensor("teacher_logits", teacher_logits, like=("student_logits", student_logits))
     check_labels_tensor(labels, student_logits.shape[:-1], student_logits.device)
     vocab = check_loss_options(options, student_logits.shape[-1], teacher_logits.shape[-1], labels is not None)
+    check_num_items(num_items_in_batch, reduction)
     leading_shape = student_logits.shape[:-1]
     flat_labels = None if labels is None else labels.reshape(-1)
     rows = distillation_loss_rows_autograd(
@@ -95,13 +101,61 @@ def distillation_loss(
         vocab,
     )
     counted = None if flat_labels is None else flat_labels != ignore_index
+    if num_items_in_batch is not None:
+        return rows.sum() / num_items_in_batch
     return reduce_rows(rows, counted, reduction, leading_shape)
 
 
-# The keyword options of the loss and their defaults, shared by every op and module that takes them.
+# The keyword options of the loss and their defaults, shared by every op and module that takes them (all but
+# the per-batch num_items_in_batch).
 LOSS_OPTIONS = {
-    name: p.default for name, p in inspect.signature(distillation_loss).parameters.items() if p.kind is p.KEYWORD_ONLY
+    name: p.default
+    for name, p in inspect.signature(distillation_loss).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name != "num_items_in_batch"
 }
+# The options a row's loss depends on (the rest say which rows count, which columns and how rows reduce).
+ROW_OPTIONS = (
+    "divergence",
+    "beta",
+    "temperature",
+    "scale_by_t2",
+    "soft_weight",
+    "hard_weight",
+    "label_smoothing",
+    "ignore_index",
+    "softcap",
+)
+
+
+def check_num_items(num_items_in_batch, reduction: str) -> None:
+    """None, or (with reduction="mean") an int >= 1 or a 0-d integer tensor: a TypeError for a wrong type,
+    a ValueError for a wrong shape or value (a tensor's value: on CPU; on CUDA an asynchronous device assert;
+    skipped while torch.compile traces)."""
+    value = num_items_in_batch
+    if value is None:
+        return
+    if isinstance(value, Tensor):
+        right_type = value.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+    else:
+        right_type = isinstance(value, int) and not isinstance(value, bool)
+    if not right_type:
+        shown = f"a {value.dtype} tensor" if isinstance(value, Tensor) else f"{value!r} ({type(value).__name__})"
+        raise TypeError(f"num_items_in_batch must be an int or a 0-d integer tensor, got {shown}")
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch applies to reduction='mean', got {reduction!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"num_items_in_batch must be >= 1, got {value}")
+        return
+    if value.dim() != 0:
+        raise ValueError(f"num_items_in_batch must be a 0-d tensor, got shape {tuple(value.shape)}")
+    if traced(value):
+        return
+    if value.device.type == "cpu":
+        if value < 1:
+            raise ValueError(f"num_items_in_batch must be >= 1, got {int(value)}")
+    else:
+        torch._assert_async(value >= 1, "tsa_fast: num_items_in_batch must be >= 1")
 
 
 def distillation_loss_rows_autograd(

@@ -30,9 +30,11 @@ from tsa_fast.backends import select_backend, triton_kernels
 from tsa_fast.ops.checks import check_choice, check_int, traced
 from tsa_fast.ops.distillation_loss import (
     LOSS_OPTIONS,
+    ROW_OPTIONS,
     check_label_range,
     check_labels_tensor,
     check_loss_options,
+    check_num_items,
     check_tensor,
     distillation_loss_rows_and_grad,
     rows_and_grad_by_autograd,
@@ -57,6 +59,7 @@ def fused_linear_distillation_loss(
     teacher_topk: tuple[Tensor, Tensor] | None = None,
     chunk_size: int | None = None,
     topk_tail: str = "bucket",
+    num_items_in_batch: int | Tensor | None = None,
     **loss_options,
 ) -> Tensor:
     """`distillation_loss(student_hidden @ student_weight.T + student_bias, teacher logits, labels, **loss_options)`
@@ -76,6 +79,8 @@ def fused_linear_distillation_loss(
         labels: (...) or None, as in `distillation_loss`.
         chunk_size: rows per chunk; default `default_chunk_size`: the power of two near N * H_s / V (the
             chunk's logits then take about the memory of the hidden states), at least 256 rows.
+        num_items_in_batch: for reduction="mean", the count of counted rows across micro-batches and ranks,
+            as in `distillation_loss`.
         **loss_options: the keyword options of `distillation_loss` (same names, defaults and errors).
 
     Returns: the loss as `distillation_loss` returns it (float32; float64 for float64 inputs).
@@ -109,6 +114,7 @@ def fused_linear_distillation_loss(
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
 
     check_choice("topk_tail", topk_tail, TOPK_TAILS)
+    check_num_items(num_items_in_batch, options["reduction"])
     teacher.topk_tail = topk_tail
     flat_labels = None if labels is None else labels.reshape(-1)
     if flat_labels is not None:
@@ -124,6 +130,7 @@ def fused_linear_distillation_loss(
         options,
         vocab,
         chunk_size,
+        num_items_in_batch,
     )
     return loss.reshape(student_hidden.shape[:-1]) if options["reduction"] == "none" else loss
 
@@ -263,7 +270,13 @@ def _rows_and_logit_grad(student_logits: Tensor, teacher, labels: Tensor | None,
         indices, logprobs, topk_tail = teacher
         return rows_and_grad_by_autograd(
             lambda z: topk_distillation_loss_rows(
-                z, indices, logprobs, labels, **{**options, "vocab_size": vocab}, topk_tail=topk_tail
+                z,
+                indices,
+                logprobs,
+                labels,
+                **{name: options[name] for name in ROW_OPTIONS},
+                vocab_size=vocab,
+                topk_tail=topk_tail,
             ),
             student_logits,
         )
@@ -397,9 +410,11 @@ class _WeightGradPair:
             self.folded, self.filled = self.folded + self.filled, 0
 
 
-def _reduction_weight(labels: Tensor | None, n_rows: int, options: dict, dtype, device) -> Tensor:
+def _reduction_weight(labels: Tensor | None, n_rows: int, options: dict, num_items, dtype, device) -> Tensor:
     """The weight of every row's loss in the scalar reduction (a 0-dim tensor: no host sync)."""
     reduction = options["reduction"]
+    if num_items is not None:
+        return torch.as_tensor(num_items, device=device).to(dtype).reciprocal()
     if reduction == "sum":
         return torch.ones((), dtype=dtype, device=device)
     if reduction == "batchmean" or labels is None:
@@ -409,7 +424,7 @@ def _reduction_weight(labels: Tensor | None, n_rows: int, options: dict, dtype, 
 
 class _FusedLinearDistillation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, labels, options, vocab, chunk_size):
+    def forward(ctx, hidden, weight, bias, teacher, labels, options, vocab, chunk_size, num_items):
         needs = ctx.needs_input_grad[:3]
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.args = (teacher, labels, options, vocab, chunk_size)
@@ -420,7 +435,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
             )
             return rows
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        scale = _reduction_weight(labels, hidden.shape[0], options, dtype, hidden.device)
+        scale = _reduction_weight(labels, hidden.shape[0], options, num_items, dtype, hidden.device)
         rows, *grads = _chunked_pass(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, scale, needs)
         ctx.save_for_backward(*grads)
         return rows.sum() * scale
@@ -437,4 +452,4 @@ class _FusedLinearDistillation(torch.autograd.Function):
         else:  # in place: a second backward through the consumed gradients raises autograd's error
             grads = [None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors]
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
