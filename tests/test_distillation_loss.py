@@ -504,3 +504,47 @@ def test_bad_num_items_in_batch_raises(num_items, kwargs, error, match):
         tsa_fast.distillation_loss(
             _logits(4, 16), _logits(4, 16), torch.zeros(4, dtype=torch.long), num_items_in_batch=num_items, **kwargs
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# return_parts: the soft (divergence) and hard (cross-entropy) parts of the loss, for logging.
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weights", [(0.6, 0.4), (1.0, 0.0), (0.0, 0.7)], ids=["both", "soft-only", "hard-only"])
+def test_return_parts(backend, reduction, weights):
+    """(loss, LossParts(soft, hard)): each part is the loss with the other weight 0, reduced alike, detached;
+    the loss is the loss without return_parts, and so is its gradient."""
+    soft_weight, hard_weight = weights
+    student, teacher, labels = make_inputs((3, 4), 90)
+    options = dict(divergence="jsd", temperature=2.0, soft_weight=soft_weight, hard_weight=hard_weight)
+    options.update(label_smoothing=0.1, reduction=reduction)
+    z = student.clone().requires_grad_()
+    loss, parts = tsa_fast.distillation_loss(z, teacher, labels, return_parts=True, **options)
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(loss)
+    (grad,) = torch.autograd.grad((loss * weights).sum(), z)
+    expected, expected_grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+    only = dict(options, hard_weight=0.0), dict(options, soft_weight=0.0)
+    for part, part_options in zip(parts, only):
+        assert not part.requires_grad and part.shape == loss.shape
+        assert_rel_close(part, reference_loss(student.double(), teacher.double(), labels, **part_options), 1e-5)
+    assert_rel_close(parts.soft + parts.hard, loss, 1e-6, "soft + hard")
+    assert parts._fields == ("soft", "hard")
+
+
+def test_return_parts_compiles(backend):
+    student, teacher, labels = make_inputs((2, 6), 80)
+
+    def step(s, t, y):
+        loss, parts = tsa_fast.distillation_loss(s, t, y, hard_weight=0.5, return_parts=True)
+        return loss, parts.soft, parts.hard
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(student, teacher, labels), step(student, teacher, labels)):
+        assert_rel_close(got, expected, 1e-6)
+
+
+def test_return_parts_checked():
+    with pytest.raises(TypeError, match="return_parts must be a bool, got 1"):
+        tsa_fast.distillation_loss(_logits(2, 8), _logits(2, 8), return_parts=1)

@@ -742,5 +742,51 @@ def test_num_items_in_batch_checked():
         tsa_fast.fused_linear_distillation_loss(**_student(), teacher_logits=torch.randn(4, 20), num_items_in_batch=2.5)
 
 
+# ---------------------------------------------------------------------------------------------------
+# return_parts: the soft and hard parts of the loss, for logging.
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_return_parts(backend, teacher, reduction):
+    """(loss, LossParts(soft, hard)): each part is the loss with the other weight 0, reduced alike, detached;
+    the loss and its gradients are those without return_parts."""
+    student, teachers, labels = make_problem(teacher=teacher, temperature=2.0)
+    options = dict(divergence="reverse_kl", temperature=2.0, hard_weight=0.4, reduction=reduction, chunk_size=5)
+    tensors = {k: v.detach().clone().requires_grad_() for k, v in student.items()}
+    loss, parts = tsa_fast.fused_linear_distillation_loss(
+        **tensors, **teachers, labels=labels, return_parts=True, **options
+    )
+    expected, expected_grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss, student, teachers, labels, **options
+    )
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(loss)
+    grads = torch.autograd.grad((loss * weights).sum(), list(tensors.values()))
+    assert torch.equal(loss, expected)
+    for grad, name in zip(grads, tensors):
+        assert torch.equal(grad, expected_grads[name]), name
+    for part, part_options in zip(parts, (dict(options, hard_weight=0.0), dict(options, soft_weight=0.0))):
+        assert not part.requires_grad and part.shape == loss.shape
+        expected_part = tsa_fast.fused_linear_distillation_loss(**student, **teachers, labels=labels, **part_options)
+        assert_rel_close(part, expected_part, 1e-6)
+    assert_rel_close(parts.soft + parts.hard, loss, 1e-6, "soft + hard")
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "topk"])
+def test_return_parts_compiles(backend, teacher):
+    student, teachers, labels = make_problem(teacher=teacher)
+
+    def step(labels, **tensors):
+        loss, parts = tsa_fast.fused_linear_distillation_loss(
+            labels=labels, **tensors, chunk_size=5, hard_weight=0.5, return_parts=True
+        )
+        return loss, parts.soft, parts.hard
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(labels, **student, **teachers), step(labels, **student, **teachers)):
+        assert_rel_close(got, expected, 1e-6)
+
+
 if __name__ == "__main__":  # test_pair_kernel_compiles_for_ampere_and_hopper
     compile_pair_kernel()

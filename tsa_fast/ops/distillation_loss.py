@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,8 +40,9 @@ def distillation_loss(
     reduction: str = "mean",
     softcap: float | None = None,
     vocab_size: int | None = None,
+    return_parts: bool = False,
     num_items_in_batch: int | Tensor | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, LossParts]:
     """Distillation loss between student and teacher logits, fused with its gradient.
 
     Args:
@@ -59,6 +61,7 @@ def distillation_loss(
         reduction: "mean" (over counted rows; 0 if none count), "sum", "batchmean" (sum / rows), "none" (...).
         softcap: c(z) = softcap * tanh(z / softcap) applied to both logits when set (> 0).
         vocab_size: K <= V_s, V_t: use the first K columns of each (required when V_s != V_t).
+        return_parts: also return the soft and hard parts of the loss (for logging): see Returns.
         num_items_in_batch: for reduction="mean", the number of counted rows (tokens) across all
             micro-batches and data-parallel ranks of the step: an int >= 1 or a 0-d integer tensor (on
             the logits' device or the CPU). The sum of row losses is divided by it instead of the local
@@ -66,6 +69,10 @@ def distillation_loss(
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or per-row losses of the leading shape for "none".
+        With return_parts, `(loss, LossParts(soft, hard))`: the loss with hard_weight = 0 and with
+        soft_weight = 0, reduced as the loss, detached (no gradient); they sum to the loss within rounding.
+        Where both weights are nonzero they take one more forward-only pass over the logits each (no
+        gradient, O(N) memory); otherwise they are the loss and zeros.
 
     Raises:
         TypeError: an option of the wrong type (a flag that is not a bool, a number that is not an int or
@@ -85,6 +92,7 @@ def distillation_loss(
         reduction=reduction,
         softcap=softcap,
         vocab_size=vocab_size,
+        return_parts=return_parts,
     )
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits, like=("student_logits", student_logits))
@@ -93,16 +101,44 @@ def distillation_loss(
     check_num_items(num_items_in_batch, reduction)
     leading_shape = student_logits.shape[:-1]
     flat_labels = None if labels is None else labels.reshape(-1)
-    rows = distillation_loss_rows_autograd(
-        student_logits.reshape(-1, student_logits.shape[-1]),
-        teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]),
-        flat_labels,
-        options,
-        vocab,
-    )
+    student = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    rows = distillation_loss_rows_autograd(student, teacher, flat_labels, options, vocab)
     counted = None if flat_labels is None else flat_labels != ignore_index
-    if num_items_in_batch is not None:
-        return rows.sum() / num_items_in_batch
+    loss = reduce_loss_rows(rows, counted, reduction, leading_shape, num_items_in_batch)
+    if not return_parts:
+        return loss
+    parts = part_rows(
+        rows,
+        lambda part_options: distillation_loss_rows_autograd(student, teacher, flat_labels, part_options, vocab),
+        options,
+    )
+    return loss, LossParts(*(reduce_loss_rows(p, counted, reduction, leading_shape, num_items_in_batch) for p in parts))
+
+
+class LossParts(NamedTuple):
+    """The parts of a distillation loss (`return_parts=True`), reduced as the loss, without gradient."""
+
+    soft: Tensor  # soft_weight x (T^2) x divergence
+    hard: Tensor  # hard_weight x cross-entropy to the labels
+
+
+def part_rows(rows: Tensor, row_fn, options: dict) -> tuple[Tensor, Tensor]:
+    """The (soft, hard) per-row parts of `rows`, detached: `row_fn(options)` (per-row losses) with the other
+    weight 0, where both weights are nonzero; else `rows` and zeros."""
+    rows = rows.detach()
+    if options["hard_weight"] == 0:
+        return rows, torch.zeros_like(rows)
+    if options["soft_weight"] == 0:
+        return torch.zeros_like(rows), rows
+    with torch.no_grad():
+        return row_fn({**options, "hard_weight": 0.0}), row_fn({**options, "soft_weight": 0.0})
+
+
+def reduce_loss_rows(rows: Tensor, counted: Tensor | None, reduction: str, leading_shape, num_items) -> Tensor:
+    """`reduce_rows`, with reduction="mean" over num_items_in_batch rows when it is given."""
+    if num_items is not None:
+        return rows.sum() / num_items
     return reduce_rows(rows, counted, reduction, leading_shape)
 
 
@@ -269,6 +305,7 @@ def check_loss_options(options: dict, student_vocab: int, teacher_vocab: int, ha
     check_choice("divergence", options["divergence"], DIVERGENCES)
     check_choice("reduction", options["reduction"], REDUCTIONS)
     check_bool("scale_by_t2", options["scale_by_t2"])
+    check_bool("return_parts", options["return_parts"])
     for name in ("beta", "temperature", "soft_weight", "hard_weight", "label_smoothing"):
         check_real(name, options[name])
     check_int("ignore_index", options["ignore_index"])

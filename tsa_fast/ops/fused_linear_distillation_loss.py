@@ -20,6 +20,7 @@ For a scalar reduction the gradients are computed in the forward pass (backward 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,12 +32,16 @@ from tsa_fast.ops.checks import check_choice, check_int, traced
 from tsa_fast.ops.distillation_loss import (
     LOSS_OPTIONS,
     ROW_OPTIONS,
+    LossParts,
     check_label_range,
     check_labels_tensor,
     check_loss_options,
     check_num_items,
     check_tensor,
     distillation_loss_rows_and_grad,
+    distillation_loss_rows_autograd,
+    part_rows,
+    reduce_loss_rows,
     rows_and_grad_by_autograd,
 )
 from tsa_fast.reference.fused_linear_distillation_loss import (
@@ -83,7 +88,9 @@ def fused_linear_distillation_loss(
             as in `distillation_loss`.
         **loss_options: the keyword options of `distillation_loss` (same names, defaults and errors).
 
-    Returns: the loss as `distillation_loss` returns it (float32; float64 for float64 inputs).
+    Returns: the loss as `distillation_loss` returns it (float32; float64 for float64 inputs); with
+    return_parts, `(loss, LossParts(soft, hard))` as there (the parts take one more forward-only pass per
+    chunk each where both weights are nonzero).
     Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant.
 
     Raises: TypeError for an unknown option or an option of the wrong type (as `distillation_loss`; also
@@ -121,7 +128,7 @@ def fused_linear_distillation_loss(
         check_label_range(flat_labels, vocab, options["ignore_index"])
     if teacher.topk_indices is not None:
         check_topk_teacher(teacher.topk_indices, teacher.topk_logprobs, vocab, flat_labels, options["ignore_index"])
-    loss = _FusedLinearDistillation.apply(
+    out = _FusedLinearDistillation.apply(
         student_hidden.reshape(n_rows, student_hidden.shape[-1]),
         student_weight,
         student_bias,
@@ -132,7 +139,13 @@ def fused_linear_distillation_loss(
         chunk_size,
         num_items_in_batch,
     )
-    return loss.reshape(student_hidden.shape[:-1]) if options["reduction"] == "none" else loss
+    leading_shape = student_hidden.shape[:-1]
+    loss = out[0].reshape(leading_shape) if options["reduction"] == "none" else out[0]
+    if not options["return_parts"]:
+        return loss
+    counted = None if flat_labels is None else flat_labels != options["ignore_index"]
+    reduce = lambda rows: reduce_loss_rows(rows, counted, options["reduction"], leading_shape, num_items_in_batch)  # noqa: E731
+    return loss, LossParts(reduce(out[1]), reduce(out[2]))
 
 
 MIN_CHUNK_ROWS = 256
@@ -266,21 +279,20 @@ def check_topk_teacher(indices: Tensor, logprobs: Tensor, vocab: int, labels: Te
 @torch.compiler.allow_in_graph  # the top-k and torch paths run autograd inside: one node, no graph break
 def _rows_and_logit_grad(student_logits: Tensor, teacher, labels: Tensor | None, options: dict, vocab: int):
     """Per-row losses and their gradient w.r.t. the chunk's fp32 student logits."""
-    if isinstance(teacher, tuple):  # top-k (indices, logprobs, tail mode): the reference math on the chunk
-        indices, logprobs, topk_tail = teacher
-        return rows_and_grad_by_autograd(
-            lambda z: topk_distillation_loss_rows(
-                z,
-                indices,
-                logprobs,
-                labels,
-                **{name: options[name] for name in ROW_OPTIONS},
-                vocab_size=vocab,
-                topk_tail=topk_tail,
-            ),
-            student_logits,
-        )
+    if isinstance(teacher, tuple):  # top-k: the reference math on the chunk, differentiated by autograd
+        return rows_and_grad_by_autograd(lambda z: _rows(z, teacher, labels, options, vocab=vocab), student_logits)
     return distillation_loss_rows_and_grad(student_logits, teacher, labels, options, vocab)
+
+
+def _rows(student_logits: Tensor, teacher, labels: Tensor | None, options: dict, *, vocab: int) -> Tensor:
+    """Per-row losses of the chunk's logits (differentiable where they require grad)."""
+    if isinstance(teacher, tuple):  # top-k (indices, logprobs, tail mode)
+        indices, logprobs, topk_tail = teacher
+        row_options = {name: options[name] for name in ROW_OPTIONS}
+        return topk_distillation_loss_rows(
+            student_logits, indices, logprobs, labels, **row_options, vocab_size=vocab, topk_tail=topk_tail
+        )
+    return distillation_loss_rows_autograd(student_logits, teacher, labels, options, vocab)
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -323,15 +335,18 @@ def weight_grad_pair_accumulate(high: Tensor, low: Tensor, grad_logits: Tensor, 
     low.copy_(total - high.to(total.dtype))
 
 
-def _chunked_pass(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs):
+def _chunked_pass(
+    hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs, parts=None
+):
     """Per-row losses (N,) and, for `needs` = (hidden, weight, bias) flags, the gradients of
-    sum(row_weights * rows); row_weights is a scalar tensor or (N,). Autocast is off inside: the pass
-    chooses its own dtypes."""
+    sum(row_weights * rows); row_weights is a scalar tensor or (N,). `parts`, a pair of (N,) buffers, gets
+    the soft and hard parts of each row (`part_rows`). Autocast is off inside: the pass chooses its own
+    dtypes."""
     with torch.autocast(hidden.device.type, enabled=False):
-        return _chunks(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, row_weights, needs)
+        return _chunks(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, row_weights, needs, parts)
 
 
-def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs):
+def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs, parts):
     n_rows = hidden.shape[0]
     # Logits and their gradient in fp32 (float64 for float64 inputs), never rounded to a low-precision dtype
     # before the loss.
@@ -355,10 +370,12 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
         chunk_hidden = hidden[start:end].detach()
         student_logits = _logits(chunk_hidden, gemm_weight, bias, compute_dtype)
         chunk_labels = None if labels is None else labels[start:end]
-        chunk_rows, grad_logits = _rows_and_logit_grad(
-            student_logits, teacher.rows(start, end, teacher_gemm_weight, compute_dtype), chunk_labels, options, vocab
-        )
+        chunk_teacher = teacher.rows(start, end, teacher_gemm_weight, compute_dtype)
+        chunk_rows, grad_logits = _rows_and_logit_grad(student_logits, chunk_teacher, chunk_labels, options, vocab)
         rows[start:end] = chunk_rows
+        if parts is not None:
+            row_fn = functools.partial(_rows, student_logits, chunk_teacher, chunk_labels, vocab=vocab)
+            parts[0][start:end], parts[1][start:end] = part_rows(chunk_rows, row_fn, options)
         if not any(needs):
             continue
         del student_logits
@@ -428,20 +445,23 @@ class _FusedLinearDistillation(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.args = (teacher, labels, options, vocab, chunk_size)
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        # With return_parts, two more outputs: the per-row soft and hard parts, without gradient.
+        parts = [hidden.new_empty(hidden.shape[0], dtype=dtype) for _ in range(2)] if options["return_parts"] else []
+        ctx.mark_non_differentiable(*parts)
+        ctx.set_materialize_grads(False)
+        pass_args = (hidden, weight, bias, teacher, labels, options, vocab, chunk_size)
         if options["reduction"] == "none":  # per-row weights come in backward: recompute there
             ctx.save_for_backward(hidden, weight, bias)
-            rows, *_ = _chunked_pass(
-                hidden, weight, bias, teacher, labels, options, vocab, chunk_size, None, (False,) * 3
-            )
-            return rows
-        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            rows, *_ = _chunked_pass(*pass_args, None, (False,) * 3, parts or None)
+            return rows, *parts
         scale = _reduction_weight(labels, hidden.shape[0], options, num_items, dtype, hidden.device)
-        rows, *grads = _chunked_pass(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, scale, needs)
+        rows, *grads = _chunked_pass(*pass_args, scale, needs, parts or None)
         ctx.save_for_backward(*grads)
-        return rows.sum() * scale
+        return rows.sum() * scale, *parts
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_parts):
         teacher, labels, options, vocab, chunk_size = ctx.args
         if options["reduction"] == "none":
             hidden, weight, bias = ctx.saved_tensors
