@@ -548,3 +548,85 @@ def test_return_parts_compiles(backend):
 def test_return_parts_checked():
     with pytest.raises(TypeError, match="return_parts must be a bool, got 1"):
         tsa_fast.distillation_loss(_logits(2, 8), _logits(2, 8), return_parts=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# temperature as a tensor: one per row (TextBrewer's dynamic temperature) or a 0-d tensor.
+
+
+def per_row_reference(student, teacher, labels, temperature, **options):
+    """Float64 per-row losses, each row at its own temperature (the reference run row by row)."""
+    rows = [
+        reference_loss(
+            student[i : i + 1].double(),
+            teacher[i : i + 1].double(),
+            None if labels is None else labels[i : i + 1],
+            temperature=float(temperature[i]),
+            reduction="none",
+            **options,
+        )
+        for i in range(student.shape[0])
+    ]
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("scale_by_t2", [True, False])
+def test_row_temperature_matches_reference_row_by_row(backend, divergence, scale_by_t2):
+    student, teacher, labels = make_inputs((9,), 70)
+    temperature = torch.rand(9, device=DEVICE) * 3.5 + 0.5
+    options = dict(divergence=divergence, scale_by_t2=scale_by_t2, hard_weight=0.3, label_smoothing=0.1, softcap=20.0)
+    loss, grad = loss_and_grad(
+        tsa_fast.distillation_loss, student, teacher, labels, temperature=temperature, reduction="none", **options
+    )
+    z = student.double().requires_grad_()
+    expected = per_row_reference(z, teacher, labels, temperature, **options)
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), z)
+    assert_rel_close(loss, expected, TOL[torch.float32], "loss")
+    grad_tol = 1e-4 if divergence == "tvd" else TOL[torch.float32]
+    assert_rel_close(grad, expected_grad, grad_tol, "grad")
+
+
+def test_row_temperature_of_the_leading_shape_and_zero_dim(backend):
+    """A temperature of the leading shape (2, 3); a 0-d tensor equals the same float."""
+    student, teacher, labels = make_inputs((2, 3), 50)
+    temperature = torch.tensor([[1.0, 2.0, 3.0], [0.5, 1.5, 4.0]], device=DEVICE)
+    loss = tsa_fast.distillation_loss(student, teacher, labels, temperature=temperature, reduction="sum")
+    expected = per_row_reference(
+        student.reshape(6, -1), teacher.reshape(6, -1), labels.reshape(6), temperature.reshape(6)
+    )
+    assert_rel_close(loss, expected.sum(), TOL[torch.float32], "loss")
+    zero_dim = tsa_fast.distillation_loss(student, teacher, labels, temperature=torch.tensor(2.5, device=DEVICE))
+    assert_rel_close(zero_dim, tsa_fast.distillation_loss(student, teacher, labels, temperature=2.5), 1e-6, "0-d")
+
+
+def test_row_temperature_compiles(backend):
+    student, teacher, labels = make_inputs((2, 6), 80)
+    temperature = torch.rand(2, 6, device=DEVICE) + 0.5
+
+    def step(s, t, y, temperature):
+        return tsa_fast.distillation_loss(s, t, y, temperature=temperature, hard_weight=0.5)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, grad = loss_and_grad(lambda *a: compiled(*a, temperature), student, teacher, labels)
+    expected_loss, expected_grad = loss_and_grad(lambda *a: step(*a, temperature), student, teacher, labels)
+    assert_rel_close(loss, expected_loss, 1e-6, "loss")
+    assert_rel_close(grad, expected_grad, 1e-6, "grad")
+
+
+@pytest.mark.parametrize(
+    "temperature, error, match",
+    [
+        (torch.ones(3), ValueError, r"temperature must be a 0-d tensor or of the leading shape \(4,\), got \(3,\)"),
+        (torch.ones(4, 1), ValueError, r"temperature must be .* leading shape \(4,\), got \(4, 1\)"),
+        (torch.ones(4, dtype=torch.long), TypeError, "temperature must be a floating-point tensor, got torch.int64"),
+        (torch.tensor([1.0, 0.0, 2.0, 1.0]), ValueError, r"temperature must be finite and > 0, got \[0.0\]"),
+        (torch.tensor([1.0, -1.0, math.nan, math.inf]), ValueError, r"temperature .* got \[-1.0, nan, inf\]"),
+        (torch.tensor(0.0), ValueError, r"temperature must be finite and > 0, got \[0.0\]"),
+        (torch.ones(4, device="meta"), ValueError, "temperature on meta but the logits on cpu"),
+    ],
+)
+def test_bad_tensor_temperature_raises(temperature, error, match):
+    with pytest.raises(error, match=match):
+        tsa_fast.distillation_loss(_logits(4, 16), _logits(4, 16), temperature=temperature)

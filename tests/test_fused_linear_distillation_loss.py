@@ -788,5 +788,71 @@ def test_return_parts_compiles(backend, teacher):
         assert_rel_close(got, expected, 1e-6)
 
 
+# ---------------------------------------------------------------------------------------------------
+# temperature as a tensor: one per row, or a 0-d tensor.
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_row_temperature_matches_reference_row_by_row(backend, teacher, reduction):
+    """Each row at its own temperature (a top-k teacher's log-probabilities at that row's T): the float64
+    reference run row by row, for the loss and every gradient, across chunks."""
+    student, teachers, labels = make_problem(teacher="logits", rows=10)
+    temperature = torch.rand(10, device=DEVICE) * 3 + 0.5
+    if teacher == "topk":
+        logits = teachers.pop("teacher_logits")
+        logprobs, indices = torch.log_softmax(logits / temperature[:, None], -1).topk(9, -1)
+        teachers = dict(teacher_topk=(indices, logprobs))
+    elif teacher == "hidden":
+        student, teachers, labels = make_problem(teacher="hidden", rows=10)
+    options = dict(divergence="jsd", hard_weight=0.3, reduction=reduction)
+    loss, grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss,
+        student,
+        teachers,
+        labels,
+        temperature=temperature,
+        chunk_size=3,
+        **options,
+    )
+    as64 = lambda x: x.double() if x.is_floating_point() else x  # noqa: E731
+
+    def row_by_row(**tensors):
+        rows = []
+        for i in range(10):
+            one = lambda x, i=i: x[i : i + 1] if x.shape[0] == 10 else x  # noqa: E731
+            row = {
+                k: tuple(one(as64(x)) for x in v) if isinstance(v, tuple) else one(as64(v)) for k, v in tensors.items()
+            }
+            rows.append(reference_loss(**row, temperature=float(temperature[i]), **dict(options, reduction="none")))
+        rows = torch.cat(rows)
+        counted = labels != -100
+        return rows if reduction == "none" else rows.sum() / counted.sum().clamp(min=1)
+
+    student64 = {k: v.double() for k, v in student.items()}
+    expected, expected_grads = loss_and_grads(row_by_row, student64, teachers, labels)
+    assert_rel_close(loss, expected, TOL[torch.float32], "loss")
+    for name, grad in grads.items():
+        assert_rel_close(grad, expected_grads[name], TOL[torch.float32], name)
+
+
+def test_zero_dim_temperature_is_the_float():
+    student, teachers, labels = make_problem(teacher="topk", temperature=2.0)
+    common = dict(**student, **teachers, labels=labels, divergence="forward_kl")
+    loss = tsa_fast.fused_linear_distillation_loss(**common, temperature=torch.tensor(2.0))
+    assert_rel_close(loss, tsa_fast.fused_linear_distillation_loss(**common, temperature=2.0), 1e-6, "loss")
+
+
+def test_bad_tensor_temperature_raises():
+    with pytest.raises(ValueError, match=r"temperature must be a 0-d tensor or of the leading shape \(4,\)"):
+        tsa_fast.fused_linear_distillation_loss(
+            **_student(), teacher_logits=torch.randn(4, 20), temperature=torch.ones(5)
+        )
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        tsa_fast.fused_linear_distillation_loss(
+            **_student(), teacher_logits=torch.randn(4, 20), temperature=torch.tensor([1.0, 1.0, -2.0, 1.0])
+        )
+
+
 if __name__ == "__main__":  # test_pair_kernel_compiles_for_ampere_and_hopper
     compile_pair_kernel()

@@ -9,6 +9,7 @@ plain PyTorch around it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import NamedTuple
@@ -17,7 +18,16 @@ import torch
 from torch import Tensor
 
 from tsa_fast.backends import cpp_extension, select_backend, triton_kernels
-from tsa_fast.ops.checks import DTYPE_CODES, FLOAT_DTYPES, check_bool, check_choice, check_int, check_real, traced
+from tsa_fast.ops.checks import (
+    DTYPE_CODES,
+    FLOAT_DTYPES,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    is_real,
+    traced,
+)
 from tsa_fast.reference import distillation_loss as reference  # the module
 from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS, reduce_rows
 
@@ -31,7 +41,7 @@ def distillation_loss(
     *,
     divergence: str = "forward_kl",
     beta: float = 0.5,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     scale_by_t2: bool = True,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
@@ -53,7 +63,9 @@ def distillation_loss(
         beta: JSD mixing weight, strictly inside (0, 1). As beta -> 0 the JSD tends to beta x forward KL and
             as beta -> 1 to (1 - beta) x reverse KL (as in Liger and TRL): for those limits use
             divergence="forward_kl" (beta = 0) or "reverse_kl" (beta = 1).
-        temperature: T > 0, finite; both distributions are softmax(c(z) / T).
+        temperature: T > 0, finite; both distributions are softmax(c(z) / T). A number, or a float tensor
+            (a constant: no gradient) of the leading shape, one T per row, or 0-d; on the logits' device
+            (a 0-d one may be on the CPU). scale_by_t2 then scales each row by its own T^2.
         scale_by_t2: multiply the divergence by T^2 (Hinton et al.).
         soft_weight, hard_weight: weights of the divergence and of the cross-entropy (at T = 1) to labels.
         label_smoothing: in [0, 1), for the cross-entropy term.
@@ -100,6 +112,7 @@ def distillation_loss(
     vocab = check_loss_options(options, student_logits.shape[-1], teacher_logits.shape[-1], labels is not None)
     check_num_items(num_items_in_batch, reduction)
     leading_shape = student_logits.shape[:-1]
+    options["temperature"] = row_temperatures(temperature, leading_shape, student_logits)
     flat_labels = None if labels is None else labels.reshape(-1)
     student = student_logits.reshape(-1, student_logits.shape[-1])
     teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
@@ -194,6 +207,53 @@ def check_num_items(num_items_in_batch, reduction: str) -> None:
         torch._assert_async(value >= 1, "tsa_fast: num_items_in_batch must be >= 1")
 
 
+def row_temperatures(temperature, leading_shape: torch.Size, logits: Tensor) -> float | Tensor:
+    """A number stays; a tensor temperature (0-d or of the leading shape) becomes the (N,) per-row
+    temperatures, detached, in fp32 (float64 for float64 logits), on the logits' device, values checked."""
+    if not isinstance(temperature, Tensor):
+        return temperature
+    if not temperature.is_floating_point():
+        raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
+    if temperature.dim() != 0 and temperature.shape != leading_shape:
+        raise ValueError(
+            f"temperature must be a 0-d tensor or of the leading shape {tuple(leading_shape)}, "
+            f"got {tuple(temperature.shape)}"
+        )
+    if temperature.device != logits.device and not (temperature.dim() == 0 and temperature.device.type == "cpu"):
+        raise ValueError(f"temperature on {temperature.device} but the logits on {logits.device}")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = temperature.detach().to(logits.device, dtype).expand(leading_shape).reshape(-1)
+    check_temperature_values(rows)
+    return rows
+
+
+def check_temperature_values(temperature: Tensor) -> None:
+    """Per-row temperatures must be finite and > 0: a ValueError on the CPU, an asynchronous device assert on
+    CUDA; skipped while torch.compile traces."""
+    if traced(temperature):
+        return
+    bad = ~(temperature.isfinite() & (temperature > 0))
+    if temperature.device.type == "cpu":
+        if bad.any():
+            raise ValueError(f"temperature must be finite and > 0, got {temperature[bad][:8].tolist()}")
+    else:
+        torch._assert_async(~bad.any(), "tsa_fast: temperature must be finite and > 0")
+
+
+def rows_at_row_temperatures(row_fn, options: dict) -> Tensor:
+    """Per-row losses at (N,) per-row temperatures, from `row_fn(options)` (the reference's per-row losses,
+    which scale by one T^2): the soft term with the temperatures as an (N, 1) column (each row's softmax at
+    its own T) times each row's T^2 (with scale_by_t2), plus the hard term (at T = 1)."""
+    temperature = options["temperature"]
+    terms = []
+    if options["soft_weight"] != 0:
+        soft_only = {**options, "temperature": temperature[:, None], "scale_by_t2": False, "hard_weight": 0.0}
+        terms.append(row_fn(soft_only) * (temperature**2 if options["scale_by_t2"] else 1.0))
+    if options["hard_weight"] != 0 or not terms:
+        terms.append(row_fn({**options, "temperature": 1.0, "soft_weight": 0.0}))
+    return sum(terms[1:], terms[0])
+
+
 def distillation_loss_rows_autograd(
     student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int
 ) -> Tensor:
@@ -229,6 +289,11 @@ def rows_and_grad_by_autograd(row_fn, student: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _reference_rows(student, teacher, labels, options, vocab) -> Tensor:
+    row_fn = functools.partial(_reference_rows_at, student, teacher, labels, vocab=vocab)
+    return rows_at_row_temperatures(row_fn, options) if isinstance(options["temperature"], Tensor) else row_fn(options)
+
+
+def _reference_rows_at(student, teacher, labels, options, *, vocab) -> Tensor:
     return reference.distillation_loss_rows(
         student,
         teacher,
@@ -247,17 +312,23 @@ def _reference_rows(student, teacher, labels, options, vocab) -> Tensor:
 
 
 def _kernel_rows(student, teacher, labels, options, vocab, compute_grad) -> tuple[Tensor, Tensor]:
-    """The custom op, with the options in its encoding (divergence code, T^2 folded into soft_scale)."""
-    temperature = float(options["temperature"])
-    soft_scale = float(options["soft_weight"]) * (temperature**2 if options["scale_by_t2"] else 1.0)
+    """The custom op, with the options in its encoding (divergence code, T^2 folded into soft_scale; per-row
+    temperatures and soft scales as (N,) fp32 tensors beside the floats, which they then replace)."""
+    temperature = options["temperature"]
+    soft_scale = options["soft_weight"] * (temperature**2 if options["scale_by_t2"] else 1.0)
+    per_row = isinstance(temperature, Tensor)
+    if per_row:
+        soft_scale = soft_scale * torch.ones_like(temperature)  # (N,) also without scale_by_t2
     return torch.ops.tsa_fast.distillation_loss_rows(
         student,
         teacher,
         labels,
         DIVERGENCES.index(options["divergence"]),
         float(options["beta"]),
-        temperature,
-        soft_scale,
+        1.0 if per_row else float(temperature),
+        temperature.float().contiguous() if per_row else None,
+        1.0 if per_row else float(soft_scale),
+        soft_scale.float().contiguous() if per_row else None,
         float(options["hard_weight"]),
         float(options["label_smoothing"]),
         int(options["ignore_index"]),
@@ -306,8 +377,11 @@ def check_loss_options(options: dict, student_vocab: int, teacher_vocab: int, ha
     check_choice("reduction", options["reduction"], REDUCTIONS)
     check_bool("scale_by_t2", options["scale_by_t2"])
     check_bool("return_parts", options["return_parts"])
-    for name in ("beta", "temperature", "soft_weight", "hard_weight", "label_smoothing"):
+    for name in ("beta", "soft_weight", "hard_weight", "label_smoothing"):
         check_real(name, options[name])
+    temperature = options["temperature"]
+    if not isinstance(temperature, Tensor) and not is_real(temperature):
+        raise TypeError(f"temperature must be a number or a tensor, got {temperature!r} ({type(temperature).__name__})")
     check_int("ignore_index", options["ignore_index"])
     for name in ("softcap", "vocab_size"):
         if options[name] is not None:
@@ -333,8 +407,7 @@ def check_loss_options(options: dict, student_vocab: int, teacher_vocab: int, ha
         if beta >= 1.0:
             limit = "beta -> 1 it tends to (1 - beta) * reverse KL: use divergence='reverse_kl'"
         raise ValueError(f"jsd needs beta strictly inside (0, 1), got beta={beta!r}; as {limit}")
-    temperature = options["temperature"]
-    if not math.isfinite(temperature) or temperature <= 0:
+    if not isinstance(temperature, Tensor) and (not math.isfinite(temperature) or temperature <= 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     for name in ("soft_weight", "hard_weight"):
         if not math.isfinite(options[name]) or options[name] < 0:
@@ -373,7 +446,9 @@ def distillation_loss_rows(
     divergence: int,
     beta: float,
     temperature: float,
+    row_temperature: Tensor | None,
     soft_scale: float,
+    row_soft_scale: Tensor | None,
     hard_weight: float,
     label_smoothing: float,
     ignore_index: int,
@@ -382,11 +457,16 @@ def distillation_loss_rows(
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) float32 and, when compute_grad, d(row loss)/d(student) (N, V_s) in the student's
-    dtype (zeros past vocab_size); else an empty tensor. softcap = 0 means none. Runs the triton or cpp
-    kernels; `distillation_loss` calls the reference directly when the torch backend is selected."""
+    dtype (zeros past vocab_size); else an empty tensor. softcap = 0 means none. row_temperature and
+    row_soft_scale, (N,) fp32 or None (both or neither), replace the floats row by row: the launchers take
+    `temperature` and `soft_scale` as floats or as those tensors. Runs the triton or cpp kernels;
+    `distillation_loss` calls the reference directly when the torch backend is selected."""
     if labels is not None:
         check_label_range(labels, vocab_size, ignore_index)
         labels = labels.long().contiguous()
+    if row_temperature is not None:
+        check_temperature_values(row_temperature)
+        temperature, soft_scale = row_temperature, row_soft_scale
     student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
     row_loss = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
     grad = _grad_buffer(student, vocab_size) if compute_grad else None
@@ -422,7 +502,9 @@ def _(
     divergence,
     beta,
     temperature,
+    row_temperature,
     soft_scale,
+    row_soft_scale,
     hard_weight,
     label_smoothing,
     ignore_index,
@@ -443,7 +525,7 @@ def _backward(ctx, grad_rows, _unused):
     (grad,) = ctx.saved_tensors
     # In place: the stored gradient is consumed (a second backward through it raises autograd's
     # "modified by an inplace operation" error instead of returning a wrong number).
-    return (grad.mul_(grad_rows.unsqueeze(-1)),) + (None,) * 12
+    return (grad.mul_(grad_rows.unsqueeze(-1)),) + (None,) * 14
 
 
 distillation_loss_rows.register_autograd(_backward, setup_context=_setup_context)

@@ -42,7 +42,9 @@ from tsa_fast.ops.distillation_loss import (
     distillation_loss_rows_autograd,
     part_rows,
     reduce_loss_rows,
+    row_temperatures,
     rows_and_grad_by_autograd,
+    rows_at_row_temperatures,
 )
 from tsa_fast.reference.fused_linear_distillation_loss import (
     TOPK_TAILS,
@@ -122,6 +124,7 @@ def fused_linear_distillation_loss(
 
     check_choice("topk_tail", topk_tail, TOPK_TAILS)
     check_num_items(num_items_in_batch, options["reduction"])
+    options["temperature"] = row_temperatures(options["temperature"], student_hidden.shape[:-1], student_hidden)
     teacher.topk_tail = topk_tail
     flat_labels = None if labels is None else labels.reshape(-1)
     if flat_labels is not None:
@@ -288,9 +291,15 @@ def _rows(student_logits: Tensor, teacher, labels: Tensor | None, options: dict,
     """Per-row losses of the chunk's logits (differentiable where they require grad)."""
     if isinstance(teacher, tuple):  # top-k (indices, logprobs, tail mode)
         indices, logprobs, topk_tail = teacher
-        row_options = {name: options[name] for name in ROW_OPTIONS}
-        return topk_distillation_loss_rows(
-            student_logits, indices, logprobs, labels, **row_options, vocab_size=vocab, topk_tail=topk_tail
+
+        def row_fn(options):
+            row_options = {name: options[name] for name in ROW_OPTIONS}
+            return topk_distillation_loss_rows(
+                student_logits, indices, logprobs, labels, **row_options, vocab_size=vocab, topk_tail=topk_tail
+            )
+
+        return (
+            rows_at_row_temperatures(row_fn, options) if isinstance(options["temperature"], Tensor) else row_fn(options)
         )
     return distillation_loss_rows_autograd(student_logits, teacher, labels, options, vocab)
 
@@ -371,11 +380,14 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
         student_logits = _logits(chunk_hidden, gemm_weight, bias, compute_dtype)
         chunk_labels = None if labels is None else labels[start:end]
         chunk_teacher = teacher.rows(start, end, teacher_gemm_weight, compute_dtype)
-        chunk_rows, grad_logits = _rows_and_logit_grad(student_logits, chunk_teacher, chunk_labels, options, vocab)
+        chunk_options = _chunk_options(options, start, end)
+        chunk_rows, grad_logits = _rows_and_logit_grad(
+            student_logits, chunk_teacher, chunk_labels, chunk_options, vocab
+        )
         rows[start:end] = chunk_rows
         if parts is not None:
             row_fn = functools.partial(_rows, student_logits, chunk_teacher, chunk_labels, vocab=vocab)
-            parts[0][start:end], parts[1][start:end] = part_rows(chunk_rows, row_fn, options)
+            parts[0][start:end], parts[1][start:end] = part_rows(chunk_rows, row_fn, chunk_options)
         if not any(needs):
             continue
         del student_logits
@@ -391,6 +403,12 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
     if pair is not None:
         pair.fold()
     return rows, grad_hidden, grad_weight, grad_bias
+
+
+def _chunk_options(options: dict, start: int, end: int) -> dict:
+    """The options of rows [start, end): per-row temperatures sliced to them."""
+    temperature = options["temperature"]
+    return {**options, "temperature": temperature[start:end]} if isinstance(temperature, Tensor) else options
 
 
 # Rows of logit gradient folded into a compensated pair at a time. Each fold streams the V x H pair once
