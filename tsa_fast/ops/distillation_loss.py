@@ -383,9 +383,10 @@ def check_loss_options(options: dict, student_vocab: int, teacher_vocab: int, ha
     if not isinstance(temperature, Tensor) and not is_real(temperature):
         raise TypeError(f"temperature must be a number or a tensor, got {temperature!r} ({type(temperature).__name__})")
     check_int("ignore_index", options["ignore_index"])
-    for name in ("softcap", "vocab_size"):
-        if options[name] is not None:
-            (check_real if name == "softcap" else check_int)(name, options[name])
+    if options["softcap"] is not None:
+        check_real("softcap", options["softcap"])
+    if options["vocab_size"] is not None:
+        check_int("vocab_size", options["vocab_size"])
 
     vocab_size = options["vocab_size"]
     if vocab_size is None:

@@ -105,7 +105,9 @@ def fused_linear_distillation_loss(
     if unknown:
         raise TypeError(f"unknown loss options {unknown}; valid: {sorted(LOSS_OPTIONS)}")
     options = {**LOSS_OPTIONS, **loss_options}
-    teacher = _Teacher.check(student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk)
+    teacher = _Teacher.check(
+        student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk, topk_tail
+    )
     check_tensor("student_hidden", student_hidden)
     _check_linear("student", student_weight, student_bias, student_hidden)
     check_labels_tensor(labels, student_hidden.shape[:-1], student_hidden.device)
@@ -122,10 +124,8 @@ def fused_linear_distillation_loss(
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
 
-    check_choice("topk_tail", topk_tail, TOPK_TAILS)
     check_num_items(num_items_in_batch, options["reduction"])
     options["temperature"] = row_temperatures(options["temperature"], student_hidden.shape[:-1], student_hidden)
-    teacher.topk_tail = topk_tail
     flat_labels = None if labels is None else labels.reshape(-1)
     if flat_labels is not None:
         check_label_range(flat_labels, vocab, options["ignore_index"])
@@ -147,8 +147,8 @@ def fused_linear_distillation_loss(
     if not options["return_parts"]:
         return loss
     counted = None if flat_labels is None else flat_labels != options["ignore_index"]
-    reduce = lambda rows: reduce_loss_rows(rows, counted, options["reduction"], leading_shape, num_items_in_batch)  # noqa: E731
-    return loss, LossParts(reduce(out[1]), reduce(out[2]))
+    parts = (reduce_loss_rows(p, counted, options["reduction"], leading_shape, num_items_in_batch) for p in out[1:])
+    return loss, LossParts(*parts)
 
 
 MIN_CHUNK_ROWS = 256
@@ -175,7 +175,8 @@ class _Teacher:
     topk_tail: str = "bucket"
 
     @classmethod
-    def check(cls, student_hidden, hidden, weight, bias, logits, topk) -> _Teacher:
+    def check(cls, student_hidden, hidden, weight, bias, logits, topk, topk_tail) -> _Teacher:
+        check_choice("topk_tail", topk_tail, TOPK_TAILS)
         given = [
             name
             for name, x in (
@@ -206,7 +207,7 @@ class _Teacher:
                 raise ValueError(
                     f"teacher_topk indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} differ in shape"
                 )
-            return cls(topk_indices=flat(indices).long(), topk_logprobs=flat(logprobs))
+            return cls(topk_indices=flat(indices).long(), topk_logprobs=flat(logprobs), topk_tail=topk_tail)
         if hidden is None or weight is None:
             raise ValueError("the teacher as hidden states needs both teacher_hidden and teacher_weight")
         check_tensor("teacher_hidden", hidden, like=like)
