@@ -630,3 +630,15 @@ def test_row_temperature_compiles(backend):
 def test_bad_tensor_temperature_raises(temperature, error, match):
     with pytest.raises(error, match=match):
         tsa_fast.distillation_loss(_logits(4, 16), _logits(4, 16), temperature=temperature)
+
+
+def test_tensor_checks_off_the_cpu_are_device_asserts(monkeypatch):
+    """Off the CPU the value checks of num_items_in_batch and of per-row temperatures are asynchronous device
+    asserts, never a host read: on meta tensors (where any host read raises) each is issued, naming its value."""
+    from tsa_fast.ops.distillation_loss import check_num_items, check_temperature_values
+
+    issued = []
+    monkeypatch.setattr(torch, "_assert_async", lambda condition, message: issued.append(message))
+    check_num_items(torch.tensor(5, device="meta"), "mean")
+    check_temperature_values(torch.ones(4, device="meta"))
+    assert len(issued) == 2 and "num_items_in_batch" in issued[0] and "temperature" in issued[1]

@@ -693,6 +693,21 @@ def test_topk_tail_option_checked():
         tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=topk, topk_tail=None)
 
 
+def test_topk_checks_off_the_cpu_are_device_asserts(monkeypatch):
+    """Off the CPU the top-k checks are asynchronous device asserts, never a host read: on meta tensors
+    (where any host read raises) each check is issued, with a message naming teacher_topk."""
+    from tsa_fast.ops.fused_linear_distillation_loss import check_topk_teacher
+
+    issued = []
+    monkeypatch.setattr(torch, "_assert_async", lambda condition, message: issued.append(message))
+    indices = torch.zeros(4, 3, dtype=torch.long, device="meta")
+    check_topk_teacher(
+        indices, torch.zeros(4, 3, device="meta"), 20, torch.zeros(4, dtype=torch.long, device="meta"), -100
+    )
+    assert len(issued) == 3 and all("teacher_topk" in message for message in issued)
+    assert any("duplicate" in m for m in issued) and any("sum to more than 1" in m for m in issued)
+
+
 # ---------------------------------------------------------------------------------------------------
 # num_items_in_batch: the normalizer of reduction="mean" across micro-batches and ranks.
 
