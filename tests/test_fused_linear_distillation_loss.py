@@ -685,6 +685,24 @@ def test_topk_renormalize_with_hard_term_matches_reference(backend):
     )
 
 
+def test_module_takes_topk_tail_and_a_temperature_tensor():
+    student, _, topk, labels = _topk_problem(vocab=40, k=3, temperature=2.0)
+    temperature = torch.full((12,), 2.0, device=DEVICE)
+    module = tsa_fast.nn.FusedLinearDistillationLoss(topk_tail="renormalize", temperature=temperature)
+    loss = module(
+        student["student_hidden"],
+        student["student_weight"],
+        labels=labels,
+        teacher_topk=topk,
+        student_bias=student["student_bias"],
+    )
+    expected = tsa_fast.fused_linear_distillation_loss(
+        **student, teacher_topk=topk, labels=labels, topk_tail="renormalize", temperature=2.0
+    )
+    assert_rel_close(loss, expected, 1e-6, "loss")
+    assert "topk_tail='renormalize'" in repr(module) and "temperature=tensor" in repr(module)
+
+
 def test_topk_tail_option_checked():
     student, _, topk, labels = _topk_problem(vocab=40, k=3)
     with pytest.raises(ValueError, match="topk_tail must be one of .*'bucket', 'renormalize'.*'drop'"):

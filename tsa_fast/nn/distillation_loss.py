@@ -35,4 +35,9 @@ class DistillationLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v != LOSS_OPTIONS[k])
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if not_default(v, LOSS_OPTIONS[k]))
+
+
+def not_default(value, default) -> bool:
+    """Whether an option differs from its default (a tensor, such as a temperature tensor, always does)."""
+    return isinstance(value, Tensor) or value != default
