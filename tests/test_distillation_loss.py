@@ -623,7 +623,7 @@ def test_row_temperature_compiles(backend):
         (torch.ones(4, dtype=torch.long), TypeError, "temperature must be a floating-point tensor, got torch.int64"),
         (torch.tensor([1.0, 0.0, 2.0, 1.0]), ValueError, r"temperature must be finite and > 0, got \[0.0\]"),
         (torch.tensor([1.0, -1.0, math.nan, math.inf]), ValueError, r"temperature .* got \[-1.0, nan, inf\]"),
-        (torch.tensor(0.0), ValueError, r"temperature must be finite and > 0, got \[0.0\]"),
+        (torch.tensor(0.0), ValueError, r"temperature must be finite and > 0, got \[0.0, 0.0, 0.0, 0.0\]"),
         (torch.ones(4, device="meta"), ValueError, "temperature on meta but the logits on cpu"),
     ],
 )
