@@ -387,9 +387,9 @@ def _tensors(**shapes):
         (dict(), dict(scale_t=math.inf), ValueError, "scale_t.*inf"),
         (dict(), dict(scale_s=-1), ValueError, "scale_s.*-1"),
         (dict(), dict(scale_t=math.nan), ValueError, "scale_t.*nan"),
-        (dict(), dict(causal=1), ValueError, "causal must be a bool, got 1"),
+        (dict(), dict(causal=1), TypeError, "causal must be a bool, got 1"),
         (dict(), dict(relation_heads=0), ValueError, "relation_heads.*0"),
-        (dict(), dict(relation_heads=2.0), ValueError, "relation_heads.*2.0"),
+        (dict(), dict(relation_heads=2.0), TypeError, "relation_heads.*2.0"),
         (
             dict(),
             dict(relation_heads=5),
@@ -447,6 +447,22 @@ def _tensors(**shapes):
 def test_bad_input_raises(shapes, kwargs, error, match):
     with pytest.raises(error, match=match):
         tsa_fast.attention_transfer_loss(*_tensors(**shapes), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(causal="no"), "causal must be a bool, got 'no'"),
+        (dict(causal=None), "causal must be a bool, got None"),
+        (dict(scale_s="0.5"), "scale_s must be a number, got '0.5'"),
+        (dict(scale_t=True), "scale_t must be a number, got True"),
+        (dict(relation_heads="2"), "relation_heads must be an int, got '2'"),
+        (dict(reduction=None), "reduction must be one of .*, got None"),
+    ],
+)
+def test_wrong_option_types_raise_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        tsa_fast.attention_transfer_loss(*_tensors(), **kwargs)
 
 
 def test_bad_tensors_raise():

@@ -258,8 +258,8 @@ def _logits(*shape, **kwargs):
     [
         (dict(divergence="kl"), ValueError, "divergence.*'kl'"),
         (dict(reduction="avg"), ValueError, "reduction.*'avg'"),
-        (dict(divergence="jsd", beta=0.0), ValueError, "reverse_kl"),
-        (dict(divergence="jsd", beta=1.0), ValueError, "forward_kl"),
+        (dict(divergence="jsd", beta=0.0), ValueError, "forward_kl"),
+        (dict(divergence="jsd", beta=1.0), ValueError, "reverse_kl"),
         (dict(temperature=0.0), ValueError, "temperature.*0.0"),
         (dict(temperature=math.inf), ValueError, "temperature.*inf"),
         (dict(temperature=math.nan), ValueError, "temperature.*nan"),
@@ -602,3 +602,269 @@ def test_large_gradient_buffer_on_huge_pages(backend):
 
 if __name__ == "__main__":  # test_kernel_compiles_for_ampere_and_hopper
     compile_distillation_loss_kernel()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Option types: a flag is a bool, a number is a number, or a TypeError naming the option.
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(scale_by_t2="no"), "scale_by_t2 must be a bool, got 'no'"),
+        (dict(scale_by_t2=None), "scale_by_t2 must be a bool, got None"),
+        (dict(scale_by_t2=1), "scale_by_t2 must be a bool, got 1"),
+        (dict(beta="0.5"), "beta must be a number, got '0.5'"),
+        (dict(beta=None, divergence="jsd"), "beta must be a number, got None"),
+        (dict(temperature="2"), "temperature must be a number.*, got '2'"),
+        (dict(temperature=None), "temperature must be a number.*, got None"),
+        (dict(temperature=True), "temperature must be a number.*, got True"),
+        (dict(soft_weight="1"), "soft_weight must be a number, got '1'"),
+        (dict(hard_weight=None), "hard_weight must be a number, got None"),
+        (dict(label_smoothing="0.1"), "label_smoothing must be a number, got '0.1'"),
+        (dict(softcap="30"), "softcap must be a number, got '30'"),
+        (dict(softcap=True), "softcap must be a number, got True"),
+        (dict(ignore_index=-100.0), "ignore_index must be an int, got -100.0"),
+        (dict(ignore_index=None), "ignore_index must be an int, got None"),
+        (dict(vocab_size=16.0), "vocab_size must be an int, got 16.0"),
+        (dict(divergence=None), "divergence must be one of .*, got None"),
+        (dict(reduction=0), "reduction must be one of .*, got 0"),
+    ],
+)
+def test_wrong_option_types_raise_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        tsa_fast.distillation_loss(_logits(4, 16), _logits(4, 16), torch.zeros(4, dtype=torch.long), **kwargs)
+
+
+def test_module_wrong_option_type_raises_type_error():
+    with pytest.raises(TypeError, match="scale_by_t2 must be a bool"):
+        tsa_fast.nn.DistillationLoss(scale_by_t2="no")(_logits(2, 8), _logits(2, 8))
+
+
+@pytest.mark.parametrize(
+    "beta, points_to, not_to", [(0.0, "forward_kl", "reverse_kl"), (1.0, "reverse_kl", "forward_kl")]
+)
+def test_jsd_beta_limit_points_to_the_divergence_it_tends_to(beta, points_to, not_to):
+    """As beta -> 0 this JSD tends to beta x forward KL, as beta -> 1 to (1 - beta) x reverse KL (Liger, TRL)."""
+    student, teacher = _logits(4, 16), _logits(4, 16)
+    for b, name in ((1e-5, "forward_kl"), (1 - 1e-5, "reverse_kl")):
+        jsd = tsa_fast.distillation_loss(student, teacher, divergence="jsd", beta=b).double()
+        limit = tsa_fast.distillation_loss(student, teacher, divergence=name).double()
+        assert abs(jsd / min(b, 1 - b) / limit - 1) < 1e-2, name
+    with pytest.raises(ValueError, match=f"beta={beta}.*use divergence='{points_to}'") as error:
+        tsa_fast.distillation_loss(student, teacher, divergence="jsd", beta=beta)
+    assert not_to not in str(error.value)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_zero_rows(backend, reduction):
+    """Leading shape (0,): 0 for the scalar reductions, an empty tensor for "none", a zero gradient."""
+    student, teacher, labels = make_inputs((0,), 16)
+    loss, grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ()) and loss.dtype == torch.float32
+    assert torch.all(loss == 0) and grad.shape == (0, 16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# num_items_in_batch: the normalizer of reduction="mean" across micro-batches and ranks.
+
+
+def _micro_batches(rows=(5, 11, 8), vocab=40):
+    """A batch cut into uneven micro-batches with different numbers of ignored rows in each."""
+    student, teacher, labels = make_inputs((sum(rows),), vocab, ignore="none")
+    labels[[0, 1, 2, 7, 20]] = -100  # 3 of 5 ignored, 1 of 11, 1 of 8
+    bounds = torch.tensor((0, *rows)).cumsum(0).tolist()
+    return student, teacher, labels, list(zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.mark.parametrize("num_items_type", ["int", "tensor"])
+def test_num_items_in_batch_accumulation_equals_full_batch(backend, num_items_type):
+    """Summing the losses of uneven micro-batches, each normalized by the batch's count of counted rows,
+    gives the full batch's token mean: loss and gradient (a per-micro-batch mean would weight rows wrongly)."""
+    student, teacher, labels, parts = _micro_batches()
+    options = dict(divergence="jsd", temperature=2.0, hard_weight=0.5)
+    count = int((labels != -100).sum())
+    num_items = count if num_items_type == "int" else torch.tensor(count, device=DEVICE)
+    full_loss, full_grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    accumulated, naive = torch.zeros(()), torch.zeros(())
+    grad = torch.zeros_like(student)
+    for start, end in parts:
+        loss, part_grad = loss_and_grad(
+            tsa_fast.distillation_loss,
+            student[start:end],
+            teacher[start:end],
+            labels[start:end],
+            num_items_in_batch=num_items,
+            **options,
+        )
+        accumulated, grad[start:end] = accumulated + loss.cpu(), part_grad
+        naive = naive + tsa_fast.distillation_loss(student[start:end], teacher[start:end], labels[start:end], **options)
+    assert_rel_close(accumulated, full_loss.cpu(), 1e-6, "loss")
+    assert_rel_close(grad, full_grad, 1e-6, "grad")
+    assert rel_error(naive / len(parts), full_loss) > 1e-4  # the uneven case: a mean of micro-batch means differs
+
+
+def test_num_items_in_batch_module(backend):
+    student, teacher, labels = make_inputs((6,), 30)
+    module = tsa_fast.nn.DistillationLoss(divergence="reverse_kl")
+    expected = tsa_fast.distillation_loss(student, teacher, labels, divergence="reverse_kl", reduction="sum") / 17
+    assert_rel_close(module(student, teacher, labels, num_items_in_batch=17), expected, 1e-6, "loss")
+
+
+@pytest.mark.parametrize(
+    "num_items, kwargs, error, match",
+    [
+        (0, dict(), ValueError, "num_items_in_batch must be >= 1, got 0"),
+        (-3, dict(), ValueError, "num_items_in_batch must be >= 1, got -3"),
+        (torch.tensor(0), dict(), ValueError, "num_items_in_batch must be >= 1, got 0"),
+        (2.5, dict(), TypeError, "num_items_in_batch must be an int or a 0-d integer tensor, got 2.5"),
+        (True, dict(), TypeError, "num_items_in_batch must be an int or a 0-d integer tensor, got True"),
+        ("12", dict(), TypeError, "num_items_in_batch must be an int or a 0-d integer tensor, got '12'"),
+        (torch.tensor(3.0), dict(), TypeError, "num_items_in_batch must be .* integer tensor, got .*float32"),
+        (torch.tensor([3]), dict(), ValueError, r"num_items_in_batch must be a 0-d tensor, got shape \(1,\)"),
+        (5, dict(reduction="sum"), ValueError, "num_items_in_batch applies to reduction='mean', got 'sum'"),
+    ],
+)
+def test_bad_num_items_in_batch_raises(num_items, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tsa_fast.distillation_loss(
+            _logits(4, 16), _logits(4, 16), torch.zeros(4, dtype=torch.long), num_items_in_batch=num_items, **kwargs
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# return_parts: the soft (divergence) and hard (cross-entropy) parts of the loss, for logging.
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weights", [(0.6, 0.4), (1.0, 0.0), (0.0, 0.7)], ids=["both", "soft-only", "hard-only"])
+def test_return_parts(backend, reduction, weights):
+    """(loss, LossParts(soft, hard)): each part is the loss with the other weight 0, reduced alike, detached;
+    the loss is the loss without return_parts, and so is its gradient."""
+    soft_weight, hard_weight = weights
+    student, teacher, labels = make_inputs((3, 4), 90)
+    options = dict(divergence="jsd", temperature=2.0, soft_weight=soft_weight, hard_weight=hard_weight)
+    options.update(label_smoothing=0.1, reduction=reduction)
+    z = student.clone().requires_grad_()
+    loss, parts = tsa_fast.distillation_loss(z, teacher, labels, return_parts=True, **options)
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(loss)
+    (grad,) = torch.autograd.grad((loss * weights).sum(), z)
+    expected, expected_grad = loss_and_grad(tsa_fast.distillation_loss, student, teacher, labels, **options)
+    assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+    only = dict(options, hard_weight=0.0), dict(options, soft_weight=0.0)
+    for part, part_options in zip(parts, only):
+        assert not part.requires_grad and part.shape == loss.shape
+        assert_rel_close(part, reference_loss(student.double(), teacher.double(), labels, **part_options), 1e-5)
+    assert_rel_close(parts.soft + parts.hard, loss, 1e-6, "soft + hard")
+    assert parts._fields == ("soft", "hard")
+
+
+def test_return_parts_compiles(backend):
+    student, teacher, labels = make_inputs((2, 6), 80)
+
+    def step(s, t, y):
+        loss, parts = tsa_fast.distillation_loss(s, t, y, hard_weight=0.5, return_parts=True)
+        return loss, parts.soft, parts.hard
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(student, teacher, labels), step(student, teacher, labels)):
+        assert_rel_close(got, expected, 1e-6)
+
+
+def test_return_parts_checked():
+    with pytest.raises(TypeError, match="return_parts must be a bool, got 1"):
+        tsa_fast.distillation_loss(_logits(2, 8), _logits(2, 8), return_parts=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# temperature as a tensor: one per row (TextBrewer's dynamic temperature) or a 0-d tensor.
+
+
+def per_row_reference(student, teacher, labels, temperature, **options):
+    """Float64 per-row losses, each row at its own temperature (the reference run row by row)."""
+    rows = [
+        reference_loss(
+            student[i : i + 1].double(),
+            teacher[i : i + 1].double(),
+            None if labels is None else labels[i : i + 1],
+            temperature=float(temperature[i]),
+            reduction="none",
+            **options,
+        )
+        for i in range(student.shape[0])
+    ]
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("scale_by_t2", [True, False])
+def test_row_temperature_matches_reference_row_by_row(backend, divergence, scale_by_t2):
+    student, teacher, labels = make_inputs((9,), 70)
+    temperature = torch.rand(9, device=DEVICE) * 3.5 + 0.5
+    options = dict(divergence=divergence, scale_by_t2=scale_by_t2, hard_weight=0.3, label_smoothing=0.1, softcap=20.0)
+    loss, grad = loss_and_grad(
+        tsa_fast.distillation_loss, student, teacher, labels, temperature=temperature, reduction="none", **options
+    )
+    z = student.double().requires_grad_()
+    expected = per_row_reference(z, teacher, labels, temperature, **options)
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), z)
+    assert_rel_close(loss, expected, TOL[torch.float32], "loss")
+    grad_tol = 1e-4 if divergence == "tvd" else TOL[torch.float32]
+    assert_rel_close(grad, expected_grad, grad_tol, "grad")
+
+
+def test_row_temperature_of_the_leading_shape_and_zero_dim(backend):
+    """A temperature of the leading shape (2, 3); a 0-d tensor equals the same float."""
+    student, teacher, labels = make_inputs((2, 3), 50)
+    temperature = torch.tensor([[1.0, 2.0, 3.0], [0.5, 1.5, 4.0]], device=DEVICE)
+    loss = tsa_fast.distillation_loss(student, teacher, labels, temperature=temperature, reduction="sum")
+    expected = per_row_reference(
+        student.reshape(6, -1), teacher.reshape(6, -1), labels.reshape(6), temperature.reshape(6)
+    )
+    assert_rel_close(loss, expected.sum(), TOL[torch.float32], "loss")
+    zero_dim = tsa_fast.distillation_loss(student, teacher, labels, temperature=torch.tensor(2.5, device=DEVICE))
+    assert_rel_close(zero_dim, tsa_fast.distillation_loss(student, teacher, labels, temperature=2.5), 1e-6, "0-d")
+
+
+def test_row_temperature_compiles(backend):
+    student, teacher, labels = make_inputs((2, 6), 80)
+    temperature = torch.rand(2, 6, device=DEVICE) + 0.5
+
+    def step(s, t, y, temperature):
+        return tsa_fast.distillation_loss(s, t, y, temperature=temperature, hard_weight=0.5)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, grad = loss_and_grad(lambda *a: compiled(*a, temperature), student, teacher, labels)
+    expected_loss, expected_grad = loss_and_grad(lambda *a: step(*a, temperature), student, teacher, labels)
+    assert_rel_close(loss, expected_loss, 1e-6, "loss")
+    assert_rel_close(grad, expected_grad, 1e-6, "grad")
+
+
+@pytest.mark.parametrize(
+    "temperature, error, match",
+    [
+        (torch.ones(3), ValueError, r"temperature must be a 0-d tensor or of the leading shape \(4,\), got \(3,\)"),
+        (torch.ones(4, 1), ValueError, r"temperature must be .* leading shape \(4,\), got \(4, 1\)"),
+        (torch.ones(4, dtype=torch.long), TypeError, "temperature must be a floating-point tensor, got torch.int64"),
+        (torch.tensor([1.0, 0.0, 2.0, 1.0]), ValueError, r"temperature must be finite and > 0, got \[0.0\]"),
+        (torch.tensor([1.0, -1.0, math.nan, math.inf]), ValueError, r"temperature .* got \[-1.0, nan, inf\]"),
+        (torch.tensor(0.0), ValueError, r"temperature must be finite and > 0, got \[0.0, 0.0, 0.0, 0.0\]"),
+        (torch.ones(4, device="meta"), ValueError, "temperature on meta but the logits on cpu"),
+    ],
+)
+def test_bad_tensor_temperature_raises(temperature, error, match):
+    with pytest.raises(error, match=match):
+        tsa_fast.distillation_loss(_logits(4, 16), _logits(4, 16), temperature=temperature)
+
+
+def test_tensor_checks_off_the_cpu_are_device_asserts(monkeypatch):
+    """Off the CPU the value checks of num_items_in_batch and of per-row temperatures are asynchronous device
+    asserts, never a host read: on meta tensors (where any host read raises) each is issued, naming its value."""
+    from tsa_fast.ops.distillation_loss import check_num_items, check_temperature_values
+
+    issued = []
+    monkeypatch.setattr(torch, "_assert_async", lambda condition, message: issued.append(message))
+    check_num_items(torch.tensor(5, device="meta"), "mean")
+    check_temperature_values(torch.ones(4, device="meta"))
+    assert len(issued) == 2 and "num_items_in_batch" in issued[0] and "temperature" in issued[1]

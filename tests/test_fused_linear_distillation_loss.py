@@ -544,5 +544,368 @@ def test_gpu_bf16_peak_memory_has_no_fp32_weight_copies():
     assert peak < bound
 
 
+# ---------------------------------------------------------------------------------------------------
+# Option types: a TypeError naming the option (the loss options as in `distillation_loss`, and chunk_size).
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(chunk_size=4.0), "chunk_size must be an int, got 4.0"),
+        (dict(chunk_size=True), "chunk_size must be an int, got True"),
+        (dict(scale_by_t2="no"), "scale_by_t2 must be a bool, got 'no'"),
+        (dict(beta="0.5"), "beta must be a number, got '0.5'"),
+        (dict(soft_weight=None), "soft_weight must be a number, got None"),
+    ],
+)
+def test_wrong_option_types_raise_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        tsa_fast.fused_linear_distillation_loss(**_student(), teacher_logits=torch.randn(4, 20), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edges: zero rows.
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+def test_zero_rows(backend, teacher, reduction):
+    """Leading shape (0,): the loss of no rows, as `distillation_loss` gives it (0, or an empty tensor for
+    "none"), and zero gradients of the right shapes."""
+    student, teachers, labels = make_problem(rows=0, teacher=teacher, topk=3)
+    loss, grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss, student, teachers, labels, reduction=reduction
+    )
+    logits = torch.zeros(0, 70, device=DEVICE)
+    expected = tsa_fast.distillation_loss(logits, logits, labels, reduction=reduction)
+    assert loss.shape == expected.shape and loss.dtype == torch.float32
+    assert torch.equal(loss, expected)
+    for name, grad in grads.items():
+        assert grad.shape == student[name].shape and torch.all(grad == 0), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Top-k teachers: k = V, invalid teachers, renormalization over the k tokens.
+
+
+def _topk_problem(vocab, k, temperature=1.0, ignore="some"):
+    student, teachers, labels = make_problem(teacher="logits", vocab=vocab, ignore=ignore)
+    logprobs, indices = torch.log_softmax(teachers["teacher_logits"].float() / temperature, -1).topk(k, -1)
+    return student, teachers, (indices, logprobs), labels
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_topk_with_k_equal_vocab_is_the_dense_loss_for_every_divergence(backend, divergence):
+    """k = V: the fp32 log-probabilities sum to 1 within rounding, and the leftover (here ~1e-7 in some
+    rows) is no tail: forward and symmetric KL were infinite (a tail bucket where the student has no mass)."""
+    student, teachers, topk, labels = _topk_problem(vocab=300, k=300, temperature=2.0)
+    leftover = 1 - topk[1].double().exp().sum(-1)
+    assert (leftover > 0).any()  # the case under test: a positive rounding leftover
+    options = dict(divergence=divergence, temperature=2.0, hard_weight=0.3, labels=labels, **student)
+    loss = tsa_fast.fused_linear_distillation_loss(teacher_topk=topk, **options)
+    dense = tsa_fast.fused_linear_distillation_loss(**teachers, **options)
+    assert_rel_close(loss, dense, 1e-5, "loss")
+
+
+def test_topk_tail_within_rounding_is_zero():
+    """The reference's buckets: a tail within rounding is exactly zero; a real tail is kept."""
+    from tsa_fast.reference.fused_linear_distillation_loss import topk_bucket_log_probs
+
+    log_q = torch.log_softmax(torch.randn(2, 6), -1)
+    indices = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    teacher = torch.log(torch.tensor([[0.5, 0.3, 0.2 - 3e-7], [0.5, 0.3, 0.1]]))
+    log_p, _ = topk_bucket_log_probs(log_q, indices, teacher)
+    assert log_p[0, -1] == -torch.inf
+    assert_rel_close(log_p[1, -1].exp(), torch.tensor(0.1), 1e-5, "tail")
+
+
+@pytest.mark.parametrize(
+    "make_bad, match",
+    [
+        (lambda i, lp: (i.index_fill(-1, torch.tensor([1]), 0).index_fill(-1, torch.tensor([0]), 0), lp), "duplicate"),
+        (lambda i, lp: (i, torch.zeros_like(lp)), r"sum to more than 1.*3\.0"),
+        (lambda i, lp: (i, torch.full_like(lp, 1.0)), r"sum to more than 1.*8\.1"),
+    ],
+    ids=["duplicated-index", "probabilities-sum-3", "probabilities-sum-8"],
+)
+def test_invalid_topk_teacher_raises(backend, make_bad, match):
+    """Duplicated indices in a row, or log-probabilities whose probabilities sum above 1: not a distribution."""
+    student, _, (indices, logprobs), labels = _topk_problem(vocab=40, k=3, ignore="none")
+    bad = make_bad(indices, logprobs)
+    with pytest.raises(ValueError, match=f"teacher_topk.*{match}"):
+        tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=bad, labels=labels)
+
+
+def test_invalid_topk_rows_that_are_ignored_pass():
+    """Ignored rows (padding) may hold anything in range: they never reach the math."""
+    student, _, (indices, logprobs), labels = _topk_problem(vocab=40, k=3, ignore="none")
+    labels[:4] = -100
+    indices[:4], logprobs[:4] = 0, 0.0  # duplicated, and probabilities summing to 3
+    loss = tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=(indices, logprobs), labels=labels)
+    expected = tsa_fast.fused_linear_distillation_loss(
+        student["student_hidden"][4:],
+        student["student_weight"],
+        student_bias=student["student_bias"],
+        teacher_topk=(indices[4:], logprobs[4:]),
+        labels=labels[4:],
+    )
+    assert_rel_close(loss, expected, 1e-6, "loss")
+
+
+def test_topk_sum_within_rounding_above_one_passes():
+    """Log-probabilities whose probabilities sum to 1 + 1e-5 (rounding) are a valid teacher."""
+    student, _, (indices, logprobs), labels = _topk_problem(vocab=40, k=40, ignore="none")
+    logprobs = logprobs + 1e-5
+    loss = tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=(indices, logprobs), labels=labels)
+    assert loss.isfinite()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_topk_renormalize_matches_dense_loss_over_the_k_tokens(backend, divergence, reduction):
+    """topk_tail="renormalize": teacher and student renormalized over the k tokens, no tail bucket; that is
+    `distillation_loss` of the student's k gathered logits against teacher logits T * logprobs (whose
+    softmax at T is the renormalized teacher)."""
+    temperature = 1.5
+    student, _, (indices, logprobs), labels = _topk_problem(vocab=50, k=6, temperature=temperature)
+    options = dict(divergence=divergence, temperature=temperature, reduction=reduction)
+
+    def gathered(student_hidden, student_weight, student_bias, labels=None, **options):
+        logits = (student_hidden @ student_weight.T + student_bias).gather(-1, indices)
+        counted_only = torch.where(labels == -100, labels, 0)  # labels index the k tokens here: only who counts
+        return tsa_fast.distillation_loss(logits, logprobs * temperature, counted_only, **options)
+
+    loss, grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss,
+        student,
+        dict(teacher_topk=(indices, logprobs), topk_tail="renormalize", chunk_size=5),
+        labels,
+        **options,
+    )
+    expected_loss, expected_grads = loss_and_grads(gathered, student, {}, labels, **options)
+    assert_rel_close(loss, expected_loss, 1e-5, "loss")
+    for name in grads:
+        assert_rel_close(grads[name], expected_grads[name], 1e-5, name)
+
+
+def test_topk_renormalize_with_hard_term_matches_reference(backend):
+    """The hard term uses the student's full distribution whatever the tail mode."""
+    student, _, topk, labels = _topk_problem(vocab=50, k=6, temperature=2.0)
+    check_against_reference(
+        student,
+        dict(teacher_topk=topk),
+        labels,
+        TOL[torch.float32],
+        topk_tail="renormalize",
+        divergence="jsd",
+        temperature=2.0,
+        hard_weight=0.4,
+        label_smoothing=0.1,
+        chunk_size=5,
+    )
+
+
+def test_module_takes_topk_tail_and_a_temperature_tensor():
+    student, _, topk, labels = _topk_problem(vocab=40, k=3, temperature=2.0)
+    temperature = torch.full((12,), 2.0, device=DEVICE)
+    module = tsa_fast.nn.FusedLinearDistillationLoss(topk_tail="renormalize", temperature=temperature)
+    loss = module(
+        student["student_hidden"],
+        student["student_weight"],
+        labels=labels,
+        teacher_topk=topk,
+        student_bias=student["student_bias"],
+    )
+    expected = tsa_fast.fused_linear_distillation_loss(
+        **student, teacher_topk=topk, labels=labels, topk_tail="renormalize", temperature=2.0
+    )
+    assert_rel_close(loss, expected, 1e-6, "loss")
+    assert "topk_tail='renormalize'" in repr(module) and "temperature=tensor" in repr(module)
+
+
+def test_topk_tail_option_checked():
+    student, _, topk, labels = _topk_problem(vocab=40, k=3)
+    with pytest.raises(ValueError, match="topk_tail must be one of .*'bucket', 'renormalize'.*'drop'"):
+        tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=topk, topk_tail="drop")
+    with pytest.raises(TypeError, match="topk_tail must be one of .*, got None"):
+        tsa_fast.fused_linear_distillation_loss(**student, teacher_topk=topk, topk_tail=None)
+
+
+def test_topk_checks_off_the_cpu_are_device_asserts(monkeypatch):
+    """Off the CPU the top-k checks are asynchronous device asserts, never a host read: on meta tensors
+    (where any host read raises) each check is issued, with a message naming teacher_topk."""
+    from tsa_fast.ops.fused_linear_distillation_loss import check_topk_teacher
+
+    issued = []
+    monkeypatch.setattr(torch, "_assert_async", lambda condition, message: issued.append(message))
+    indices = torch.zeros(4, 3, dtype=torch.long, device="meta")
+    check_topk_teacher(
+        indices, torch.zeros(4, 3, device="meta"), 20, torch.zeros(4, dtype=torch.long, device="meta"), -100
+    )
+    assert len(issued) == 3 and all("teacher_topk" in message for message in issued)
+    assert any("duplicate" in m for m in issued) and any("sum to more than 1" in m for m in issued)
+
+
+# ---------------------------------------------------------------------------------------------------
+# num_items_in_batch: the normalizer of reduction="mean" across micro-batches and ranks.
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+def test_num_items_in_batch_accumulation_equals_full_batch(backend, teacher):
+    """Uneven micro-batches (5, 11, 8 rows; 3, 1 and 1 ignored), each normalized by the batch's count of
+    counted rows: their summed losses and accumulated gradients are the full batch's."""
+    student, teachers, labels = make_problem(rows=24, teacher=teacher, ignore="none")
+    labels[[0, 1, 2, 7, 20]] = -100
+    options = dict(divergence="symmetric_kl", hard_weight=0.5, chunk_size=4)
+    full_loss, full_grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss, student, teachers, labels, **options
+    )
+    count = torch.tensor(int((labels != -100).sum()), device=DEVICE)
+    accumulated, grads = 0.0, {name: 0.0 for name in student}
+    for start, end in ((0, 5), (5, 16), (16, 24)):
+        rows = lambda x, start=start, end=end: x[start:end]  # noqa: E731
+        part_teachers = {
+            k: tuple(map(rows, v)) if isinstance(v, tuple) else v if k.endswith(("weight", "bias")) else rows(v)
+            for k, v in teachers.items()
+        }
+        part_student = {k: v if k != "student_hidden" else rows(v) for k, v in student.items()}
+        loss, part_grads = loss_and_grads(
+            tsa_fast.fused_linear_distillation_loss,
+            part_student,
+            part_teachers,
+            rows(labels),
+            num_items_in_batch=count,
+            **options,
+        )
+        accumulated = accumulated + loss
+        for name, grad in part_grads.items():
+            if name == "student_hidden":
+                grads[name] = torch.cat([grads[name], grad]) if start else grad
+            else:
+                grads[name] = grads[name] + grad
+    assert_rel_close(accumulated, full_loss, 1e-6, "loss")
+    for name, grad in grads.items():
+        assert_rel_close(grad, full_grads[name], 1e-6, name)
+
+
+def test_num_items_in_batch_checked():
+    with pytest.raises(ValueError, match="num_items_in_batch must be >= 1, got 0"):
+        tsa_fast.fused_linear_distillation_loss(**_student(), teacher_logits=torch.randn(4, 20), num_items_in_batch=0)
+    with pytest.raises(TypeError, match="num_items_in_batch must be an int or a 0-d integer tensor, got 2.5"):
+        tsa_fast.fused_linear_distillation_loss(**_student(), teacher_logits=torch.randn(4, 20), num_items_in_batch=2.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# return_parts: the soft and hard parts of the loss, for logging.
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_return_parts(backend, teacher, reduction):
+    """(loss, LossParts(soft, hard)): each part is the loss with the other weight 0, reduced alike, detached;
+    the loss and its gradients are those without return_parts."""
+    student, teachers, labels = make_problem(teacher=teacher, temperature=2.0)
+    options = dict(divergence="reverse_kl", temperature=2.0, hard_weight=0.4, reduction=reduction, chunk_size=5)
+    tensors = {k: v.detach().clone().requires_grad_() for k, v in student.items()}
+    loss, parts = tsa_fast.fused_linear_distillation_loss(
+        **tensors, **teachers, labels=labels, return_parts=True, **options
+    )
+    expected, expected_grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss, student, teachers, labels, **options
+    )
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(loss)
+    grads = torch.autograd.grad((loss * weights).sum(), list(tensors.values()))
+    assert torch.equal(loss, expected)
+    for grad, name in zip(grads, tensors):
+        assert torch.equal(grad, expected_grads[name]), name
+    for part, part_options in zip(parts, (dict(options, hard_weight=0.0), dict(options, soft_weight=0.0))):
+        assert not part.requires_grad and part.shape == loss.shape
+        expected_part = tsa_fast.fused_linear_distillation_loss(**student, **teachers, labels=labels, **part_options)
+        assert_rel_close(part, expected_part, 1e-6)
+    assert_rel_close(parts.soft + parts.hard, loss, 1e-6, "soft + hard")
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "topk"])
+def test_return_parts_compiles(backend, teacher):
+    student, teachers, labels = make_problem(teacher=teacher)
+
+    def step(labels, **tensors):
+        loss, parts = tsa_fast.fused_linear_distillation_loss(
+            labels=labels, **tensors, chunk_size=5, hard_weight=0.5, return_parts=True
+        )
+        return loss, parts.soft, parts.hard
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(labels, **student, **teachers), step(labels, **student, **teachers)):
+        assert_rel_close(got, expected, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# temperature as a tensor: one per row, or a 0-d tensor.
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_row_temperature_matches_reference_row_by_row(backend, teacher, reduction):
+    """Each row at its own temperature (a top-k teacher's log-probabilities at that row's T): the float64
+    reference run row by row, for the loss and every gradient, across chunks."""
+    student, teachers, labels = make_problem(teacher="logits", rows=10)
+    temperature = torch.rand(10, device=DEVICE) * 3 + 0.5
+    if teacher == "topk":
+        logits = teachers.pop("teacher_logits")
+        logprobs, indices = torch.log_softmax(logits / temperature[:, None], -1).topk(9, -1)
+        teachers = dict(teacher_topk=(indices, logprobs))
+    elif teacher == "hidden":
+        student, teachers, labels = make_problem(teacher="hidden", rows=10)
+    options = dict(divergence="jsd", hard_weight=0.3, reduction=reduction)
+    loss, grads = loss_and_grads(
+        tsa_fast.fused_linear_distillation_loss,
+        student,
+        teachers,
+        labels,
+        temperature=temperature,
+        chunk_size=3,
+        **options,
+    )
+    as64 = lambda x: x.double() if x.is_floating_point() else x  # noqa: E731
+
+    def row_by_row(**tensors):
+        rows = []
+        for i in range(10):
+            one = lambda x, i=i: x[i : i + 1] if x.shape[0] == 10 else x  # noqa: E731
+            row = {
+                k: tuple(one(as64(x)) for x in v) if isinstance(v, tuple) else one(as64(v)) for k, v in tensors.items()
+            }
+            rows.append(reference_loss(**row, temperature=float(temperature[i]), **dict(options, reduction="none")))
+        rows = torch.cat(rows)
+        counted = labels != -100
+        return rows if reduction == "none" else rows.sum() / counted.sum().clamp(min=1)
+
+    student64 = {k: v.double() for k, v in student.items()}
+    expected, expected_grads = loss_and_grads(row_by_row, student64, teachers, labels)
+    assert_rel_close(loss, expected, TOL[torch.float32], "loss")
+    for name, grad in grads.items():
+        assert_rel_close(grad, expected_grads[name], TOL[torch.float32], name)
+
+
+def test_zero_dim_temperature_is_the_float():
+    student, teachers, labels = make_problem(teacher="topk", temperature=2.0)
+    common = dict(**student, **teachers, labels=labels, divergence="forward_kl")
+    loss = tsa_fast.fused_linear_distillation_loss(**common, temperature=torch.tensor(2.0))
+    assert_rel_close(loss, tsa_fast.fused_linear_distillation_loss(**common, temperature=2.0), 1e-6, "loss")
+
+
+def test_bad_tensor_temperature_raises():
+    with pytest.raises(ValueError, match=r"temperature must be a 0-d tensor or of the leading shape \(4,\)"):
+        tsa_fast.fused_linear_distillation_loss(
+            **_student(), teacher_logits=torch.randn(4, 20), temperature=torch.ones(5)
+        )
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        tsa_fast.fused_linear_distillation_loss(
+            **_student(), teacher_logits=torch.randn(4, 20), temperature=torch.tensor([1.0, 1.0, -2.0, 1.0])
+        )
+
+
 if __name__ == "__main__":  # test_pair_kernel_compiles_for_ampere_and_hopper
     compile_pair_kernel()

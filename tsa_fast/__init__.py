@@ -4,11 +4,12 @@ from tsa_fast import nn
 from tsa_fast.backends import available_backends
 from tsa_fast.ops.attention import attention, scaled_dot_product_attention
 from tsa_fast.ops.attention_transfer_loss import attention_transfer_loss
-from tsa_fast.ops.distillation_loss import distillation_loss
+from tsa_fast.ops.distillation_loss import LossParts, distillation_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
 
 __version__ = "0.1.0"
 __all__ = [
+    "LossParts",
     "attention",
     "attention_transfer_loss",
     "available_backends",

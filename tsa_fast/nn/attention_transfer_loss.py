@@ -12,7 +12,8 @@ class AttentionTransferLoss(nn.Module):
 
     Takes the keyword options of `tsa_fast.attention_transfer_loss` but the per-batch `key_padding_mask`
     (causal, scale_s, scale_t, relation_heads, reduction; same defaults). Unknown option names raise
-    TypeError; bad values raise ValueError at the first forward, as the op does.
+    TypeError; bad option types (TypeError) and values (ValueError) raise at the first forward, as the op
+    does.
     """
 
     def __init__(self, **options) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tsa_fast.backends import cpp_extension, select_backend, select_triton_or_torch, triton_kernels
 from tsa_fast.ops.attention import check_head_tensor, check_key_padding_mask
-from tsa_fast.ops.checks import DTYPE_CODES, is_real
+from tsa_fast.ops.checks import DTYPE_CODES, check_bool, check_choice, check_int, check_real
 from tsa_fast.reference import attention_transfer_loss as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import REDUCTIONS, default_scale, relation_heads_split
 from tsa_fast.reference.distillation_loss import reduce_rows
@@ -61,8 +61,9 @@ def attention_transfer_loss(
     reaches them, on every backend (as PyTorch's math does). Masked keys are never part of the result.
 
     Raises:
-        TypeError: a non-tensor input. ValueError: a bad shape, dtype, device, mask, scale, relation_heads
-            or reduction, naming the offending values.
+        TypeError: a non-tensor input, or an option of the wrong type (causal not a bool, a scale not a
+            number, relation_heads not an int, reduction not a string), naming it. ValueError: a bad shape,
+            dtype, device, mask, or option value, naming the offending values.
     """
     _check_inputs(q_s, k_s, q_t, k_t, key_padding_mask, relation_heads)
     _check_options(causal, scale_s, scale_t, reduction)
@@ -137,8 +138,9 @@ def _check_inputs(q_s, k_s, q_t, k_t, key_padding_mask, relation_heads) -> None:
                 "R relation heads of each (R dividing H * D of both)"
             )
     else:
-        if isinstance(relation_heads, bool) or not isinstance(relation_heads, int) or relation_heads < 1:
-            raise ValueError(f"relation_heads must be None or an int >= 1, got {relation_heads!r}")
+        check_int("relation_heads", relation_heads)
+        if relation_heads < 1:
+            raise ValueError(f"relation_heads must be None or >= 1, got {relation_heads!r}")
         for model, q in (("student", q_s), ("teacher", q_t)):
             if q.shape[1] * q.shape[3] % relation_heads:
                 raise ValueError(
@@ -149,13 +151,13 @@ def _check_inputs(q_s, k_s, q_t, k_t, key_padding_mask, relation_heads) -> None:
 
 
 def _check_options(causal, scale_s, scale_t, reduction) -> None:
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
+    check_bool("causal", causal)
     for name, scale in (("scale_s", scale_s), ("scale_t", scale_t)):
-        if scale is not None and (not is_real(scale) or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"{name} must be None or a finite number > 0, got {scale!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if scale is not None:
+            check_real(name, scale)
+            if not math.isfinite(scale) or scale <= 0:
+                raise ValueError(f"{name} must be None or finite and > 0, got {scale!r}")
+    check_choice("reduction", reduction, REDUCTIONS)
 
 
 @torch.library.custom_op("tsa_fast::attention_transfer_rows", mutates_args=())

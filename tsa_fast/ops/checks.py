@@ -30,6 +30,20 @@ def check_real(name: str, value) -> None:
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
 
 
+def check_int(name: str, value) -> None:
+    """`value` must be a Python int (not a bool, a float or None): TypeError naming `name` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    """`value` must be one of the strings `choices`: TypeError for a non-string, ValueError for another one."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {choices}, got {value!r} ({type(value).__name__})")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def traced(tensor: Tensor) -> bool:
     """Whether torch.compile is tracing `tensor`, whose values are then unknown: Dynamo, or AOT autograd
     tracing a function allowed in the graph on fake tensors (torch 2.11's is_compiling says False there)."""

@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from tsa_fast.backends import cpp_extension, select_backend, triton_kernels
-from tsa_fast.ops.checks import DTYPE_CODES, FLOAT_DTYPES, is_real, traced
+from tsa_fast.ops.checks import (
+    DTYPE_CODES,
+    FLOAT_DTYPES,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    is_real,
+    traced,
+)
 from tsa_fast.reference import distillation_loss as reference  # the module
 from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS, reduce_rows
 
@@ -30,7 +40,7 @@ def distillation_loss(
     *,
     divergence: str = "forward_kl",
     beta: float = 0.5,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     scale_by_t2: bool = True,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
@@ -39,7 +49,9 @@ def distillation_loss(
     reduction: str = "mean",
     softcap: float | None = None,
     vocab_size: int | None = None,
-) -> Tensor:
+    return_parts: bool = False,
+    num_items_in_batch: int | Tensor | None = None,
+) -> Tensor | tuple[Tensor, LossParts]:
     """Distillation loss between student and teacher logits, fused with its gradient.
 
     Args:
@@ -47,8 +59,12 @@ def distillation_loss(
         teacher_logits: (..., V_t), same leading shape, device; a constant (no gradient).
         labels: (...) integer class ids or `ignore_index`; None counts every row (then hard_weight must be 0).
         divergence: "forward_kl" | "reverse_kl" | "symmetric_kl" | "jsd" | "tvd".
-        beta: JSD mixing weight, strictly inside (0, 1).
-        temperature: T > 0, finite; both distributions are softmax(c(z) / T).
+        beta: JSD mixing weight, strictly inside (0, 1). As beta -> 0 the JSD tends to beta x forward KL and
+            as beta -> 1 to (1 - beta) x reverse KL (as in Liger and TRL): for those limits use
+            divergence="forward_kl" (beta = 0) or "reverse_kl" (beta = 1).
+        temperature: T > 0, finite; both distributions are softmax(c(z) / T). A number, or a float tensor
+            (a constant: no gradient) of the leading shape, one T per row, or 0-d; on the logits' device
+            (a 0-d one may be on the CPU). scale_by_t2 then scales each row by its own T^2.
         scale_by_t2: multiply the divergence by T^2 (Hinton et al.).
         soft_weight, hard_weight: weights of the divergence and of the cross-entropy (at T = 1) to labels.
         label_smoothing: in [0, 1), for the cross-entropy term.
@@ -56,9 +72,18 @@ def distillation_loss(
         reduction: "mean" (over counted rows; 0 if none count), "sum", "batchmean" (sum / rows), "none" (...).
         softcap: c(z) = softcap * tanh(z / softcap) applied to both logits when set (> 0).
         vocab_size: K <= V_s, V_t: use the first K columns of each (required when V_s != V_t).
+        return_parts: also return the soft and hard parts of the loss (for logging): see Returns.
+        num_items_in_batch: for reduction="mean", the number of counted rows (tokens) across all
+            micro-batches and data-parallel ranks of the step: an int >= 1 or a 0-d integer tensor (on
+            the logits' device or the CPU). The sum of row losses is divided by it instead of the local
+            count, so summing the losses of the micro-batches gives exactly the full batch's mean.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or per-row losses of the leading shape for "none".
+        With return_parts, `(loss, LossParts(soft, hard))`: the loss with hard_weight = 0 and with
+        soft_weight = 0, reduced as the loss, detached (no gradient); they sum to the loss within rounding.
+        Where both weights are nonzero they take one more forward-only pass over the logits each (no
+        gradient, O(N) memory); otherwise they are the loss and zeros.
 
     Non-finite inputs (every backend alike): a -inf logit is a token of probability 0 (gradient 0 there); it
     makes a divergence +inf where the other model has mass there (reverse/symmetric KL for a -inf teacher
@@ -67,7 +92,9 @@ def distillation_loss(
     whose weight is 0 contributes nothing, even where it is infinite. Rows that do not count are never read.
 
     Raises:
-        ValueError: any bad argument, shape, dtype or device, naming the offending values; labels outside
+        TypeError: an option of the wrong type (a flag that is not a bool, a number that is not an int or
+            float, a string option that is not a string), naming it.
+        ValueError: any bad value, shape, dtype or device, naming the offending values; labels outside
             [0, K) other than ignore_index (on CUDA, checked asynchronously on the device).
     """
     options = dict(
@@ -82,28 +109,140 @@ def distillation_loss(
         reduction=reduction,
         softcap=softcap,
         vocab_size=vocab_size,
+        return_parts=return_parts,
     )
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits, like=("student_logits", student_logits))
     check_labels_tensor(labels, student_logits.shape[:-1], student_logits.device)
     vocab = check_loss_options(options, student_logits.shape[-1], teacher_logits.shape[-1], labels is not None)
+    check_num_items(num_items_in_batch, reduction)
     leading_shape = student_logits.shape[:-1]
+    options["temperature"] = row_temperatures(temperature, leading_shape, student_logits)
     flat_labels = None if labels is None else labels.reshape(-1)
-    rows = distillation_loss_rows_autograd(
-        student_logits.reshape(-1, student_logits.shape[-1]),
-        teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]),
-        flat_labels,
-        options,
-        vocab,
-    )
+    student = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    rows = distillation_loss_rows_autograd(student, teacher, flat_labels, options, vocab)
     counted = None if flat_labels is None else flat_labels != ignore_index
+    loss = reduce_loss_rows(rows, counted, reduction, leading_shape, num_items_in_batch)
+    if not return_parts:
+        return loss
+    parts = part_rows(
+        rows,
+        lambda part_options: distillation_loss_rows_autograd(student, teacher, flat_labels, part_options, vocab),
+        options,
+    )
+    return loss, LossParts(*(reduce_loss_rows(p, counted, reduction, leading_shape, num_items_in_batch) for p in parts))
+
+
+class LossParts(NamedTuple):
+    """The parts of a distillation loss (`return_parts=True`), reduced as the loss, without gradient."""
+
+    soft: Tensor  # soft_weight x (T^2) x divergence
+    hard: Tensor  # hard_weight x cross-entropy to the labels
+
+
+def part_rows(rows: Tensor, row_fn, options: dict) -> tuple[Tensor, Tensor]:
+    """The (soft, hard) per-row parts of `rows`, detached: `row_fn(options)` (per-row losses) with the other
+    weight 0, where both weights are nonzero; else `rows` and zeros."""
+    rows = rows.detach()
+    if options["hard_weight"] == 0:
+        return rows, torch.zeros_like(rows)
+    if options["soft_weight"] == 0:
+        return torch.zeros_like(rows), rows
+    with torch.no_grad():
+        return row_fn({**options, "hard_weight": 0.0}), row_fn({**options, "soft_weight": 0.0})
+
+
+def reduce_loss_rows(rows: Tensor, counted: Tensor | None, reduction: str, leading_shape, num_items) -> Tensor:
+    """`reduce_rows`, with reduction="mean" over num_items_in_batch rows when it is given."""
+    if num_items is not None:
+        return rows.sum() / num_items
     return reduce_rows(rows, counted, reduction, leading_shape)
 
 
-# The keyword options of the loss and their defaults, shared by every op and module that takes them.
+# The keyword options of the loss and their defaults, shared by every op and module that takes them (all but
+# the per-batch num_items_in_batch).
 LOSS_OPTIONS = {
-    name: p.default for name, p in inspect.signature(distillation_loss).parameters.items() if p.kind is p.KEYWORD_ONLY
+    name: p.default
+    for name, p in inspect.signature(distillation_loss).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name != "num_items_in_batch"
 }
+# The options a row's loss depends on (the rest say which rows count, which columns and how rows reduce).
+ROW_OPTIONS = (
+    "divergence",
+    "beta",
+    "temperature",
+    "scale_by_t2",
+    "soft_weight",
+    "hard_weight",
+    "label_smoothing",
+    "ignore_index",
+    "softcap",
+)
+
+
+def check_num_items(num_items_in_batch, reduction: str) -> None:
+    """None, or (with reduction="mean") an int >= 1 or a 0-d integer tensor: a TypeError for a wrong type,
+    a ValueError for a wrong shape or value (a tensor's value: on CPU; on CUDA an asynchronous device assert;
+    skipped while torch.compile traces)."""
+    value = num_items_in_batch
+    if value is None:
+        return
+    if isinstance(value, Tensor):
+        right_type = value.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+    else:
+        right_type = isinstance(value, int) and not isinstance(value, bool)
+    if not right_type:
+        shown = f"a {value.dtype} tensor" if isinstance(value, Tensor) else f"{value!r} ({type(value).__name__})"
+        raise TypeError(f"num_items_in_batch must be an int or a 0-d integer tensor, got {shown}")
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch applies to reduction='mean', got {reduction!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"num_items_in_batch must be >= 1, got {value}")
+        return
+    if value.dim() != 0:
+        raise ValueError(f"num_items_in_batch must be a 0-d tensor, got shape {tuple(value.shape)}")
+    if traced(value):
+        return
+    if value.device.type == "cpu":
+        if value < 1:
+            raise ValueError(f"num_items_in_batch must be >= 1, got {int(value)}")
+    else:
+        torch._assert_async(value >= 1, "tsa_fast: num_items_in_batch must be >= 1")
+
+
+def row_temperatures(temperature, leading_shape: torch.Size, logits: Tensor) -> float | Tensor:
+    """A number stays; a tensor temperature (0-d or of the leading shape) becomes the (N,) per-row
+    temperatures, detached, in fp32 (float64 for float64 logits), on the logits' device, values checked."""
+    if not isinstance(temperature, Tensor):
+        return temperature
+    if not temperature.is_floating_point():
+        raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
+    if temperature.dim() != 0 and temperature.shape != leading_shape:
+        raise ValueError(
+            f"temperature must be a 0-d tensor or of the leading shape {tuple(leading_shape)}, "
+            f"got {tuple(temperature.shape)}"
+        )
+    if temperature.device != logits.device and not (temperature.dim() == 0 and temperature.device.type == "cpu"):
+        raise ValueError(f"temperature on {temperature.device} but the logits on {logits.device}")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = temperature.detach().to(logits.device, dtype).expand(leading_shape).reshape(-1)
+    check_temperature_values(rows)
+    return rows
+
+
+def check_temperature_values(temperature: Tensor) -> None:
+    """Per-row temperatures must be finite and > 0: a ValueError on the CPU, an asynchronous device assert on
+    CUDA; skipped while torch.compile traces."""
+    if traced(temperature):
+        return
+    bad = ~(temperature.isfinite() & (temperature > 0))
+    if temperature.device.type == "cpu":
+        if bad.any():
+            raise ValueError(f"temperature must be finite and > 0, got {temperature[bad][:8].tolist()}")
+    else:
+        torch._assert_async(~bad.any(), "tsa_fast: temperature must be finite and > 0")
 
 
 def distillation_loss_rows_autograd(
@@ -159,17 +298,20 @@ def _reference_rows(student, teacher, labels, options, vocab) -> Tensor:
 
 
 def _kernel_rows(student, teacher, labels, options, vocab, compute_grad) -> tuple[Tensor, Tensor]:
-    """The custom op, with the options in its encoding (divergence code, T^2 folded into soft_scale)."""
-    temperature = float(options["temperature"])
-    soft_scale = float(options["soft_weight"]) * (temperature**2 if options["scale_by_t2"] else 1.0)
+    """The custom op, with the options in its encoding (divergence code; per-row temperatures, (N,) fp32, as
+    row_temperature beside the float, which they then replace)."""
+    temperature = options["temperature"]
+    per_row = isinstance(temperature, Tensor)
     return torch.ops.tsa_fast.distillation_loss_rows(
         student,
         teacher,
         labels,
         DIVERGENCES.index(options["divergence"]),
         float(options["beta"]),
-        temperature,
-        soft_scale,
+        1.0 if per_row else float(temperature),
+        temperature if per_row else None,
+        float(options["soft_weight"]),
+        options["scale_by_t2"],
         float(options["hard_weight"]),
         float(options["label_smoothing"]),
         int(options["ignore_index"]),
@@ -212,9 +354,24 @@ def check_labels_tensor(labels, leading_shape: torch.Size, device: torch.device)
 
 
 def check_loss_options(options: dict, student_vocab: int, teacher_vocab: int, has_labels: bool) -> int:
-    """Validate the loss options (`LOSS_OPTIONS` names); return the vocabulary size K to use."""
-    divergence, beta, temperature = options["divergence"], options["beta"], options["temperature"]
-    vocab_size, softcap, label_smoothing = options["vocab_size"], options["softcap"], options["label_smoothing"]
+    """Validate the loss options (`LOSS_OPTIONS` names): a wrong type is a TypeError, a wrong value a
+    ValueError, each naming the option. Returns the vocabulary size K to use."""
+    check_choice("divergence", options["divergence"], DIVERGENCES)
+    check_choice("reduction", options["reduction"], REDUCTIONS)
+    check_bool("scale_by_t2", options["scale_by_t2"])
+    check_bool("return_parts", options["return_parts"])
+    for name in ("beta", "soft_weight", "hard_weight", "label_smoothing"):
+        check_real(name, options[name])
+    temperature = options["temperature"]
+    if not isinstance(temperature, Tensor) and not is_real(temperature):
+        raise TypeError(f"temperature must be a number or a tensor, got {temperature!r} ({type(temperature).__name__})")
+    check_int("ignore_index", options["ignore_index"])
+    if options["softcap"] is not None:
+        check_real("softcap", options["softcap"])
+    if options["vocab_size"] is not None:
+        check_int("vocab_size", options["vocab_size"])
+
+    vocab_size = options["vocab_size"]
     if vocab_size is None:
         if student_vocab != teacher_vocab:
             raise ValueError(
@@ -222,38 +379,30 @@ def check_loss_options(options: dict, student_vocab: int, teacher_vocab: int, ha
                 f"pass vocab_size=K <= {min(student_vocab, teacher_vocab)}"
             )
         vocab_size = student_vocab
-    elif (
-        isinstance(vocab_size, bool)
-        or not isinstance(vocab_size, int)
-        or not 1 <= vocab_size <= min(student_vocab, teacher_vocab)
-    ):
+    elif not 1 <= vocab_size <= min(student_vocab, teacher_vocab):
         raise ValueError(
-            f"vocab_size must be an int in [1, {min(student_vocab, teacher_vocab)}] "
+            f"vocab_size must be in [1, {min(student_vocab, teacher_vocab)}] "
             f"(student {student_vocab}, teacher {teacher_vocab}), got {vocab_size!r}"
         )
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if options["reduction"] not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {options['reduction']!r}")
-    if divergence == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(
-            f"jsd needs beta strictly inside (0, 1), got beta={beta!r}; "
-            "beta=0 is divergence='reverse_kl', beta=1 is divergence='forward_kl'"
-        )
-    if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    beta = options["beta"]
+    if options["divergence"] == "jsd" and not 0.0 < beta < 1.0:
+        # As beta -> 0 this JSD tends to beta * KL(P_t || P_s), as beta -> 1 to (1 - beta) * KL(P_s || P_t).
+        limit = "beta -> 0 it tends to beta * forward KL: use divergence='forward_kl'"
+        if beta >= 1.0:
+            limit = "beta -> 1 it tends to (1 - beta) * reverse KL: use divergence='reverse_kl'"
+        raise ValueError(f"jsd needs beta strictly inside (0, 1), got beta={beta!r}; as {limit}")
+    if not isinstance(temperature, Tensor) and (not math.isfinite(temperature) or temperature <= 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     for name in ("soft_weight", "hard_weight"):
-        weight = options[name]
-        if not is_real(weight) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
+        if not math.isfinite(options[name]) or options[name] < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {options[name]!r}")
     if options["hard_weight"] != 0 and not has_labels:
         raise ValueError(f"hard_weight={options['hard_weight']!r} needs labels; pass labels or hard_weight=0")
-    if not is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    if softcap is not None and (not is_real(softcap) or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if not isinstance(options["ignore_index"], int) or isinstance(options["ignore_index"], bool):
-        raise ValueError(f"ignore_index must be an int, got {options['ignore_index']!r}")
+    if not 0.0 <= options["label_smoothing"] < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {options['label_smoothing']!r}")
+    softcap = options["softcap"]
+    if softcap is not None and (not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None or finite and > 0, got {softcap!r}")
     return vocab_size
 
 
@@ -281,7 +430,9 @@ def distillation_loss_rows(
     divergence: int,
     beta: float,
     temperature: float,
-    soft_scale: float,
+    row_temperature: Tensor | None,
+    soft_weight: float,
+    scale_by_t2: bool,
     hard_weight: float,
     label_smoothing: float,
     ignore_index: int,
@@ -290,11 +441,16 @@ def distillation_loss_rows(
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) float32 and, when compute_grad, d(row loss)/d(student) (N, V_s) in `grad_dtype`
-    (zeros past vocab_size); else an empty tensor. softcap = 0 means none. Runs the triton or cpp
-    kernels; `distillation_loss` calls the reference directly when the torch backend is selected."""
+    (zeros past vocab_size); else an empty tensor. softcap = 0 means none. row_temperature, (N,) fp32 or
+    None, replaces `temperature` row by row (scale_by_t2 then scales each row by its own T^2, in the
+    kernel). Runs the triton or cpp kernels; `distillation_loss` calls the reference directly when the
+    torch backend is selected."""
     if labels is not None:
         check_label_range(labels, vocab_size, ignore_index)
         labels = labels.long().contiguous()
+    if row_temperature is not None:
+        check_temperature_values(row_temperature)
+        temperature = row_temperature
     student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
     row_loss = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
     grad = _grad_buffer(student, vocab_size) if compute_grad else None
@@ -312,8 +468,8 @@ def distillation_loss_rows(
             divergence,
             beta,
             temperature,
-            soft_scale,  # soft_weight, with the T^2 of scale_by_t2 folded in
-            False,
+            soft_weight,
+            scale_by_t2,
             hard_weight,
             label_smoothing,
             ignore_index,
@@ -331,7 +487,9 @@ def _(
     divergence,
     beta,
     temperature,
-    soft_scale,
+    row_temperature,
+    soft_weight,
+    scale_by_t2,
     hard_weight,
     label_smoothing,
     ignore_index,
@@ -353,7 +511,7 @@ def _backward(ctx, grad_rows, _unused):
     (grad,) = ctx.saved_tensors
     # In place: the stored gradient is consumed (a second backward through it raises autograd's
     # "modified by an inplace operation" error instead of returning a wrong number), then rounded once.
-    return (grad.mul_(grad_rows.unsqueeze(-1)).to(ctx.student_dtype),) + (None,) * 12
+    return (grad.mul_(grad_rows.unsqueeze(-1)).to(ctx.student_dtype),) + (None,) * 14
 
 
 distillation_loss_rows.register_autograd(_backward, setup_context=_setup_context)

@@ -20,6 +20,7 @@ For a scalar reduction the gradients are computed in the forward pass (backward 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -27,17 +28,28 @@ import torch
 from torch import Tensor
 
 from tsa_fast.backends import select_backend, triton_kernels
-from tsa_fast.ops.checks import traced
+from tsa_fast.ops.checks import check_choice, check_int, traced
 from tsa_fast.ops.distillation_loss import (
     LOSS_OPTIONS,
+    ROW_OPTIONS,
+    LossParts,
     check_label_range,
     check_labels_tensor,
     check_loss_options,
+    check_num_items,
     check_tensor,
     distillation_loss_rows_and_grad,
+    distillation_loss_rows_autograd,
+    part_rows,
+    reduce_loss_rows,
+    row_temperatures,
     rows_and_grad_by_autograd,
 )
-from tsa_fast.reference.fused_linear_distillation_loss import topk_distillation_loss_rows
+from tsa_fast.reference.fused_linear_distillation_loss import (
+    TOPK_TAILS,
+    topk_distillation_loss_rows,
+    topk_mass_rounding,
+)
 
 
 def fused_linear_distillation_loss(
@@ -52,6 +64,8 @@ def fused_linear_distillation_loss(
     teacher_logits: Tensor | None = None,
     teacher_topk: tuple[Tensor, Tensor] | None = None,
     chunk_size: int | None = None,
+    topk_tail: str = "bucket",
+    num_items_in_batch: int | Tensor | None = None,
     **loss_options,
 ) -> Tensor:
     """`distillation_loss(student_hidden @ student_weight.T + student_bias, teacher logits, labels, **loss_options)`
@@ -61,26 +75,40 @@ def fused_linear_distillation_loss(
         student_hidden: (..., H_s) float; student_weight: (V_s, H_s); student_bias: (V_s,) or None.
         teacher_hidden: (..., H_t) and teacher_weight: (V_t, H_t) (+ teacher_bias (V_t,)); or
         teacher_logits: (..., V_t); or
-        teacher_topk: (indices (..., k) int64 distinct per row, logprobs (..., k) float) at temperature T.
+        teacher_topk: (indices (..., k) int64/int32, distinct per row, logprobs (..., k) float) at
+            temperature T, whose probabilities sum to at most 1 (within rounding: 1 + 1e-3 for fp32).
             Exactly one teacher form must be given.
+        topk_tail: what a top-k teacher's mass outside its k tokens is: "bucket" (default) one tail bucket
+            (1 - sum of the k probabilities; a tail within rounding of 0 is 0, so k = V is the dense loss),
+            or "renormalize": no tail, teacher and student each renormalized over the k tokens (TRL's
+            server mode). The hard term always uses the student's full distribution.
         labels: (...) or None, as in `distillation_loss`.
         chunk_size: rows per chunk; default `default_chunk_size`: the power of two near N * H_s / V (the
             chunk's logits then take about the memory of the hidden states), at least 256 rows.
+        num_items_in_batch: for reduction="mean", the count of counted rows across micro-batches and ranks,
+            as in `distillation_loss`.
         **loss_options: the keyword options of `distillation_loss` (same names, defaults and errors).
 
-    Returns: the loss as `distillation_loss` returns it (float32; float64 for float64 inputs).
+    Returns: the loss as `distillation_loss` returns it (float32; float64 for float64 inputs); with
+    return_parts, `(loss, LossParts(soft, hard))` as there (the parts take one more forward-only pass per
+    chunk each where both weights are nonzero).
     Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant.
     Non-finite values act as in `distillation_loss` on the logits they give: a NaN in a teacher row (hidden
     state, logits, top-k log-probabilities) makes that row's loss NaN, and the gradients it reaches.
 
-    Raises: TypeError for an unknown option; ValueError for a bad shape, dtype, device, option, a missing
-    or doubled teacher form, or a bad chunk_size.
+    Raises: TypeError for an unknown option or an option of the wrong type (as `distillation_loss`; also
+    chunk_size, topk_tail); ValueError for a bad shape, dtype, device, option value, a missing or doubled
+    teacher form, a bad chunk_size, or a top-k teacher that is no distribution (indices out of range, or in
+    a counted row an index twice or probabilities summing above 1; on CUDA a device-side assert, no host
+    sync).
     """
     unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
     if unknown:
         raise TypeError(f"unknown loss options {unknown}; valid: {sorted(LOSS_OPTIONS)}")
     options = {**LOSS_OPTIONS, **loss_options}
-    teacher = _Teacher.check(student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk)
+    teacher = _Teacher.check(
+        student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk, topk_tail
+    )
     check_tensor("student_hidden", student_hidden)
     _check_linear("student", student_weight, student_bias, student_hidden)
     check_labels_tensor(labels, student_hidden.shape[:-1], student_hidden.device)
@@ -92,16 +120,20 @@ def fused_linear_distillation_loss(
     n_rows = student_hidden.numel() // student_hidden.shape[-1]
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, student_hidden.shape[-1], student_weight.shape[0])
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    else:
+        check_int("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
 
+    check_num_items(num_items_in_batch, options["reduction"])
+    options["temperature"] = row_temperatures(options["temperature"], student_hidden.shape[:-1], student_hidden)
     flat_labels = None if labels is None else labels.reshape(-1)
     if flat_labels is not None:
         check_label_range(flat_labels, vocab, options["ignore_index"])
     if teacher.topk_indices is not None:
-        _check_topk_indices(teacher.topk_indices, vocab)
-    loss = _FusedLinearDistillation.apply(
-        student_hidden.reshape(n_rows, -1),
+        check_topk_teacher(teacher.topk_indices, teacher.topk_logprobs, vocab, flat_labels, options["ignore_index"])
+    out = _FusedLinearDistillation.apply(
+        student_hidden.reshape(n_rows, student_hidden.shape[-1]),
         student_weight,
         student_bias,
         teacher,
@@ -109,8 +141,15 @@ def fused_linear_distillation_loss(
         options,
         vocab,
         chunk_size,
+        num_items_in_batch,
     )
-    return loss.reshape(student_hidden.shape[:-1]) if options["reduction"] == "none" else loss
+    leading_shape = student_hidden.shape[:-1]
+    loss = out[0].reshape(leading_shape) if options["reduction"] == "none" else out[0]
+    if not options["return_parts"]:
+        return loss
+    counted = None if flat_labels is None else flat_labels != options["ignore_index"]
+    parts = (reduce_loss_rows(p, counted, options["reduction"], leading_shape, num_items_in_batch) for p in out[1:])
+    return loss, LossParts(*parts)
 
 
 MIN_CHUNK_ROWS = 256
@@ -134,9 +173,11 @@ class _Teacher:
     logits: Tensor | None = None
     topk_indices: Tensor | None = None
     topk_logprobs: Tensor | None = None
+    topk_tail: str = "bucket"
 
     @classmethod
-    def check(cls, student_hidden, hidden, weight, bias, logits, topk) -> _Teacher:
+    def check(cls, student_hidden, hidden, weight, bias, logits, topk, topk_tail) -> _Teacher:
+        check_choice("topk_tail", topk_tail, TOPK_TAILS)
         given = [
             name
             for name, x in (
@@ -167,7 +208,7 @@ class _Teacher:
                 raise ValueError(
                     f"teacher_topk indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} differ in shape"
                 )
-            return cls(topk_indices=flat(indices).long(), topk_logprobs=flat(logprobs))
+            return cls(topk_indices=flat(indices).long(), topk_logprobs=flat(logprobs), topk_tail=topk_tail)
         if hidden is None or weight is None:
             raise ValueError("the teacher as hidden states needs both teacher_hidden and teacher_weight")
         check_tensor("teacher_hidden", hidden, like=like)
@@ -181,11 +222,11 @@ class _Teacher:
 
     def rows(
         self, start: int, end: int, weight: Tensor | None, compute_dtype: torch.dtype
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Tensor | tuple[Tensor, Tensor, str]:
         """The teacher for rows [start, end): logits (N, V_t) (in compute_dtype when computed from the hidden
-        states with `weight`, the teacher weight as `_gemm_weight` gives it), or the top-k pair."""
+        states with `weight`, the teacher weight as `_gemm_weight` gives it), or the top-k pair and tail mode."""
         if self.topk_indices is not None:
-            return self.topk_indices[start:end], self.topk_logprobs[start:end]
+            return self.topk_indices[start:end], self.topk_logprobs[start:end], self.topk_tail
         if self.logits is not None:
             return self.logits[start:end]
         return _logits(self.hidden[start:end], weight, self.bias, compute_dtype)
@@ -206,23 +247,57 @@ def _check_linear(model: str, weight, bias, hidden: Tensor) -> None:
             )
 
 
-def _check_topk_indices(indices: Tensor, vocab: int) -> None:
-    """On CPU (a host-side check), outside torch.compile's tracing, as `check_label_range`."""
-    if indices.device.type == "cpu" and not traced(indices):
-        bad = (indices < 0) | (indices >= vocab)
-        if bad.any():
-            raise ValueError(f"teacher_topk indices must be in [0, {vocab}), got {indices[bad][:8].tolist()}")
+def check_topk_teacher(indices: Tensor, logprobs: Tensor, vocab: int, labels: Tensor | None, ignore_index: int):
+    """A top-k teacher (N, k) must be a distribution: indices in [0, vocab) (every row), and in the rows that
+    count no index twice and probabilities summing to at most 1 + 10 x `topk_mass_rounding` (lenient: the
+    log-probabilities may have been computed in a lower precision than they are stored in). On CPU a
+    ValueError; on CUDA an asynchronous device assert, as `check_label_range`; skipped while torch.compile
+    traces."""
+    if traced(indices):
+        return
+    counted = torch.ones_like(indices[:, 0], dtype=torch.bool) if labels is None else labels != ignore_index
+    out_of_range = (indices < 0) | (indices >= vocab)
+    ordered = indices.sort(-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(-1) & counted
+    mass = logprobs.float().exp().sum(-1)
+    limit = 1 + 10 * topk_mass_rounding(logprobs.dtype)
+    above_one = (mass > limit) & counted
+    if indices.device.type != "cpu":
+        message = "tsa_fast.fused_linear_distillation_loss: teacher_topk"
+        torch._assert_async(~out_of_range.any(), f"{message} indices outside [0, {vocab})")
+        torch._assert_async(~repeated.any(), f"{message} has a duplicate index in a row")
+        torch._assert_async(~above_one.any(), f"{message} probabilities sum to more than 1")
+        return
+    if out_of_range.any():
+        raise ValueError(f"teacher_topk indices must be in [0, {vocab}), got {indices[out_of_range][:8].tolist()}")
+    if repeated.any():
+        row = int(repeated.nonzero()[0, 0])
+        raise ValueError(f"teacher_topk has a duplicate index in row {row}: {indices[row][:16].tolist()}")
+    if above_one.any():
+        rows = above_one.nonzero()[:8, 0]
+        raise ValueError(
+            f"teacher_topk probabilities sum to more than 1 (limit {limit:g}) in rows {rows.tolist()}: "
+            f"{[round(x, 4) for x in mass[rows].tolist()]}"
+        )
 
 
 @torch.compiler.allow_in_graph  # the top-k and torch paths run autograd inside: one node, no graph break
 def _rows_and_logit_grad(student_logits: Tensor, teacher, labels: Tensor | None, options: dict, vocab: int):
     """Per-row losses and their gradient w.r.t. the chunk's fp32 student logits."""
-    if isinstance(teacher, tuple):  # top-k with a tail bucket: the reference math on the chunk
-        return rows_and_grad_by_autograd(
-            lambda z: topk_distillation_loss_rows(z, *teacher, labels, **{**options, "vocab_size": vocab}),
-            student_logits,
-        )
+    if isinstance(teacher, tuple):  # top-k: the reference math on the chunk, differentiated by autograd
+        return rows_and_grad_by_autograd(lambda z: _rows(z, teacher, labels, options, vocab=vocab), student_logits)
     return distillation_loss_rows_and_grad(student_logits, teacher, labels, options, vocab)
+
+
+def _rows(student_logits: Tensor, teacher, labels: Tensor | None, options: dict, *, vocab: int) -> Tensor:
+    """Per-row losses of the chunk's logits (differentiable where they require grad)."""
+    if isinstance(teacher, tuple):  # top-k (indices, logprobs, tail mode)
+        indices, logprobs, topk_tail = teacher
+        row_options = {name: options[name] for name in ROW_OPTIONS}
+        return topk_distillation_loss_rows(
+            student_logits, indices, logprobs, labels, **row_options, vocab_size=vocab, topk_tail=topk_tail
+        )
+    return distillation_loss_rows_autograd(student_logits, teacher, labels, options, vocab)
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -265,15 +340,18 @@ def weight_grad_pair_accumulate(high: Tensor, low: Tensor, grad_logits: Tensor, 
     low.copy_(total - high.to(total.dtype))
 
 
-def _chunked_pass(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs):
+def _chunked_pass(
+    hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs, parts=None
+):
     """Per-row losses (N,) and, for `needs` = (hidden, weight, bias) flags, the gradients of
-    sum(row_weights * rows); row_weights is a scalar tensor or (N,). Autocast is off inside: the pass
-    chooses its own dtypes."""
+    sum(row_weights * rows); row_weights is a scalar tensor or (N,). `parts`, a pair of (N,) buffers, gets
+    the soft and hard parts of each row (`part_rows`). Autocast is off inside: the pass chooses its own
+    dtypes."""
     with torch.autocast(hidden.device.type, enabled=False):
-        return _chunks(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, row_weights, needs)
+        return _chunks(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, row_weights, needs, parts)
 
 
-def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs):
+def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chunk_size, row_weights, needs, parts):
     n_rows = hidden.shape[0]
     # Logits and their gradient in fp32 (float64 for float64 inputs), never rounded to a low-precision dtype
     # before the loss.
@@ -297,10 +375,15 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
         chunk_hidden = hidden[start:end].detach()
         student_logits = _logits(chunk_hidden, gemm_weight, bias, compute_dtype)
         chunk_labels = None if labels is None else labels[start:end]
+        chunk_teacher = teacher.rows(start, end, teacher_gemm_weight, compute_dtype)
+        chunk_options = _chunk_options(options, start, end)
         chunk_rows, grad_logits = _rows_and_logit_grad(
-            student_logits, teacher.rows(start, end, teacher_gemm_weight, compute_dtype), chunk_labels, options, vocab
+            student_logits, chunk_teacher, chunk_labels, chunk_options, vocab
         )
         rows[start:end] = chunk_rows
+        if parts is not None:
+            row_fn = functools.partial(_rows, student_logits, chunk_teacher, chunk_labels, vocab=vocab)
+            parts[0][start:end], parts[1][start:end] = part_rows(chunk_rows, row_fn, chunk_options)
         if not any(needs):
             continue
         del student_logits
@@ -316,6 +399,12 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
     if pair is not None:
         pair.fold()
     return rows, grad_hidden, grad_weight, grad_bias
+
+
+def _chunk_options(options: dict, start: int, end: int) -> dict:
+    """The options of rows [start, end): per-row temperatures sliced to them."""
+    temperature = options["temperature"]
+    return {**options, "temperature": temperature[start:end]} if isinstance(temperature, Tensor) else options
 
 
 # Rows of logit gradient folded into a compensated pair at a time. Each fold streams the V x H pair once
@@ -352,9 +441,11 @@ class _WeightGradPair:
             self.folded, self.filled = self.folded + self.filled, 0
 
 
-def _reduction_weight(labels: Tensor | None, n_rows: int, options: dict, dtype, device) -> Tensor:
+def _reduction_weight(labels: Tensor | None, n_rows: int, options: dict, num_items, dtype, device) -> Tensor:
     """The weight of every row's loss in the scalar reduction (a 0-dim tensor: no host sync)."""
     reduction = options["reduction"]
+    if num_items is not None:
+        return torch.as_tensor(num_items, device=device).to(dtype).reciprocal()
     if reduction == "sum":
         return torch.ones((), dtype=dtype, device=device)
     if reduction == "batchmean" or labels is None:
@@ -364,24 +455,27 @@ def _reduction_weight(labels: Tensor | None, n_rows: int, options: dict, dtype, 
 
 class _FusedLinearDistillation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, labels, options, vocab, chunk_size):
+    def forward(ctx, hidden, weight, bias, teacher, labels, options, vocab, chunk_size, num_items):
         needs = ctx.needs_input_grad[:3]
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.args = (teacher, labels, options, vocab, chunk_size)
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        # With return_parts, two more outputs: the per-row soft and hard parts, without gradient.
+        parts = [hidden.new_empty(hidden.shape[0], dtype=dtype) for _ in range(2)] if options["return_parts"] else []
+        ctx.mark_non_differentiable(*parts)
+        ctx.set_materialize_grads(False)
+        pass_args = (hidden, weight, bias, teacher, labels, options, vocab, chunk_size)
         if options["reduction"] == "none":  # per-row weights come in backward: recompute there
             ctx.save_for_backward(hidden, weight, bias)
-            rows, *_ = _chunked_pass(
-                hidden, weight, bias, teacher, labels, options, vocab, chunk_size, None, (False,) * 3
-            )
-            return rows
-        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        scale = _reduction_weight(labels, hidden.shape[0], options, dtype, hidden.device)
-        rows, *grads = _chunked_pass(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, scale, needs)
+            rows, *_ = _chunked_pass(*pass_args, None, (False,) * 3, parts or None)
+            return rows, *parts
+        scale = _reduction_weight(labels, hidden.shape[0], options, num_items, dtype, hidden.device)
+        rows, *grads = _chunked_pass(*pass_args, scale, needs, parts or None)
         ctx.save_for_backward(*grads)
-        return rows.sum() * scale
+        return rows.sum() * scale, *parts
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_parts):
         teacher, labels, options, vocab, chunk_size = ctx.args
         if options["reduction"] == "none":
             hidden, weight, bias = ctx.saved_tensors
@@ -392,4 +486,4 @@ class _FusedLinearDistillation(torch.autograd.Function):
         else:  # in place: a second backward through the consumed gradients raises autograd's error
             grads = [None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors]
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)

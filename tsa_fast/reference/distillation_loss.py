@@ -176,8 +176,9 @@ def row_losses(
     if isinstance(temperature, Tensor):
         temperature = temperature.detach().to(dtype)
     t2 = temperature**2 if scale_by_t2 else 1.0
-    # A term of weight 0 contributes nothing, also where it is infinite (not 0 * inf = NaN).
-    loss = torch.zeros_like(half_log_q[:, 0])
+    # A term of weight 0 contributes nothing, also where it is infinite (not 0 * inf = NaN). The zeros start on
+    # the student's graph, so that with both weights 0 the loss still has a gradient (0), as on the kernels.
+    loss = capped_student[:, :0].sum(-1).to(dtype)
     if soft_weight != 0.0:
         loss = loss + soft_weight * t2 * divergence(half_log_p, half_log_q, divergence_name, beta)
     if hard_weight != 0.0:
