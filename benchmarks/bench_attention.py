@@ -18,11 +18,11 @@ Compared on B x H x N x D problems (GPU: 16 heads, B * N = 16k tokens; causal an
   reference       the reference: materializes the B x H x N x N scores (N <= 4096)
 The reference is not measured under torch.compile here: the peers users pick for attention are the SDPA
 backends, and one compile per shape, mask and mode would not fit gpu.sh's time budget.
-GPU: bf16, N = 1024, 4096, 16384. Targets (issue 4, H200, D = 128, N >= 4096): forward >= 1.1x and backward
+GPU: bf16, N = 1024, 4096, 16384. Targets (H200, D = 128, N >= 4096): forward >= 1.1x and backward
 (fwd+bwd time less fwd time) >= 0.9x the speed of sdpa_flash, forward >= 55% of the 989 TFLOP/s dense bf16
 peak; the backward recomputes q k^T once more than FlashAttention-2 to stay deterministic.
 CPU: fp32, B = 1, H = 8, N = 512 .. 8192, D = 64: the torch backend's two paths, the SDPA backends and the
-reference (issue 20's target: no N x N allocation, and at least SDPA's speed where both apply). Peak
+reference (target: no N x N allocation, and at least SDPA's speed where both apply). Peak
 extra memory on the CPU is measured in a fresh process (`python -m benchmarks.bench_attention ...`).
 Sliding window (`test_attention_window`): causal with window (4095, 0), i.e. 4096 keys per row, against full
 causal at the same N (GPU: bf16, B = 1, N = 32k, D = 128; triton, and SDPA's efficient backend given the band as

@@ -14,7 +14,7 @@ Compared on the same inputs (forward KL at temperature T = 2, scaled by T^2, mea
   liger_jsd             Liger-Kernel's LigerJSD at beta=0, which is its forward KL, on log-probs, GPU only
 Each checks its loss against the reference's (`common.check_loss`). torch.compile variants are measured
 forward + backward only (the training step; each compile costs tens of seconds).
-CPU: N = 1024 and 4096 rows, V=32000, fp32 (the issue's target at N=4096: cpp >= 3x the eager reference,
+CPU: N = 1024 and 4096 rows, V=32000, fp32 (target at N=4096: cpp >= 3x the eager reference,
 >= 1.5x compiled). GPU: N = 2048 and 8192, V=128256, bf16 (target: >= 70% of the bandwidth roofline,
 >= 5x the eager reference). Roofline: one read of each input (and one write of the gradient in
 forward + backward) over the measured copy bandwidth. Peak extra memory is measured, never assumed: on a

@@ -91,8 +91,8 @@ def _prune(configs, named_args, **kwargs):
 TUNE_KEY = ["tune_n_q", "tune_n_k", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "WINDOW", "SOFTCAP"]
 FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4))
 # ptxas (sm_90, bf16, head dims 64 and 128, causal or not) spills no register in the first candidate of dk, dv
-# (32 x 64 on 8 warps) nor of dq (64 x 32 on 8 warps); the 4-warp tiles they replaced spilled up to 2.9 KB
-# (dk, dv: 32 x 128) and 156 bytes (dq: 128 x 32) per thread.
+# (32 x 64 on 8 warps) nor of dq (64 x 32 on 8 warps), where 4-warp tiles spill up to 2.9 KB (dk, dv:
+# 32 x 128) and 156 bytes (dq: 128 x 32) per thread.
 DKDV_CONFIGS = _configs((32, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2))
 DQ_CONFIGS = _configs((64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3))
 

@@ -251,7 +251,7 @@ def _distillation_loss_fwd_kernel(
 def tiles(n_rows: int, vocab_size: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_V, num_warps): a large vocabulary is swept by one row per program in 4K-wide tiles,
     whole rows of a small one are packed 2K elements to a program, on 8 warps (ptxas, sm_90, every option on:
-    80-105 registers per thread; 4K tiles of 64 rows on 4 warps, as before, took 255 and spilled 436 bytes)."""
+    80-105 registers per thread, where 4K tiles of 64 rows on 4 warps take 255 and spill 436 bytes)."""
     block_v = min(triton.next_power_of_2(vocab_size), 4096)
     block_rows = min(triton.next_power_of_2(n_rows), max(1, 2048 // block_v))
     return block_rows, block_v, 8 if block_rows * block_v >= 2048 else 4
