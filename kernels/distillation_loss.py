@@ -28,13 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tsa_fast.reference.distillation_loss import DIVERGENCES
-
 from .utils import online_logsumexp
 
-# The DIVERGENCE codes: a name's index in DIVERGENCES, the one list of names (the unpacking fails at import if
-# it changes length); constexpr, as compiled kernels read no other globals.
-FORWARD_KL, REVERSE_KL, SYMMETRIC_KL, JSD, TVD = (tl.constexpr(code) for code in range(len(DIVERGENCES)))
+# The DIVERGENCE codes: a name's index in tsa_fast.reference.distillation_loss.DIVERGENCES, the one list of the
+# names (the ops pass DIVERGENCES.index(name); tests/test_distillation_loss.py checks the two agree). Not imported
+# from there: this package imports nothing of tsa_fast, so that importing it alone stays cheap and side-effect
+# free. constexpr, as compiled kernels read no other globals.
+FORWARD_KL, REVERSE_KL, SYMMETRIC_KL, JSD, TVD = (tl.constexpr(code) for code in range(5))
 
 
 @triton.jit

@@ -290,7 +290,7 @@ def test_teacher_cache_built_by_ranks_is_the_one_process_cache(workdir):
     )
     config = load_config(None, options(workdir, *cache))
     data, device = build_data(config.data), torch.device("cpu")
-    teacher, key = obtain_teacher(0, config, data, None, False, LocalRuntime())
+    teacher, key, _ = obtain_teacher(0, config, data, None, False, LocalRuntime())
     teachers = Teachers([teacher], [1.0], "lm")
     built = (shared / "indices.npy").stat().st_mtime_ns
     consumed = build_teacher_cache(config, data, teachers, [key], device, LocalRuntime())

@@ -868,3 +868,11 @@ def test_tensor_checks_off_the_cpu_are_device_asserts(monkeypatch):
     check_num_items(torch.tensor(5, device="meta"), "mean")
     check_temperature_values(torch.ones(4, device="meta"))
     assert len(issued) == 2 and "num_items_in_batch" in issued[0] and "temperature" in issued[1]
+
+
+def test_kernel_divergence_codes_follow_the_one_list_of_names():
+    """The Triton kernel's DIVERGENCE codes are the names' indices in reference.DIVERGENCES (what the ops pass)."""
+    kernel = pytest.importorskip("tsa_fast.kernels.distillation_loss")
+    codes = [kernel.FORWARD_KL, kernel.REVERSE_KL, kernel.SYMMETRIC_KL, kernel.JSD, kernel.TVD]
+    names = ["forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd"]
+    assert [DIVERGENCES.index(name) for name in names] == [getattr(code, "value", code) for code in codes]
