@@ -332,10 +332,15 @@ def _attention_transfer_bwd_dk_kernel(
         rows = start_m + tl.arange(0, BLOCK_M)
         lse_s, lse_t, w, rows_counted = _load_row_stats(lse_s_ptr, lse_t_ptr, w_ptr, rows, n_q)
         visible = visible_keys(rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
-        q_s = load_tile(q_s_ptr, rows, dims_s, stride_qs_n, stride_qs_d, n_q, d_s, UPCAST)
+        # Rows that do not count (a padded position in self-attention) are not loaded (0): their ds is 0, but
+        # 0 * NaN would carry a NaN their query holds into dk. (A masked load, not a where after it: the where
+        # costs shared memory past the A100's at the fp32 tiles.)
+        q_s_ptrs = q_s_ptr + rows[:, None] * stride_qs_n + dims_s[None, :] * stride_qs_d
+        q_s = tl.load(q_s_ptrs, mask=rows_counted[:, None] & (dims_s[None, :] < d_s), other=0.0)
+        if UPCAST:
+            q_s = q_s.to(tl.float32)
         q_t = load_tile(q_t_ptr, rows, dims_t, stride_qt_n, stride_qt_d, n_q, d_t, UPCAST)
         ds = _grad_scores(q_s, k_s, q_t, k_t, lse_s, lse_t, w, visible, scale_s, scale_t)
-        q_s = tl.where(rows_counted[:, None], q_s, 0.0)  # a padded position's query (ds = 0) may hold NaN
         dk += dot(tl.trans(ds).to(q_s.dtype), q_s)
 
     dk_ptrs = head(dk_ptr, b, h, stride_dk_b, stride_dk_h) + cols[:, None] * stride_dk_n + dims_s[None, :] * stride_dk_d
