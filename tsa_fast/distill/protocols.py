@@ -4,7 +4,7 @@ optimization of a student, on the source of teacher targets, and on the runtime 
 - `Model`: `tsa_fast.models.Transformer`, `tsa_fast.integrations.hf.HFModel`;
 - `Optimization`: `distill.distiller.TorchOptimization`, `integrations.deepspeed.DeepSpeedOptimization`;
 - `TeacherSource`: `distill.teachers.Teachers`, `distill.teacher_cache.TopkTeacherCache`,
-  `recipes.sentence_embedding.EmbeddingTeacher`;
+  `distill.teachers.EncoderTeacher` (the sentence-embedding and QA recipes' teachers);
 - `Runtime`: `recipes.runtime.LocalRuntime`, `integrations.deepspeed.DeepSpeedRuntime`.
 
 All are `runtime_checkable`; `isinstance` checks that the names exist, not their signatures.

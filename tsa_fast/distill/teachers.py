@@ -99,3 +99,27 @@ def mixture_logits(logits: list[Tensor], log_weights: list[float], temperature: 
         [torch.log_softmax(z.float() / temperature, dim=-1) + log_w for z, log_w in zip(logits, log_weights)]
     )
     return temperature * torch.logsumexp(log_probs, dim=0)
+
+
+class EncoderTeacher:
+    """A frozen `Model` as a `TeacherSource`: per batch its last hidden states and, when asked, its hidden states
+    and q/k/v (a recipe's own head on top, e.g. a span head, adds its logits)."""
+
+    def __init__(self, model: Model):
+        self.model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def targets(
+        self,
+        batch: dict[str, Tensor],
+        temperature: float = 1.0,
+        *,
+        fused: bool = False,
+        hidden_states: bool = False,
+        qkv: bool = False,
+    ) -> TeacherTargets:
+        """Teacher outputs on `batch` (input_ids, attention_mask); temperature and fused do not apply."""
+        out = self.model(
+            batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_states, output_qkv=qkv
+        )
+        return TeacherTargets(hidden=out.hidden, hidden_states=out.hidden_states, qkv=out.qkv)

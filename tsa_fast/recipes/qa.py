@@ -54,7 +54,7 @@ from tsa_fast.distill.qa import (
     stdlib_qa_splits,
     word_overlap_answer,
 )
-from tsa_fast.distill.teachers import TeacherTargets
+from tsa_fast.distill.teachers import EncoderTeacher, TeacherTargets
 from tsa_fast.models import Transformer, TransformerConfig, every_kth_layer, init_from_teacher, num_parameters
 from tsa_fast.ops.distillation_loss import distillation_loss
 from tsa_fast.recipes.config import RunConfig, read_recipe
@@ -339,12 +339,9 @@ class SpanObjective(DistillationObjective):
         ) / 2
 
 
-class SpanTeacher:
-    """A frozen SpanModel as a `TeacherSource`: per batch its masked start and end logits (as `logits`, a
-    pair) and, when asked, its hidden states and q/k/v."""
-
-    def __init__(self, model: SpanModel):
-        self.model = model.eval().requires_grad_(False)
+class SpanTeacher(EncoderTeacher):
+    """A frozen SpanModel as a `TeacherSource`: EncoderTeacher's targets plus its masked start and end logits
+    (as `logits`, a pair)."""
 
     @torch.no_grad()
     def targets(
@@ -357,11 +354,9 @@ class SpanTeacher:
         qkv: bool = False,
     ) -> TeacherTargets:
         """Teacher outputs on `batch`; temperature and fused do not apply (the loss applies the temperature)."""
-        out = self.model(
-            batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_states, output_qkv=qkv
-        )
-        logits = masked_span_logits(self.model, out.hidden, batch["answer_mask"])
-        return TeacherTargets(logits=logits, hidden_states=out.hidden_states, qkv=out.qkv)
+        targets = super().targets(batch, temperature, fused=fused, hidden_states=hidden_states, qkv=qkv)
+        targets.logits = masked_span_logits(self.model, targets.hidden, batch["answer_mask"])
+        return targets
 
 
 class SpanDistiller(Distiller):

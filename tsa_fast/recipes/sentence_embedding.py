@@ -55,6 +55,7 @@ from tsa_fast.distill.distiller import Distiller, Phase
 from tsa_fast.distill.evaluate import throughput
 from tsa_fast.distill.metrics import plot_curves
 from tsa_fast.distill.objective import DistillationObjective
+from tsa_fast.distill.teachers import EncoderTeacher as EmbeddingTeacher  # its last hidden states
 from tsa_fast.distill.teachers import TeacherTargets
 from tsa_fast.integrations.hf import HFModel, ModelShape, layer_subset_student
 from tsa_fast.models import mean_pool, num_parameters
@@ -245,30 +246,6 @@ def build_sentence_data(config: SentenceDataConfig, tokenizer) -> SentenceData:
 def sentence_embeddings(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """(B, N, D) last hidden states, (B, N) bool mask -> (B, D) float32 unit embeddings (mean pooling)."""
     return F.normalize(mean_pool(hidden.float(), attention_mask), dim=-1)
-
-
-class EmbeddingTeacher:
-    """A frozen HFModel as a `TeacherSource` (tsa_fast.distill.protocols): per batch its last hidden states and,
-    when asked, its hidden states and q/k/v."""
-
-    def __init__(self, model: HFModel):
-        self.model = model.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def targets(
-        self,
-        batch: dict[str, Tensor],
-        temperature: float = 1.0,
-        *,
-        fused: bool = False,
-        hidden_states: bool = False,
-        qkv: bool = False,
-    ) -> TeacherTargets:
-        """Teacher outputs on `batch` (input_ids, attention_mask); temperature and fused do not apply."""
-        out = self.model(
-            batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_states, output_qkv=qkv
-        )
-        return TeacherTargets(hidden=out.hidden, hidden_states=out.hidden_states, qkv=out.qkv)
 
 
 class EmbeddingObjective(DistillationObjective):
