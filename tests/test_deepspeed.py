@@ -340,6 +340,7 @@ distiller = Distiller(student, objective, data, phase, Teachers([teacher], [1.0]
 losses = [distiller.step_values(*distiller.train_step())[0] for _ in range(3)]
 if runtime.rank == 0:  # one line, one write: the ranks share the launcher's stdout
     print("LOSSES " + " ".join(map(str, losses)), flush=True)
+runtime.close()
 """
 
 

@@ -139,6 +139,10 @@ class Runtime(Protocol):
         """Wait until every rank gets here."""
         ...
 
+    def close(self) -> None:
+        """Release what the runtime holds (teachers, process groups); the last call on it."""
+        ...
+
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block before the other ranks do (it writes the files that they then read)."""

@@ -203,6 +203,17 @@ class DeepSpeedRuntime(Runtime):
     def barrier(self) -> None:
         dist.barrier()
 
+    def close(self) -> None:
+        """Release the ZeRO-3 teachers (their partitioned parameters and hooks), let every rank finish its
+        collectives, then end the process group through deepspeed.comm so that DeepSpeed drops its references
+        too: torch's destroy_process_group alone leaves Gloo work alive until interpreter exit, which can abort
+        a rank ("terminate called without an active exception")."""
+        for engine in self.teacher_engines:
+            engine.destroy()
+        self.teacher_engines.clear()
+        dist.barrier()
+        deepspeed.comm.destroy_process_group()
+
     def teacher(self, build: Callable[[], nn.Module], checkpoint: Path) -> nn.Module:
         """`build()` under zero.Init (partitioned as built), `checkpoint`'s weights loaded from rank 0, frozen,
         wrapped in a ZeRO-3 engine without optimizer; returns the engine's module."""
@@ -247,14 +258,7 @@ class DeepSpeedRuntime(Runtime):
             }
             (Path(config.output_dir) / "deepspeed.json").write_text(json.dumps(report, indent=2))
             print_report(report)
-        # Release the ZeRO-3 teachers (their partitioned parameters and hooks) and let every rank finish its
-        # collectives before the groups go, through deepspeed.comm so that DeepSpeed drops its references too:
-        # torch's destroy_process_group alone leaves Gloo work alive until interpreter exit, which can abort a
-        # rank ("terminate called without an active exception").
-        for engine in self.teacher_engines:
-            engine.destroy()
-        dist.barrier()
-        deepspeed.comm.destroy_process_group()
+        self.close()
         return results
 
 

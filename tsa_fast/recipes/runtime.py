@@ -26,6 +26,9 @@ class LocalRuntime(Runtime):
     def barrier(self) -> None:
         """One process: nothing to wait for."""
 
+    def close(self) -> None:
+        """Nothing is held beyond the Python objects."""
+
     def teacher(self, build: Callable[[], nn.Module], checkpoint: Path) -> nn.Module:
         """The teacher `build()` returns, with the weights of `checkpoint` ({"config", "model": state dict}).
         Raises ValueError for a checkpoint that holds anything but tensors and plain data (`load_weights_only`)."""
