@@ -327,6 +327,8 @@ work, ds_configs, overrides = Path(sys.argv[-3]), json.loads(sys.argv[-2]), json
 config = load_config(None, overrides)
 runtime = DeepSpeedRuntime(config, read_config(ds_configs)) if ds_configs else LocalRuntime()
 data = build_data(config.data)
+labels = data.train["labels"]  # counted labels per example 1..31, uneven across micro-batches and ranks
+labels[torch.arange(labels.shape[1]) >= (torch.arange(len(labels)) % 7 * 5 + 1)[:, None]] = -100
 llama = lambda layers: LlamaForCausalLM(LlamaConfig(vocab_size=data.vocab_size, hidden_size=32, intermediate_size=64,
     num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
 teacher = runtime.teacher(lambda: HFModel(llama(2)), work / "hf_teacher.pt")
@@ -346,7 +348,8 @@ runtime.close()
 
 def test_hugging_face_teacher_and_student_under_zero3(workdir):
     """Llama teacher and student (HFModel) through the Python API, both ZeRO-3 (the student's untied LM head
-    used by the fused loss): the losses of 2 ranks equal one process's with the global batch."""
+    used by the fused loss), labels unevenly masked: the losses of 2 ranks equal one process's with the global
+    batch (each rank's loss is normalized by the step's counted labels over both ranks)."""
     pytest.importorskip("transformers")
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -318,3 +318,33 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
         distiller.train_step()
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert_rel_close(params[1], params[0], 1e-5, "parameters after two steps")
+
+
+@pytest.mark.parametrize("teacher", [None, "fused", "unfused"])
+def test_gradient_accumulation_over_uneven_micro_batches_equals_the_big_batch(teacher, tmp_path):
+    """Micro-batches counting different numbers of labels (most of some rows ignore_index, as chat masking and
+    on-policy continuations make them): grad_accum=2 gives the step of the one big batch, the token mean over
+    the whole step (the objective's num_items), not the mean of the micro-batches' means."""
+    torch.manual_seed(0)
+    split = lm_split(n=8)
+    keep = torch.tensor([12, 1, 2, 12, 3, 12, 1, 5])  # labels counted per example
+    split["labels"][torch.arange(12) >= keep[:, None]] = -100
+    data = type("Data", (), {"task": "lm", "train": split, "validation": lm_split(n=4)})()
+    cfg = TransformerConfig(**TINY)
+    teachers = None if teacher is None else Teachers([Transformer(TransformerConfig(**TINY))], [1.0], "lm")
+    config = LossConfig(hard_weight=0.5, fused=teacher == "fused")
+    params, losses = [], []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        torch.manual_seed(1)
+        model = Transformer(cfg)
+        training = TrainingConfig(steps=2, batch_size=batch_size, grad_accum=accum, warmup_steps=0)
+        phase = Phase(
+            "p", tmp_path, training, 0, torch.device("cpu"), logging=LoggingConfig(progress=False, tensorboard=False)
+        )
+        objective = DistillationObjective(config, "lm", cfg, None if teachers is None else cfg)
+        distiller = Distiller(model, objective, data, phase, teachers)
+        losses.append([distiller.step_values(*distiller.train_step())[0] for _ in range(2)])
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    # The steps' micro-batches count 15 and 17, then 14 and 2 labels: their means' mean is not the big batch's.
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert_rel_close(params[1], params[0], 1e-5, "parameters after two steps")

@@ -5,6 +5,9 @@
          + attention_weight * mean over mapped layers and relations of KL(A_t || A_s)
 
 Without a teacher (teacher pre-training, the baseline student) it is the cross-entropy to the labels.
+Under gradient accumulation and data parallelism the logit part is normalized by the counted labels of the
+whole optimizer step (`items`, summed by the Distiller over micro-batches and ranks: the ops'
+`num_items_in_batch`), so that uneven micro-batches give exactly the full batch's token mean.
 Weights and temperature may follow a `Schedule` over training progress. The logit part (`output_loss`)
 is also what adversarial training applies to perturbed inputs. The learned projection W (student width
 to teacher width, TinyBERT-style, one shared matrix) lives here and trains with the student.
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tsa_fast.distill.config import LossConfig, value_at
+from tsa_fast.distill.on_policy import IGNORE_INDEX
 from tsa_fast.distill.protocols import Model, ModelShape
 from tsa_fast.distill.teachers import TeacherTargets
 from tsa_fast.models import default_layer_map, gathered
@@ -63,14 +67,29 @@ class DistillationObjective(nn.Module):
     def temperature(self, progress: float) -> float:
         return value_at(self.config.temperature, progress)
 
+    def items(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """The number of rows `output_loss` averages over in `batch` (0-d int64, on the batch's device: counting
+        syncs nothing): its counted labels for the LM task; None where every batch of a size counts the same."""
+        return (batch["labels"] != IGNORE_INDEX).sum() if self.task == "lm" else None
+
     def output_loss(
-        self, student: Model, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float
+        self,
+        student: Model,
+        out,
+        batch: dict[str, Tensor],
+        teacher: TeacherTargets | None,
+        progress: float,
+        num_items: Tensor | None = None,
     ) -> Tensor:
-        """The logit-level loss: distillation + hard labels with a teacher, cross-entropy without."""
+        """The logit-level loss: distillation + hard labels with a teacher, cross-entropy without. With
+        `num_items` (a 0-d integer tensor >= 1), the sum over this batch's counted rows divided by it instead of
+        their mean."""
         labels = batch["labels"]
         if teacher is None:
-            logits = student_head(student, out, batch, self.task)
-            return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
+            logits = student_head(student, out, batch, self.task).flatten(0, -2).float()
+            if num_items is None:
+                return F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX)
+            return F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum") / num_items
         c = self.config
         options = dict(
             divergence=c.divergence,
@@ -93,15 +112,29 @@ class DistillationObjective(nn.Module):
                     teacher_logits=teacher.logits,
                     teacher_topk=teacher.topk,
                     chunk_size=c.chunk_size,
+                    num_items_in_batch=num_items,
                     **options,
                 )
-        return distillation_loss(student_head(student, out, batch, self.task), teacher.full_logits(), labels, **options)
+        logits = student_head(student, out, batch, self.task)
+        return distillation_loss(logits, teacher.full_logits(), labels, num_items_in_batch=num_items, **options)
 
     def forward(
-        self, student: Model, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float
+        self,
+        student: Model,
+        out,
+        batch: dict[str, Tensor],
+        teacher: TeacherTargets | None,
+        progress: float,
+        num_items: Tensor | None = None,
+        micro_batches: int = 1,
     ) -> tuple[Tensor, dict[str, float]]:
-        """(total loss, {term name: value}) for one batch; `out` is the student's forward output."""
-        loss = self.output_loss(student, out, batch, teacher, progress)
+        """(total loss, {term name: value}) for one batch; `out` is the student's forward output. With
+        `num_items`, the counted labels of the whole optimizer step over its `micro_batches` micro-batches (the
+        step's grad_accum x world_size), the logit part is this batch's share of the step's sum, times
+        `micro_batches`: the optimizer's mean over micro-batches and ranks then gives the step's token mean."""
+        loss = self.output_loss(student, out, batch, teacher, progress, num_items)
+        if num_items is not None:
+            loss = loss * micro_batches
         terms = {"logit" if teacher is not None else "ce": loss.detach()}
         mask = batch.get("attention_mask")
         if self.hidden_map:

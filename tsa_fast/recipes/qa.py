@@ -317,7 +317,10 @@ class SpanObjective(DistillationObjective):
     def __init__(self, config: QALossConfig, student, teacher):
         super().__init__(config, RECIPE, student.config, None if teacher is None else teacher.config)
 
-    def output_loss(self, student, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float):
+    def output_loss(
+        self, student, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float, num_items=None
+    ):
+        """The mean over the batch's windows (each counts once: `items` is None, so num_items is too)."""
         start, end = masked_span_logits(student, out.hidden, batch["answer_mask"])
         labels = (batch["start_positions"], batch["end_positions"])
         if teacher is None:

@@ -256,8 +256,11 @@ class EmbeddingObjective(DistillationObjective):
         super().__init__(config.engine_loss(), RECIPE, student, teacher)
         self.embedding = config
 
-    def output_loss(self, student, out, batch: dict[str, Tensor], teacher: TeacherTargets, progress: float) -> Tensor:
-        """embedding_weight * the embedding loss between the mean-pooled last hidden states."""
+    def output_loss(
+        self, student, out, batch: dict[str, Tensor], teacher: TeacherTargets, progress: float, num_items=None
+    ) -> Tensor:
+        """embedding_weight * the embedding loss between the mean-pooled last hidden states (a mean over the
+        batch's sentences: `items` is None, so num_items is too)."""
         mask = batch["attention_mask"]
         pooled_s, pooled_t = mean_pool(out.hidden.float(), mask), mean_pool(teacher.hidden.float(), mask)
         if self.embedding.embedding_loss == "cosine":
@@ -266,8 +269,8 @@ class EmbeddingObjective(DistillationObjective):
             loss = F.mse_loss(pooled_s, pooled_t)
         return value_at(self.embedding.embedding_weight, progress) * loss
 
-    def forward(self, student, out, batch, teacher, progress) -> tuple[Tensor, dict[str, Tensor]]:
-        loss, terms = super().forward(student, out, batch, teacher, progress)
+    def forward(self, student, out, batch, teacher, progress, **share) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, terms = super().forward(student, out, batch, teacher, progress, **share)
         terms["embedding"] = terms.pop("logit")
         return loss, terms
 
