@@ -1,8 +1,10 @@
 """The Hugging Face causal-LM recipe (`tsa_fast.recipes.hf_lm`), offline: tiny random Llama and Qwen2 models and a
 tiny BPE tokenizer with a chat template are saved to temp directories, and the recipe runs from them as a user
 would (in process, and `python train.py --config ...` in a subprocess): text and chat data (assistant-only
-labels), a teacher embedding padded past the tokenizer, a depth-pruned student; the exported students load with
-`AutoModelForCausalLM.from_pretrained` and generate; every bad input is a ValueError before training."""
+labels), a teacher embedding padded past the tokenizer, a depth-pruned student, on-policy distillation and
+sequence-level KD (chat prompts: the tokens before the assistant turn, left-padded for generation); the exported
+students load with `AutoModelForCausalLM.from_pretrained` and generate; every bad input is a ValueError before
+training."""
 
 import copy
 import json
@@ -18,7 +20,9 @@ hf_lm = pytest.importorskip("tsa_fast.recipes.hf_lm")  # skips where transformer
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from tsa_fast.distill.config import OnPolicyConfig  # noqa: E402
 from tsa_fast.distill.evaluate import IGNORE_INDEX, evaluate  # noqa: E402
+from tsa_fast.distill.on_policy import PROMPT_LENGTHS, is_on_policy, on_policy_batch  # noqa: E402
 from tsa_fast.distill.teachers import Teachers  # noqa: E402
 from tsa_fast.integrations.hf import HFModel, layer_subset_student  # noqa: E402
 
@@ -152,6 +156,9 @@ def test_chat_labels_are_the_assistant_tokens(tokenizer, tmp_path):
     # Every kept label is the next input token.
     kept = labels[: n - 1] != IGNORE_INDEX
     assert (labels[: n - 1][kept] == rows["input_ids"][0, 1:n][kept]).all()
+    # The prompt: every token before the first assistant turn's content (the generation prompt included).
+    prompt = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert rows[PROMPT_LENGTHS].tolist() == [len(tokenizer(prompt, add_special_tokens=False).input_ids)]
 
 
 def test_jsonl_text_and_saved_datasets(tmp_path, tokenizer, qwen_teacher):
@@ -269,6 +276,191 @@ def test_chat_without_assistant_turn_is_an_error(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(ValueError, match=r"chat.jsonl:1: the conversation has no assistant turn"):
         hf_lm.read_conversations(path)
+
+
+# --- on-policy and sequence-level KD ----------------------------------------------------------------------------
+
+
+def padding_loving_lm(arch: str, tokenizer, padding: int = 20) -> hf_lm.SharedVocabularyLM:
+    """A random `arch` causal LM whose head puts its mass on the `padding` rows past the tokenizer."""
+    shape = dict(
+        vocab_size=len(tokenizer) + padding,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    config = transformers.LlamaConfig(**shape) if arch == "llama" else transformers.Qwen2Config(**shape)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.weight[len(tokenizer) :] *= 1000
+    return hf_lm.SharedVocabularyLM(model, len(tokenizer))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_on_policy_batch_of_chat_prompts(tmp_path, tokenizer, arch):
+    """Chat rows: each prompt is the row's tokens before the assistant turn (different lengths, left-padded for
+    generation); the batch's row i is its prompt then its continuation, right-padded with an attention mask; the
+    labels are the generated tokens only, up to and including the first EOS; greedy continuations are each
+    prompt's alone; the model scores a padded row as the row alone; the padding is never sampled."""
+    lm = padding_loving_lm(arch, tokenizer)
+    conversations = hf_lm.read_conversations(write_chat(tmp_path / "chat.jsonl", 6))
+    batch = hf_lm.chat_rows(tokenizer, conversations, 64, tokenizer.pad_token_id, "chats")
+    lengths = batch[PROMPT_LENGTHS]
+    assert len(set(lengths.tolist())) > 1  # prompts of different lengths
+    new = 6
+    config = OnPolicyConfig(fraction=1.0, max_new_tokens=new, sample_temperature=1.0)
+    sampled = on_policy_batch(lm, batch, config, generator=torch.Generator().manual_seed(0))
+    assert sampled["input_ids"].shape == (6, int(lengths.max()) + new) and sampled["on_policy"]
+    assert (sampled["input_ids"][sampled["attention_mask"]] < len(tokenizer)).all()  # never the padding
+    unrestricted = lm.model.generate(batch["input_ids"][:1, : int(lengths[0])], max_new_tokens=4, do_sample=False)
+    assert (unrestricted[:, int(lengths[0]) :] >= len(tokenizer)).any()  # which the model itself would generate
+
+    # The EOS: the token row 0 sampled third; the same generator draws the same tokens.
+    eos = int(sampled["input_ids"][0, int(lengths[0]) + 2])
+    out = on_policy_batch(lm, batch, config, generator=torch.Generator().manual_seed(0), eos_id=eos)
+    assert torch.equal(out["input_ids"], sampled["input_ids"])
+    for i, p in enumerate(lengths.tolist()):
+        row, labels = out["input_ids"][i], out["labels"][i]
+        assert torch.equal(row[:p], batch["input_ids"][i, :p])
+        assert out["attention_mask"][i].tolist() == [True] * (p + new) + [False] * (len(row) - p - new)
+        generated = row[p : p + new].tolist()
+        stop = generated.index(eos) + 1 if eos in generated else new
+        expected = [IGNORE_INDEX] * (p - 1) + generated[:stop] + [IGNORE_INDEX] * (len(row) - p + 1 - stop)
+        assert labels.tolist() == expected
+    assert (out["labels"][0] != IGNORE_INDEX).sum() == 3
+
+    greedy = on_policy_batch(lm, batch, config.model_copy(update={"sample_temperature": 0.0}), generator=None)
+    lm.eval()
+    with torch.no_grad():
+        padded = lm(greedy["input_ids"], greedy["attention_mask"]).hidden
+        for i, p in enumerate(lengths.tolist()):
+            alone = lm.generate(batch["input_ids"][i : i + 1, :p], new, temperature=0.0)
+            assert torch.equal(greedy["input_ids"][i, : p + new], alone[0])
+            hidden = lm(alone).hidden[0]
+            torch.testing.assert_close(padded[i, : p + new], hidden, rtol=0, atol=1e-5)
+
+    with pytest.raises(ValueError, match="max_new_tokens must be given for prompts of different lengths"):
+        on_policy_batch(lm, batch, OnPolicyConfig(fraction=1.0), generator=None)
+
+
+def test_text_on_policy_generates_within_the_shared_vocabulary(tokenizer):
+    """Text blocks: the prompt is the first prompt_tokens of every row, the continuation the rest of the block,
+    sampled from the shared vocabulary only."""
+    lm = padding_loving_lm("qwen2", tokenizer)
+    torch.manual_seed(1)
+    batch = {"input_ids": torch.randint(len(tokenizer), (3, 12)), "labels": torch.zeros(3, 12, dtype=torch.int64)}
+    out = on_policy_batch(lm, batch, OnPolicyConfig(fraction=1.0, prompt_tokens=4), generator=torch.Generator())
+    assert out["input_ids"].shape == (3, 12) and "attention_mask" not in out
+    assert torch.equal(out["input_ids"][:, :4], batch["input_ids"][:, :4])
+    assert (out["input_ids"] < len(tokenizer)).all()
+    assert (out["labels"][:, :3] == IGNORE_INDEX).all() and torch.equal(out["labels"][:, 3:-1], out["input_ids"][:, 4:])
+
+
+def spy_on_policy(monkeypatch) -> list:
+    """Record (micro-batch number, batch, result) of every `Distiller.maybe_on_policy` call."""
+    calls = []
+    original = hf_lm.Distiller.maybe_on_policy
+
+    def recorded(self, batch, micro_batch):
+        out = original(self, batch, micro_batch)
+        calls.append((micro_batch, batch, out))
+        return out
+
+    monkeypatch.setattr(hf_lm.Distiller, "maybe_on_policy", recorded)
+    return calls
+
+
+@pytest.mark.parametrize(("data_format", "fraction"), [("text", 1.0), ("chat", 0.5)])
+def test_on_policy_run(tmp_path, tokenizer, qwen_teacher, monkeypatch, data_format, fraction):
+    """An hf_lm run with loss.on_policy from model directories (a Qwen2 teacher padded past the tokenizer, a pruned
+    student): the micro-batches that `is_on_policy` draws are the student's continuations of their prompts (text:
+    the first prompt_tokens; chat: the tokens before the assistant turn), labels on the generated tokens only,
+    never a padding token; the others are the data's batches; the run completes."""
+    calls = spy_on_policy(monkeypatch)
+    chat = data_format == "chat"
+    source = write_chat(tmp_path / "chat.jsonl") if chat else write_text(tmp_path / "text.txt")
+    on_policy = {"fraction": fraction, "prompt_tokens": 8, "sample_temperature": 1.0}
+    config = config_of(
+        tmp_path,
+        qwen_teacher,
+        source,
+        data={"format": data_format, "seq_len": 64 if chat else 32},
+        loss={"divergence": "reverse_kl", "on_policy": on_policy},
+        baseline=False,
+    )
+    prepared = hf_lm.prepare_inputs(config)
+    new = prepared.loss.on_policy.max_new_tokens
+    longest = int(prepared.data.train[PROMPT_LENGTHS].max()) if chat else 8
+    assert new == config.data.seq_len - longest  # the rest of the sequence after the longest prompt
+    results = hf_lm.run(config, prepared=prepared)
+    assert set(results) == {"teacher", "distilled"} and results["distilled"]["validation_perplexity"] > 1
+    assert [m for m, _, _ in calls] == list(range(config.training.steps))
+    drawn = [is_on_policy(fraction, config.seed, m) for m, _, _ in calls]
+    assert [bool(out.get("on_policy")) for _, _, out in calls] == drawn
+    assert any(drawn) and (fraction == 1.0 or not all(drawn))
+    for (_, batch, out), on in zip(calls, drawn):
+        if not on:
+            assert out is batch
+            continue
+        lengths = batch[PROMPT_LENGTHS].tolist() if chat else [8] * len(batch["input_ids"])
+        for i, p in enumerate(lengths):
+            row, labels = out["input_ids"][i], out["labels"][i]
+            assert torch.equal(row[:p], batch["input_ids"][i, :p])
+            counted = (labels != IGNORE_INDEX).nonzero().flatten()
+            assert len(counted) > 0 and counted.min() >= p - 1 and counted.max() < p - 1 + new
+            assert torch.equal(labels[counted], row[counted + 1])
+            assert (row[: p + new] < prepared.vocab_size).all()
+            if chat:
+                assert out["attention_mask"][i].sum() == p + new
+
+
+@pytest.mark.parametrize("data_format", ["text", "chat"])
+def test_sequence_kd_run(tmp_path, tokenizer, qwen_teacher, monkeypatch, data_format):
+    """loss.sequence_kd: the training split is the teacher's greedy completions of the training prompts (text: the
+    first prompt_tokens of a block; chat: the tokens before the assistant turn), labels on the completion only,
+    cached (a second build generates nothing); the run completes."""
+    chat = data_format == "chat"
+    source = write_chat(tmp_path / "chat.jsonl", 12) if chat else write_text(tmp_path / "text.txt", 30)
+    config = config_of(
+        tmp_path,
+        qwen_teacher,
+        source,
+        data={"format": data_format, "seq_len": 64 if chat else 32},
+        loss={"sequence_kd": {"enabled": True, "prompt_tokens": 8}},
+        training={"steps": 2},
+        baseline=False,
+    )
+    prepared = hf_lm.prepare_inputs(config)
+    teacher_model = hf_lm.load_causal_lm(prepared.teacher_dir, torch.float32, "teacher.pretrained")
+    teacher = hf_lm.SharedVocabularyLM(teacher_model, prepared.vocab_size)
+    train = hf_lm.sequence_kd_train(config, prepared, teacher, torch.device("cpu"))
+    data = prepared.data.train
+    lengths = data[PROMPT_LENGTHS].tolist() if chat else [8] * len(data["input_ids"])
+    new = prepared.loss.sequence_kd.max_new_tokens
+    assert len(train["input_ids"]) == len(data["input_ids"])
+    for i in (0, len(lengths) - 1):
+        p = lengths[i]
+        row = train["input_ids"][i]
+        alone = teacher.generate(data["input_ids"][i : i + 1, :p], new, temperature=0.0)[0]
+        assert torch.equal(row[: p + new], alone)
+        counted = (train["labels"][i] != IGNORE_INDEX).nonzero().flatten()
+        assert counted.min() >= p - 1 and counted.max() < p - 1 + new
+        if chat:
+            assert train["attention_mask"][i].sum() == p + new
+
+    def fail(*args, **kwargs):
+        raise AssertionError("generated again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_lm.SharedVocabularyLM, "generate", fail)
+        again = hf_lm.sequence_kd_train(config, prepared, teacher, torch.device("cpu"))
+    assert torch.equal(again["input_ids"], train["input_ids"]) and torch.equal(again["labels"], train["labels"])
+    results = hf_lm.run(config, prepared=prepared)
+    assert set(results) == {"teacher", "distilled"} and results["distilled"]["validation_perplexity"] > 1
 
 
 # --- runs ----------------------------------------------------------------------------------------------------
@@ -474,6 +666,39 @@ def test_sequence_length_beyond_the_context(tmp_path, qwen_teacher):
     config = config_of(tmp_path, qwen_teacher, write_text(tmp_path / "t.txt"), data={"seq_len": 65})
     with pytest.raises(ValueError, match=r"data.seq_len=65 is beyond the models' context \(max_position_embeddings=64"):
         hf_lm.prepare(config)
+
+
+@pytest.mark.parametrize("section", ["on_policy", "sequence_kd"])
+def test_prompt_tokens_beyond_the_sequence(tmp_path, qwen_teacher, section):
+    loss = {section: {"prompt_tokens": 32, **({"fraction": 1.0} if section == "on_policy" else {"enabled": True})}}
+    with pytest.raises(ValueError, match=rf"loss.{section}.prompt_tokens=32 must be less than data.seq_len=32"):
+        config_of(tmp_path, qwen_teacher, tmp_path / "t.txt", loss=loss)
+
+
+def test_chat_prompt_beyond_the_context(tmp_path, qwen_teacher):
+    """Chat data: the longest prompt plus loss.on_policy.max_new_tokens beyond the models' context (64), and a
+    prompt that fills data.seq_len (nothing left to generate), are ValueErrors naming them, before training."""
+    source = write_chat(tmp_path / "chat.jsonl")
+    chat = {"format": "chat", "seq_len": 64}
+    longest = int(
+        hf_lm.prepare_inputs(config_of(tmp_path, qwen_teacher, source, data=chat)).data.train[PROMPT_LENGTHS].max()
+    )
+    loss = {"on_policy": {"fraction": 1.0, "max_new_tokens": 65 - longest}}
+    with pytest.raises(
+        ValueError,
+        match=rf"longest chat prompt of the training split \({longest} tokens.* plus loss.on_policy.max_new_tokens="
+        rf"{65 - longest} is longer than the models' context \(max_position_embeddings=64\)",
+    ):
+        hf_lm.prepare(config_of(tmp_path, qwen_teacher, source, data=chat, loss=loss))
+    full = config_of(
+        tmp_path,
+        qwen_teacher,
+        source,
+        data={**chat, "seq_len": longest},
+        loss={"sequence_kd": {"enabled": True}},
+    )
+    with pytest.raises(ValueError, match=rf"leaves no token to generate within data.seq_len={longest}"):
+        hf_lm.prepare(full)
 
 
 def test_student_needs_exactly_one_source(tmp_path, qwen_teacher):

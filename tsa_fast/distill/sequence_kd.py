@@ -1,15 +1,16 @@
 """Sequence-level KD (Kim and Rush 2016): the teacher's completions of the training prompts, generated once and
 cached on disk, become the student's training sequences.
 
-Prompt m is the first `prompt_tokens` of training sequence m; the teacher continues it for exactly
-`max_new_tokens` steps (`on_policy.generate_continuations`) at `temperature` (0: greedy), batch b with a
-generator seeded by (seed, b), so the completions are a function of (teacher, prompts, sampling settings,
-seed): the fingerprint that keys the cache.
+Prompt m is the first `prompt_tokens` of training sequence m, or where the split has `PROMPT_LENGTHS` (chat
+data) its first prompt_lengths[m] tokens; the teacher continues it for exactly `max_new_tokens` steps
+(`on_policy.continuations_of`: prompts of different lengths left-padded for generation) at `temperature` (0:
+greedy), batch b with a generator seeded by (seed, b), so the completions are a function of (teacher, prompts,
+sampling settings, seed): the fingerprint that keys the cache.
 
-On disk (`directory`): `sequences.npy` (M, prompt_tokens + max_new_tokens) int64, row m = prompt m and its
-completion; `progress.json` {fingerprint, shape, batch_size, done: batches written}, updated after each batch
-is flushed, so an interrupted build continues at its first unwritten batch; `meta.json` once complete. A cache
-of another fingerprint or shape is rebuilt from scratch.
+On disk (`directory`): `sequences.npy` (M, P + max_new_tokens) int64, P the longest prompt, row m = prompt m
+and its completion, then zeros (prompts shorter than P); `progress.json` {fingerprint, shape, batch_size,
+done: batches written}, updated after each batch is flushed, so an interrupted build continues at its first
+unwritten batch; `meta.json` once complete. A cache of another fingerprint or shape is rebuilt from scratch.
 
 Under data parallelism every rank runs every batch's generation (a sharded teacher needs every rank in each
 forward) and rank 0 writes the rows.
@@ -26,7 +27,7 @@ import torch
 from rich.progress import track
 from torch import Tensor
 
-from tsa_fast.distill.on_policy import continuation_batch, generate_continuations, new_tokens, prompts_of
+from tsa_fast.distill.on_policy import PROMPT_LENGTHS, continuation_batch, continuations_of, new_tokens
 from tsa_fast.distill.protocols import Model
 
 _SALT = 0x5E9D
@@ -61,14 +62,20 @@ def teacher_completions(
     rank: int = 0,
     barrier=lambda: None,
 ) -> Tensor:
-    """The teacher's completions of the prompts of `split` (its input_ids' first prompt_tokens; max_new_tokens
-    None: the rest of a sequence), (M, prompt_tokens + max_new_tokens) int64 on the CPU, read from `directory`
-    when it holds them for `fingerprint` (what determines them: the teacher, the prompts, the sampling settings
-    and seed), else generated there (continuing an interrupted build of the same fingerprint). Raises ValueError
-    for a prompt that does not fit (`new_tokens`, `prompts_of`)."""
-    input_ids = split["input_ids"]
-    steps = new_tokens(max_new_tokens, input_ids.shape[1], prompt_tokens)
-    shape = [input_ids.shape[0], prompt_tokens + steps]
+    """The teacher's completions of the prompts of `split` (its input_ids' first prompt_tokens, max_new_tokens
+    None: the rest of a sequence; or with PROMPT_LENGTHS each row's own prompt, max_new_tokens required), (M,
+    P + max_new_tokens) int64 on the CPU (see the module docstring), read from `directory` when it holds them
+    for `fingerprint` (what determines them: the teacher, the prompts, the sampling settings and seed), else
+    generated there (continuing an interrupted build of the same fingerprint). Raises ValueError for a prompt
+    that does not fit (`continuations_of`)."""
+    input_ids, lengths = split["input_ids"], split.get(PROMPT_LENGTHS)
+    if lengths is None:
+        width, steps = prompt_tokens, new_tokens(max_new_tokens, input_ids.shape[1], prompt_tokens)
+    elif max_new_tokens is None:
+        raise ValueError("max_new_tokens must be given for prompts of different lengths")
+    else:
+        width, steps = int(lengths.max()), max_new_tokens
+    shape = [input_ids.shape[0], width + steps]
     state = {"fingerprint": fingerprint, "shape": shape, "batch_size": batch_size}
     directory.mkdir(parents=True, exist_ok=True)
     meta_path, progress_path, data_path = (
@@ -92,11 +99,14 @@ def teacher_completions(
     n_batches = -(-shape[0] // batch_size)
     for number in track(range(done, n_batches), "teacher completions", disable=not progress or rank != 0):
         rows = slice(number * batch_size, min(shape[0], (number + 1) * batch_size))
-        prompts = prompts_of({"input_ids": input_ids[rows].to(device)}, prompt_tokens)
+        batch = {name: tensor[rows].to(device) for name, tensor in split.items()}
         generator = torch.Generator(device).manual_seed((seed * 1_000_003 + number) * 31 + _SALT)
-        generated = generate_continuations(teacher, prompts, steps, temperature=temperature, generator=generator)
+        generated = continuations_of(
+            teacher, batch, prompt_tokens, steps, temperature=temperature, generator=generator
+        )["input_ids"]
         if rank == 0:
-            sequences[rows] = generated.cpu().numpy()
+            sequences[rows] = 0
+            sequences[rows, : generated.shape[1]] = generated.cpu().numpy()
             sequences.flush()
             _write_json(progress_path, {**state, "done": number + 1})
     barrier()
@@ -106,7 +116,8 @@ def teacher_completions(
     return torch.from_numpy(np.load(data_path))
 
 
-def sequence_kd_split(sequences: Tensor, prompt_tokens: int, eos_id: int | None = None) -> dict[str, Tensor]:
+def sequence_kd_split(sequences: Tensor, prompt_tokens: int | Tensor, eos_id: int | None = None) -> dict[str, Tensor]:
     """The training split of sequence-level KD: input_ids = the teacher's sequences, labels = its completion
-    tokens (`continuation_batch`: the prompt, the last position and what follows an EOS are ignore_index)."""
+    tokens (`continuation_batch`: the prompt, the positions past the completion and what follows an EOS are
+    ignore_index); prompt_tokens a tensor of the split's PROMPT_LENGTHS: with attention_mask and PROMPT_LENGTHS."""
     return continuation_batch(sequences, prompt_tokens, eos_id)

@@ -45,6 +45,7 @@ runs in `prepare`, before any training.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -73,15 +74,17 @@ from tsa_fast.distill.data import (
 from tsa_fast.distill.distiller import Distiller, Phase
 from tsa_fast.distill.evaluate import IGNORE_INDEX
 from tsa_fast.distill.objective import DistillationObjective
+from tsa_fast.distill.on_policy import PROMPT_LENGTHS
+from tsa_fast.distill.sequence_kd import sequence_kd_split, teacher_completions
 from tsa_fast.distill.teachers import Teachers
 from tsa_fast.integrations.hf import HFModel, layer_subset_student
 from tsa_fast.recipes.config import RunConfig, read_recipe
-from tsa_fast.recipes.fingerprint import fingerprint
+from tsa_fast.recipes.fingerprint import data_fingerprint, fingerprint
 from tsa_fast.recipes.lm import SamplesConfig, evaluate_all, write_report
 from tsa_fast.recipes.report import console
 from tsa_fast.recipes.runtime import start_run
 
-DATA_VERSION = 1  # bump when the tokenization rules change: part of the data cache's key
+DATA_VERSION = 2  # bump when the tokenization rules change: part of the data cache's key
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,11 +161,28 @@ class HFLMConfig(RunConfig):
     )
     data: HFDataConfig = Field(description="the text or chat data")
     loss: LossConfig = Field(
-        LossConfig(), description="the distillation objective (the engine's, as the lm recipe's); off-policy"
+        LossConfig(),
+        description="the distillation objective (the engine's, as the lm recipe's), with on_policy and sequence_kd",
     )
     adversarial: AdversarialConfig = Field(AdversarialConfig(), description="adversarial distillation; off by default")
     baseline: bool = Field(True, description="also train the student without a teacher, for the same steps")
     samples: SamplesConfig = Field(SamplesConfig(), description="completions of held-out prompts (text data)")
+
+    @model_validator(mode="after")
+    def _prompts_fit(self):
+        """Text data: the on-policy and sequence-level KD prompts (the first prompt_tokens of a block) leave a
+        continuation within data.seq_len. (Chat prompts are checked against the data in `prepare`.)"""
+        if self.data.format == "text":
+            for name, used in (
+                ("on_policy", self.loss.on_policy.fraction > 0),
+                ("sequence_kd", self.loss.sequence_kd.enabled),
+            ):
+                prompt_tokens = getattr(self.loss, name).prompt_tokens
+                if used and prompt_tokens >= self.data.seq_len:
+                    raise ValueError(
+                        f"loss.{name}.prompt_tokens={prompt_tokens} must be less than data.seq_len={self.data.seq_len}"
+                    )
+        return self
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> HFLMConfig:
@@ -218,6 +238,7 @@ class Prepared:
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
     vocab_size: int  # K: the first K tokens of both models' vocabularies, the tokenizer's included
     data: TaskData
+    loss: LossConfig  # config.loss with on_policy and sequence_kd max_new_tokens resolved (`generation_lengths`)
 
 
 def check_models(config: HFLMConfig) -> tuple[Path, Path | None, Any, int, int]:
@@ -287,7 +308,41 @@ def prepare_inputs(config: HFLMConfig) -> Prepared:
         labels = data.split(name)["labels"]
         if int(labels.max()) >= vocab_size:
             raise ValueError(f"the {name} split has label {int(labels.max())}, past the shared vocabulary {vocab_size}")
-    return Prepared(teacher_dir, student_dir, tokenizer, vocab_size, data)
+    loss = generation_lengths(config, data, context)
+    return Prepared(teacher_dir, student_dir, tokenizer, vocab_size, data, loss)
+
+
+def generation_lengths(config: HFLMConfig, data: TaskData, context: int) -> LossConfig:
+    """config.loss with `max_new_tokens` of loss.on_policy (when fraction > 0) and loss.sequence_kd (when enabled)
+    resolved: as given, or the rest of data.seq_len after the prompt (text: prompt_tokens; chat: the longest
+    prompt of the training split), the same on every rank. Raises ValueError naming the option when a prompt
+    leaves nothing to generate or a prompt plus its continuation is longer than the models' `context`."""
+    updates = {}
+    for name, used in (
+        ("on_policy", config.loss.on_policy.fraction > 0),
+        ("sequence_kd", config.loss.sequence_kd.enabled),
+    ):
+        section = getattr(config.loss, name)
+        if not used:
+            continue
+        if config.data.format == "text":
+            prompt, what = section.prompt_tokens, f"loss.{name}.prompt_tokens={section.prompt_tokens}"
+        else:
+            prompt = int(data.train[PROMPT_LENGTHS].max())
+            what = f"the longest chat prompt of the training split ({prompt} tokens before its assistant turn)"
+        steps = section.max_new_tokens or config.data.seq_len - prompt
+        if steps < 1:
+            raise ValueError(
+                f"{what} leaves no token to generate within data.seq_len={config.data.seq_len}: "
+                f"set loss.{name}.max_new_tokens"
+            )
+        if prompt + steps > context:
+            raise ValueError(
+                f"{what} plus loss.{name}.max_new_tokens={steps} is longer than the models' context "
+                f"(max_position_embeddings={context})"
+            )
+        updates[name] = section.model_copy(update={"max_new_tokens": steps})
+    return config.loss.model_copy(update=updates)
 
 
 def prepare(config: HFLMConfig) -> Callable[..., dict]:
@@ -399,8 +454,9 @@ def assistant_token_mask(tokenizer, messages: list[dict[str, str]], where: str) 
 def chat_rows(tokenizer, conversations: Sequence[Conversation], seq_len: int, pad_id: int, where: str) -> dict:
     """One row per conversation: `input_ids` (M, seq_len) int64, its first seq_len tokens right-padded with
     pad_id; `attention_mask` (M, seq_len) bool; `labels` (M, seq_len) int64, the next token where that token is
-    an assistant token, else IGNORE_INDEX. A conversation whose assistant tokens all lie past seq_len + 1 tokens
-    is left out; ValueError when none is left."""
+    an assistant token, else IGNORE_INDEX; PROMPT_LENGTHS (M,) int64, the tokens before the first assistant token
+    (the prompt of on-policy and sequence-level KD). A conversation whose assistant tokens all lie past
+    seq_len + 1 tokens is left out; ValueError when none is left."""
     rows = []
     for number, conversation in enumerate(conversations):
         ids, assistant = assistant_token_mask(tokenizer, conversation.messages, f"{where} conversation {number}")
@@ -412,12 +468,14 @@ def chat_rows(tokenizer, conversations: Sequence[Conversation], seq_len: int, pa
     input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.int64)
     labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.int64)
     attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.bool)
+    prompt_lengths = torch.zeros(len(rows), dtype=torch.int64)
     for row, (ids, assistant) in enumerate(rows):
         tokens = torch.tensor(ids, dtype=torch.int64)
         n = len(ids) - 1
         input_ids[row, :n], attention_mask[row, :n] = tokens[:-1], True
         labels[row, :n] = torch.where(torch.tensor(assistant[1:]), tokens[1:], IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        prompt_lengths[row] = assistant.index(True, 1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, PROMPT_LENGTHS: prompt_lengths}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -490,6 +548,40 @@ def student_model_config(teacher_config, config: HFLMConfig):
         raise ValueError(f"student.config={overrides}: {error}") from None
 
 
+def sequence_kd_train(config: HFLMConfig, prepared: Prepared, teacher, device: torch.device) -> dict[str, Tensor]:
+    """The training split of sequence-level KD: the teacher's completions of the training prompts (text: the first
+    loss.sequence_kd.prompt_tokens of each block; chat: each conversation's tokens before its first assistant
+    token), `teacher_completions` cached under loss.sequence_kd.dir (null: data.cache_dir/hf_lm/sequence_kd) by a
+    fingerprint of the teacher's files, dtype and vocabulary, the training tensors and the sampling settings."""
+    seq_kd, data = prepared.loss.sequence_kd, prepared.data
+    key = fingerprint(
+        source_stamp(prepared.teacher_dir),
+        config.torch_dtype,
+        prepared.vocab_size,
+        data_fingerprint(data),
+        seq_kd.prompt_tokens,
+        seq_kd.max_new_tokens,
+        seq_kd.temperature,
+        config.seed,
+    )
+    directory = Path(seq_kd.dir) if seq_kd.dir else Path(config.data.cache_dir) / "hf_lm" / "sequence_kd"
+    sequences = teacher_completions(
+        teacher,
+        data.train,
+        directory / key,
+        prompt_tokens=seq_kd.prompt_tokens,
+        max_new_tokens=seq_kd.max_new_tokens,
+        temperature=seq_kd.temperature,
+        fingerprint=key,
+        batch_size=config.training.batch_size,
+        device=device,
+        seed=config.seed,
+        progress=config.logging.progress,
+    )
+    prompts = data.train[PROMPT_LENGTHS] if PROMPT_LENGTHS in data.train else seq_kd.prompt_tokens
+    return sequence_kd_split(sequences, prompts, data.eos_id)
+
+
 def save_student(model, tokenizer, directory: Path) -> None:
     """The student as a Hugging Face directory: `save_pretrained` and its tokenizer (`from_pretrained` loads it,
     with the attention implementation transformers picks by default)."""
@@ -512,6 +604,9 @@ def run(config: HFLMConfig, resume: bool = False, prepared: Prepared | None = No
     teacher_model = load_causal_lm(prepared.teacher_dir, dtype, "teacher.pretrained")
     teacher = SharedVocabularyLM(teacher_model, prepared.vocab_size).to(device)
     teachers = Teachers([teacher], [1.0], "lm")
+    student_data = data  # what the distilled students train on: the teacher's completions with sequence-level KD
+    if prepared.loss.sequence_kd.enabled:
+        student_data = dataclasses.replace(data, train=sequence_kd_train(config, prepared, teacher, device))
 
     def phase(name: str, adversarial: AdversarialConfig) -> Phase:
         return Phase(name, out_dir / name, config.training, config.seed, device, precision, adversarial, config.logging)
@@ -524,11 +619,11 @@ def run(config: HFLMConfig, resume: bool = False, prepared: Prepared | None = No
     students, fits = {}, {}
     for name, adversarial, distilled in variants:
         student = SharedVocabularyLM(build_student(config, prepared, teacher_model), prepared.vocab_size)
-        objective = DistillationObjective(config.loss, "lm", student.config, teacher.config if distilled else None)
+        objective = DistillationObjective(prepared.loss, "lm", student.config, teacher.config if distilled else None)
         distiller = Distiller(
             student,
             objective,
-            data,
+            student_data if distilled else data,
             phase(name, adversarial),
             teachers if distilled else None,
             agreement_with=teachers,
