@@ -407,6 +407,7 @@ def test_on_policy_run(tmp_path, tokenizer, qwen_teacher, monkeypatch, data_form
             assert out is batch
             continue
         lengths = batch[PROMPT_LENGTHS].tolist() if chat else [8] * len(batch["input_ids"])
+        assert out["input_ids"].shape[1] == max(lengths) + new  # the same steps in every batch (and rank)
         for i, p in enumerate(lengths):
             row, labels = out["input_ids"][i], out["labels"][i]
             assert torch.equal(row[:p], batch["input_ids"][i, :p])

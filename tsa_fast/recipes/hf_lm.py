@@ -1,5 +1,6 @@
 """The Hugging Face causal-LM recipe (`recipe: hf_lm`, configs/hf_lm.yaml): a teacher and a student loaded from
-local `AutoModelForCausalLM` directories (nothing is downloaded), distilled off-policy by the engine.
+local `AutoModelForCausalLM` directories (nothing is downloaded), distilled by the engine off-policy, on-policy
+(`loss.on_policy`) or on the teacher's completions (`loss.sequence_kd`).
 
     python train.py --config configs/hf_lm.yaml teacher.pretrained=DIR data.source=chat.jsonl
 
@@ -13,14 +14,15 @@ local `AutoModelForCausalLM` directories (nothing is downloaded), distilled off-
    tokenizer's EOS); `chat`, a .jsonl file or saved dataset of `data.messages_field` conversations
    (`read_conversations`), each rendered with the tokenizer's chat template, right-padded, one per row, the
    labels of every token outside the assistant turns ignore_index (-100), so that every loss and metric
-   counts the assistant tokens only. The assistant spans are found by rendering incrementally: the text of
-   messages[:i] with the generation prompt, then of messages[:i + 1], must be prefixes of the whole
-   conversation's text, and assistant turn i is the text between them (its content and the template's
-   end-of-turn marker; the generation prompt itself is not a target). This needs no `{% generation %}` marks
-   in the template; a template that rewrites earlier turns (one that drops past reasoning) fails this check
-   with a ValueError. Tokens belong to the span their first character is in (offsets of a fast tokenizer).
-   The tokenized splits are cached under `data.cache_dir` by a fingerprint of the source files, the data
-   options and the tokenizer.
+   counts the assistant tokens only, and `prompt_lengths`, the tokens before the first assistant token (the
+   system and user turns and the generation prompt). The assistant spans are found by rendering
+   incrementally: the text of messages[:i] with the generation prompt, then of messages[:i + 1], must be
+   prefixes of the whole conversation's text, and assistant turn i is the text between them (its content and
+   the template's end-of-turn marker; the generation prompt itself is not a target). This needs no
+   `{% generation %}` marks in the template; a template that rewrites earlier turns (one that drops past
+   reasoning) fails this check with a ValueError. Tokens belong to the span their first character is in
+   (offsets of a fast tokenizer). The tokenized splits are cached under `data.cache_dir` by a fingerprint of
+   the source files, the data options and the tokenizer.
 3. Vocabularies: the models' distributions are over the first K = min(teacher, student vocab_size) tokens,
    which must cover the tokenizer (an embedding matrix padded past the tokenizer, as 151,936 vs 152,064 in one
    family, is fine: what the distillation ops do with `vocab_size=K`, here done by `SharedVocabularyLM` so that
@@ -31,16 +33,31 @@ local `AutoModelForCausalLM` directories (nothing is downloaded), distilled off-
    engine's `LossConfig`: forward / reverse KL, JSD ... through fused_linear_distillation_loss on the hidden
    states and the LM-head weight, plus hard-label CE and the optional hidden-state and attention terms),
    `distilled_no_adversarial` (with adversarial training and `adversarial.compare`), and `baseline` (no
-   teacher, CE only; with `baseline`). The training is off-policy (the data's tokens); on-policy and
-   sequence-level objectives are the engine's, configured in the same `loss` section. Each student is saved
-   with `save_pretrained` and the tokenizer to `output_dir/PHASE/model/` (`AutoModelForCausalLM.from_pretrained`
-   and `python -m tsa_fast.generate` load it).
+   teacher, CE only, on the data's tokens; with `baseline`). Each student is saved with `save_pretrained` and
+   the tokenizer to `output_dir/PHASE/model/` (`AutoModelForCausalLM.from_pretrained` and
+   `python -m tsa_fast.generate` load it).
+   - `loss.on_policy` (GKD): a share `fraction` of the micro-batches are the student's own continuations
+     (sampled without gradient at `sample_temperature`, through the model's `generate`, never a token of the
+     embedding's padding) of the batch's prompts: text, the first `prompt_tokens` of each block; chat, each
+     conversation's tokens before its first assistant token (`prompt_tokens` does not apply), left-padded to
+     the longest with an attention mask for generation. The batch starts every row with its prompt, then its
+     `max_new_tokens` generated tokens, right-padded with an attention mask (so a causal model scores each row
+     as alone), labels on the generated tokens up to and including the first EOS; the teacher scores it in
+     one forward and the divergence (reverse_kl, jsd with beta, ...) applies there only.
+   - `loss.sequence_kd` (Kim and Rush): the distilled students train on the teacher's completions of the
+     training prompts (the same prompts; at `temperature`, 0: greedy), generated once and cached under
+     `loss.sequence_kd.dir` (null: data.cache_dir/hf_lm/sequence_kd/) by a fingerprint of the teacher's
+     files, dtype and vocabulary, the training tensors and the sampling settings (resumable).
+   `max_new_tokens` (null) is the rest of data.seq_len after the prompt (chat: after the training split's
+   longest prompt), one number for the whole run: generation never stops early, so every data-parallel rank
+   runs the same decoding steps.
 5. Evaluation as the lm recipe's (`tsa_fast.recipes.lm.evaluate_all`, `write_report`): validation and test
    perplexity, top-1 agreement and KL to the teacher, tokens/s, for the teacher and every student, printed
    and written to output_dir as results.md, results.json and curves.png.
 
-Every check (directories, tokenizer, vocabularies, sequence length against max_position_embeddings, the data)
-runs in `prepare`, before any training.
+Every check (directories, tokenizer, vocabularies, sequence length against max_position_embeddings, the data, a
+prompt plus its continuation against max_position_embeddings) runs in `prepare`, before any training; text
+prompt_tokens below data.seq_len is checked when the config is read.
 """
 
 from __future__ import annotations
