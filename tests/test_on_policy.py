@@ -14,9 +14,12 @@ from tsa_fast.distill.evaluate import distinct_n, sample_metrics, teacher_nll, u
 from tsa_fast.distill.objective import DistillationObjective
 from tsa_fast.distill.on_policy import (
     IGNORE_INDEX,
+    PROMPT_LENGTHS,
     continuation_batch,
     is_on_policy,
+    left_padded_prompts,
     on_policy_batch,
+    right_aligned,
     sample_generator,
 )
 from tsa_fast.distill.sequence_kd import sequence_kd_split, teacher_completions
@@ -71,6 +74,43 @@ def test_continuation_labels_stop_after_the_first_eos():
 def test_continuation_batch_rejects_a_prompt_that_leaves_nothing(prompt_tokens):
     with pytest.raises(ValueError, match="prompt_tokens"):
         continuation_batch(torch.zeros(2, 6, dtype=torch.int64), prompt_tokens)
+
+
+def test_prompts_of_different_lengths_are_left_padded_then_realigned():
+    """Prompt lengths 3 and 1: generation sees them left-padded (mask False on the padding); the sequences are
+    shifted back so that each row starts with its prompt; the labels are each row's continuation (up to and
+    including its first EOS), the attention mask covers prompt and continuation."""
+    ignore = IGNORE_INDEX
+    input_ids, lengths = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), torch.tensor([3, 1])
+    prompts, mask = left_padded_prompts(input_ids, lengths)
+    assert prompts.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+    generated = torch.cat((prompts, torch.tensor([[20, 21], [30, 31]])), dim=1)
+    aligned = right_aligned(generated, lengths)
+    assert aligned.tolist() == [[5, 6, 7, 20, 21], [9, 30, 31, 0, 0]]
+    batch = continuation_batch(aligned, lengths, eos_id=30)
+    assert batch["labels"].tolist() == [[ignore, ignore, 20, 21, ignore], [30, ignore, ignore, ignore, ignore]]
+    assert batch["attention_mask"].tolist() == [[True] * 5, [True, True, True, False, False]]
+    assert batch[PROMPT_LENGTHS].tolist() == [3, 1]
+    with pytest.raises(ValueError, match="prompt lengths must be in"):
+        left_padded_prompts(input_ids, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="prompt_tokens must be in"):
+        continuation_batch(aligned, torch.tensor([5, 1]))
+
+
+def test_on_policy_batch_of_prompts_of_different_lengths():
+    """A batch with PROMPT_LENGTHS (chat data): the engine's Transformer continues each row's own prompt, greedy
+    as it would alone, for exactly max_new_tokens steps."""
+    student = model(STUDENT, 0)
+    batch = {**lm_split(3, 4), PROMPT_LENGTHS: torch.tensor([2, 5, 3])}
+    config = OnPolicyConfig(fraction=1.0, max_new_tokens=4, sample_temperature=0.0)
+    out = on_policy_batch(student, batch, config, generator=None)
+    assert out["input_ids"].shape == (3, 5 + 4) and out["attention_mask"].sum(dim=1).tolist() == [6, 9, 7]
+    for i, p in enumerate([2, 5, 3]):
+        alone = student.generate(batch["input_ids"][i : i + 1, :p], 4, temperature=0.0)
+        assert torch.equal(out["input_ids"][i, : p + 4], alone[0])
+        counted = (out["labels"][i] != IGNORE_INDEX).nonzero().flatten().tolist()
+        assert counted == list(range(p - 1, p + 3))
 
 
 def test_on_policy_selection_is_reproducible_and_has_the_fraction():

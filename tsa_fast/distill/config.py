@@ -96,14 +96,18 @@ class FeatureLossConfig(Section):
 
 class OnPolicyConfig(Section):
     """On-policy distillation (GKD, Agarwal et al. 2024): a share `fraction` of the batches (GKD's lambda) are
-    the student's own continuations of the prompts (the first `prompt_tokens` of each training sequence),
-    sampled without gradient; the divergence (reverse_kl is the usual choice, or jsd with beta) is taken on
-    the generated tokens only. fraction 0: off-policy distillation, unchanged."""
+    the student's own continuations of the prompts (the first `prompt_tokens` of each training sequence, or
+    where the split has prompt lengths, as the hf_lm recipe's chat data, each row's own prompt), sampled
+    without gradient; the divergence (reverse_kl is the usual choice, or jsd with beta) is taken on the
+    generated tokens only. fraction 0: off-policy distillation, unchanged."""
 
     fraction: float = Field(0.0, ge=0, le=1, description="share of the batches that are the student's own samples")
     prompt_tokens: int = Field(16, ge=1, description="the first prompt_tokens of each training sequence: the prompt")
     max_new_tokens: int | None = Field(
-        None, ge=1, description="tokens the student generates per prompt; null: the rest of the sequence"
+        None,
+        ge=1,
+        description="tokens the student generates per prompt; null: the rest of the sequence (prompts of "
+        "different lengths: hf_lm resolves it from the longest training prompt)",
     )
     sample_temperature: float = Field(1.0, ge=0, description="the student's sampling temperature (0: greedy)")
 
