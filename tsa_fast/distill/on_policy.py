@@ -66,9 +66,11 @@ def continuation_batch(
         raise ValueError(f"sequences must be (B, L) int64, got {sequences.dtype} of shape {tuple(sequences.shape)}")
     batch_size, length = sequences.shape
     padded = isinstance(prompt_tokens, Tensor)
-    lengths = prompt_tokens if padded else torch.full((batch_size,), prompt_tokens)
-    lengths = lengths.to(sequences.device)
-    low, high = (int(lengths.min()), int(lengths.max())) if batch_size else (1, 1)
+    lengths = (prompt_tokens if padded else torch.full((batch_size,), prompt_tokens)).to(sequences.device)
+    if padded:  # one host read of the lengths; an int prompt needs none
+        low, high = (int(lengths.min()), int(lengths.max())) if batch_size else (1, 1)
+    else:
+        low = high = prompt_tokens
     if not 1 <= low <= high < length:
         shown = f"{low}..{high}" if padded else prompt_tokens
         raise ValueError(f"prompt_tokens must be in [1, {length}) for sequences of length {length}, got {shown}")
