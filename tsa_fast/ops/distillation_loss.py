@@ -1,10 +1,10 @@
 """`distillation_loss`: the fused distillation loss (soft divergence + hard cross-entropy) from raw logits.
 
 The forward pass of every backend computes the per-row losses *and* the gradient of each row's loss with
-respect to the student logits in one pass over the logits; backward only scales that stored gradient by
-the incoming gradient (in place: it needs no second N x V buffer). The per-row op is a `torch.library`
-custom op, so `torch.compile(fullgraph=True)` traces it without a graph break; the reduction over rows is
-plain PyTorch around it.
+respect to the student logits (and, when asked, each row's soft and hard parts) in one pass over the
+logits; backward only scales that stored gradient by the incoming gradient (in place: it needs no second
+N x V buffer). The per-row op is a `torch.library` custom op, so `torch.compile(fullgraph=True)` traces it
+without a graph break; the reduction over rows is plain PyTorch around it.
 """
 
 from __future__ import annotations

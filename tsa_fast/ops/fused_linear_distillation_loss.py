@@ -342,8 +342,8 @@ def _chunked_pass(
 ):
     """Per-row losses (N,) and, for `needs` = (hidden, weight, bias) flags, the gradients of
     sum(row_weights * rows); row_weights is a scalar tensor or (N,). `parts`, a pair of (N,) buffers, gets
-    the soft and hard parts of each row from the same chunk pass. Autocast is off inside: the pass chooses its own
-    dtypes."""
+    the soft and hard parts of each row from the same chunk pass. Autocast is off inside: the pass chooses
+    its own dtypes."""
     with torch.autocast(hidden.device.type, enabled=False):
         return _chunks(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, row_weights, needs, parts)
 
