@@ -3,11 +3,12 @@
 //
 // Contract (DistillationParams): n_rows rows of student logits z_s and teacher logits z_t, each fp32, fp16
 // or bf16 (independently), column stride 1, row strides in elements; only the first K = n_cols columns are
-// read. Optional int64 labels (rows whose label is ignore_index are skipped: loss 0, zero gradient row,
-// logits not read; labels must otherwise be in [0, K), the caller checks). Written: loss[r] in fp32; when
-// parts is non-null, the row's two terms (soft, below, at parts[r], hard at parts[n_rows + r], fp32, which
-// loss[r] sums) from the same pass; when grad is non-null, grad[r, :K] = d loss[r] / d z_s[r, :K] in
-// GradStorage<student dtype>: fp32 for an fp16 student, else the student dtype.
+// read. Optional int64 labels (rows whose label is ignore_index are skipped: loss 0, zero parts, zero
+// gradient row, logits not read; labels must otherwise be in [0, K), the caller checks). Written: loss[r] in
+// fp32; when parts is non-null, the two terms of the loss below, which loss[r] sums, from the same pass:
+// parts[r] = soft_scale * D and parts[n_rows + r] = hard_weight * CE (fp32); when grad is non-null,
+// grad[r, :K] = d loss[r] / d z_s[r, :K] in GradStorage<student dtype>: fp32 for an fp16 student, else the
+// student dtype.
 //
 // Math in fp32, row sums in double: c(z) = softcap * tanh(z / softcap) (identity without softcap),
 // q = softmax(c(z_s) / T), p = softmax(c(z_t) / T) (T one number, or one per row: RowTemperature),
