@@ -30,9 +30,10 @@ void def_forward(py::module_& m, const char* name, const char* doc, void (*run)(
       name,
       [run](std::uintptr_t student_ptr, int student_dtype, int64_t student_row_stride, std::uintptr_t teacher_ptr,
             int teacher_dtype, int64_t teacher_row_stride, std::uintptr_t labels_ptr, std::uintptr_t loss_ptr,
-            std::uintptr_t grad_ptr, int64_t grad_row_stride, int64_t n_rows, int64_t n_cols, int divergence,
-            float beta, float inv_temperature, std::uintptr_t temperature_ptr, float soft_scale, bool scale_by_t2,
-            float hard_weight, float label_smoothing, float softcap, int64_t ignore_index, Extra... extra) {
+            std::uintptr_t parts_ptr, std::uintptr_t grad_ptr, int64_t grad_row_stride, int64_t n_rows, int64_t n_cols,
+            int divergence, float beta, float inv_temperature, std::uintptr_t temperature_ptr, float soft_scale,
+            bool scale_by_t2, float hard_weight, float label_smoothing, float softcap, int64_t ignore_index,
+            Extra... extra) {
         const DistillationParams params{reinterpret_cast<const void*>(student_ptr),
                                         student_dtype,
                                         student_row_stride,
@@ -41,6 +42,7 @@ void def_forward(py::module_& m, const char* name, const char* doc, void (*run)(
                                         teacher_row_stride,
                                         reinterpret_cast<const int64_t*>(labels_ptr),
                                         reinterpret_cast<float*>(loss_ptr),
+                                        reinterpret_cast<float*>(parts_ptr),
                                         reinterpret_cast<void*>(grad_ptr),
                                         grad_row_stride,
                                         n_rows,
@@ -59,10 +61,10 @@ void def_forward(py::module_& m, const char* name, const char* doc, void (*run)(
       },
       doc, py::arg("student_ptr"), py::arg("student_dtype"), py::arg("student_row_stride"), py::arg("teacher_ptr"),
       py::arg("teacher_dtype"), py::arg("teacher_row_stride"), py::arg("labels_ptr"), py::arg("loss_ptr"),
-      py::arg("grad_ptr"), py::arg("grad_row_stride"), py::arg("n_rows"), py::arg("n_cols"), py::arg("divergence"),
-      py::arg("beta"), py::arg("inv_temperature"), py::arg("temperature_ptr"), py::arg("soft_scale"),
-      py::arg("scale_by_t2"), py::arg("hard_weight"),
-      py::arg("label_smoothing"), py::arg("softcap"), py::arg("ignore_index"), extra_args...);
+      py::arg("parts_ptr"), py::arg("grad_ptr"), py::arg("grad_row_stride"), py::arg("n_rows"), py::arg("n_cols"),
+      py::arg("divergence"), py::arg("beta"), py::arg("inv_temperature"), py::arg("temperature_ptr"),
+      py::arg("soft_scale"), py::arg("scale_by_t2"), py::arg("hard_weight"), py::arg("label_smoothing"),
+      py::arg("softcap"), py::arg("ignore_index"), extra_args...);
 }
 
 void forward_cpu_without_gil(const DistillationParams& params) {

@@ -3,10 +3,12 @@
 //
 // Contract (DistillationParams): n_rows rows of student logits z_s and teacher logits z_t, each fp32, fp16
 // or bf16 (independently), column stride 1, row strides in elements; only the first K = n_cols columns are
-// read. Optional int64 labels (rows whose label is ignore_index are skipped: loss 0, zero gradient row,
-// logits not read; labels must otherwise be in [0, K), the caller checks). Written: loss[r] in fp32 and,
-// when grad is non-null, grad[r, :K] = d loss[r] / d z_s[r, :K] in GradStorage<student dtype>: fp32 for an
-// fp16 student, else the student dtype.
+// read. Optional int64 labels (rows whose label is ignore_index are skipped: loss 0, zero parts, zero
+// gradient row, logits not read; labels must otherwise be in [0, K), the caller checks). Written: loss[r] in
+// fp32; when parts is non-null, the two terms of the loss below, which loss[r] sums, from the same pass:
+// parts[r] = soft_scale * D and parts[n_rows + r] = hard_weight * CE (fp32); when grad is non-null,
+// grad[r, :K] = d loss[r] / d z_s[r, :K] in GradStorage<student dtype>: fp32 for an fp16 student, else the
+// student dtype.
 //
 // Math in fp32, row sums in double: c(z) = softcap * tanh(z / softcap) (identity without softcap),
 // q = softmax(c(z_s) / T), p = softmax(c(z_t) / T) (T one number, or one per row: RowTemperature),
@@ -38,6 +40,7 @@ struct DistillationParams {
   int64_t teacher_row_stride;
   const int64_t* labels;  // (n_rows,), or null: every row counts (then hard_weight must be 0)
   float* loss;            // (n_rows,) out
+  float* parts;           // (2, n_rows) out: soft then hard part of each row, or null: not asked
   void* grad;             // (n_rows, grad_row_stride) out in GradStorage<student dtype>, or null: no gradient
   int64_t grad_row_stride;
   int64_t n_rows;
@@ -180,10 +183,27 @@ TSA_HOST_DEVICE inline double smoothed_cross_entropy(double lse, double label_lo
   return (1.0 - eps) * (lse - label_logit) + (eps != 0.0 ? eps * (lse - mean_logit) : 0.0);
 }
 
-// A row's loss from its terms, in double until the end; a term of weight 0 contributes nothing.
-TSA_HOST_DEVICE inline float row_loss(float soft_scale, double divergence, float hard_weight, double cross_entropy) {
-  return float((soft_scale != 0.0f ? soft_scale * divergence : 0.0) +
-               (hard_weight != 0.0f ? hard_weight * cross_entropy : 0.0));
+// A row's loss as its two terms, in double until stored.
+struct RowParts {
+  double soft;  // soft_scale * D
+  double hard;  // hard_weight * CE
+};
+
+// The parts from the terms; a term of weight 0 contributes nothing.
+TSA_HOST_DEVICE inline RowParts row_parts(float soft_scale, double divergence, float hard_weight,
+                                          double cross_entropy) {
+  return {soft_scale != 0.0f ? soft_scale * divergence : 0.0,
+          hard_weight != 0.0f ? hard_weight * cross_entropy : 0.0};
+}
+
+// Stores row r's loss (its parts summed, rounded once) and, when params.parts is set, each part.
+TSA_HOST_DEVICE inline void store_row_loss(const DistillationParams& params, int64_t row,
+                                           const RowParts& parts) {
+  params.loss[row] = float(parts.soft + parts.hard);
+  if (params.parts != nullptr) {
+    params.parts[row] = float(parts.soft);
+    params.parts[params.n_rows + row] = float(parts.hard);
+  }
 }
 
 // ---- Dispatch from a runtime divergence code to a template argument (host) ---------------------------

@@ -10,8 +10,8 @@
 // 500 KiB (625 KiB with a hard term) for K = 32000: they stay in L2. Passes per row: convert + max and
 // exp + sum for each softmax (the only exps); then without a gradient a D pass, with one a C pass (none
 // for forward_kl: C = -1) and the gradient pass, which also sums D. Memory traffic per row: K * (student +
-// teacher bytes) read once, K * student bytes of gradient and 4 bytes of loss written; every other pass
-// runs on the scratch rows.
+// teacher bytes) read once, K * student bytes of gradient and 4 bytes of loss (8 more with the parts)
+// written; every other pass runs on the scratch rows.
 //
 // The loops are plain j = 0..K-1 loops over float pointers calling branch-free inline functions, so GCC
 // vectorizes them at -O3; `omp simd reduction` lets it vectorize the sums and maxima, which it would not
@@ -73,7 +73,7 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
   Grad* grad = params.grad == nullptr ? nullptr : static_cast<Grad*>(params.grad) + row * params.grad_row_stride;
   const int64_t label = params.labels == nullptr ? -1 : params.labels[row];
   if (params.labels != nullptr && label == params.ignore_index) {
-    params.loss[row] = 0.0f;
+    store_row_loss(params, row, RowParts{0.0, 0.0});
     if (grad != nullptr) std::fill(grad, grad + n, from_float<Grad>(0.0f));
     return;
   }
@@ -139,7 +139,7 @@ TSA_CPU_CLONES void distillation_loss_row(const DistillationParams& params, int6
       return terms.value;
     });
   }
-  params.loss[row] = row_loss(soft_scale, divergence, params.hard_weight, cross_entropy);
+  store_row_loss(params, row, row_parts(soft_scale, divergence, params.hard_weight, cross_entropy));
 }
 
 template <class Student, class Teacher, int kDivergence>

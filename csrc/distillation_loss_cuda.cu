@@ -11,8 +11,8 @@
 //   3. D, and the gradient when requested.
 // Rows are not staged in shared memory (a 32k-vocabulary fp32 row pair is 256 KiB): each pass rereads the
 // logits (from L2 when it holds them). Memory traffic per row: K * (student + teacher bytes) read twice
-// (three times with pass 2), K * student bytes of gradient and 4 bytes of loss written. Ignored rows read
-// nothing and write zeros.
+// (three times with pass 2), K * student bytes of gradient and 4 bytes of loss (8 more with the parts)
+// written. Ignored rows read nothing and write zeros.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
     if (grad != nullptr) {
       for (int64_t j = threadIdx.x; j < n; j += kThreads) grad[j] = from_float<Grad>(0.0f);
     }
-    if (threadIdx.x == 0) params.loss[row] = 0.0f;
+    if (threadIdx.x == 0) store_row_loss(params, row, RowParts{0.0, 0.0});
     return;
   }
   const auto* z_student = static_cast<const Student*>(params.student) + row * params.student_row_stride;
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) distillation_loss_kernel(const Disti
         hard ? smoothed_cross_entropy(double(stats.hard.max) + log(stats.hard.sum), capped(to_float(z_student[label])),
                                       stats.capped_sum / double(n), params.label_smoothing)
              : 0.0;
-    params.loss[row] = row_loss(soft_scale, divergence, params.hard_weight, cross_entropy);
+    store_row_loss(params, row, row_parts(soft_scale, divergence, params.hard_weight, cross_entropy));
   }
 }
 

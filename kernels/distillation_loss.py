@@ -1,11 +1,12 @@
 """Fused distillation loss: per-row loss and its gradient w.r.t. the student logits, in one kernel.
 
 Contract: `distillation_loss_forward(student (N, V_s), teacher (N, V_t), labels (N,) int64 | None,
-row_loss (N,) float32, grad (N, V_s) | None, ...)` writes the per-row losses and the gradient of each row's
-loss (in grad's dtype: fp32 for an fp16 student, whose gradient entries are often below fp16's normal range,
-else the student's). Only the first K = `vocab_size` columns are read and written. Inputs may be
-fp32/fp16/bf16 (independently); all math is fp32. Rows whose label is `ignore_index` read nothing and
-write a zero loss and a zero gradient row.
+row_loss (N,) float32, grad (N, V_s) | None, ..., row_parts=(2, N) float32 | None)` writes the per-row
+losses, the gradient of each row's loss (in grad's dtype: fp32 for an fp16 student, whose gradient entries
+are often below fp16's normal range, else the student's) and, when asked, each row's soft and hard parts
+(the two terms of the loss below, which it sums) from the same pass. Only the first K = `vocab_size`
+columns are read and written. Inputs may be fp32/fp16/bf16 (independently); all math is fp32. Rows whose
+label is `ignore_index` read nothing and write a zero loss, zero parts and a zero gradient row.
 
 Math (P = softmax(c(z_t) / T), Q = softmax(c(z_s) / T), c = softcap * tanh(. / softcap) or identity; T one
 number or one per row, soft_scale = soft_weight * (T^2 if scale_by_t2 else 1), per row with T):
@@ -19,7 +20,8 @@ Tiling: one program owns BLOCK_ROWS rows and sweeps the vocabulary in BLOCK_V-wi
     pass 2  sum(qg) over the row (only when the gradient needs it: every divergence but forward KL);
     pass 3  the loss terms and the gradient tile, written once.
 Memory traffic per row: read the student and teacher rows 2x (forward KL) or 3x, write the gradient
-row once: 2 * (bytes_s + bytes_t) + bytes_s per element for forward KL. No N x V temporaries.
+row once: 2 * (bytes_s + bytes_t) + bytes_s per element for forward KL; the parts add 8 bytes per row.
+No N x V temporaries.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def _distillation_loss_fwd_kernel(
     teacher_ptr,
     labels_ptr,
     loss_ptr,
+    parts_ptr,
     grad_ptr,
     n_rows,
     n_cols,
@@ -145,6 +148,7 @@ def _distillation_loss_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
     ROW_TEMPERATURE: tl.constexpr,
     SCALE_BY_T2: tl.constexpr,
+    STORE_PARTS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -234,8 +238,10 @@ def _distillation_loss_fwd_kernel(
             out = grad_ptr + rows.to(tl.int64)[:, None] * stride_grad + start + cols
             tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & in_cols)
 
-    # The row's loss in fp64 until the store: lse - c passes fp32's range for logits near its limit.
-    loss = tl.where(row_soft_scale != 0.0, row_soft_scale.to(tl.float64) * div, 0.0)
+    # The row's loss as its soft and hard parts, in fp64 until the store: lse - c passes fp32's range for
+    # logits near its limit.
+    soft_part = tl.where(row_soft_scale != 0.0, row_soft_scale.to(tl.float64) * div, 0.0)
+    hard_part = tl.zeros([BLOCK_ROWS], tl.float64)
     if HAS_HARD:
         safe_labels = tl.where(counted, labels, 0)
         c_y, _ = _load_capped(
@@ -244,8 +250,11 @@ def _distillation_loss_fwd_kernel(
         lse_h = m_h.to(tl.float64) + log_d_h.to(tl.float64)
         nll = lse_h - c_y.to(tl.float64)
         smoothing = tl.where(label_smoothing != 0.0, label_smoothing * (lse_h - sum_h / n_cols), 0.0)
-        loss += hard_weight * ((1.0 - label_smoothing) * nll + smoothing)
-    tl.store(loss_ptr + rows, tl.where(counted, loss, 0.0).to(tl.float32), mask=in_range)
+        hard_part = hard_weight * ((1.0 - label_smoothing) * nll + smoothing)
+    tl.store(loss_ptr + rows, tl.where(counted, soft_part + hard_part, 0.0).to(tl.float32), mask=in_range)
+    if STORE_PARTS:  # row_parts[0] and row_parts[1], (2, N)
+        tl.store(parts_ptr + rows, tl.where(counted, soft_part, 0.0).to(tl.float32), mask=in_range)
+        tl.store(parts_ptr + n_rows + rows, tl.where(counted, hard_part, 0.0).to(tl.float32), mask=in_range)
 
 
 def tiles(n_rows: int, vocab_size: int) -> tuple[int, int, int]:
@@ -273,11 +282,14 @@ def distillation_loss_forward(
     ignore_index: int,
     softcap: float,
     vocab_size: int,
+    row_parts: torch.Tensor | None = None,
 ) -> None:
-    """Write the per-row losses into `row_loss` (N,) float32 and, unless `grad` is None, the gradient of
-    each row's loss into its first `vocab_size` columns. student/teacher: (N, V) with unit column stride;
-    labels: (N,) int64 or None (every row counts); temperature: a float, or (N,) float32 contiguous, one T
-    per row (each row's divergence then times its own T^2 with scale_by_t2); softcap 0 means none."""
+    """Write the per-row losses into `row_loss` (N,) float32, unless `grad` is None the gradient of each row's
+    loss into its first `vocab_size` columns and, unless `row_parts` is None, each row's soft and hard parts
+    into row_parts[0] and row_parts[1] ((2, N) float32 contiguous; ignored rows 0), in the same pass.
+    student/teacher: (N, V) with unit column stride; labels: (N,) int64 or None (every row counts);
+    temperature: a float, or (N,) float32 contiguous, one T per row (each row's divergence then times its
+    own T^2 with scale_by_t2); softcap 0 means none."""
     n_rows = student.shape[0]
     if student.stride(-1) != 1 or teacher.stride(-1) != 1 or teacher.shape[0] != n_rows:
         raise ValueError(f"need (N, V) logits with unit column stride, got {student.shape}, {teacher.shape}")
@@ -286,6 +298,10 @@ def distillation_loss_forward(
         raise ValueError(
             f"temperature must be a float or ({n_rows},) float32, got {temperature.dtype} {temperature.shape}"
         )
+    if row_parts is not None and (
+        row_parts.shape != (2, n_rows) or row_parts.dtype != torch.float32 or not row_parts.is_contiguous()
+    ):
+        raise ValueError(f"row_parts must be (2, {n_rows}) float32 contiguous, got {row_parts.dtype} {row_parts.shape}")
     scalar_t = 1.0 if row_temperature else float(temperature)
     soft_scale = soft_weight * (scalar_t**2 if scale_by_t2 and not row_temperature else 1.0)
     block_rows, block_v, num_warps = tiles(n_rows, vocab_size)
@@ -295,6 +311,7 @@ def distillation_loss_forward(
         teacher,
         labels,
         row_loss,
+        row_parts,
         grad,
         n_rows,
         vocab_size,
@@ -316,6 +333,7 @@ def distillation_loss_forward(
         COMPUTE_GRAD=grad is not None,
         ROW_TEMPERATURE=row_temperature,
         SCALE_BY_T2=scale_by_t2,
+        STORE_PARTS=row_parts is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_V=block_v,
         num_warps=num_warps,

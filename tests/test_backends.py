@@ -135,3 +135,32 @@ def test_float64_runs_the_reference_under_every_backend(backend, case):
     for actual, expected in zip(*results):
         assert actual.dtype == expected.dtype
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("teacher", ["logits", "hidden", "topk"])
+def test_float64_parts_are_the_reference_terms(backend, teacher):
+    """float64 with return_parts, whatever TSA_FAST_BACKEND forces: the parts are the reference's own soft and
+    hard terms (its return_parts) to float64 rounding, and sum to the loss."""
+    from tsa_fast.reference.distillation_loss import distillation_loss as reference_distillation
+    from tsa_fast.reference.fused_linear_distillation_loss import fused_linear_distillation_loss as reference_fused
+
+    f64 = torch.float64
+    s, t, labels = torch.randn(6, 50, dtype=f64), torch.randn(6, 50, dtype=f64), torch.randint(0, 50, (6,))
+    labels[2] = -100
+    h, w, th, tw = (torch.randn(*shape, dtype=f64) for shape in ((6, 8), (50, 8), (6, 12), (50, 12)))
+    options = dict(divergence="jsd", soft_weight=0.7, hard_weight=0.5, label_smoothing=0.1, return_parts=True)
+    if teacher == "logits":
+        op, ref, args = tsa_fast.distillation_loss, reference_distillation, (s, t, labels)
+    else:
+        op, ref, args = tsa_fast.fused_linear_distillation_loss, reference_fused, (h, w)
+        top = torch.log_softmax(th @ tw.T, -1).topk(5, -1)
+        options |= dict(labels=labels, chunk_size=4)
+        options |= dict(teacher_hidden=th, teacher_weight=tw) if teacher == "hidden" else dict(teacher_topk=top[::-1])
+    loss, parts = op(*args, **options)
+    options.pop("chunk_size", None)
+    expected, expected_parts = ref(*args, **options)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    for part, expected_part in zip(parts, expected_parts):
+        assert part.dtype == f64 and not part.requires_grad
+        torch.testing.assert_close(part, expected_part, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(parts.soft + parts.hard, loss, rtol=1e-12, atol=1e-12)

@@ -1,5 +1,6 @@
 """`tsa_fast.distillation_loss`: every backend against the float64 reference, edges, errors, compile."""
 
+import importlib
 import math
 import sys
 
@@ -542,8 +543,8 @@ def test_peaked_distributions_within_twice_plain_fp32_error(backend, divergence,
 
 def compile_distillation_loss_kernel():
     """The kernel at the launcher's tiles for an LLM vocabulary (every divergence, every option on: bf16
-    logits, labels, hard term, softcap, gradient, a temperature per row; forward KL also with none, as a
-    no-grad forward without labels launches it) and for a small one, for sm_80 and sm_90."""
+    logits, labels, hard term, softcap, gradient, a temperature per row, the parts; forward KL also with
+    none, as a no-grad forward without labels launches it) and for a small one, for sm_80 and sm_90."""
     import triton
 
     from tsa_fast.kernels import distillation_loss as kernels
@@ -551,6 +552,7 @@ def compile_distillation_loss_kernel():
     types = dict(
         labels_ptr="*i64",
         loss_ptr="*fp32",
+        parts_ptr="*fp32",
         temperature_ptr="*fp32",
         inv_temperature="fp32",
         beta="fp32",
@@ -560,9 +562,17 @@ def compile_distillation_loss_kernel():
         softcap="fp32",
     )
     options = dict(
-        HAS_LABELS=True, HAS_HARD=True, HAS_SOFTCAP=True, COMPUTE_GRAD=True, ROW_TEMPERATURE=True, SCALE_BY_T2=True
+        HAS_LABELS=True,
+        HAS_HARD=True,
+        HAS_SOFTCAP=True,
+        COMPUTE_GRAD=True,
+        ROW_TEMPERATURE=True,
+        SCALE_BY_T2=True,
+        STORE_PARTS=True,
     )
-    no_options = {name: False for name in options} | dict(labels_ptr=None, grad_ptr=None, temperature_ptr=None)
+    no_options = {name: False for name in options} | dict(
+        labels_ptr=None, grad_ptr=None, temperature_ptr=None, parts_ptr=None
+    )
     forward_kl = DIVERGENCES.index("forward_kl")
     cases = [(128256, dict(options, DIVERGENCE=DIVERGENCES.index(d))) for d in DIVERGENCES]
     cases += [(128256, dict(no_options, DIVERGENCE=forward_kl)), (50, dict(options, DIVERGENCE=forward_kl))]
@@ -769,6 +779,113 @@ def test_return_parts_compiles(backend):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for got, expected in zip(compiled(student, teacher, labels), step(student, teacher, labels)):
         assert_rel_close(got, expected, 1e-6)
+
+
+PART_WEIGHTS = [(0.6, 0.4), (1.0, 0.0), (0.0, 0.7)]
+PART_WEIGHT_IDS = ["both", "soft-only", "hard-only"]
+
+
+@pytest.mark.parametrize("reduction", [*REDUCTIONS, "num_items"])
+@pytest.mark.parametrize("weights", PART_WEIGHTS, ids=PART_WEIGHT_IDS)
+@pytest.mark.parametrize("ignore", ["some", "all"])
+def test_return_parts_are_the_reference_terms(backend, reduction, weights, ignore):
+    """Each part equals the float64 reference's soft or hard term (its return_parts), for every reduction and
+    num_items_in_batch, ignored rows and all rows ignored; soft + hard is the loss."""
+    soft_weight, hard_weight = weights
+    student, teacher, labels = make_inputs((2, 5), 70, ignore=ignore)
+    options = dict(divergence="symmetric_kl", temperature=1.5, soft_weight=soft_weight, hard_weight=hard_weight)
+    options.update(label_smoothing=0.2, softcap=8.0)
+    num_items = dict(num_items_in_batch=13) if reduction == "num_items" else {}
+    options["reduction"] = "mean" if num_items else reduction
+    loss, parts = tsa_fast.distillation_loss(student, teacher, labels, return_parts=True, **options, **num_items)
+    expected, expected_parts = reference_loss(student.double(), teacher.double(), labels, return_parts=True, **options)
+    if num_items:  # the reference has no num_items_in_batch: its sums over 13 rows
+        sums = reference_loss(
+            student.double(), teacher.double(), labels, return_parts=True, **options | dict(reduction="sum")
+        )
+        expected, expected_parts = sums[0] / 13, [part / 13 for part in sums[1]]
+    assert_rel_close(loss, expected, 1e-5, "loss")
+    for part, expected_part, name in zip(parts, expected_parts, ("soft", "hard")):
+        assert part.dtype == torch.float32 and not part.requires_grad
+        assert_rel_close(part, expected_part, 1e-5, name)
+    assert_rel_close(parts.soft + parts.hard, loss, 1e-6, "soft + hard")
+    if ignore == "all":
+        assert not parts.soft.any() and not parts.hard.any()
+    if hard_weight == 0.0:
+        assert not parts.hard.any()
+    if soft_weight == 0.0:
+        assert not parts.soft.any()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_return_parts_zero_rows(backend, reduction):
+    """No rows: the loss and both parts are 0 (or empty for reduction="none")."""
+    student, teacher = (torch.randn(0, 16, device=DEVICE) for _ in range(2))
+    labels = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    loss, parts = tsa_fast.distillation_loss(
+        student, teacher, labels, hard_weight=0.5, reduction=reduction, return_parts=True
+    )
+    for value in (loss, *parts):
+        assert value.shape == ((0,) if reduction == "none" else ()) and not value.any()
+
+
+def test_return_parts_infinite_term(backend):
+    """A part that is infinite stays in its part: a label on a -inf student logit makes the hard part +inf
+    and leaves the soft part (reverse KL: no student mass there) finite; the parts are not derived from each
+    other."""
+    student, teacher, labels = make_inputs((4,), 40, ignore="none")
+    student[1, labels[1]] = -math.inf
+    options = dict(divergence="reverse_kl", hard_weight=0.5, reduction="none")
+    loss, parts = tsa_fast.distillation_loss(student, teacher, labels, return_parts=True, **options)
+    expected, expected_parts = reference_loss(student.double(), teacher.double(), labels, return_parts=True, **options)
+    assert math.isinf(loss[1]) and math.isinf(parts.hard[1]) and parts.soft.isfinite().all()
+    assert_rel_close(parts.soft, expected_parts.soft, 1e-5, "soft")
+    assert_rel_close(parts.hard, expected_parts.hard, 1e-5, "hard")
+
+
+def count_row_passes(monkeypatch, backend) -> list:
+    """Records each pass over the logits: a launch of the loss kernel (triton, cpp; whether it was asked for
+    the parts), or a call of the reference's row function (torch)."""
+    from tsa_fast.backends import triton_kernels
+
+    ops = importlib.import_module("tsa_fast.ops.distillation_loss")  # (tsa_fast.ops.distillation_loss: the function)
+    reference = importlib.import_module("tsa_fast.reference.distillation_loss")
+
+    module, name = {
+        "torch": (reference, "distillation_loss_rows"),
+        "cpp": (ops, "distillation_loss_forward_cpp"),
+        "triton": (triton_kernels, "distillation_loss_forward"),
+    }[backend]
+    calls, original = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("row_parts") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_return_parts_same_pass(backend, monkeypatch, grad):
+    """return_parts launches the loss kernel (or calls the reference's row function) exactly as often as a call
+    without parts, once: the parts come from the pass that gives the loss and its gradient. The kernels are
+    asked to store the parts only with return_parts."""
+    student, teacher, labels = make_inputs((3, 4), 50)
+    options = dict(divergence="jsd", soft_weight=0.6, hard_weight=0.4, label_smoothing=0.1)
+    calls = count_row_passes(monkeypatch, backend)
+    z = student.clone().requires_grad_(grad)
+    loss = tsa_fast.distillation_loss(z, teacher, labels, **options)
+    without_parts = list(calls)
+    calls.clear()
+    loss_with_parts, _ = tsa_fast.distillation_loss(z, teacher, labels, return_parts=True, **options)
+    assert len(calls) == len(without_parts) == 1
+    if backend != "torch":
+        assert without_parts == [False] and calls == [True]
+    if grad:
+        (loss_with_parts + loss).backward()
+    assert len(calls) == 1
+    assert torch.equal(loss, loss_with_parts)
 
 
 def test_return_parts_checked():

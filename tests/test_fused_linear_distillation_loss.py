@@ -1,6 +1,7 @@
 """`tsa_fast.fused_linear_distillation_loss`: against `distillation_loss` on materialized logits and
 against the float64 reference, for the three teacher forms; memory measured, errors named."""
 
+import importlib
 import sys
 
 import pytest
@@ -823,6 +824,127 @@ def test_return_parts(backend, teacher, reduction):
         expected_part = tsa_fast.fused_linear_distillation_loss(**student, **teachers, labels=labels, **part_options)
         assert_rel_close(part, expected_part, 1e-6)
     assert_rel_close(parts.soft + parts.hard, loss, 1e-6, "soft + hard")
+
+
+TEACHER_FORMS = {
+    "hidden": ("hidden", {}),
+    "logits": ("logits", {}),
+    "topk-bucket": ("topk", {}),
+    "topk-renormalize": ("topk", dict(topk_tail="renormalize")),
+}
+PART_WEIGHTS = {"both": (0.6, 0.4), "soft-only": (1.0, 0.0), "hard-only": (0.0, 0.7)}
+
+
+def _as64(tensors: dict) -> dict:
+    as64 = lambda x: x.double() if x.is_floating_point() else x  # noqa: E731
+    return {k: tuple(map(as64, v)) if isinstance(v, tuple) else as64(v) for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("form", TEACHER_FORMS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none", "num_items"])
+@pytest.mark.parametrize("weights", PART_WEIGHTS)
+def test_return_parts_are_the_reference_terms(backend, form, reduction, weights):
+    """Each part equals the float64 reference's soft or hard term (its return_parts) for every teacher form
+    (top-k with either tail), every reduction and num_items_in_batch, with ignored rows, over several
+    chunks; soft + hard is the loss."""
+    teacher, teacher_options = TEACHER_FORMS[form]
+    soft_weight, hard_weight = PART_WEIGHTS[weights]
+    student, teachers, labels = make_problem(teacher=teacher, temperature=2.0)
+    options = dict(divergence="jsd", temperature=2.0, soft_weight=soft_weight, hard_weight=hard_weight)
+    options.update(label_smoothing=0.1, **teacher_options)
+    num_items = 9 if reduction == "num_items" else None
+    options["reduction"] = "sum" if num_items else reduction
+    expected, expected_parts = reference_loss(
+        **_as64(student), **_as64(teachers), labels=labels, return_parts=True, **options
+    )
+    if num_items:  # the reference has no num_items_in_batch: its sums over 9 rows
+        options["reduction"] = "mean"
+        expected, expected_parts = expected / num_items, [part / num_items for part in expected_parts]
+    loss, parts = tsa_fast.fused_linear_distillation_loss(
+        **student, **teachers, labels=labels, return_parts=True, chunk_size=5, num_items_in_batch=num_items, **options
+    )
+    assert_rel_close(loss, expected, 1e-5, "loss")
+    for part, expected_part, name in zip(parts, expected_parts, ("soft", "hard")):
+        assert part.dtype == torch.float32 and not part.requires_grad
+        assert_rel_close(part, expected_part, 1e-5, name)
+    assert_rel_close(parts.soft + parts.hard, loss, 1e-6, "soft + hard")
+    if hard_weight == 0.0:
+        assert not parts.hard.any()
+    if soft_weight == 0.0:
+        assert not parts.soft.any()
+
+
+@pytest.mark.parametrize("form", TEACHER_FORMS)
+@pytest.mark.parametrize("rows", [0, 12], ids=["zero-rows", "all-ignored"])
+def test_return_parts_of_no_counted_rows(backend, form, rows):
+    """No rows, or every row ignored: the loss and both parts are 0 (mean) or zeros (none)."""
+    teacher, teacher_options = TEACHER_FORMS[form]
+    student, teachers, labels = make_problem(rows=rows, teacher=teacher, topk=3, ignore="all")
+    for reduction in ("mean", "none"):
+        loss, parts = tsa_fast.fused_linear_distillation_loss(
+            **student,
+            **teachers,
+            labels=labels,
+            hard_weight=0.5,
+            reduction=reduction,
+            return_parts=True,
+            **teacher_options,
+        )
+        for value in (loss, *parts):
+            assert value.shape == ((rows,) if reduction == "none" else ()) and not value.any()
+
+
+def count_row_passes(monkeypatch, backend, teacher) -> list:
+    """Records each pass over a chunk's logits: a call of the top-k row function, a launch of the loss kernel
+    (triton, cpp; whether it was asked for the parts), or a call of the reference's row function (torch)."""
+    ops = importlib.import_module("tsa_fast.ops.distillation_loss")  # (tsa_fast.ops.X is the function X)
+    fused_ops = importlib.import_module("tsa_fast.ops.fused_linear_distillation_loss")
+    reference = importlib.import_module("tsa_fast.reference.distillation_loss")
+
+    if teacher == "topk":
+        module, name = fused_ops, "topk_distillation_loss_rows"
+    elif backend == "torch":
+        module, name = reference, "distillation_loss_rows"
+    elif backend == "cpp":
+        module, name = ops, "distillation_loss_forward_cpp"
+    else:
+        module, name = triton_kernels, "distillation_loss_forward"
+    calls, original = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("row_parts") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "topk"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_return_parts_same_pass(backend, monkeypatch, teacher, reduction):
+    """return_parts makes exactly as many passes over the logits as a call without parts, one per chunk (and
+    for reduction="none" one more per chunk in backward, also with parts): the parts are accumulated from the
+    chunk pass that gives the loss and its gradients. The kernels store the parts only when asked."""
+    student, teachers, labels = make_problem(teacher=teacher)
+    options = dict(divergence="reverse_kl", hard_weight=0.4, reduction=reduction, chunk_size=5)  # 12 rows: 3 chunks
+    calls = count_row_passes(monkeypatch, backend, teacher)
+    runs = []
+    for return_parts in (False, True):
+        tensors = {k: v.detach().clone().requires_grad_() for k, v in student.items()}
+        out = tsa_fast.fused_linear_distillation_loss(
+            **tensors, **teachers, labels=labels, return_parts=return_parts, **options
+        )
+        loss = out[0] if return_parts else out
+        forward_calls = list(calls)
+        loss.sum().backward()
+        runs.append((forward_calls, len(calls), loss.detach(), [t.grad for t in tensors.values()]))
+        calls.clear()
+    (plain_forward, plain_total, plain_loss, plain_grads), (forward, total, loss, grads) = runs
+    assert len(forward) == len(plain_forward) == 3 and total == plain_total
+    assert plain_total == (6 if reduction == "none" else 3)
+    if teacher != "topk" and backend != "torch":
+        assert plain_forward == [False] * 3 and forward == [True] * 3
+    assert torch.equal(loss, plain_loss) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
 
 
 @pytest.mark.parametrize("teacher", ["hidden", "topk"])

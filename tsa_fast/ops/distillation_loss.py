@@ -1,17 +1,16 @@
 """`distillation_loss`: the fused distillation loss (soft divergence + hard cross-entropy) from raw logits.
 
 The forward pass of every backend computes the per-row losses *and* the gradient of each row's loss with
-respect to the student logits in one pass over the logits; backward only scales that stored gradient by
-the incoming gradient (in place: it needs no second N x V buffer). The per-row op is a `torch.library`
-custom op, so `torch.compile(fullgraph=True)` traces it without a graph break; the reduction over rows is
-plain PyTorch around it.
+respect to the student logits (and, when asked, each row's soft and hard parts) in one pass over the
+logits; backward only scales that stored gradient by the incoming gradient (in place: it needs no second
+N x V buffer). The per-row op is a `torch.library` custom op, so `torch.compile(fullgraph=True)` traces it
+without a graph break; the reduction over rows is plain PyTorch around it.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,7 +27,7 @@ from tsa_fast.ops.checks import (
     traced,
 )
 from tsa_fast.reference import distillation_loss as reference  # the module
-from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS, reduce_rows
+from tsa_fast.reference.distillation_loss import DIVERGENCES, REDUCTIONS, LossParts, reduce_rows
 
 HUGE_PAGE_MIN_BYTES = 8 << 20
 
@@ -80,10 +79,10 @@ def distillation_loss(
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or per-row losses of the leading shape for "none".
-        With return_parts, `(loss, LossParts(soft, hard))`: the loss with hard_weight = 0 and with
-        soft_weight = 0, reduced as the loss, detached (no gradient); they sum to the loss within rounding.
-        Where both weights are nonzero they take one more forward-only pass over the logits each (no
-        gradient, O(N) memory); otherwise they are the loss and zeros.
+        With return_parts, `(loss, LossParts(soft, hard))`: the soft term (soft_weight x (T^2) x divergence)
+        and the hard term (hard_weight x cross-entropy) of each row, reduced as the loss, detached (no
+        gradient); they sum to the loss within rounding. They come from the same pass as the loss and its
+        gradient (on the kernels, 8 bytes more written per row).
 
     Non-finite inputs (every backend alike): a -inf logit is a token of probability 0 (gradient 0 there); it
     makes a divergence +inf where the other model has mass there (reverse/symmetric KL for a -inf teacher
@@ -121,36 +120,12 @@ def distillation_loss(
     flat_labels = None if labels is None else labels.reshape(-1)
     student = student_logits.reshape(-1, student_logits.shape[-1])
     teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    rows = distillation_loss_rows_autograd(student, teacher, flat_labels, options, vocab)
+    rows, parts = distillation_loss_rows_autograd(student, teacher, flat_labels, options, vocab, return_parts)
     counted = None if flat_labels is None else flat_labels != ignore_index
     loss = reduce_loss_rows(rows, counted, reduction, leading_shape, num_items_in_batch)
     if not return_parts:
         return loss
-    parts = part_rows(
-        rows,
-        lambda part_options: distillation_loss_rows_autograd(student, teacher, flat_labels, part_options, vocab),
-        options,
-    )
     return loss, LossParts(*(reduce_loss_rows(p, counted, reduction, leading_shape, num_items_in_batch) for p in parts))
-
-
-class LossParts(NamedTuple):
-    """The parts of a distillation loss (`return_parts=True`), reduced as the loss, without gradient."""
-
-    soft: Tensor  # soft_weight x (T^2) x divergence
-    hard: Tensor  # hard_weight x cross-entropy to the labels
-
-
-def part_rows(rows: Tensor, row_fn, options: dict) -> tuple[Tensor, Tensor]:
-    """The (soft, hard) per-row parts of `rows`, detached: `row_fn(options)` (per-row losses) with the other
-    weight 0, where both weights are nonzero; else `rows` and zeros."""
-    rows = rows.detach()
-    if options["hard_weight"] == 0:
-        return rows, torch.zeros_like(rows)
-    if options["soft_weight"] == 0:
-        return torch.zeros_like(rows), rows
-    with torch.no_grad():
-        return row_fn({**options, "hard_weight": 0.0}), row_fn({**options, "soft_weight": 0.0})
 
 
 def reduce_loss_rows(rows: Tensor, counted: Tensor | None, reduction: str, leading_shape, num_items) -> Tensor:
@@ -246,40 +221,47 @@ def check_temperature_values(temperature: Tensor) -> None:
 
 
 def distillation_loss_rows_autograd(
-    student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int
-) -> Tensor:
-    """Per-row losses (N,) of (N, V) logits, differentiable w.r.t. `student`, on the selected backend."""
+    student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int, with_parts: bool = False
+) -> tuple[Tensor, LossParts | None]:
+    """Per-row losses (N,) of (N, V) logits, differentiable w.r.t. `student`, on the selected backend; with
+    `with_parts` also their per-row parts (detached) from the same pass, else None."""
     if select_backend(student.device, torch.promote_types(student.dtype, teacher.dtype)) == "torch":
         # The reference itself, differentiated by autograd (and traced by torch.compile as plain ops;
         # there the data-dependent label check is left to the ops that index with the labels).
         if labels is not None:
             check_label_range(labels, vocab, options["ignore_index"])
-        return _reference_rows(student, teacher, labels, options, vocab)
-    rows, _ = _kernel_rows(student, teacher, labels, options, vocab, student.requires_grad and torch.is_grad_enabled())
-    return rows
+        rows, parts = _reference_rows(student, teacher, labels, options, vocab)
+        return rows, parts if with_parts else None
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    rows, _, parts = _kernel_rows(student, teacher, labels, options, vocab, compute_grad, with_parts)
+    return rows, parts
 
 
 def distillation_loss_rows_and_grad(
-    student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int
-) -> tuple[Tensor, Tensor]:
-    """Per-row losses (N,) and d(row loss)/d(student) (N, V_s), outside autograd, on the selected backend."""
+    student: Tensor, teacher: Tensor, labels: Tensor | None, options: dict, vocab: int, with_parts: bool = False
+) -> tuple[Tensor, Tensor, LossParts | None]:
+    """Per-row losses (N,), d(row loss)/d(student) (N, V_s) and, with `with_parts`, the per-row parts (else
+    None), from one pass outside autograd, on the selected backend."""
     if select_backend(student.device, torch.promote_types(student.dtype, teacher.dtype)) == "torch":
         if labels is not None:
             check_label_range(labels, vocab, options["ignore_index"])
-        return rows_and_grad_by_autograd(lambda z: _reference_rows(z, teacher, labels, options, vocab), student)
-    return _kernel_rows(student, teacher, labels, options, vocab, True)
+        rows, grad, parts = rows_and_grad_by_autograd(
+            lambda z: _reference_rows(z, teacher, labels, options, vocab), student
+        )
+        return rows, grad, parts if with_parts else None
+    return _kernel_rows(student, teacher, labels, options, vocab, True, with_parts)
 
 
-def rows_and_grad_by_autograd(row_fn, student: Tensor) -> tuple[Tensor, Tensor]:
-    """row_fn(student) -> (N,) losses, and the gradient of each row's loss, by autograd."""
+def rows_and_grad_by_autograd(row_fn, student: Tensor) -> tuple[Tensor, Tensor, LossParts]:
+    """row_fn(student) -> ((N,) losses, their LossParts), and the gradient of each row's loss, by autograd."""
     with torch.enable_grad():
         z = student.detach().requires_grad_()
-        rows = row_fn(z)
+        rows, parts = row_fn(z)
         (grad,) = torch.autograd.grad(rows.sum(), z)
-    return rows.detach(), grad
+    return rows.detach(), grad, parts
 
 
-def _reference_rows(student, teacher, labels, options, vocab) -> Tensor:
+def _reference_rows(student, teacher, labels, options, vocab) -> tuple[Tensor, LossParts]:
     return reference.distillation_loss_rows(
         student,
         teacher,
@@ -294,15 +276,18 @@ def _reference_rows(student, teacher, labels, options, vocab) -> Tensor:
         ignore_index=options["ignore_index"],
         softcap=options["softcap"],
         vocab_size=vocab,
+        return_parts=True,
     )
 
 
-def _kernel_rows(student, teacher, labels, options, vocab, compute_grad) -> tuple[Tensor, Tensor]:
+def _kernel_rows(
+    student, teacher, labels, options, vocab, compute_grad, compute_parts
+) -> tuple[Tensor, Tensor, LossParts | None]:
     """The custom op, with the options in its encoding (divergence code; per-row temperatures, (N,) fp32, as
-    row_temperature beside the float, which they then replace)."""
+    row_temperature beside the float, which they then replace); the parts as LossParts, or None."""
     temperature = options["temperature"]
     per_row = isinstance(temperature, Tensor)
-    return torch.ops.tsa_fast.distillation_loss_rows(
+    rows, grad, parts = torch.ops.tsa_fast.distillation_loss_rows(
         student,
         teacher,
         labels,
@@ -318,7 +303,9 @@ def _kernel_rows(student, teacher, labels, options, vocab, compute_grad) -> tupl
         float(options["softcap"] or 0.0),
         vocab,
         compute_grad,
+        compute_parts,
     )
+    return rows, grad, LossParts(*parts.detach()) if compute_parts else None
 
 
 def check_tensor(name: str, tensor, like: tuple[str, Tensor] | None = None) -> None:
@@ -439,12 +426,14 @@ def distillation_loss_rows(
     softcap: float,
     vocab_size: int,
     compute_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """Per-row losses (N,) float32 and, when compute_grad, d(row loss)/d(student) (N, V_s) in `grad_dtype`
-    (zeros past vocab_size); else an empty tensor. softcap = 0 means none. row_temperature, (N,) fp32 or
-    None, replaces `temperature` row by row (scale_by_t2 then scales each row by its own T^2, in the
-    kernel). Runs the triton or cpp kernels; `distillation_loss` calls the reference directly when the
-    torch backend is selected."""
+    compute_parts: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row losses (N,) float32; when compute_grad, d(row loss)/d(student) (N, V_s) in `grad_dtype`
+    (zeros past vocab_size), else an empty tensor; when compute_parts, the rows' soft and hard parts
+    (2, N) float32 from the same kernel launch (no gradient), else an empty tensor. softcap = 0 means none.
+    row_temperature, (N,) fp32 or None, replaces `temperature` row by row (scale_by_t2 then scales each row
+    by its own T^2, in the kernel). Runs the triton or cpp kernels; `distillation_loss` calls the reference
+    directly when the torch backend is selected."""
     if labels is not None:
         check_label_range(labels, vocab_size, ignore_index)
         labels = labels.long().contiguous()
@@ -454,6 +443,7 @@ def distillation_loss_rows(
     student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
     row_loss = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
     grad = _grad_buffer(student, vocab_size) if compute_grad else None
+    parts = torch.empty(2, student.shape[0], dtype=torch.float32, device=student.device) if compute_parts else None
     backend = select_backend(student.device, student.dtype)
     if backend == "torch":
         raise ValueError(f"no kernel backend for {student.dtype} on {student.device.type}: call distillation_loss")
@@ -475,8 +465,14 @@ def distillation_loss_rows(
             ignore_index,
             softcap,
             vocab_size,
+            row_parts=parts,
         )
-    return row_loss, student.new_empty(0) if grad is None else grad
+    empty = lambda dtype: student.new_empty(0, dtype=dtype)  # noqa: E731 (outputs may not alias)
+    return (
+        row_loss,
+        empty(grad_dtype(student.dtype)) if grad is None else grad,
+        empty(torch.float32) if parts is None else parts,
+    )
 
 
 @distillation_loss_rows.register_fake
@@ -496,22 +492,24 @@ def _(
     softcap,
     vocab_size,
     compute_grad,
+    compute_parts,
 ):
     rows = student.new_empty(student.shape[0], dtype=torch.float32)
-    return rows, student.new_empty(student.shape if compute_grad else (0,), dtype=grad_dtype(student.dtype))
+    grad = student.new_empty(student.shape if compute_grad else (0,), dtype=grad_dtype(student.dtype))
+    return rows, grad, student.new_empty((2, student.shape[0]) if compute_parts else (0,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.student_dtype = inputs[0].dtype
-    ctx.set_materialize_grads(False)  # the stored-gradient output gets no incoming gradient: no N x V zeros
+    ctx.set_materialize_grads(False)  # the stored-gradient and parts outputs get no incoming gradient
 
 
-def _backward(ctx, grad_rows, _unused):
+def _backward(ctx, grad_rows, _grad, _parts):
     (grad,) = ctx.saved_tensors
     # In place: the stored gradient is consumed (a second backward through it raises autograd's
     # "modified by an inplace operation" error instead of returning a wrong number), then rounded once.
-    return (grad.mul_(grad_rows.unsqueeze(-1)).to(ctx.student_dtype),) + (None,) * 14
+    return (grad.mul_(grad_rows.unsqueeze(-1)).to(ctx.student_dtype),) + (None,) * 15
 
 
 distillation_loss_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -554,10 +552,12 @@ def distillation_loss_forward_cpp(
     ignore_index: int,
     softcap: float,
     vocab_size: int,
+    row_parts: Tensor | None = None,
 ) -> None:
     """The C++ kernels of `tsa_fast._C` (CPU with OpenMP, or CUDA), called with raw pointers; same
     contract as the Triton launcher `tsa_fast.kernels.distillation_loss_forward` (temperature: a float, or
-    (N,) float32, one T per row)."""
+    (N,) float32, one T per row; row_parts: None or (2, N) float32 contiguous, the rows' soft and hard
+    parts)."""
     ext = cpp_extension
     row_temperature = isinstance(temperature, Tensor)
     if row_temperature:
@@ -567,6 +567,13 @@ def distillation_loss_forward_cpp(
                 f"{tuple(temperature.shape)}"
             )
         temperature = temperature.contiguous()
+    if row_parts is not None and (
+        row_parts.shape != (2, student.shape[0]) or row_parts.dtype != torch.float32 or not row_parts.is_contiguous()
+    ):
+        raise ValueError(
+            f"row_parts must be (2, {student.shape[0]}) float32 contiguous, got {row_parts.dtype} "
+            f"{tuple(row_parts.shape)}"
+        )
     scalar_t = 1.0 if row_temperature else float(temperature)
     soft_scale = soft_weight * (scalar_t**2 if scale_by_t2 and not row_temperature else 1.0)
     args = [
@@ -578,6 +585,7 @@ def distillation_loss_forward_cpp(
         teacher.stride(0),
         0 if labels is None else labels.data_ptr(),
         row_loss.data_ptr(),
+        0 if row_parts is None else row_parts.data_ptr(),
         0 if grad is None else grad.data_ptr(),
         0 if grad is None else grad.stride(0),
         student.shape[0],

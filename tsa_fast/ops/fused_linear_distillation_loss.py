@@ -20,7 +20,6 @@ For a scalar reduction the gradients are computed in the forward pass (backward 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -39,8 +38,6 @@ from tsa_fast.ops.distillation_loss import (
     check_num_items,
     check_tensor,
     distillation_loss_rows_and_grad,
-    distillation_loss_rows_autograd,
-    part_rows,
     reduce_loss_rows,
     row_temperatures,
     rows_and_grad_by_autograd,
@@ -90,8 +87,8 @@ def fused_linear_distillation_loss(
         **loss_options: the keyword options of `distillation_loss` (same names, defaults and errors).
 
     Returns: the loss as `distillation_loss` returns it (float32; float64 for float64 inputs); with
-    return_parts, `(loss, LossParts(soft, hard))` as there (the parts take one more forward-only pass per
-    chunk each where both weights are nonzero).
+    return_parts, `(loss, LossParts(soft, hard))` as there, accumulated from the same chunk pass as the loss
+    and its gradients (the top-k teacher forms included).
     Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant.
     Non-finite values act as in `distillation_loss` on the logits they give: a NaN in a teacher row (hidden
     state, logits, top-k log-probabilities) makes that row's loss NaN, and the gradients it reaches.
@@ -282,22 +279,22 @@ def check_topk_teacher(indices: Tensor, logprobs: Tensor, vocab: int, labels: Te
 
 
 @torch.compiler.allow_in_graph  # the top-k and torch paths run autograd inside: one node, no graph break
-def _rows_and_logit_grad(student_logits: Tensor, teacher, labels: Tensor | None, options: dict, vocab: int):
-    """Per-row losses and their gradient w.r.t. the chunk's fp32 student logits."""
-    if isinstance(teacher, tuple):  # top-k: the reference math on the chunk, differentiated by autograd
-        return rows_and_grad_by_autograd(lambda z: _rows(z, teacher, labels, options, vocab=vocab), student_logits)
-    return distillation_loss_rows_and_grad(student_logits, teacher, labels, options, vocab)
-
-
-def _rows(student_logits: Tensor, teacher, labels: Tensor | None, options: dict, *, vocab: int) -> Tensor:
-    """Per-row losses of the chunk's logits (differentiable where they require grad)."""
-    if isinstance(teacher, tuple):  # top-k (indices, logprobs, tail mode)
+def _rows_and_logit_grad(
+    student_logits: Tensor, teacher, labels: Tensor | None, options: dict, vocab: int, with_parts: bool
+) -> tuple[Tensor, Tensor, LossParts | None]:
+    """Per-row losses, their gradient w.r.t. the chunk's fp32 student logits and, with `with_parts`, the
+    rows' parts (else None), from one pass."""
+    if isinstance(teacher, tuple):  # top-k (indices, logprobs, tail mode): the reference math, by autograd
         indices, logprobs, topk_tail = teacher
         row_options = {name: options[name] for name in ROW_OPTIONS}
-        return topk_distillation_loss_rows(
-            student_logits, indices, logprobs, labels, **row_options, vocab_size=vocab, topk_tail=topk_tail
+        rows, grad, parts = rows_and_grad_by_autograd(
+            lambda z: topk_distillation_loss_rows(
+                z, indices, logprobs, labels, **row_options, vocab_size=vocab, topk_tail=topk_tail, return_parts=True
+            ),
+            student_logits,
         )
-    return distillation_loss_rows_autograd(student_logits, teacher, labels, options, vocab)
+        return rows, grad, parts if with_parts else None
+    return distillation_loss_rows_and_grad(student_logits, teacher, labels, options, vocab, with_parts)
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -345,8 +342,8 @@ def _chunked_pass(
 ):
     """Per-row losses (N,) and, for `needs` = (hidden, weight, bias) flags, the gradients of
     sum(row_weights * rows); row_weights is a scalar tensor or (N,). `parts`, a pair of (N,) buffers, gets
-    the soft and hard parts of each row (`part_rows`). Autocast is off inside: the pass chooses its own
-    dtypes."""
+    the soft and hard parts of each row from the same chunk pass. Autocast is off inside: the pass chooses
+    its own dtypes."""
     with torch.autocast(hidden.device.type, enabled=False):
         return _chunks(hidden, weight, bias, teacher, labels, options, vocab, chunk_size, row_weights, needs, parts)
 
@@ -377,13 +374,12 @@ def _chunks(hidden, weight, bias, teacher: _Teacher, labels, options, vocab, chu
         chunk_labels = None if labels is None else labels[start:end]
         chunk_teacher = teacher.rows(start, end, teacher_gemm_weight, compute_dtype)
         chunk_options = _chunk_options(options, start, end)
-        chunk_rows, grad_logits = _rows_and_logit_grad(
-            student_logits, chunk_teacher, chunk_labels, chunk_options, vocab
+        chunk_rows, grad_logits, chunk_parts = _rows_and_logit_grad(
+            student_logits, chunk_teacher, chunk_labels, chunk_options, vocab, parts is not None
         )
         rows[start:end] = chunk_rows
         if parts is not None:
-            row_fn = functools.partial(_rows, student_logits, chunk_teacher, chunk_labels, vocab=vocab)
-            parts[0][start:end], parts[1][start:end] = part_rows(chunk_rows, row_fn, chunk_options)
+            parts[0][start:end], parts[1][start:end] = chunk_parts
         if not any(needs):
             continue
         del student_logits

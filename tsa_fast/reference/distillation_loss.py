@@ -15,12 +15,22 @@ DIVERGENCES, a term of weight 0 contributes nothing (not 0 * inf), and CE uses l
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 # The order is the integer code the kernels use (Triton constexpr, C++ enum).
 DIVERGENCES = ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd")
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
+
+
+class LossParts(NamedTuple):
+    """The parts of a distillation loss (`return_parts=True`), per row or reduced as the loss, without
+    gradient; they sum to the loss within rounding."""
+
+    soft: Tensor  # soft_weight x (T^2) x divergence
+    hard: Tensor  # hard_weight x cross-entropy to the labels
 
 
 def softcapped(logits: Tensor, softcap: float | None) -> Tensor:
@@ -117,9 +127,11 @@ def distillation_loss_rows(
     ignore_index: int = -100,
     softcap: float | None = None,
     vocab_size: int | None = None,
-) -> Tensor:
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, LossParts]:
     """Per-row losses, shape (N,) for (N, V_s) / (N, V_t) logits and (N,) labels; ignored rows are 0.
-    temperature: a number, or a tensor of shape (N,) (one T per row) or () (a constant)."""
+    temperature: a number, or a tensor of shape (N,) (one T per row) or () (a constant). With return_parts,
+    `(rows, LossParts(soft, hard))`: the per-row terms the losses are the sum of (`row_losses`)."""
     vocab = vocab_size or student_logits.shape[-1]
     compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     z_s = student_logits[:, :vocab].to(compute_dtype)
@@ -131,7 +143,7 @@ def distillation_loss_rows(
     c_t = softcapped(torch.where(counted[:, None], z_t, 0.0), softcap)
     half_log_q = half_log_softmax(c_s / per_column(temperature, compute_dtype))
     half_log_p = half_log_softmax(c_t / per_column(temperature, compute_dtype))
-    return row_losses(
+    rows, parts = row_losses(
         half_log_p,
         half_log_q,
         c_s,
@@ -145,6 +157,7 @@ def distillation_loss_rows(
         hard_weight=hard_weight,
         label_smoothing=label_smoothing,
     )
+    return (rows, parts) if return_parts else rows
 
 
 def counted_rows(labels: Tensor | None, ignore_index: int, n_rows: int, device: torch.device) -> Tensor:
@@ -168,23 +181,25 @@ def row_losses(
     soft_weight: float,
     hard_weight: float,
     label_smoothing: float,
-) -> Tensor:
-    """Per-row losses (N,) from the teacher's and student's log-probabilities at temperature T, halved
-    (`half_log_softmax`; over the categories the divergence compares), and the student's capped logits c(z_s)
-    (the hard term); temperature a number or a tensor of shape (N,) or ()."""
+) -> tuple[Tensor, LossParts]:
+    """Per-row losses (N,) and their parts (detached), from the teacher's and student's log-probabilities at
+    temperature T, halved (`half_log_softmax`; over the categories the divergence compares), and the
+    student's capped logits c(z_s) (the hard term); temperature a number or a tensor of shape (N,) or ().
+    The loss of a row is its two parts summed (in float64 with a hard term) and rounded once."""
     dtype = half_log_q.dtype
     if isinstance(temperature, Tensor):
         temperature = temperature.detach().to(dtype)
     t2 = temperature**2 if scale_by_t2 else 1.0
     # A term of weight 0 contributes nothing, also where it is infinite (not 0 * inf = NaN). The zeros start on
     # the student's graph, so that with both weights 0 the loss still has a gradient (0), as on the kernels.
-    loss = capped_student[:, :0].sum(-1).to(dtype)
+    soft = hard = capped_student[:, :0].sum(-1).to(dtype)
     if soft_weight != 0.0:
-        loss = loss + soft_weight * t2 * divergence(half_log_p, half_log_q, divergence_name, beta)
+        soft = soft + soft_weight * t2 * divergence(half_log_p, half_log_q, divergence_name, beta)
     if hard_weight != 0.0:
         safe_labels = torch.where(counted, labels, 0).long()
-        loss = loss + hard_weight * smoothed_cross_entropy(capped_student, safe_labels, label_smoothing)
-    return torch.where(counted, loss, 0.0).to(dtype)
+        hard = hard + hard_weight * smoothed_cross_entropy(capped_student, safe_labels, label_smoothing)
+    part = lambda x: torch.where(counted, x.detach(), 0.0).to(dtype)  # noqa: E731
+    return torch.where(counted, soft + hard, 0.0).to(dtype), LossParts(part(soft), part(hard))
 
 
 def reduce_rows(rows: Tensor, counted: Tensor | None, reduction: str, leading_shape: torch.Size) -> Tensor:
@@ -215,11 +230,12 @@ def distillation_loss(
     reduction: str = "mean",
     softcap: float | None = None,
     vocab_size: int | None = None,
-) -> Tensor:
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, LossParts]:
     """Reference `tsa_fast.distillation_loss` (same contract, no argument checking, no fusion)."""
     leading_shape = student_logits.shape[:-1]
     flat_labels = None if labels is None else labels.reshape(-1)
-    rows = distillation_loss_rows(
+    rows, parts = distillation_loss_rows(
         student_logits.reshape(-1, student_logits.shape[-1]),
         teacher_logits.reshape(-1, teacher_logits.shape[-1]),
         flat_labels,
@@ -233,6 +249,10 @@ def distillation_loss(
         ignore_index=ignore_index,
         softcap=softcap,
         vocab_size=vocab_size,
+        return_parts=True,
     )
     counted = None if flat_labels is None else flat_labels != ignore_index
-    return reduce_rows(rows, counted, reduction, leading_shape)
+    loss = reduce_rows(rows, counted, reduction, leading_shape)
+    if not return_parts:
+        return loss
+    return loss, LossParts(*(reduce_rows(part, counted, reduction, leading_shape) for part in parts))

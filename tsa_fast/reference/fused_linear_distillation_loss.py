@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from tsa_fast.reference.distillation_loss import (
+    LossParts,
     counted_rows,
-    distillation_loss,
+    distillation_loss_rows,
     per_column,
     reduce_rows,
     row_losses,
@@ -83,25 +84,40 @@ def fused_linear_distillation_loss(
     chunk_size: int | None = None,
     topk_tail: str = "bucket",
     **options,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, LossParts]:
     """Reference `tsa_fast.fused_linear_distillation_loss` (same contract; `chunk_size` is ignored)."""
     dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     leading_shape = student_hidden.shape[:-1]
     flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
     student_logits = linear_logits(flat(student_hidden), student_weight, student_bias, dtype)
     flat_labels = None if labels is None else labels.reshape(-1)
+    return_parts = options.pop("return_parts", False)
+    reduction = options.pop("reduction", "mean")
     if teacher_topk is None:
         if teacher_logits is None:
             teacher_logits = linear_logits(flat(teacher_hidden), teacher_weight, teacher_bias, dtype)
-        return distillation_loss(student_logits, flat(teacher_logits), flat_labels, **options).reshape(
-            leading_shape if options.get("reduction") == "none" else ()
+        rows, parts = distillation_loss_rows(
+            student_logits, flat(teacher_logits), flat_labels, **_row_options(options), return_parts=True
         )
-
-    rows = topk_distillation_loss_rows(
-        student_logits, *(flat(x) for x in teacher_topk), flat_labels, topk_tail=topk_tail, **options
-    )
+    else:
+        rows, parts = topk_distillation_loss_rows(
+            student_logits,
+            *(flat(x) for x in teacher_topk),
+            flat_labels,
+            topk_tail=topk_tail,
+            **options,
+            return_parts=True,
+        )
     counted = None if flat_labels is None else flat_labels != options.get("ignore_index", -100)
-    return reduce_rows(rows, counted, options.get("reduction", "mean"), leading_shape)
+    loss = reduce_rows(rows, counted, reduction, leading_shape)
+    if not return_parts:
+        return loss
+    return loss, LossParts(*(reduce_rows(part, counted, reduction, leading_shape) for part in parts))
+
+
+def _row_options(options: dict) -> dict:
+    """The keyword options of `distillation_loss`, as `distillation_loss_rows` names them."""
+    return {"divergence_name" if name == "divergence" else name: value for name, value in options.items()}
 
 
 def topk_distillation_loss_rows(
@@ -120,11 +136,12 @@ def topk_distillation_loss_rows(
     ignore_index: int = -100,
     softcap: float | None = None,
     vocab_size: int | None = None,
-    reduction: str = "mean",
     topk_tail: str = "bucket",
-) -> Tensor:
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, LossParts]:
     """Per-row losses (N,) of student logits (N, V) against a top-k teacher (N, k), with a tail bucket or
-    renormalized over the k tokens (`topk_bucket_log_probs`)."""
+    renormalized over the k tokens (`topk_bucket_log_probs`); with return_parts, `(rows, LossParts(soft,
+    hard))` (`row_losses`)."""
     vocab = vocab_size or student_logits.shape[-1]
     counted = counted_rows(labels, ignore_index, student_logits.shape[0], student_logits.device)
     capped = softcapped(torch.where(counted[:, None], student_logits[:, :vocab], 0.0), softcap)
@@ -132,7 +149,7 @@ def topk_distillation_loss_rows(
     indices, teacher_logprobs = (torch.where(counted[:, None], x, 0) for x in (indices, teacher_logprobs))
     log_q = torch.log_softmax(capped / per_column(temperature, capped.dtype), -1)
     log_p, log_q = topk_bucket_log_probs(log_q, indices, teacher_logprobs, topk_tail)
-    return row_losses(
+    rows, parts = row_losses(
         0.5 * log_p,
         0.5 * log_q,
         capped,
@@ -146,3 +163,4 @@ def topk_distillation_loss_rows(
         hard_weight=hard_weight,
         label_smoothing=label_smoothing,
     )
+    return (rows, parts) if return_parts else rows
