@@ -12,6 +12,10 @@ v: (B, H_kv, N_k, D_v), any strides, one dtype of fp32/fp16/bf16; H a multiple o
 head h reads key/value head h // (H / H_kv), nothing is repeated in memory); D, D_v <= 256, any value
 (padded to a power of two inside the kernel by masked loads, never by copying). key_padding_mask: (B, N_k)
 bool, True = keep, any strides, or None.
+`attention_varlen_forward` and `attention_varlen_backward` take packed sequences in flash_attn_varlen_func's
+layout: q (total_q, H, D), k, v (total_k, H_kv, D), lse (H, total_q), sequence s being query rows
+cu_seqlens_q[s]:cu_seqlens_q[s + 1] and keys cu_seqlens_k[s]:cu_seqlens_k[s + 1] (int32), which attend only to
+each other, causal and window aligned bottom-right in each sequence.
 
 Math, per (b, h, query row i), over the visible keys j (kept; j <= i + N_k - N_q when causal: aligned
 bottom-right; i + N_k - N_q - left <= j <= i + N_k - N_q + right in a window, causal setting right = 0), in
@@ -36,6 +40,10 @@ Tiling:
              query head sharing them (GQA), only those that see some key of the block, masked on the causal
              diagonal and the window's edges only: a padded key's dk, dv are stored as zeros.
     dq       one program per (BLOCK_M rows, b, h), the forward's sweep: dq += ds k.
+Packed sequences (VARLEN): b is a sequence, the grids cover the longest one (max_seqlen_q or _k tiles per
+sequence); a program reads its sequence's first row and length from cu_seqlens and returns at once when its
+tile starts past the sequence's end. No tile spans two sequences, so nothing is spent on pairs of different
+sequences: the work is that of each sequence run alone.
 Every output element is written by one program: deterministic, no atomics (dq costs one more recomputation
 of q k^T and do v^T than FlashAttention-2's atomic accumulation). Block sizes and warps are autotuned on a
 GPU, keyed by the sequence lengths rounded up to powers of two (no retuning at each new length, e.g. in

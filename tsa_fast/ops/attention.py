@@ -1,6 +1,6 @@
-"""`attention`, `attention_varlen` and `scaled_dot_product_attention`: fused attention (FlashAttention-2 style) on
-the Triton kernels, a drop-in for `torch.nn.functional.scaled_dot_product_attention`; `attention_varlen` over packed
-sequences (flash_attn_varlen_func's layout).
+"""`attention` and `scaled_dot_product_attention`: fused attention (FlashAttention-2 style) on the Triton
+kernels, a drop-in for `torch.nn.functional.scaled_dot_product_attention`; `attention_varlen`, the same over
+packed sequences (flash_attn_varlen_func's layout), behind `tsa_fast::flash_attention_varlen` (and its backward).
 
 The kernels run behind a `torch.library` custom op, `tsa_fast::flash_attention` (output and lse), whose
 backward is a second custom op, `tsa_fast::flash_attention_backward`: `torch.compile(fullgraph=True)` traces
