@@ -396,7 +396,7 @@ def _attention_fwd_kernel(
     q_start, k_start, n_q, n_k, row_base = _sequence(
         cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_heads, n_q, n_k, VARLEN
     )
-    if start_m >= n_q:  # packed: the grid covers the longest sequence, this one ends before the tile
+    if VARLEN and start_m >= n_q:  # the grid covers the longest sequence, this one ends before the tile
         return
     rows = start_m + tl.arange(0, BLOCK_M)
     q_ptr = head(q_ptr, b, h, stride_qb, stride_qh) + q_start * stride_qn
@@ -658,7 +658,7 @@ def _attention_bwd_dq_kernel(
     q_start, k_start, n_q, n_k, row_base = _sequence(
         cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_heads, n_q, n_k, VARLEN
     )
-    if start_m >= n_q:  # packed: past the end of this sequence
+    if VARLEN and start_m >= n_q:  # past the end of this sequence
         return
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -903,7 +903,7 @@ def _attention_bwd_dkdv_kernel(
     q_start, k_start, n_q, n_k, row_base = _sequence(
         cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h_kv * group, n_heads, n_q, n_k, VARLEN
     )
-    if start_n >= n_k:  # packed: past the end of this sequence
+    if VARLEN and start_n >= n_k:  # past the end of this sequence
         return
     cols = start_n + tl.arange(0, BLOCK_N)
     dims, dims_v = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)

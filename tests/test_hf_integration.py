@@ -396,3 +396,21 @@ def test_sliding_and_packed_masks_reach_the_kernel_as_kernel_masks():
     assert mask.cu_seqlens.dtype == torch.int32 and mask.cu_seqlens.tolist() == [0, 3, 4, 8]
     chunked = chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))
     assert hf.attention_mask(q_offset=8, mask_function=chunked, local_size=4, **args).shape == (2, 1, 4, 12)
+
+
+def test_kernel_mask_with_dropout_runs_transformers_sdpa_on_its_dense_mask():
+    """Dropout (training) on a sliding-window layer: transformers' SDPA attention with the KernelMask's dense()
+    mask, the same random draws."""
+    query, key, value = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    padding = torch.ones(2, 10, dtype=torch.bool)
+    padding[0, :2] = False
+    sliding = sliding_window_causal_mask_function(4)
+    mask = hf.attention_mask(2, 10, 10, mask_function=sliding, attention_mask=padding, local_size=4, device="cpu")
+    assert isinstance(mask, hf.KernelMask)
+    torch.manual_seed(0)
+    actual, _ = hf.attention_forward(module, query, key, value, mask, dropout=0.5)
+    torch.manual_seed(0)
+    expected, _ = hf.sdpa_attention_forward(module, query, key, value, mask.dense(), dropout=0.5, is_causal=False)
+    assert torch.equal(actual, expected)

@@ -250,14 +250,14 @@ def attention_forward(
     if recorded is not None:
         recorded.append((query, key, value))
     kernel_path = dropout == 0.0 and kwargs.get("position_bias") is None
+    packed = _varlen_kwargs(kwargs) if attention_mask is None and kernel_path else None
     if isinstance(attention_mask, KernelMask):
         if kernel_path:
             return _kernel_mask_attention(query, key, value, attention_mask, scaling, kwargs.get("softcap"))
         attention_mask, is_causal = attention_mask.dense(), False
-    elif attention_mask is None and kernel_path and _varlen_kwargs(kwargs) is not None:
+    elif packed is not None:
         is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         window = kernel_window(kwargs.get("sliding_window"), is_causal)
-        packed = _varlen_kwargs(kwargs)
         return _packed_attention(query, key, value, packed, window, is_causal, scaling, kwargs.get("softcap"))
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = attention_mask is None or attention_mask.dim() == 2
