@@ -29,6 +29,12 @@ causal at the same N (GPU: bf16, B = 1, N = 32k, D = 128; triton, and SDPA's eff
 a bool mask). The kernels skip the key tiles outside the band, so the window's time should be about
 (N W - W^2 / 2) / (N^2 / 2) of causal's, 23% at N = 32k, W = 4096: the same TFLOP/s counting visible pairs.
 The CPU runs SDPA with the band mask and the reference (which masks, skipping nothing).
+Packed sequences (`test_attention_varlen`): causal `attention_varlen` over sequences of unequal lengths packed
+in one row (GPU: bf16, D = 128, 16k tokens in 9 sequences of 256 .. 4096; CPU: fp32, D = 64, 2k tokens) against
+the same sequences padded to the longest in a batch with a key padding mask (`attention` and SDPA's efficient
+backend given the mask): the padded batch computes tiles of padding, the packed one none, so at the same
+TFLOP/s (counting each sequence's visible pairs, sum of N (N + 1) / 2) the packed one should take the padded
+one's time times the share of real tiles.
 Roofline: FLOPs over the measured matrix-product rate, counting 4 B H N^2 D for the forward and 2.5 times
 that for the backward (FlashAttention's convention), halved when causal. Peak extra memory: the CUDA
 allocator's peak; on the CPU the RSS growth of one step in a fresh process.
@@ -232,6 +238,86 @@ def test_attention_window(benchmark, impl, problem, banded, mode):
     pairs = n * width - width * (width - 1) / 2 if banded else n * (n + 1) / 2  # visible (query, key) pairs
     flops = 4 * batch * HEADS * pairs * d * (3.5 if mode == "fwd+bwd" else 1)
     record_roofline(benchmark, DTYPE, flops=flops)
+    record_peak_memory(benchmark, lambda: step(fn, q, k, v, grad_out))
+
+
+# Sequence lengths of a packed batch (unequal, none a multiple of a tile).
+if SMOKE:
+    VARLEN_LENGTHS, VARLEN_D = [3, 40, 17], 32
+elif DEVICE.type == "cuda":
+    VARLEN_LENGTHS, VARLEN_D = [4096, 300, 2048, 1000, 3500, 256, 1800, 2900, 484], 128  # 16384 tokens
+else:
+    VARLEN_LENGTHS, VARLEN_D = [700, 100, 1000, 48, 300], 64  # 2148 tokens
+VARLEN_IMPLS = (
+    ["triton", "triton_padded", "sdpa_efficient_padded"]
+    if DEVICE.type == "cuda"
+    else ["torch", "torch_padded", "sdpa_padded"]
+)
+
+
+def varlen_inputs(lengths: list[int], d: int, mode: str, padded: bool):
+    """q, k, v and the output gradient (None for the forward): packed (total, HEADS, D) with the varlen
+    arguments (cu_seqlens, cu_seqlens, max, max), or padded to the longest (S, HEADS, max, D) with the
+    (S, max) key padding mask."""
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    longest = max(lengths)
+    shape = (len(lengths), HEADS, longest, d) if padded else (sum(lengths), HEADS, d)
+    q, k, v = (torch.randn(*shape, device=DEVICE, generator=generator, dtype=DTYPE) for _ in range(3))
+    if padded:
+        extra = torch.arange(longest, device=DEVICE)[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]
+    else:
+        offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        extra = (offsets, offsets, longest, longest)
+    grad_out = None
+    if mode == "fwd+bwd":
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        grad_out = torch.randn_like(q)
+    return q, k, v, grad_out, extra
+
+
+def varlen_fn(impl: str, extra):
+    """A callable (q, k, v) -> out: causal attention of packed sequences, or of the padded batch."""
+    if impl in ("triton", "torch"):
+        return lambda q, k, v: tsa_fast.attention_varlen(q, k, v, *extra, causal=True)
+    if impl.endswith("_padded") and impl.startswith(("triton", "torch")):
+        return lambda q, k, v: tsa_fast.attention(q, k, v, causal=True, key_padding_mask=extra)
+    n = extra.shape[1]
+    visible = extra[:, None, None, :] & torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()
+    backend = impl.removesuffix("_padded")
+
+    def sdpa(q, k, v):  # causal and the padding as one bool mask (every row sees key 0, which is real)
+        with contextlib.nullcontext() if backend == "sdpa" else sdpa_kernel([SDPA_BACKENDS[backend]]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+    return sdpa
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", VARLEN_IMPLS)
+def test_attention_varlen(benchmark, impl, mode):
+    q, k, v, grad_out, extra = varlen_inputs(VARLEN_LENGTHS, VARLEN_D, mode, padded=impl.endswith("_padded"))
+    fn = varlen_fn(impl, extra)
+    try:
+        step(fn, q, k, v, grad_out)  # warm-up: autotuning, compilation, first touch of memory
+    except RuntimeError as error:  # an SDPA backend that cannot run this problem on this device
+        pytest.skip(f"{impl}: {error}".splitlines()[0])
+    tokens = sum(VARLEN_LENGTHS)
+    describe(
+        benchmark,
+        op="attention_varlen",
+        mode=mode,
+        impl=impl,
+        dtype=DTYPE,
+        size={"tokens": tokens},
+        x="tokens",
+        H=HEADS,
+        D=VARLEN_D,
+        sequences=len(VARLEN_LENGTHS),
+        longest=max(VARLEN_LENGTHS),
+    )
+    measure(benchmark, step, fn, q, k, v, grad_out)
+    pairs = sum(n * (n + 1) / 2 for n in VARLEN_LENGTHS)  # each sequence's visible (query, key) pairs, causal
+    record_roofline(benchmark, DTYPE, flops=4 * HEADS * pairs * VARLEN_D * (3.5 if mode == "fwd+bwd" else 1))
     record_peak_memory(benchmark, lambda: step(fn, q, k, v, grad_out))
 
 

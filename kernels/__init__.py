@@ -1,6 +1,6 @@
 """Triton kernels and their launchers (no autograd), importable as `tsa_fast.kernels`; needs Triton."""
 
-from .attention import attention_backward, attention_forward
+from .attention import attention_backward, attention_forward, attention_varlen_backward, attention_varlen_forward
 from .attention_transfer_loss import attention_transfer_backward, attention_transfer_forward
 from .distillation_loss import distillation_loss_forward
 from .fused_linear_distillation_loss import weight_grad_accumulate
@@ -10,6 +10,8 @@ __all__ = [
     "attention_forward",
     "attention_transfer_backward",
     "attention_transfer_forward",
+    "attention_varlen_backward",
+    "attention_varlen_forward",
     "distillation_loss_forward",
     "weight_grad_accumulate",
 ]

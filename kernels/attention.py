@@ -12,6 +12,10 @@ v: (B, H_kv, N_k, D_v), any strides, one dtype of fp32/fp16/bf16; H a multiple o
 head h reads key/value head h // (H / H_kv), nothing is repeated in memory); D, D_v <= 256, any value
 (padded to a power of two inside the kernel by masked loads, never by copying). key_padding_mask: (B, N_k)
 bool, True = keep, any strides, or None.
+`attention_varlen_forward` and `attention_varlen_backward` take packed sequences in flash_attn_varlen_func's
+layout: q (total_q, H, D), k, v (total_k, H_kv, D), lse (H, total_q), sequence s being query rows
+cu_seqlens_q[s]:cu_seqlens_q[s + 1] and keys cu_seqlens_k[s]:cu_seqlens_k[s + 1] (int32), which attend only to
+each other, causal and window aligned bottom-right in each sequence.
 
 Math, per (b, h, query row i), over the visible keys j (kept; j <= i + N_k - N_q when causal: aligned
 bottom-right; i + N_k - N_q - left <= j <= i + N_k - N_q + right in a window, causal setting right = 0), in
@@ -36,6 +40,10 @@ Tiling:
              query head sharing them (GQA), only those that see some key of the block, masked on the causal
              diagonal and the window's edges only: a padded key's dk, dv are stored as zeros.
     dq       one program per (BLOCK_M rows, b, h), the forward's sweep: dq += ds k.
+Packed sequences (VARLEN): b is a sequence, the grids cover the longest one (max_seqlen_q or _k tiles per
+sequence); a program reads its sequence's first row and length from cu_seqlens and returns at once when its
+tile starts past the sequence's end. No tile spans two sequences, so nothing is spent on pairs of different
+sequences: the work is that of each sequence run alone.
 Every output element is written by one program: deterministic, no atomics (dq costs one more recomputation
 of q k^T and do v^T than FlashAttention-2's atomic accumulation). Block sizes and warps are autotuned on a
 GPU, keyed by the sequence lengths rounded up to powers of two (no retuning at each new length, e.g. in
@@ -88,7 +96,7 @@ def _prune(configs, named_args, **kwargs):
 
 # Autotuning key: the sequence lengths rounded up to powers of two (tune_n_q, tune_n_k: no retuning at each
 # new length, e.g. in generation), the head dims and the options (and, implicitly, the dtypes).
-TUNE_KEY = ["tune_n_q", "tune_n_k", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "WINDOW", "SOFTCAP"]
+TUNE_KEY = ["tune_n_q", "tune_n_k", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "WINDOW", "SOFTCAP", "VARLEN"]
 FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4))
 # ptxas (sm_90, bf16, head dims 64 and 128, causal or not) spills no register in the first candidate of dk, dv
 # (32 x 64 on 8 warps) nor of dq (64 x 32 on 8 warps), where 4-warp tiles spill up to 2.9 KB (dk, dv:
@@ -241,6 +249,25 @@ def _row_stats(lse_ptr, delta_ptr, rows, n_q):
 
 
 @triton.jit
+def _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_heads, n_q, n_k, VARLEN: tl.constexpr):
+    """Where the rows of (b, h) are: (first query row, first key, N_q, N_k, offset of its lse and delta rows).
+    Packed (VARLEN), b is a sequence: rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (total_q rows, n_q) and of
+    the (H, total_q) lse, keys cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k; else the whole (b, h) slice."""
+    if VARLEN:
+        q_first = tl.load(cu_seqlens_q_ptr + b)
+        k_first = tl.load(cu_seqlens_k_ptr + b)
+        q_start, k_start = q_first.to(tl.int64), k_first.to(tl.int64)
+        row_base = h.to(tl.int64) * n_q + q_start
+        n_q = tl.load(cu_seqlens_q_ptr + b + 1) - q_first
+        n_k = tl.load(cu_seqlens_k_ptr + b + 1) - k_first
+    else:
+        q_start = tl.zeros([], tl.int64)
+        k_start = tl.zeros([], tl.int64)
+        row_base = (b * n_heads + h).to(tl.int64) * n_q
+    return q_start, k_start, n_q, n_k, row_base
+
+
+@triton.jit
 def _fwd_tiles(
     acc,
     m_i,
@@ -347,6 +374,8 @@ def _attention_fwd_kernel(
     window_left,
     window_right,
     softcap,
+    cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
     stride_ob,
     stride_oh,
     stride_on,
@@ -355,6 +384,7 @@ def _attention_fwd_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -363,12 +393,17 @@ def _attention_fwd_kernel(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
-    rows = start_m + tl.arange(0, BLOCK_M)
-    q = load_tile(
-        head(q_ptr, b, h, stride_qb, stride_qh), rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST
+    q_start, k_start, n_q, n_k, row_base = _sequence(
+        cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_heads, n_q, n_k, VARLEN
     )
-    k_ptr = head(k_ptr, b, h // group, stride_kb, stride_kh)  # GQA: `group` query heads share one k, v head
-    v_ptr = head(v_ptr, b, h // group, stride_vb, stride_vh)
+    if VARLEN and start_m >= n_q:  # the grid covers the longest sequence, this one ends before the tile
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q_ptr = head(q_ptr, b, h, stride_qb, stride_qh) + q_start * stride_qn
+    q = load_tile(q_ptr, rows, tl.arange(0, BLOCK_D), stride_qn, stride_qd, n_q, d, UPCAST)
+    # GQA: `group` query heads share one k, v head.
+    k_ptr = head(k_ptr, b, h // group, stride_kb, stride_kh) + k_start * stride_kn
+    v_ptr = head(v_ptr, b, h // group, stride_vb, stride_vh) + k_start * stride_vn
     if HAS_MASK:
         mask_ptr += b.to(tl.int64) * stride_mask_b
     qk_scale = sm_scale * LOG2E
@@ -455,9 +490,10 @@ def _attention_fwd_kernel(
     # A row with no visible key has l_i = 0 and acc = 0: it writes zeros and lse = -inf.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     dims_v = tl.arange(0, BLOCK_DV)
-    out_ptrs = head(out_ptr, b, h, stride_ob, stride_oh) + rows[:, None] * stride_on + dims_v[None, :] * stride_od
+    out_ptr = head(out_ptr, b, h, stride_ob, stride_oh) + q_start * stride_on
+    out_ptrs = out_ptr + rows[:, None] * stride_on + dims_v[None, :] * stride_od
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dims_v[None, :] < d_v))
-    tl.store(lse_ptr + tl.program_id(1).to(tl.int64) * n_q + rows, (m_i + tl.log2(l_i)) * LN2, mask=rows < n_q)
+    tl.store(lse_ptr + row_base + rows, (m_i + tl.log2(l_i)) * LN2, mask=rows < n_q)
 
 
 @triton.jit
@@ -596,6 +632,8 @@ def _attention_bwd_dq_kernel(
     window_left,
     window_right,
     softcap,
+    cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
     stride_dob,
     stride_doh,
     stride_don,
@@ -608,6 +646,7 @@ def _attention_bwd_dq_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -616,11 +655,17 @@ def _attention_bwd_dq_kernel(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
+    q_start, k_start, n_q, n_k, row_base = _sequence(
+        cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_heads, n_q, n_k, VARLEN
+    )
+    if VARLEN and start_m >= n_q:  # past the end of this sequence
+        return
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = load_tile(head(q_ptr, b, h, stride_qb, stride_qh), rows, dims, stride_qn, stride_qd, n_q, d, UPCAST)
+    q_ptr = head(q_ptr, b, h, stride_qb, stride_qh) + q_start * stride_qn
+    q = load_tile(q_ptr, rows, dims, stride_qn, stride_qd, n_q, d, UPCAST)
     do = load_tile(
-        head(do_ptr, b, h, stride_dob, stride_doh),
+        head(do_ptr, b, h, stride_dob, stride_doh) + q_start * stride_don,
         rows,
         tl.arange(0, BLOCK_DV),
         stride_don,
@@ -629,11 +674,10 @@ def _attention_bwd_dq_kernel(
         d_v,
         UPCAST,
     )
-    k_ptr = head(k_ptr, b, h // group, stride_kb, stride_kh)
-    v_ptr = head(v_ptr, b, h // group, stride_vb, stride_vh)
+    k_ptr = head(k_ptr, b, h // group, stride_kb, stride_kh) + k_start * stride_kn
+    v_ptr = head(v_ptr, b, h // group, stride_vb, stride_vh) + k_start * stride_vn
     if HAS_MASK:
         mask_ptr += b.to(tl.int64) * stride_mask_b
-    row_base = tl.program_id(1).to(tl.int64) * n_q
     lse2, delta = _row_stats(lse_ptr + row_base, delta_ptr + row_base, rows, n_q)
     qk_scale = sm_scale * LOG2E
 
@@ -716,7 +760,8 @@ def _attention_bwd_dq_kernel(
         BLOCK_DV=BLOCK_DV,
     )
 
-    dq_ptrs = head(dq_ptr, b, h, stride_dqb, stride_dqh) + rows[:, None] * stride_dqn + dims[None, :] * stride_dqd
+    dq_ptr = head(dq_ptr, b, h, stride_dqb, stride_dqh) + q_start * stride_dqn
+    dq_ptrs = dq_ptr + rows[:, None] * stride_dqn + dims[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dims[None, :] < d))
 
 
@@ -826,6 +871,8 @@ def _attention_bwd_dkdv_kernel(
     window_left,
     window_right,
     softcap,
+    cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
     stride_dob,
     stride_doh,
     stride_don,
@@ -842,6 +889,7 @@ def _attention_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -851,10 +899,18 @@ def _attention_bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     n_kv_heads = n_heads // group
     b, h_kv = tl.program_id(1) // n_kv_heads, tl.program_id(1) % n_kv_heads
+    head_rows = n_q  # lse and delta rows per query head: N_q, or the packed total_q
+    q_start, k_start, n_q, n_k, row_base = _sequence(
+        cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h_kv * group, n_heads, n_q, n_k, VARLEN
+    )
+    if VARLEN and start_n >= n_k:  # past the end of this sequence
+        return
     cols = start_n + tl.arange(0, BLOCK_N)
     dims, dims_v = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    k = load_tile(head(k_ptr, b, h_kv, stride_kb, stride_kh), cols, dims, stride_kn, stride_kd, n_k, d, UPCAST)
-    v = load_tile(head(v_ptr, b, h_kv, stride_vb, stride_vh), cols, dims_v, stride_vn, stride_vd, n_k, d_v, UPCAST)
+    k_ptr = head(k_ptr, b, h_kv, stride_kb, stride_kh) + k_start * stride_kn
+    v_ptr = head(v_ptr, b, h_kv, stride_vb, stride_vh) + k_start * stride_vn
+    k = load_tile(k_ptr, cols, dims, stride_kn, stride_kd, n_k, d, UPCAST)
+    v = load_tile(v_ptr, cols, dims_v, stride_vn, stride_vd, n_k, d_v, UPCAST)
     qk_scale = sm_scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -865,10 +921,10 @@ def _attention_bwd_dkdv_kernel(
     # GQA: the `group` query heads that share this k, v head add to its gradient here, in turn (no atomics).
     for g in range(group):
         h = h_kv * group + g
-        q_head = head(q_ptr, b, h, stride_qb, stride_qh)
-        do_head = head(do_ptr, b, h, stride_dob, stride_doh)
-        row_base = (b * n_heads + h).to(tl.int64) * n_q
-        tile_args = (q_head, do_head, lse_ptr + row_base, delta_ptr + row_base, mask_ptr, cols)
+        q_head = head(q_ptr, b, h, stride_qb, stride_qh) + q_start * stride_qn
+        do_head = head(do_ptr, b, h, stride_dob, stride_doh) + q_start * stride_don
+        head_base = row_base + g * head_rows
+        tile_args = (q_head, do_head, lse_ptr + head_base, delta_ptr + head_base, mask_ptr, cols)
         strides = (stride_qn, stride_qd, stride_don, stride_dod, n_q, n_k, d, d_v, qk_scale)
         strides += (window_left, window_right, softcap)
         # Query tiles [first, full_lo) meet the causal diagonal or the window's right edge (masked),
@@ -934,8 +990,10 @@ def _attention_bwd_dkdv_kernel(
     keep = cols < n_k
     if HAS_MASK:
         keep &= tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + cols * stride_mask_n, mask=keep, other=0) != 0
-    dk_ptrs = head(dk_ptr, b, h_kv, stride_dkb, stride_dkh) + cols[:, None] * stride_dkn + dims[None, :] * stride_dkd
-    dv_ptrs = head(dv_ptr, b, h_kv, stride_dvb, stride_dvh) + cols[:, None] * stride_dvn + dims_v[None, :] * stride_dvd
+    dk_ptr = head(dk_ptr, b, h_kv, stride_dkb, stride_dkh) + k_start * stride_dkn
+    dv_ptr = head(dv_ptr, b, h_kv, stride_dvb, stride_dvh) + k_start * stride_dvn
+    dk_ptrs = dk_ptr + cols[:, None] * stride_dkn + dims[None, :] * stride_dkd
+    dv_ptrs = dv_ptr + cols[:, None] * stride_dvn + dims_v[None, :] * stride_dvd
     dk = tl.where(keep[:, None], dk * sm_scale, 0.0)
     dv = tl.where(keep[:, None], dv, 0.0)
     tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=(cols[:, None] < n_k) & (dims[None, :] < d))
@@ -975,12 +1033,14 @@ def _band(n_q: int, n_k: int, causal: bool, window: tuple[int, int]) -> tuple[bo
     return False, True, n_k if left < 0 else min(left, n_k), n_q if right < 0 else min(right, n_q)
 
 
-def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap):
+def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap, packed):
     """The arguments the forward, dq and dk/dv kernels share (strides, sizes, scale, window, softcap, tuning
-    key) and their compile-time options."""
+    key, cu_seqlens) and their compile-time options. packed: None, or (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k) with q, k, v as `_sequences_view`s (the window and tuning key then take the longest lengths)."""
     _, heads, n_q, d = q.shape
     n_k, d_v = v.shape[2], v.shape[3]
-    causal, windowed, left, right = _band(n_q, n_k, causal, window)
+    cu_seqlens_q, cu_seqlens_k, max_q, max_k = (None, None, n_q, n_k) if packed is None else packed
+    causal, windowed, left, right = _band(max_q, max_k, causal, window)
     mask_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
     args = (
         *q.stride(),
@@ -994,11 +1054,13 @@ def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softc
         d,
         d_v,
         softmax_scale,
-        triton.next_power_of_2(n_q),
-        triton.next_power_of_2(n_k),
+        triton.next_power_of_2(max_q),
+        triton.next_power_of_2(max_k),
         left,
         right,
         softcap,
+        cu_seqlens_q,
+        cu_seqlens_k,
     )
     meta = dict(
         # CPU tensors run only under the interpreter, which has no bf16 arithmetic: tiles upcast to fp32.
@@ -1006,12 +1068,29 @@ def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softc
         HAS_MASK=key_padding_mask is not None,
         WINDOW=windowed,
         SOFTCAP=softcap != 0.0,
+        VARLEN=packed is not None,
         UPCAST=q.device.type == "cpu",
         # Head dims padded to powers of two >= 16 (tl.dot) by masked loads.
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(d_v)),
     )
     return args, meta
+
+
+def _sequences_view(x: torch.Tensor, n_seqs: int) -> torch.Tensor:
+    """A packed (total, H, D) tensor as the (S, H, total, D) view the kernels take, stride 0 along the S
+    sequences: (b, h) addresses head h of the packed rows, and `_sequence` picks sequence b's rows."""
+    return x.transpose(0, 1).unsqueeze(0).expand(n_seqs, -1, -1, -1)
+
+
+def _forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale, window, softcap, packed) -> None:
+    args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap, packed)
+    batch, heads, n_q = q.shape[:3]
+    rows = n_q if packed is None else packed[2]  # packed: the longest sequence's tiles, per sequence
+    grid = lambda blocks: (triton.cdiv(rows, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
+    _launch(
+        _attention_fwd_kernel, grid, meta["UPCAST"], q, k, v, key_padding_mask, out, lse, *args, *out.stride(), **meta
+    )
 
 
 def attention_forward(
@@ -1028,17 +1107,83 @@ def attention_forward(
 ) -> None:
     """Write out (B, H, N_q, D_v), any strides, and lse (B, H, N_q) float32 contiguous. window = (left, right),
     -1 = unbounded; softcap 0 means none."""
-    args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap)
-    batch, heads, n_q = q.shape[:3]
-    grid = lambda blocks: (triton.cdiv(n_q, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
-    _launch(
-        _attention_fwd_kernel, grid, meta["UPCAST"], q, k, v, key_padding_mask, out, lse, *args, *out.stride(), **meta
-    )
+    _forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale, window, softcap, None)
+
+
+def attention_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+) -> None:
+    """Packed sequences (flash_attn_varlen_func's layout): q (total_q, H, D), k (total_k, H_kv, D), v (total_k,
+    H_kv, D_v), out (total_q, H, D_v), any strides; cu_seqlens_q, cu_seqlens_k (S + 1,) int32 contiguous,
+    non-decreasing from 0 to total_q, total_k, and max_seqlen_q, max_seqlen_k at least the longest sequence
+    (not checked here). Sequence s's query rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] attend to its keys
+    cu_seqlens_k[s]:cu_seqlens_k[s + 1] only, causal and window aligned bottom-right in each sequence. Writes
+    out and lse (H, total_q) float32 contiguous."""
+    n_seqs = cu_seqlens_q.shape[0] - 1
+    packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    q, k, v, out = (_sequences_view(x, n_seqs) for x in (q, k, v, out))
+    _forward(q, k, v, None, out, lse, causal, softmax_scale, window, softcap, packed)
 
 
 def delta_rows(block_dv: int) -> int:
     """BLOCK_M of the delta kernel, a memory-bound row reduction: one fixed tile of about 4K elements."""
     return max(16, 4096 // block_dv)
+
+
+def _backward(
+    q, k, v, key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale, window, softcap, packed
+) -> None:
+    args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap, packed)
+    batch, heads, n_q = q.shape[:3]
+    rows, keys = (n_q, k.shape[2]) if packed is None else packed[2:]
+    delta = torch.empty_like(lse)
+    block_delta = delta_rows(meta["BLOCK_DV"])
+    # delta is a row reduction in lse's layout: packed rows are one batch of total_q rows.
+    rows_batch = batch if packed is None else 1
+    _attention_bwd_delta_kernel[(triton.cdiv(n_q, block_delta), rows_batch * heads)](
+        out[:rows_batch],
+        grad_out[:rows_batch],
+        grad_lse,
+        delta,
+        *out.stride(),
+        *grad_out.stride(),
+        heads,
+        n_q,
+        v.shape[3],
+        BLOCK_M=block_delta,
+        BLOCK_DV=meta["BLOCK_DV"],
+    )
+    inputs = (q, k, v, key_padding_mask, grad_out, lse, delta)
+    dkdv_grid = lambda blocks: (triton.cdiv(keys, blocks["BLOCK_N"]), batch * k.shape[1])  # noqa: E731
+    _launch(
+        _attention_bwd_dkdv_kernel,
+        dkdv_grid,
+        meta["UPCAST"],
+        *inputs,
+        dk,
+        dv,
+        *args,
+        *grad_out.stride(),
+        *dk.stride(),
+        *dv.stride(),
+        **meta,
+    )
+    dq_grid = lambda blocks: (triton.cdiv(rows, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
+    _launch(
+        _attention_bwd_dq_kernel, dq_grid, meta["UPCAST"], *inputs, dq, *args, *grad_out.stride(), *dq.stride(), **meta
+    )
 
 
 def attention_backward(
@@ -1060,39 +1205,34 @@ def attention_backward(
 ) -> None:
     """Write dq, dk, dv (shapes of q, k, v, any strides) from out and lse of the forward, grad_out (shape of
     out, any strides) and grad_lse ((B, H, N_q) float32 contiguous); window and softcap as the forward's."""
-    args, meta = _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap)
-    batch, heads, n_q = q.shape[:3]
-    delta = torch.empty_like(lse)
-    block_delta = delta_rows(meta["BLOCK_DV"])
-    _attention_bwd_delta_kernel[(triton.cdiv(n_q, block_delta), batch * heads)](
-        out,
-        grad_out,
-        grad_lse,
-        delta,
-        *out.stride(),
-        *grad_out.stride(),
-        heads,
-        n_q,
-        v.shape[3],
-        BLOCK_M=block_delta,
-        BLOCK_DV=meta["BLOCK_DV"],
-    )
-    inputs = (q, k, v, key_padding_mask, grad_out, lse, delta)
-    dkdv_grid = lambda blocks: (triton.cdiv(k.shape[2], blocks["BLOCK_N"]), batch * k.shape[1])  # noqa: E731
-    _launch(
-        _attention_bwd_dkdv_kernel,
-        dkdv_grid,
-        meta["UPCAST"],
-        *inputs,
-        dk,
-        dv,
-        *args,
-        *grad_out.stride(),
-        *dk.stride(),
-        *dv.stride(),
-        **meta,
-    )
-    dq_grid = lambda blocks: (triton.cdiv(n_q, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
-    _launch(
-        _attention_bwd_dq_kernel, dq_grid, meta["UPCAST"], *inputs, dq, *args, *grad_out.stride(), *dq.stride(), **meta
-    )
+    args = (q, k, v, key_padding_mask, out, lse, grad_out, grad_lse, dq, dk, dv)
+    _backward(*args, causal, softmax_scale, window, softcap, None)
+
+
+def attention_varlen_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+) -> None:
+    """`attention_backward` for `attention_varlen_forward`'s packed layout: dq, dk, dv (total, H, D) any strides,
+    grad_out (total_q, H, D_v) any strides, grad_lse (H, total_q) float32 contiguous."""
+    n_seqs = cu_seqlens_q.shape[0] - 1
+    packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    views = (_sequences_view(x, n_seqs) for x in (q, k, v, out, grad_out, dq, dk, dv))
+    q, k, v, out, grad_out, dq, dk, dv = views
+    _backward(q, k, v, None, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale, window, softcap, packed)

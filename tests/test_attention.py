@@ -735,6 +735,7 @@ def compile_attention_kernels():
         mask_ptr="*i1", lse_ptr="*fp32", delta_ptr="*fp32", grad_lse_ptr="*fp32", sm_scale="fp32", softcap="fp32"
     )
     options = dict(CAUSAL=True, HAS_MASK=True, WINDOW=False, SOFTCAP=False, UPCAST=False, BLOCK_D=128, BLOCK_DV=128)
+    options.update(VARLEN=False, cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None)  # packed: tests/test_attention_varlen.py
     for kernel, configs in (
         (kernels._attention_fwd_kernel, kernels.FWD_CONFIGS),
         (kernels._attention_bwd_dkdv_kernel, kernels.DKDV_CONFIGS),

@@ -210,9 +210,8 @@ def gemma2_config():
 @pytest.mark.skipif(not hasattr(transformers, "Gemma2ForCausalLM"), reason="transformers without Gemma 2")
 def test_gemma2_softcap_and_sliding_window_match_eager(backend, monkeypatch):
     """A Gemma 2-style model (attention logit softcapping; a sliding-window layer and a full one), padded:
-    the logits and gradients of eager attention. The full layer's softcapped attention runs the kernel; the
-    sliding-window layer, whose mask transformers builds 4D, runs eager attention with the softcap (SDPA has
-    none)."""
+    the logits and gradients of eager attention. Both layers' softcapped attention runs the kernel, the
+    sliding-window one with its window."""
     eager, fused = eager_and_fused(transformers.Gemma2ForCausalLM, gemma2_config())
     assert eager.config.layer_types == ["sliding_attention", "full_attention"]
     calls = count_kernel_launches(monkeypatch)
@@ -226,3 +225,192 @@ def test_gemma2_softcap_and_sliding_window_match_eager(backend, monkeypatch):
     assert bool(calls) == (backend == "triton")
     for actual, expected, what in zip(*results, ("logits", "sliding layer q_proj grad", "full layer q_proj grad")):
         assert_rel_close(actual, expected, 1e-5, what)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sliding windows and padding-free (packed) batches: the kernels with a window, attention_varlen.
+
+
+def count_varlen_launches(monkeypatch) -> list:
+    """A list that gets one entry per launch of the fused packed-sequence attention forward."""
+    from tsa_fast.backends import triton_kernels
+
+    calls, forward = [], triton_kernels.attention_varlen_forward
+    monkeypatch.setattr(triton_kernels, "attention_varlen_forward", lambda *a: calls.append(1) or forward(*a))
+    return calls
+
+
+def mistral_config():
+    return transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        sliding_window=6,  # shorter than the sequences
+    )
+
+
+def qwen2_config():
+    return transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,  # one full layer, one sliding-window layer
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        use_sliding_window=True,
+        sliding_window=5,
+        max_window_layers=1,
+    )
+
+
+def logits_and_grads(model, select=slice(None), **inputs):
+    """Logits (rows `select`) and the q_proj weight gradients of every layer of a loss on them."""
+    logits = model(**inputs).logits[select]
+    logits.square().mean().backward()
+    return (logits, *(layer.self_attn.q_proj.weight.grad for layer in model.model.layers))
+
+
+@both_backends
+@pytest.mark.parametrize(
+    "model_class, config", [("MistralForCausalLM", mistral_config), ("Qwen2ForCausalLM", qwen2_config)]
+)
+def test_sliding_window_layers_run_the_kernel_and_match_eager(backend, monkeypatch, model_class, config):
+    """Sliding-window layers (window shorter than the padded sequences): the logits and gradients of eager
+    attention, every layer on the kernel (the window is transformers' own: the sliding_window keys up to the
+    query's)."""
+    eager, fused = eager_and_fused(getattr(transformers, model_class), config())
+    calls = count_kernel_launches(monkeypatch)
+    ids, mask = padded_batch([20, 13], 20)
+    kept = mask.bool()
+    expected, actual = (logits_and_grads(model, kept, input_ids=ids, attention_mask=mask) for model in (eager, fused))
+    assert len(calls) == (2 if backend == "triton" else 0)  # both layers, the sliding one too
+    for got, wanted, what in zip(actual, expected, ("logits", "layer 0 q_proj grad", "layer 1 q_proj grad")):
+        assert_rel_close(got, wanted, 1e-5, what)
+
+
+@both_backends
+def test_mistral_generation_past_the_window_matches_eager(backend, monkeypatch):
+    """Greedy decoding past the sliding window, left-padded: transformers' sliding cache drops the oldest keys
+    (its kv_offset grows), the kernel's window, aligned bottom-right, is still the mask's."""
+    eager, fused = eager_and_fused(transformers.MistralForCausalLM, mistral_config())
+    calls = count_kernel_launches(monkeypatch)
+    ids, mask = padded_batch([9, 5], 9, left=True)
+    generated = [
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False) for model in (eager, fused)
+    ]
+    assert torch.equal(*generated)
+    assert len(calls) == (2 * 8 if backend == "triton" else 0)
+
+
+def packed_batch(lengths, collator):
+    """Sequences of these lengths packed in one row, padding-free: TRL's padding_free (input_ids, position_ids
+    restarting at 0 for each sequence, no attention_mask) or transformers' DataCollatorWithFlattening with
+    FlashAttention's kwargs (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k as well)."""
+    sequences = [torch.randint(0, VOCAB, (n,)).tolist() for n in lengths]
+    if collator == "position_ids":
+        ids = torch.tensor([sum(sequences, [])], device=DEVICE)
+        return dict(input_ids=ids, position_ids=torch.cat([torch.arange(n) for n in lengths])[None].to(DEVICE))
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": sequence} for sequence in sequences]
+    )
+    return {name: x.to(DEVICE) if isinstance(x, torch.Tensor) else x for name, x in batch.items() if name != "labels"}
+
+
+@both_backends
+@pytest.mark.parametrize("collator", ["position_ids", "flattening"])
+@pytest.mark.parametrize(
+    "model_class, config", [("LlamaForCausalLM", llama_config), ("MistralForCausalLM", mistral_config)]
+)
+def test_padding_free_training_runs_varlen_and_matches_eager(backend, monkeypatch, collator, model_class, config):
+    """A padding-free batch (sequences of length 1 and others, packed in one row), in training mode: the
+    logits and gradients of eager attention on the same batch (which masks each sequence off from the others),
+    every layer on the packed-sequence kernel (Mistral: with its sliding window)."""
+    eager, fused = eager_and_fused(getattr(transformers, model_class), config())
+    eager.train(), fused.train()
+    plain, packed = count_kernel_launches(monkeypatch), count_varlen_launches(monkeypatch)
+    batch = packed_batch([7, 1, 12, 1, 9], collator)
+    # No cache, as in training: with one, transformers (eager included) does not look for packed sequences.
+    expected, actual = (logits_and_grads(model, use_cache=False, **batch) for model in (eager, fused))
+    assert (len(plain), len(packed)) == ((0, 2) if backend == "triton" else (0, 0))
+    for got, wanted, what in zip(actual, expected, ("logits", "layer 0 q_proj grad", "layer 1 q_proj grad")):
+        assert_rel_close(got, wanted, 1e-5, what)
+
+
+@both_backends
+def test_flash_attention_varlen_kwargs_without_a_mask_run_varlen(backend):
+    """cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k and no mask: each sequence of the flattened
+    tokens attends within itself, as if run alone."""
+    query, key, value = torch.randn(1, 4, 15, 8), torch.randn(1, 2, 15, 8), torch.randn(1, 2, 15, 8)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    cu_seqlens = torch.tensor([0, 6, 7, 15], dtype=torch.int32)
+    varlen = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=8, max_length_k=8)
+    actual, _ = hf.attention_forward(module, query, key, value, None, scaling=0.5, sliding_window=4, **varlen)
+    bounds = cu_seqlens.tolist()
+    alone = [
+        tsa_fast.attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], causal=True, softmax_scale=0.5, window=(3, 0)
+        )
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    expected = torch.cat(alone, dim=2).transpose(1, 2)
+    assert_rel_close(actual, expected, 1e-6, "output")
+
+
+def test_sliding_and_packed_masks_reach_the_kernel_as_kernel_masks():
+    """transformers' sliding-window mask (with the local_size it passes) and packed-sequence masks become
+    KernelMasks with transformers' window and the sequences' offsets; their dense() is transformers' 4D mask;
+    a chunked mask stays 4D."""
+    from transformers.masking_utils import (
+        and_masks,
+        chunked_causal_mask_function,
+        packed_sequence_mask_function,
+        remap_positions_for_packed_sequence,
+        sdpa_mask,
+    )
+
+    padding = torch.ones(2, 12, dtype=torch.bool)
+    padding[1, :3] = False
+    args = dict(batch_size=2, q_length=4, kv_length=12, attention_mask=padding, device="cpu")
+    sliding = sliding_window_causal_mask_function(3)
+    mask = hf.attention_mask(q_offset=8, mask_function=sliding, local_size=3, **args)
+    assert isinstance(mask, hf.KernelMask) and mask.window == (2, 0) and mask.causal
+    assert torch.equal(mask.padding, padding) and mask.cu_seqlens is None
+    assert torch.equal(
+        mask.dense(), sdpa_mask(2, 4, 12, 8, 0, sliding, padding, local_size=3, allow_is_causal_skip=False)
+    )
+    # Packed: sequences of 3, 1 and 4 tokens in one row, causal, with position ids restarting at 0.
+    positions = torch.tensor([[0, 1, 2, 0, 0, 1, 2, 3]])
+    sequence_ids = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2]])
+    packed = and_masks(
+        remap_positions_for_packed_sequence(causal_mask_function, positions),
+        packed_sequence_mask_function(sequence_ids),
+    )
+    mask = hf.attention_mask(batch_size=1, q_length=8, kv_length=8, mask_function=packed, device="cpu")
+    assert isinstance(mask, hf.KernelMask) and mask.window is None and mask.max_seqlen == 4
+    assert mask.cu_seqlens.dtype == torch.int32 and mask.cu_seqlens.tolist() == [0, 3, 4, 8]
+    chunked = chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))
+    assert hf.attention_mask(q_offset=8, mask_function=chunked, local_size=4, **args).shape == (2, 1, 4, 12)
+
+
+def test_kernel_mask_with_dropout_runs_transformers_sdpa_on_its_dense_mask():
+    """Dropout (training) on a sliding-window layer: transformers' SDPA attention with the KernelMask's dense()
+    mask, the same random draws."""
+    query, key, value = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    padding = torch.ones(2, 10, dtype=torch.bool)
+    padding[0, :2] = False
+    sliding = sliding_window_causal_mask_function(4)
+    mask = hf.attention_mask(2, 10, 10, mask_function=sliding, attention_mask=padding, local_size=4, device="cpu")
+    assert isinstance(mask, hf.KernelMask)
+    torch.manual_seed(0)
+    actual, _ = hf.attention_forward(module, query, key, value, mask, dropout=0.5)
+    torch.manual_seed(0)
+    expected, _ = hf.sdpa_attention_forward(module, query, key, value, mask.dense(), dropout=0.5, is_causal=False)
+    assert torch.equal(actual, expected)

@@ -2,7 +2,7 @@
 
 from tsa_fast import nn
 from tsa_fast.backends import available_backends
-from tsa_fast.ops.attention import attention, scaled_dot_product_attention
+from tsa_fast.ops.attention import attention, attention_varlen, scaled_dot_product_attention
 from tsa_fast.ops.attention_transfer_loss import attention_transfer_loss
 from tsa_fast.ops.distillation_loss import LossParts, distillation_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
@@ -12,6 +12,7 @@ __all__ = [
     "LossParts",
     "attention",
     "attention_transfer_loss",
+    "attention_varlen",
     "available_backends",
     "distillation_loss",
     "fused_linear_distillation_loss",

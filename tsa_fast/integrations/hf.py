@@ -13,7 +13,11 @@ Importing this module registers, under "tsa_fast", an attention function with tr
 those interfaces can use it. Plain causal masks (aligned bottom-right, as with a cache that ends at the last
 query) and bidirectional masks reach the attention function as the (B, N_k) padding mask alone (or None),
 which the kernels apply themselves, with `is_causal` (or the module's `is_causal`) for causality, as for
-`flash_attention_2`. Every other pattern (sliding windows, chunked or packed sequences, custom mask
+`flash_attention_2`. Sliding-window masks (Mistral, Qwen2, Gemma 2/3) and padding-free batches (sequences
+packed into a row, told apart by `position_ids` that restart, as TRL's padding_free and transformers'
+DataCollatorWithFlattening give) reach it as a `KernelMask`, run by the kernels with a window and by
+`attention_varlen`; so do batches that come with FlashAttention's `cu_seq_lens_q`, `cu_seq_lens_k`,
+`max_length_q`, `max_length_k` and no padding mask. Every other pattern (chunked attention, custom mask
 functions, 4D masks passed in) arrives as transformers' SDPA mask and runs transformers' SDPA attention,
 as do dropout and position biases. Needs transformers >= 5.4 (its mask interface with q_length, q_offset),
 which tsa_fast itself does not need.
@@ -26,6 +30,7 @@ ever asked for its N x N attention maps (`output_attentions`).
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -49,7 +54,7 @@ from transformers.masking_utils import (
 from tsa_fast.models import TransformerOutput, every_kth_layer, mean_pool
 from tsa_fast.models.generation import check_arguments, eval_mode
 from tsa_fast.models.transformer import INIT_STD
-from tsa_fast.ops.attention import attention
+from tsa_fast.ops.attention import attention, attention_varlen
 from tsa_fast.reference.attention import window_band
 from tsa_fast.reference.attention_transfer_loss import visible_keys
 
@@ -59,6 +64,127 @@ if Version(transformers.__version__) < Version("5.4"):
 
 # While an HFModel forward asks for q, k and v: the list `attention_forward` appends them to, call by call.
 _recorded_qkv: ContextVar[list[tuple[Tensor, Tensor, Tensor]] | None] = ContextVar("tsa_fast_qkv", default=None)
+
+
+@dataclass(frozen=True)
+class KernelMask:
+    """A mask pattern the kernels compute from a few numbers, as `attention_mask` hands it to `attention_forward`:
+    causal or bidirectional; a sliding window of `sliding_window` (transformers' meaning: causal, the
+    sliding_window keys up to the query's own; bidirectional, the keys within sliding_window of it); sequences
+    packed into each row (`cu_seqlens` (S + 1,) int32 over the B x N flattened tokens, `max_seqlen` the longest,
+    each attending within itself) or a (B, N_k) bool `padding` mask (True = keep) or neither. `dense()` gives
+    transformers' 4D SDPA mask of the same pattern, for the paths the kernels do not take (dropout, a position
+    bias)."""
+
+    causal: bool
+    sliding_window: int | None
+    padding: Tensor | None
+    cu_seqlens: Tensor | None
+    max_seqlen: int
+    dense: Callable[[], Tensor]
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        return kernel_window(self.sliding_window, self.causal)
+
+
+def kernel_window(sliding_window: int | None, causal: bool) -> tuple[int, int] | None:
+    """The kernels' window (left, right) of transformers' `sliding_window` (None: none): causal, the
+    sliding_window keys up to the query's own, (sliding_window - 1, 0); bidirectional, the keys within
+    sliding_window of it, (sliding_window, sliding_window)."""
+    if sliding_window is None:
+        return None
+    return (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
+
+
+def _closure(fn) -> dict:
+    """The variables a mask function closes over, by name."""
+    cells = getattr(fn, "__closure__", None) or ()
+    return {name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, cells)}
+
+
+def _made_by(fn, factory: str) -> bool:
+    """Whether `fn` is a closure returned by transformers.masking_utils.<factory>."""
+    qualname = getattr(fn, "__qualname__", "")
+    return getattr(fn, "__module__", None) == "transformers.masking_utils" and qualname.startswith(
+        f"{factory}.<locals>."
+    )
+
+
+def _and_parts(fn) -> tuple | None:
+    """The mask functions of an `and_masks(...)`, None for another function."""
+    return tuple(_closure(fn)["mask_functions"]) if _made_by(fn, "and_masks") else None
+
+
+def mask_pattern(mask_function) -> tuple[bool, int | None, Tensor | None] | None:
+    """(causal, sliding_window, packed_sequence_mask) of the mask functions transformers builds that the kernels
+    compute: causal or bidirectional, with a sliding window (sliding_window_causal_mask_function,
+    sliding_window_bidirectional_mask_function) or not, with packed sequences (remap_positions_for_packed_sequence
+    and packed_sequence_mask_function over them) or not. None for any other function."""
+    packed = None
+    parts = _and_parts(mask_function)
+    if parts is not None and len(parts) == 2:
+        remapped, same_sequence = parts
+        if _made_by(remapped, "remap_positions_for_packed_sequence") and _made_by(
+            same_sequence, "packed_sequence_mask_function"
+        ):
+            mask_function = _closure(remapped)["mask_function"]
+            packed = _closure(same_sequence)["packed_sequence_mask"]
+    if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
+        return mask_function is causal_mask_function, None, packed
+    parts = _and_parts(mask_function)
+    if parts is not None and len(parts) == 2:
+        overlay, base = parts
+        if base is causal_mask_function and _made_by(overlay, "sliding_window_overlay"):
+            return True, _closure(overlay)["sliding_window"], packed
+        if base is bidirectional_mask_function and _made_by(overlay, "sliding_window_bidirectional_overlay"):
+            return False, _closure(overlay)["sliding_window"], packed
+    return None
+
+
+def packed_cu_seqlens(sequence_ids: Tensor) -> tuple[Tensor, int]:
+    """(cu_seqlens (S + 1,) int32, longest sequence) of the B x N flattened tokens whose (B, N) `sequence_ids`
+    (transformers' packed_sequence_mask) number the sequences packed in each row."""
+    batch, n = sequence_ids.shape
+    ids = (sequence_ids + n * torch.arange(batch, device=sequence_ids.device)[:, None]).flatten()  # rows apart
+    starts = (ids[1:] != ids[:-1]).nonzero().flatten() + 1
+    edges = torch.tensor([0], device=ids.device), starts, torch.tensor([ids.numel()], device=ids.device)
+    cu_seqlens = torch.cat(edges).to(torch.int32)
+    return cu_seqlens, int(cu_seqlens.diff().max())
+
+
+def _kernel_mask(
+    batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size, kwargs
+) -> KernelMask | None:
+    """The `KernelMask` of a sliding-window (transformers passes its local_size with it) or packed pattern that
+    ends at the last query (q_offset + q_length = kv_offset + kv_length: the kernels align windows bottom-right),
+    else None."""
+    pattern = mask_pattern(mask_function)
+    ints = all(isinstance(x, int) for x in (q_offset, kv_offset))
+    if pattern is None or not ints or q_offset + q_length != kv_offset + kv_length:
+        return None
+    causal, sliding_window, packed = pattern
+    if local_size != sliding_window or (sliding_window is None and packed is None):
+        return None
+    dense = functools.partial(
+        sdpa_mask,
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset,
+        kv_offset,
+        mask_function,
+        attention_mask,
+        local_size=local_size,
+        **dict(kwargs, allow_is_causal_skip=False, allow_is_bidirectional_skip=False),
+    )
+    if packed is not None:  # transformers packs only without a padding mask or a cache: q_length = kv_length
+        cu_seqlens, max_seqlen = packed_cu_seqlens(packed)
+        return KernelMask(causal, sliding_window, None, cu_seqlens, max_seqlen, dense)
+    padding = None
+    if attention_mask is not None:
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset : kv_offset + kv_length]
+    return KernelMask(causal, sliding_window, padding, None, 0, dense)
 
 
 def attention_mask(
@@ -73,11 +199,16 @@ def attention_mask(
     **kwargs,
 ) -> Tensor | None:
     """The mask for `attention_forward`: None or the (B, N_k) bool padding mask (True = keep) for a plain
-    causal or bidirectional pattern; otherwise transformers' 4D bool SDPA mask (True = attend)."""
+    causal or bidirectional pattern; a `KernelMask` for a sliding window or packed sequences (ending at the last
+    query); otherwise transformers' 4D bool SDPA mask (True = attend)."""
     bottom_right = isinstance(q_offset, int) and q_offset == kv_length - q_length
     plain = mask_function is bidirectional_mask_function or (mask_function is causal_mask_function and bottom_right)
     if plain and isinstance(kv_offset, int) and kv_offset == 0 and local_size is None:
         return None if attention_mask is None else prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
+    args = (batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size)
+    kernel_mask = _kernel_mask(*args, kwargs)
+    if kernel_mask is not None:
+        return kernel_mask
     kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)  # always a 4D mask
     return sdpa_mask(
         batch_size,
@@ -110,17 +241,28 @@ def attention_forward(
     A plain mask runs the kernel, with the layer's `softcap` (Gemma 2) and `sliding_window`, as transformers'
     mask functions read it: causal, the `sliding_window` keys up to the query's own (window
     (sliding_window - 1, 0)); bidirectional, keys within sliding_window of the query (window (sliding_window,
-    sliding_window)). Dropout, a position bias or a 4D mask go to transformers' SDPA attention, or with a
-    softcap (which SDPA lacks) to eager attention."""
+    sliding_window)). A `KernelMask` runs the kernel with its own causality and window (it is the mask eager
+    attention would apply), packed sequences through `attention_varlen`; so do FlashAttention's cu_seq_lens_q,
+    cu_seq_lens_k, max_length_q, max_length_k kwargs with no padding mask (packed along the B x N tokens).
+    Dropout, a position bias or a 4D mask go to transformers' SDPA attention, or with a softcap (which SDPA
+    lacks) to eager attention."""
     recorded = _recorded_qkv.get()
     if recorded is not None:
         recorded.append((query, key, value))
+    kernel_path = dropout == 0.0 and kwargs.get("position_bias") is None
+    packed = _varlen_kwargs(kwargs) if attention_mask is None and kernel_path else None
+    if isinstance(attention_mask, KernelMask):
+        if kernel_path:
+            return _kernel_mask_attention(query, key, value, attention_mask, scaling, kwargs.get("softcap"))
+        attention_mask, is_causal = attention_mask.dense(), False
+    elif packed is not None:
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        window = kernel_window(kwargs.get("sliding_window"), is_causal)
+        return _packed_attention(query, key, value, packed, window, is_causal, scaling, kwargs.get("softcap"))
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = attention_mask is None or attention_mask.dim() == 2
     softcap, sliding_window = kwargs.get("softcap"), kwargs.get("sliding_window")
-    window = None
-    if sliding_window is not None:
-        window = (sliding_window - 1, 0) if is_causal else (sliding_window, sliding_window)
+    window = kernel_window(sliding_window, is_causal)
     if plain and dropout == 0.0 and kwargs.get("position_bias") is None:
         out = attention(
             query,
@@ -143,6 +285,43 @@ def attention_forward(
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
+
+
+def _varlen_kwargs(kwargs) -> tuple[Tensor, Tensor, int, int] | None:
+    """FlashAttention's varlen kwargs (cu_seq_lens_q, cu_seq_lens_k as int32, max_length_q, max_length_k as
+    ints), None unless all four are given."""
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    if any(kwargs.get(name) is None for name in names):
+        return None
+    cu_q, cu_k, max_q, max_k = (kwargs[name] for name in names)
+    return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+
+
+def _kernel_mask_attention(query, key, value, mask: KernelMask, scaling, softcap) -> tuple[Tensor, None]:
+    """The kernels on a `KernelMask`'s pattern; output (B, N_q, H, D_v)."""
+    if mask.cu_seqlens is not None:
+        packed = (mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen)
+        return _packed_attention(query, key, value, packed, mask.window, mask.causal, scaling, softcap)
+    out = attention(
+        query,
+        key,
+        value,
+        causal=mask.causal,
+        softmax_scale=scaling,
+        key_padding_mask=mask.padding,
+        window=mask.window,
+        softcap=softcap,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_attention(query, key, value, packed, window, causal, scaling, softcap) -> tuple[Tensor, None]:
+    """`attention_varlen` over the B x N tokens of (B, H, N, D) query, key, value, sequences at the offsets
+    `packed` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k); output (B, N_q, H, D_v)."""
+    (batch, _, n_q, _), d_v = query.shape, value.shape[3]
+    q, k, v = (x.transpose(1, 2).flatten(0, 1) for x in (query, key, value))  # (B x N, H, D), views
+    out = attention_varlen(q, k, v, *packed, causal=causal, window=window, softcap=softcap, softmax_scale=scaling)
+    return out.view(batch, n_q, -1, d_v), None
 
 
 def _eager_softcapped_attention(module, query, key, value, attention_mask, dropout, scaling, softcap):

@@ -1,6 +1,6 @@
 """Functional ops: autograd, `torch.library` custom ops and backend dispatch, one file per op family."""
 
-from tsa_fast.ops.attention import attention, scaled_dot_product_attention
+from tsa_fast.ops.attention import attention, attention_varlen, scaled_dot_product_attention
 from tsa_fast.ops.attention_transfer_loss import attention_transfer_loss
 from tsa_fast.ops.distillation_loss import distillation_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
@@ -8,6 +8,7 @@ from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillatio
 __all__ = [
     "attention",
     "attention_transfer_loss",
+    "attention_varlen",
     "distillation_loss",
     "fused_linear_distillation_loss",
     "scaled_dot_product_attention",

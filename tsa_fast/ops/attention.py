@@ -1,5 +1,6 @@
 """`attention` and `scaled_dot_product_attention`: fused attention (FlashAttention-2 style) on the Triton
-kernels, a drop-in for `torch.nn.functional.scaled_dot_product_attention`.
+kernels, a drop-in for `torch.nn.functional.scaled_dot_product_attention`; `attention_varlen`, the same over
+packed sequences (flash_attn_varlen_func's layout), behind `tsa_fast::flash_attention_varlen` (and its backward).
 
 The kernels run behind a `torch.library` custom op, `tsa_fast::flash_attention` (output and lse), whose
 backward is a second custom op, `tsa_fast::flash_attention_backward`: `torch.compile(fullgraph=True)` traces
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tsa_fast.backends import KERNEL_DTYPES, select_triton_or_torch, triton_kernels
-from tsa_fast.ops.checks import FLOAT_DTYPES, check_bool, check_real, is_real
+from tsa_fast.ops.checks import FLOAT_DTYPES, check_bool, check_int, check_real, is_real
 from tsa_fast.reference import attention as reference  # the module
 from tsa_fast.reference.attention_transfer_loss import default_scale
 
@@ -503,3 +504,200 @@ def check_head_tensor(name: str, x, like: tuple[str, Tensor]) -> None:
     like_name, like_tensor = like
     if x.device != like_tensor.device:
         raise ValueError(f"{like_name} on {like_tensor.device} but {name} on {x.device}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packed sequences (flash_attn_varlen_func's layout).
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = (-1, -1),
+    softcap: float | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`attention` over packed sequences, as flash_attn_varlen_func: each sequence attends within itself.
+
+    Args:
+        q: (total_q, H, D); k: (total_k, H_kv, D); v: (total_k, H_kv, D_v): the sequences' tokens one after the
+            other. Dtypes, devices, strides, GQA and head dims as `attention`'s.
+        cu_seqlens_q, cu_seqlens_k: (S + 1,) int32 on q's device, non-decreasing from 0 to total_q, total_k:
+            sequence s is query rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] and keys cu_seqlens_k[s]:cu_seqlens_k[s
+            + 1] (a sequence may be empty).
+        max_seqlen_q, max_seqlen_k: ints at least the longest sequence's query and key counts (the kernels'
+            grid; larger only launches idle tiles).
+        causal, window, softcap, softmax_scale: `attention`'s, in each sequence (causal and window aligned
+            bottom-right in it: key j of sequence s is visible to its query i when j <= i + N_k(s) - N_q(s)).
+        return_lse: also return lse (H, total_q) float32 (float64 for float64 inputs), differentiable.
+
+    Returns: out (total_q, H, D_v) in q's dtype [, lse]. Rows of a sequence without keys give out = 0 and
+        lse = -inf.
+
+    Raises:
+        TypeError: a non-tensor input, a flag that is not a bool, a max_seqlen that is not an int, a scale,
+            window or softcap of the wrong type, naming it.
+        ValueError: a bad shape, dtype, device or head count; cu_seqlens not int32, not 1-D of one length, not
+            starting at 0, decreasing or not ending at the token count; a max_seqlen below the longest sequence;
+            a bad scale, window (a side below -1) or softcap (<= 0), naming the offending values.
+
+    Backends: triton, the kernels over a grid of (sequence, query tile) (tiles past a sequence's end return at
+    once; no tile crosses two sequences). torch (and float64): `attention` per sequence, in O(N) extra memory
+    per sequence outside the reference's cases (window, softcap, float64, as `attention`). Reads cu_seqlens on
+    the host once per call (a device sync) to check them.
+    """
+    _check_packed_inputs(q, k, v)
+    _check_options(causal, softmax_scale, return_lse)
+    _check_window_and_softcap(window, softcap)
+    bounds_q, bounds_k = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
+    scale = default_scale(q) if softmax_scale is None else float(softmax_scale)
+    window = None if window is None else tuple(int(side) for side in window)
+    cap = None if softcap is None else float(softcap)
+    if q.dtype not in KERNEL_DTYPES or kernel_backend(q) == "torch":
+        options = dict(causal=causal, softmax_scale=scale, window=None if window == (-1, -1) else window, softcap=cap)
+        out, lse = reference.per_sequence(attention, q, k, v, bounds_q, bounds_k, **options)
+    else:
+        left, right = (-1, -1) if window is None else window
+        out, lse = torch.ops.tsa_fast.flash_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, left, right, cap or 0.0
+        )
+    return (out, lse) if return_lse else out
+
+
+def _check_packed_inputs(q, k, v) -> None:
+    """Packed (total, H, D) q, k, v: `_check_inputs`' rules on their (1, H, total, D) views."""
+    named = {"q": q, "k": k, "v": v}
+    for name, x in named.items():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty packed (total, H, D) tensor, got shape {tuple(x.shape)}")
+    _check_inputs(*(x.transpose(0, 1)[None] for x in (q, k, v)), None)
+
+
+def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k) -> tuple[list, list]:
+    """cu_seqlens_q, cu_seqlens_k as lists, after checking them (read on the host) and the max_seqlens."""
+    totals = {"cu_seqlens_q": ("total_q", q.shape[0]), "cu_seqlens_k": ("total_k", k.shape[0])}
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 (flash_attn_varlen_func's cu_seqlens), got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must be 1-D with S + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} on {cu.device} but q on {q.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have one length (S + 1), got {cu_seqlens_q.shape[0]} and "
+            f"{cu_seqlens_k.shape[0]}"
+        )
+    check_int("max_seqlen_q", max_seqlen_q)
+    check_int("max_seqlen_k", max_seqlen_k)
+    bounds = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # one device sync
+    for (name, cu), max_name, longest_allowed in zip(
+        zip(totals, bounds), ("max_seqlen_q", "max_seqlen_k"), (max_seqlen_q, max_seqlen_k)
+    ):
+        total_name, total = totals[name]
+        lengths = [end - first for first, end in zip(cu, cu[1:])]
+        if cu[0] != 0 or cu[-1] != total or min(lengths) < 0:
+            raise ValueError(
+                f"{name} must be non-decreasing from 0 to {total_name} = {total} (the tokens of {name[-1]}), got "
+                f"{cu if len(cu) <= 16 else cu[:8] + ['...'] + cu[-8:]}"
+            )
+        if max(lengths) > longest_allowed:
+            raise ValueError(f"{max_name} = {longest_allowed} is below the longest sequence's {max(lengths)} tokens")
+    return bounds[0], bounds[1]
+
+
+@torch.library.custom_op("tsa_fast::flash_attention_varlen", mutates_args=())
+def flash_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[Tensor, Tensor]:
+    """(out (total_q, H, D_v), lse (H, total_q) float32) by the Triton kernels; differentiable w.r.t. q, k, v."""
+    out = q.new_empty((*q.shape[:2], v.shape[2]))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    sequences = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    window = (window_left, window_right)
+    triton_kernels.attention_varlen_forward(q, k, v, *sequences, out, lse, causal, softmax_scale, window, softcap)
+    return out, lse
+
+
+@flash_attention_varlen.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, *window_softcap):
+    return q.new_empty((*q.shape[:2], v.shape[2])), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("tsa_fast::flash_attention_varlen_backward", mutates_args=())
+def flash_attention_varlen_backward(
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `flash_attention_varlen` (grad_lse None: lse unused), recomputing the scores."""
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    sequences = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    window = (window_left, window_right)
+    triton_kernels.attention_varlen_backward(
+        q, k, v, *sequences, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale, window, softcap
+    )
+    return dq, dk, dv
+
+
+@flash_attention_varlen_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, *options):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_varlen_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, *output)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+    ctx.options = tuple(options)  # causal, softmax_scale, window_left, window_right, softcap
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse = ctx.saved_tensors
+    if grad_out is None:  # only lse is used
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.tsa_fast.flash_attention_varlen_backward(
+        grad_out, grad_lse, q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, out, lse, *ctx.options
+    )
+    return dq, dk, dv, *(None,) * 9
+
+
+flash_attention_varlen.register_autograd(_varlen_backward, setup_context=_setup_varlen_context)
