@@ -55,6 +55,8 @@ def test_config_yaml_and_overrides(tmp_path):
         (["teacher_cache.enabled=true", "data.task=classify"], "task"),
         (["student.init=teacher_layers", "teachers=[{}, {}]"], "exactly one teacher"),
         (["student.model.n_heads=3"], "n_heads"),
+        (["students=[{name: baseline, distilled: false, init: random}]"], "students.*new row name"),
+        (["students=[{name: a, distilled: true, init: random}, {name: a, distilled: false, init: random}]"], "unique"),
     ],
 )
 def test_config_errors_name_the_value(overrides, match):

@@ -24,6 +24,7 @@ class ClassifyConfig(RecipeConfig):
         "name": "stdlib_classify",
         "output_dir": "runs/stdlib_classify",
         "data": DataConfig(task="classify"),
+        "students": [],
     }
 
     @model_validator(mode="after")
