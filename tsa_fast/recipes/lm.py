@@ -6,15 +6,17 @@ configs/classify.yaml): native `tsa_fast.models.Transformer` teachers and studen
 1. Data: the corpus, its tokenizer and the task tensors (`tsa_fast.distill.data`).
 2. Teachers: loaded from `teachers[i].checkpoint`, or trained by the recipe and cached under
    `data.cache_dir/teachers/` by a fingerprint of everything that determines them (a second run loads them).
-3. Students, each trained for the same steps from the same initialization: `distilled` (the objective of
-   `loss`, from the teachers or their top-k cache; on-policy batches with `loss.on_policy`, on the teacher's
-   completions of the training prompts with `loss.sequence_kd`), `distilled_no_adversarial` (when adversarial
-   training is on and `adversarial.compare`), `distilled_off_policy` (with `on_policy_compare`), and
-   `baseline` (no teacher, the training data: cross-entropy only).
+3. Students, each trained for the same steps on the same batches (the same initialization for the same init):
+   `distilled` (the objective of `loss`, from the teachers or their top-k cache; on-policy batches with
+   `loss.on_policy`, on the teacher's completions of the training prompts with `loss.sequence_kd`), `distilled_no_adversarial` (when adversarial
+   training is on and `adversarial.compare`), `distilled_off_policy` (with `on_policy_compare`), and with
+   `baseline`: `baseline` (no teacher, the training data: cross-entropy only) and each of `students` (a name,
+   with or without the teachers, from random init or the teacher's layers).
 4. Evaluation of every model on validation and test (LM: also the teacher's NLL of each model's sampled
    continuations of held-out prompts, their distinct-2, and greedy completions as text), a table (printed,
    results.md, results.json) and the training curves (curves.png), all under `output_dir`, with tokenizer.json
-   and each phase a Transformer directory (config.json), as `python -m tsa_fast.generate` reads them.
+   and each phase a Transformer directory (config.json), as `python -m tsa_fast.generate` reads them. With a
+   baseline, the table gives the share of the baseline-teacher gap each model closes (`add_gap_closed`).
 Every phase checkpoints under `output_dir/PHASE/`; with `resume`, finished phases are loaded and an
 interrupted one continues from its last checkpoint.
 
@@ -93,7 +95,7 @@ RESERVED_NAMES = {"teacher", "distilled", "distilled_no_adversarial", "distilled
 
 class StudentConfig(Section):
     model: TransformerConfig = Field(
-        TransformerConfig(d_model=64, n_layers=2, n_heads=2), description="its architecture"
+        TransformerConfig(d_model=64, n_layers=4, n_heads=2), description="its architecture"
     )
     init: Init = Field("random", description=f"the initialization of distilled and baseline; {INIT_DOC}")
     layers: list[int] | None = Field(None, description="teacher blocks to copy; null: every k-th")
@@ -140,7 +142,7 @@ class RecipeConfig(RunConfig):
     DEFAULTS = {
         "name": "stdlib_lm",
         "output_dir": "runs/stdlib_lm",
-        "training": TrainingConfig(steps=100, lr=2e-3, eval_every=50, eval_batches=8, checkpoint_every=50),
+        "training": TrainingConfig(steps=100, eval_every=50, eval_batches=8, checkpoint_every=50),
     }
 
     data: DataConfig = Field(
@@ -148,11 +150,11 @@ class RecipeConfig(RunConfig):
     )
     teachers: list[TeacherConfig] = Field([TeacherConfig()], min_length=1, description="one or more (a mixture)")
     teacher_training: TrainingConfig = Field(
-        TrainingConfig(steps=200, lr=2e-3, eval_every=100, checkpoint_every=100),
+        TrainingConfig(steps=200, eval_every=100, checkpoint_every=100),
         description="how a teacher without a checkpoint is trained",
     )
     student: StudentConfig = Field(StudentConfig(), description="the student's architecture and initialization")
-    loss: LossConfig = Field(LossConfig(), description="the distillation objective")
+    loss: LossConfig = Field(LossConfig(temperature=1.0), description="the distillation objective")
     adversarial: AdversarialConfig = Field(AdversarialConfig(), description="adversarial distillation; off by default")
     teacher_cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="offline teacher top-k; off by default")
     baseline: bool = Field(
