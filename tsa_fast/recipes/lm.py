@@ -8,10 +8,11 @@ configs/classify.yaml): native `tsa_fast.models.Transformer` teachers and studen
    `data.cache_dir/teachers/` by a fingerprint of everything that determines them (a second run loads them).
 3. Students, each trained for the same steps on the same batches (the same initialization for the same init):
    `distilled` (the objective of `loss`, from the teachers or their top-k cache; on-policy batches with
-   `loss.on_policy`, on the teacher's completions of the training prompts with `loss.sequence_kd`), `distilled_no_adversarial` (when adversarial
-   training is on and `adversarial.compare`), `distilled_off_policy` (with `on_policy_compare`), and with
-   `baseline`: `baseline` (no teacher, the training data: cross-entropy only) and each of `students` (a name,
-   with or without the teachers, from random init or the teacher's layers).
+   `loss.on_policy`, on the teacher's completions of the training prompts with `loss.sequence_kd`),
+   `distilled_no_adversarial` (when adversarial training is on and `adversarial.compare`),
+   `distilled_off_policy` (with `on_policy_compare`), and with `baseline`: `baseline` (no teacher, the
+   training data: cross-entropy only) and each of `students` (a name, with or without the teachers, from
+   random init or the teacher's layers).
 4. Evaluation of every model on validation and test (LM: also the teacher's NLL of each model's sampled
    continuations of held-out prompts, their distinct-2, and greedy completions as text), a table (printed,
    results.md, results.json) and the training curves (curves.png), all under `output_dir`, with tokenizer.json
