@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import nn
 
 from tsa_fast.distill.checkpoints import load_weights_only, save_atomically
@@ -137,7 +137,9 @@ class SamplesConfig(Section):
 
 class RecipeConfig(RunConfig):
     """The recipe: data, teachers, student, losses, training, and where results go (every option of
-    configs/stdlib_lm.yaml and configs/classify.yaml)."""
+    configs/stdlib_lm.yaml and configs/classify.yaml). A section given in part (in a YAML file or as
+    `key=value` overrides: `data.cache_dir=...`, `student.model.d_model=32`) keeps the recipe's defaults for
+    the options it does not give."""
 
     RECIPE = "lm"
     DEFAULTS = {
@@ -174,6 +176,18 @@ class RecipeConfig(RunConfig):
         False, description="with loss.on_policy.fraction > 0: also distill a student off-policy (distilled_off_policy)"
     )
     samples: SamplesConfig = Field(SamplesConfig(), description="completions of held-out prompts (LM only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sections(cls, values):
+        if not isinstance(values, dict):
+            return values
+        merged = dict(values)
+        for name in ("data", "teacher_training", "training", "student", "loss"):
+            default = cls.DEFAULTS.get(name, cls.model_fields[name].default)
+            if isinstance(merged.get(name), dict):
+                merged[name] = _over_defaults(merged[name], default)
+        return merged
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -225,6 +239,18 @@ class RecipeConfig(RunConfig):
         if len(set(names)) != len(names):
             raise ValueError(f"students[].name must be unique, got {names}")
         return self
+
+
+def _over_defaults(given: dict, default: BaseModel) -> dict:
+    """`given` (a section's options as mapping) over the options that `default` sets explicitly, nested
+    sections and models merged the same way."""
+    merged = default.model_dump(exclude_unset=True)
+    for key, value in given.items():
+        inner = getattr(default, key, None)
+        merged[key] = (
+            _over_defaults(value, inner) if isinstance(value, dict) and isinstance(inner, BaseModel) else value
+        )
+    return merged
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RecipeConfig:
