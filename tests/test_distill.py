@@ -43,6 +43,17 @@ def test_config_yaml_and_overrides(tmp_path):
     assert load_config() == RecipeConfig()
 
 
+def test_a_section_given_in_part_keeps_the_recipe_defaults():
+    config, default = (
+        load_config(None, ["data.cache_dir=/c", "student.model.d_model=32", "training.steps=7"]),
+        RecipeConfig(),
+    )
+    assert (config.data.cache_dir, config.data.vocab_size) == ("/c", default.data.vocab_size)
+    assert (config.student.model.d_model, config.student.model.n_heads) == (32, default.student.model.n_heads)
+    assert (config.training.steps, config.training.eval_batches) == (7, default.training.eval_batches)
+    assert config.teacher_training == default.teacher_training and config.loss == default.loss
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -55,6 +66,8 @@ def test_config_yaml_and_overrides(tmp_path):
         (["teacher_cache.enabled=true", "data.task=classify"], "task"),
         (["student.init=teacher_layers", "teachers=[{}, {}]"], "exactly one teacher"),
         (["student.model.n_heads=3"], "n_heads"),
+        (["students=[{name: baseline, distilled: false, init: random}]"], "students.*new row name"),
+        (["students=[{name: a, distilled: true, init: random}, {name: a, distilled: false, init: random}]"], "unique"),
     ],
 )
 def test_config_errors_name_the_value(overrides, match):

@@ -287,6 +287,47 @@ def test_init_from_teacher_mismatches_raise(student_overrides, layers, match):
         init_from_teacher(student, teacher, layers)
 
 
+def test_init_from_teacher_narrower_takes_the_leading_dimensions_and_heads():
+    teacher = make_model("lm-learned", n_layers=3)  # d_model 32, 4 heads of 8, FFN 128
+    student = make_model("lm-learned", d_model=16, n_heads=2, d_ff=48, max_seq_len=12)
+    init_from_teacher(student, teacher, layers=[0, 2], narrower=True)
+    assert torch.equal(student.token_embedding.weight, teacher.token_embedding.weight[:, :16])
+    assert torch.equal(student.position_embedding.weight, teacher.position_embedding.weight[:12, :16])
+    for block, j in zip(student.blocks, [0, 2]):
+        source = teacher.blocks[j]
+        for part in range(3):  # q, k, v: heads 0 and 1 of each (rows 8h .. 8h + 7 of its 32), input dims :16
+            rows = slice(part * 16, (part + 1) * 16)
+            teacher_rows = slice(part * 32, part * 32 + 16)
+            assert torch.equal(block.qkv.weight[rows], source.qkv.weight[teacher_rows, :16]), part
+            assert torch.equal(block.qkv.bias[rows], source.qkv.bias[teacher_rows]), part
+        assert torch.equal(block.attn_out.weight, source.attn_out.weight[:16, :16])
+        assert torch.equal(block.ffn_in.weight, source.ffn_in.weight[:48, :16])
+        assert torch.equal(block.ffn_out.weight, source.ffn_out.weight[:16, :48])
+        assert torch.equal(block.ffn_norm.bias, source.ffn_norm.bias[:16])
+    assert torch.equal(student.final_norm.weight, teacher.final_norm.weight[:16])
+    # Same widths: narrower=True is the whole copy.
+    whole, sliced = make_model("lm-rotary", n_layers=2), make_model("lm-rotary", n_layers=2)
+    init_from_teacher(whole, teacher_rotary := make_model("lm-rotary", n_layers=4))
+    init_from_teacher(sliced, teacher_rotary, narrower=True)
+    for (name, a), b in zip(whole.state_dict().items(), sliced.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "student_overrides, match",
+    [
+        (dict(d_model=16), "head_dim: student 4, teacher 8"),
+        (dict(d_model=64, n_heads=8), "d_model: student 64 > teacher 32.*n_heads: student 8 > teacher 4"),
+        (dict(d_ff=256), "ffn_dim: student 256 > teacher 128"),
+        (dict(positional="learned"), "positional: student learned, teacher rotary"),
+    ],
+)
+def test_init_from_teacher_narrower_mismatches_raise(student_overrides, match):
+    teacher, student = make_model("lm-rotary", n_layers=3), make_model("lm-rotary", **student_overrides)
+    with pytest.raises(ValueError, match=match):
+        init_from_teacher(student, teacher, narrower=True)
+
+
 def test_classify_without_a_head_raises():
     model = make_model("lm-rotary")
     with pytest.raises(RuntimeError, match="num_classes"):

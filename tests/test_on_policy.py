@@ -355,7 +355,8 @@ def test_on_policy_recipe_runs_side_by_side(cache_dir, tmp_path):
 
     options = ["loss.on_policy.fraction=1.0", "loss.on_policy.prompt_tokens=8", "on_policy_compare=true"]
     results = run(load_config(None, [*RECIPE, *options, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"]))
-    assert set(results) == {"teacher", "distilled", "distilled_off_policy", "baseline"}
+    comparison = {"baseline_teacher_layers", "distilled_teacher_layers"}  # the built-in recipe's `students`
+    assert set(results) == {"teacher", "distilled", "distilled_off_policy", "baseline"} | comparison
     for row in results.values():
         assert row["sample_teacher_nll"] > 0 and 0 < row["sample_distinct_2"] <= 1
     # Same initialization and data order: only the on-policy batches make the two distilled students differ.

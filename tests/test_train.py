@@ -85,11 +85,19 @@ def test_recipe_runs_end_to_end(recipe, cache_dir, tmp_path):
     ]
     finished(train_py(*args))
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"teacher", "distilled", "baseline"}
+    comparison = {"baseline_teacher_layers", "distilled_teacher_layers"} if recipe == "stdlib_lm" else set()
+    assert set(results) == {"teacher", "distilled", "baseline"} | comparison
     metric = "validation_perplexity" if recipe == "stdlib_lm" else "validation_accuracy"
     for name, row in results.items():
         assert row[metric] > 0 and row["parameters"] > 0 and row["inference_tokens_per_s"] > 0, name
     assert results["distilled"]["parameters"] < results["teacher"]["parameters"]
+    # The share of the baseline-teacher gap each model closes: the teacher all, the baseline none.
+    for split in ("validation", "test"):
+        key, closed = f"{split}_{metric.split('_')[1]}", f"{split}_gap_closed"
+        assert results["teacher"][closed] == 1 and results["baseline"][closed] == 0
+        base, gap = results["baseline"][key], results["baseline"][key] - results["teacher"][key]
+        assert results["distilled"][closed] == pytest.approx((base - results["distilled"][key]) / gap)
+    assert "val gap closed" in (out / "results.md").read_text()
     assert 0 <= results["distilled"]["validation_agreement"] <= 1
     assert (out / "curves.png").stat().st_size > 0 and "| distilled |" in (out / "results.md").read_text()
     rows = read_metrics(out / "distilled" / "metrics.csv")

@@ -37,24 +37,39 @@ def default_layer_map(n_student_layers: int, n_teacher_layers: int) -> list[tupl
 
 
 @torch.no_grad()
-def init_from_teacher(student: Transformer, teacher: Transformer, layers: list[int] | None = None) -> Transformer:
+def init_from_teacher(
+    student: Transformer, teacher: Transformer, layers: list[int] | None = None, *, narrower: bool = False
+) -> Transformer:
     """Copy into `student` the teacher's token embedding (and learned positions, the first max_seq_len rows),
     the teacher blocks `layers` (default `every_kth_layer`) into student blocks 0, 1, ..., and the final norm.
     The classification head, if any, is left as initialized. Returns the student.
 
-    Raises ValueError when vocab_size, d_model, n_heads, the FFN size or the positional encoding differ (naming
-    them: a narrower student is trained from scratch, with projections in the loss), when learned positions of
-    the student outnumber the teacher's, or when `layers` is not n_student_layers teacher block indices.
+    narrower=True also initializes a student narrower than the teacher (d_model, n_heads and the FFN size at
+    most the teacher's, the same head size): every tensor is its leading slice of the teacher's, i.e. the
+    first d_model dimensions of the residual stream, the first n_heads heads of q, k and v (and the matching
+    columns of the output projection) and the first FFN units. Equal sizes copy whole tensors either way.
+
+    Raises ValueError when vocab_size or the positional encoding differ, when d_model, n_heads or the FFN size
+    differ (narrower=False) or exceed the teacher's or the head sizes differ (narrower=True), naming them; when
+    learned positions of the student outnumber the teacher's, or when `layers` is not n_student_layers teacher
+    block indices.
     """
     s, t = student.config, teacher.config
-    fields = ("vocab_size", "d_model", "n_heads", "ffn_dim", "positional")
+    exact = ("vocab_size", "positional") + (("head_dim",) if narrower else ("d_model", "n_heads", "ffn_dim"))
     mismatches = [
         f"{name}: student {getattr(s, name)}, teacher {getattr(t, name)}"
-        for name in fields
+        for name in exact
         if getattr(s, name) != getattr(t, name)
     ]
+    if narrower:
+        mismatches += [
+            f"{name}: student {getattr(s, name)} > teacher {getattr(t, name)}"
+            for name in ("d_model", "n_heads", "ffn_dim")
+            if getattr(s, name) > getattr(t, name)
+        ]
     if mismatches:
-        raise ValueError(f"init_from_teacher needs the teacher's width and encoding; differ: {'; '.join(mismatches)}")
+        need = "a head size like the teacher's and no larger width" if narrower else "the teacher's width and encoding"
+        raise ValueError(f"init_from_teacher needs {need}; differ: {'; '.join(mismatches)}")
     if s.positional == "learned" and s.max_seq_len > t.max_seq_len:
         raise ValueError(f"student max_seq_len={s.max_seq_len} > teacher's {t.max_seq_len}: no positions to copy")
     layers = every_kth_layer(t.n_layers, s.n_layers) if layers is None else list(layers)
@@ -64,10 +79,25 @@ def init_from_teacher(student: Transformer, teacher: Transformer, layers: list[i
             f" got {layers}"
         )
 
-    student.token_embedding.load_state_dict(teacher.token_embedding.state_dict())
+    _copy_leading(student.token_embedding, teacher.token_embedding)
     if s.positional == "learned":
-        student.position_embedding.weight.copy_(teacher.position_embedding.weight[: s.max_seq_len])
+        _copy_leading(student.position_embedding, teacher.position_embedding)
     for student_block, j in zip(student.blocks, layers):
-        student_block.load_state_dict(teacher.blocks[j].state_dict())
-    student.final_norm.load_state_dict(teacher.final_norm.state_dict())
+        _copy_leading(student_block, teacher.blocks[j])
+        # q, k and v are three stacked (d_model, d_model) projections: each keeps its own leading heads.
+        for name, param in student_block.qkv.named_parameters():
+            source = getattr(teacher.blocks[j].qkv, name)
+            param.copy_(_leading(source.unflatten(0, (3, -1)), param.unflatten(0, (3, -1)).shape).flatten(0, 1))
+    _copy_leading(student.final_norm, teacher.final_norm)
     return student
+
+
+def _leading(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return tensor[tuple(slice(0, n) for n in shape)]
+
+
+def _copy_leading(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """Every parameter of `student` := the leading slice of the same parameter of `teacher`, of its shape."""
+    teacher_params = dict(teacher.named_parameters())
+    for name, param in student.named_parameters():
+        param.copy_(_leading(teacher_params[name], param.shape))

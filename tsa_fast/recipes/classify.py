@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import model_validator
 
+from tsa_fast.distill.config import TrainingConfig
 from tsa_fast.distill.data import DataConfig
 from tsa_fast.recipes.config import read_recipe
 from tsa_fast.recipes.lm import RecipeConfig, prepare, run
@@ -24,6 +25,8 @@ class ClassifyConfig(RecipeConfig):
         "name": "stdlib_classify",
         "output_dir": "runs/stdlib_classify",
         "data": DataConfig(task="classify"),
+        "training": TrainingConfig(steps=200, lr=2e-3, eval_every=50),
+        "students": [],
     }
 
     @model_validator(mode="after")

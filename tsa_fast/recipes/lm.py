@@ -6,15 +6,18 @@ configs/classify.yaml): native `tsa_fast.models.Transformer` teachers and studen
 1. Data: the corpus, its tokenizer and the task tensors (`tsa_fast.distill.data`).
 2. Teachers: loaded from `teachers[i].checkpoint`, or trained by the recipe and cached under
    `data.cache_dir/teachers/` by a fingerprint of everything that determines them (a second run loads them).
-3. Students, each trained for the same steps from the same initialization: `distilled` (the objective of
-   `loss`, from the teachers or their top-k cache; on-policy batches with `loss.on_policy`, on the teacher's
-   completions of the training prompts with `loss.sequence_kd`), `distilled_no_adversarial` (when adversarial
-   training is on and `adversarial.compare`), `distilled_off_policy` (with `on_policy_compare`), and
-   `baseline` (no teacher, the training data: cross-entropy only).
+3. Students, each trained for the same steps on the same batches (the same initialization for the same init):
+   `distilled` (the objective of `loss`, from the teachers or their top-k cache; on-policy batches with
+   `loss.on_policy`, on the teacher's completions of the training prompts with `loss.sequence_kd`),
+   `distilled_no_adversarial` (when adversarial training is on and `adversarial.compare`),
+   `distilled_off_policy` (with `on_policy_compare`), and with `baseline`: `baseline` (no teacher, the
+   training data: cross-entropy only) and each of `students` (a name, with or without the teachers, from
+   random init or the teacher's layers).
 4. Evaluation of every model on validation and test (LM: also the teacher's NLL of each model's sampled
    continuations of held-out prompts, their distinct-2, and greedy completions as text), a table (printed,
    results.md, results.json) and the training curves (curves.png), all under `output_dir`, with tokenizer.json
-   and each phase a Transformer directory (config.json), as `python -m tsa_fast.generate` reads them.
+   and each phase a Transformer directory (config.json), as `python -m tsa_fast.generate` reads them. With a
+   baseline, the table gives the share of the baseline-teacher gap each model closes (`add_gap_closed`).
 Every phase checkpoints under `output_dir/PHASE/`; with `resume`, finished phases are loaded and an
 interrupted one continues from its last checkpoint.
 
@@ -34,10 +37,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import nn
 
-from tsa_fast.distill.checkpoints import save_atomically
+from tsa_fast.distill.checkpoints import load_weights_only, save_atomically
 from tsa_fast.distill.config import (
     AdversarialConfig,
     LossConfig,
@@ -82,14 +85,39 @@ class TeacherConfig(Section):
     seed: int = Field(0, description="initialization / data-order seed when trained by the recipe")
 
 
+Init = Literal["random", "teacher_layers"]
+INIT_DOC = (
+    "random, or teacher_layers: the first teacher's embeddings, final norm and blocks `student.layers` (DistilBERT"
+    " style); a narrower student (same head size) takes their leading dimensions, heads and FFN units"
+    " (`init_from_teacher(narrower=True)`)"
+)
+RESERVED_NAMES = {"teacher", "distilled", "distilled_no_adversarial", "distilled_off_policy", "baseline"}
+
+
 class StudentConfig(Section):
     model: TransformerConfig = Field(
-        TransformerConfig(d_model=128, n_layers=2, n_heads=4), description="its architecture"
+        TransformerConfig(d_model=64, n_layers=4, n_heads=2), description="its architecture"
     )
-    init: Literal["random", "teacher_layers"] = Field(
-        "random", description="teacher_layers: DistilBERT-style copy of embeddings and every k-th teacher block"
-    )
+    init: Init = Field("random", description=f"the initialization of distilled and baseline; {INIT_DOC}")
     layers: list[int] | None = Field(None, description="teacher blocks to copy; null: every k-th")
+
+
+class StudentVariant(Section):
+    """One more student of the comparison (with `baseline: true`): the student's architecture, trained for the
+    same steps on the same batches as `distilled`, with the teachers or alone, from its own initialization."""
+
+    name: str = Field(description="its row in the table and its phase directory under output_dir")
+    distilled: bool = Field(description="true: the objective of `loss`, with the teachers; false: alone, cross-entropy")
+    init: Init = Field(description=INIT_DOC)
+
+    @field_validator("name")
+    @classmethod
+    def _own_name(cls, name):
+        if name in RESERVED_NAMES or not name or "/" in name:
+            raise ValueError(
+                f"students[].name must be a new row name (not one of {sorted(RESERVED_NAMES)}), got {name!r}"
+            )
+        return name
 
 
 class SamplesConfig(Section):
@@ -109,30 +137,57 @@ class SamplesConfig(Section):
 
 class RecipeConfig(RunConfig):
     """The recipe: data, teachers, student, losses, training, and where results go (every option of
-    configs/stdlib_lm.yaml and configs/classify.yaml)."""
+    configs/stdlib_lm.yaml and configs/classify.yaml). A section given in part (in a YAML file or as
+    `key=value` overrides: `data.cache_dir=...`, `student.model.d_model=32`) keeps the recipe's defaults for
+    the options it does not give."""
 
     RECIPE = "lm"
     DEFAULTS = {
         "name": "stdlib_lm",
         "output_dir": "runs/stdlib_lm",
-        "training": TrainingConfig(steps=200, lr=2e-3, eval_every=50),
+        "training": TrainingConfig(steps=100, eval_every=50, eval_batches=8, checkpoint_every=50),
     }
 
-    data: DataConfig = Field(DataConfig(), description="corpus, tokenizer and task (tsa_fast.distill.data)")
+    data: DataConfig = Field(
+        DataConfig(vocab_size=4096), description="corpus, tokenizer and task (tsa_fast.distill.data)"
+    )
     teachers: list[TeacherConfig] = Field([TeacherConfig()], min_length=1, description="one or more (a mixture)")
     teacher_training: TrainingConfig = Field(
-        TrainingConfig(steps=300, lr=2e-3, eval_every=150, checkpoint_every=150),
+        TrainingConfig(steps=200, eval_every=100, checkpoint_every=100),
         description="how a teacher without a checkpoint is trained",
     )
     student: StudentConfig = Field(StudentConfig(), description="the student's architecture and initialization")
-    loss: LossConfig = Field(LossConfig(), description="the distillation objective")
+    loss: LossConfig = Field(LossConfig(temperature=1.0), description="the distillation objective")
     adversarial: AdversarialConfig = Field(AdversarialConfig(), description="adversarial distillation; off by default")
     teacher_cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="offline teacher top-k; off by default")
-    baseline: bool = Field(True, description="also train the student without a teacher, for the same steps")
+    baseline: bool = Field(
+        True,
+        description="also train the students of the comparison: baseline (the student alone, from student.init)"
+        " and each of `students`; the table's gap columns are relative to baseline",
+    )
+    students: list[StudentVariant] = Field(
+        [
+            StudentVariant(name="baseline_teacher_layers", distilled=False, init="teacher_layers"),
+            StudentVariant(name="distilled_teacher_layers", distilled=True, init="teacher_layers"),
+        ],
+        description="more students of the comparison (with baseline: true), each for the same steps and batches",
+    )
     on_policy_compare: bool = Field(
         False, description="with loss.on_policy.fraction > 0: also distill a student off-policy (distilled_off_policy)"
     )
     samples: SamplesConfig = Field(SamplesConfig(), description="completions of held-out prompts (LM only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sections(cls, values):
+        if not isinstance(values, dict):
+            return values
+        merged = dict(values)
+        for name in ("data", "teacher_training", "training", "student", "loss"):
+            default = cls.DEFAULTS.get(name, cls.model_fields[name].default)
+            if isinstance(merged.get(name), dict):
+                merged[name] = _over_defaults(merged[name], default)
+        return merged
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -180,7 +235,22 @@ class RecipeConfig(RunConfig):
             )
         if self.student.init == "teacher_layers" and len(self.teachers) != 1:
             raise ValueError(f"student.init='teacher_layers' needs exactly one teacher, got {len(self.teachers)}")
+        names = [variant.name for variant in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"students[].name must be unique, got {names}")
         return self
+
+
+def _over_defaults(given: dict, default: BaseModel) -> dict:
+    """`given` (a section's options as mapping) over the options that `default` sets explicitly, nested
+    sections and models merged the same way."""
+    merged = default.model_dump(exclude_unset=True)
+    for key, value in given.items():
+        inner = getattr(default, key, None)
+        merged[key] = (
+            _over_defaults(value, inner) if isinstance(value, dict) and isinstance(inner, BaseModel) else value
+        )
+    return merged
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RecipeConfig:
@@ -240,45 +310,34 @@ def run(
         student_data = dataclasses.replace(data, train=train)
 
     runs: dict[str, tuple[Transformer, FitResult]] = {}
-    variants = [("distilled", config.adversarial, config.loss)]
+    init = config.student.init
+    variants = [("distilled", config.adversarial, config.loss, init, True)]
     if config.adversarial.method != "none" and config.adversarial.compare:
         no_adversarial = config.adversarial.model_copy(update={"method": "none"})
-        variants.append(("distilled_no_adversarial", no_adversarial, config.loss))
+        variants.append(("distilled_no_adversarial", no_adversarial, config.loss, init, True))
     if config.on_policy_compare:
         off_policy = config.loss.model_copy(update={"on_policy": OnPolicyConfig()})
-        variants.append(("distilled_off_policy", config.adversarial, off_policy))
-    for name, adversarial, loss in variants:
-        student = build_student(config, data, teacher_models[0])
-        objective = DistillationObjective(loss, data.task, student_config(config, data), teacher_models[0].config)
+        variants.append(("distilled_off_policy", config.adversarial, off_policy, init, True))
+    if config.baseline:
+        variants.append(("baseline", config.adversarial, config.loss, init, False))
+        variants += [(v.name, config.adversarial, config.loss, v.init, v.distilled) for v in config.students]
+    for name, adversarial, loss, init, distilled in variants:
+        student = build_student(config, data, init, obtained[0][2])
+        teacher_config = teacher_models[0].config if distilled else None
+        objective = DistillationObjective(loss, data.task, student_config(config, data), teacher_config)
         optimization = runtime.optimization(student, objective, config.training)
         distiller = Distiller(
             student,
             objective,
-            student_data,
+            student_data if distilled else data,
             student_phase(name, adversarial),
-            source,
+            source if distilled else None,
             optimization,
             agreement_with=teachers,
         )
         runs[name] = (student, distiller.fit(resume))
         if runtime.rank == 0:
             write_model_config(student, out_dir / name)
-    if config.baseline:
-        student = build_student(config, data, teacher_models[0])
-        objective = DistillationObjective(config.loss, data.task, student_config(config, data), None)
-        optimization = runtime.optimization(student, objective, config.training)
-        distiller = Distiller(
-            student,
-            objective,
-            data,
-            student_phase("baseline", config.adversarial),
-            None,
-            optimization,
-            agreement_with=teachers,
-        )
-        runs["baseline"] = (student, distiller.fit(resume))
-        if runtime.rank == 0:
-            write_model_config(student, out_dir / "baseline")
 
     results = evaluate_all(
         config,
@@ -365,13 +424,17 @@ def export_teacher(teacher: Transformer, weights: Path, directory: Path) -> None
     os.replace(tmp, target)
 
 
-def build_student(config: RecipeConfig, data: TaskData, teacher: Transformer) -> Transformer:
-    """The student, identically initialized for every variant (seeded), from teacher layers if asked."""
+def build_student(config: RecipeConfig, data: TaskData, init: str, teacher_weights: Path) -> Transformer:
+    """The student, identically initialized for every variant of the same `init` (seeded): random, or
+    teacher_layers from the first teacher's weights file `teacher_weights` ({"config", "model"}; read on the
+    CPU, so that a teacher partitioned across ranks serves as well), narrower students by leading slices."""
     torch.manual_seed(config.seed + 1)
     student = Transformer(student_config(config, data))
-    if config.student.init == "teacher_layers":
+    if init == "teacher_layers":
+        teacher = Transformer(model_config(config.teachers[0].model, data, config.data.seq_len))
+        teacher.load_state_dict(load_weights_only(teacher_weights)["model"])
         layers = config.student.layers or every_kth_layer(teacher.config.n_layers, student.config.n_layers)
-        init_from_teacher(student, teacher, layers)
+        init_from_teacher(student, teacher, layers, narrower=True)
     return student
 
 
@@ -465,7 +528,23 @@ def evaluate_all(config, data, models, fits: dict[str, FitResult], device, preci
         row["speedup_vs_teacher"] = speeds[name] / speeds["teacher"]
     if data.task == "lm":
         evaluate_samples(config.samples, data, models, results, device, autocast)
+    add_gap_closed(results, headline_metrics(data.task)[0][0])
     return results
+
+
+def add_gap_closed(results: dict, metric: str) -> None:
+    """With a baseline row, add to every row `{split}_gap_closed`: the share of the gap between the baseline
+    and the teacher on `metric` that the model closes, (baseline - model) / (baseline - teacher) (0: the
+    baseline's quality, 1: the teacher's; negative: worse than the baseline); none on a split where the two
+    are equal."""
+    if "baseline" not in results:
+        return
+    for split in ("validation", "test"):
+        key = f"{split}_{metric}"
+        base, gap = results["baseline"][key], results["baseline"][key] - results["teacher"][key]
+        if gap:
+            for row in results.values():
+                row[f"{split}_gap_closed"] = (base - row[key]) / gap
 
 
 def held_out_prompts(data: TaskData, count: int, prompt_tokens: int) -> torch.Tensor:
@@ -541,6 +620,11 @@ def write_report(config: RecipeConfig, data: TaskData, results: dict, out_dir: P
     columns = [("parameters", "params", "{:,}")]
     for split, short in (("validation", "val"), ("test", "test")):
         columns += [(f"{split}_{key}", f"{short} {title}", fmt) for key, title, fmt in headline_metrics(data.task)]
+    if "baseline" in results:
+        columns += [
+            (f"{split}_gap_closed", f"{short} gap closed", "{:.1%}")
+            for split, short in (("validation", "val"), ("test", "test"))
+        ]
     if config.adversarial.method != "none":
         key, title, fmt = headline_metrics(data.task)[0]
         columns.append(
