@@ -2,10 +2,11 @@
 `distillation_loss`, hand-built alignments, edges and errors."""
 
 import math
+import sys
 
 import pytest
 import torch
-from conftest import DEVICE, assert_rel_close, rel_error
+from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_compiled
 
 import tsa_fast
 from tsa_fast import TokenAlignment
@@ -387,3 +388,59 @@ def test_bad_options_raise(kwargs, error, match):
     student, teacher, alignment, vocab_map, labels = make_inputs()
     with pytest.raises(error, match=match):
         tsa_fast.cross_tokenizer_loss(student, teacher, alignment, vocab_map, labels, **kwargs)
+
+
+def test_triton_backend_runs_its_kernels(monkeypatch):
+    """Forced triton: the three row sweeps run the Triton launchers (the answers are checked above)."""
+    kernels = pytest.importorskip("tsa_fast.kernels")
+    from tsa_fast.backends import available_backends
+
+    if "triton" not in available_backends(DEVICE):
+        pytest.skip("triton is not available")
+    monkeypatch.setenv("TSA_FAST_BACKEND", "triton")
+    calls = []
+    for name in ("cross_tokenizer_logsumexp", "cross_tokenizer_softmax_rows", "cross_tokenizer_exact"):
+        launcher = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    student, teacher, alignment, vocab_map, labels = make_inputs()
+    tsa_fast.cross_tokenizer_loss(student, teacher, alignment, vocab_map, labels, hard_weight=0.5)
+    assert sorted(set(calls)) == ["cross_tokenizer_exact", "cross_tokenizer_logsumexp", "cross_tokenizer_softmax_rows"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compiled for GPUs without one: Triton ships ptxas.
+
+
+def compile_cross_tokenizer_kernels():
+    """The three kernels at the launchers' tiles for an LLM vocabulary (bf16 logits, every option on; the exact
+    kernel for every divergence) and a small one, for sm_80 and sm_90."""
+    import triton
+
+    from tsa_fast.kernels import cross_tokenizer_loss as kernels
+    from tsa_fast.kernels.distillation_loss import tiles
+
+    scalars = dict(inv_t="fp32", beta="fp32", grad_scale="fp32")
+    for vocab in (128256, 50):
+        block_rows, block_v, num_warps = tiles(8192, vocab)
+        config = triton.Config(dict(BLOCK_ROWS=block_rows, BLOCK_V=block_v), num_warps=num_warps)
+        for kernel in (kernels._cross_tokenizer_logsumexp_kernel, kernels._cross_tokenizer_softmax_rows_kernel):
+            types = dict(lse_ptr="*fp32", lse_hard_ptr="*fp32", grad_ptr="*fp32", **scalars)
+            types |= dict(coefficient_ptr="*fp32", coefficient_hard_ptr="*fp32")
+            compile_for_gpus(kernel, config, dict(HAS_HARD=True), types)
+        block_m, num_warps = kernels.exact_tile(vocab)
+        config = triton.Config(dict(BLOCK_M=block_m), num_warps=num_warps)
+        types = dict(
+            student_rows_ptr="*i64", teacher_rows_ptr="*i64", map_ptr="*i64", grad_ptr="*fp32", out_ptr="*fp32"
+        )
+        for divergence in DIVERGENCES:
+            constants = dict(DIVERGENCE=DIVERGENCES.index(divergence))
+            compile_for_gpus(kernels._cross_tokenizer_exact_kernel, config, constants, {**types, **scalars})
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas")
+def test_kernels_compile_for_ampere_and_hopper():
+    run_compiled(__file__)
+
+
+if __name__ == "__main__":  # test_kernels_compile_for_ampere_and_hopper
+    compile_cross_tokenizer_kernels()
