@@ -21,6 +21,7 @@ row's softmax plus a few entries (the top k, the actual tokens, the labels, the 
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -135,6 +136,22 @@ def cross_tokenizer_loss(
         student_logits, teacher_logits.detach(), alignment, vocab_map, labels, options
     )
     return (loss, CrossTokenizerParts(exact, uld, hard)) if return_parts else loss
+
+
+# The keyword options of the loss and their defaults, shared by the fused-linear form.
+CROSS_TOKENIZER_OPTIONS = {
+    name: p.default
+    for name, p in inspect.signature(cross_tokenizer_loss).parameters.items()
+    if p.kind is p.KEYWORD_ONLY
+}
+
+
+def cross_tokenizer_options(options: dict) -> dict:
+    """The keyword options given, over their defaults; a TypeError names any unknown one."""
+    unknown = sorted(set(options) - set(CROSS_TOKENIZER_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown options {unknown}; valid: {sorted(CROSS_TOKENIZER_OPTIONS)}")
+    return {**CROSS_TOKENIZER_OPTIONS, **options}
 
 
 # ---- Argument checks --------------------------------------------------------------------------------------
@@ -424,6 +441,12 @@ def chunk_gradient(
     return grad
 
 
+def loss_parts(exact: Tensor, uld: Tensor, nll: Tensor, weights: Weights, options: dict) -> tuple[Tensor, ...]:
+    """The weighted, reduced (exact, uld, hard) parts from the per-group and per-row terms."""
+    t2 = options["temperature"] ** 2
+    return weights.exact * t2 * exact.sum(), weights.uld * uld.sum(), weights.hard * nll.sum()
+
+
 class _CrossTokenizerLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, alignment, vocab_map, labels, options):
@@ -445,8 +468,7 @@ class _CrossTokenizerLoss(torch.autograd.Function):
         exact = exact_rows(
             grad, student, teacher, alignment.student_rows, alignment.teacher_rows, vocab_map, weights, options, backend
         )
-        t2 = options["temperature"] ** 2
-        parts = (weights.exact * t2 * exact.sum(), weights.uld * uld.sum(), weights.hard * nll.sum())
+        parts = loss_parts(exact, uld, nll, weights, options)
         ctx.save_for_backward(grad)
         ctx.student_dtype = student.dtype
         ctx.mark_non_differentiable(*parts)
