@@ -2,9 +2,10 @@
 //
 // Rows (groups) are split statically over OpenMP threads; each thread converts a row to fp32 scratch once and
 // runs its passes there. The statistics sweep reads each row once: convert + max, exp + sum (and again at
-// T = 1 for the hard term), then the top k by a size-k min-heap whose root is the threshold a column must
-// beat (almost every column fails the one compare). The softmax sweep reads each row once and writes its
-// gradient row once. The exact sweep gathers only the mapped columns of a group's two rows through the map.
+// T = 1 for the hard term), then the top k from the maxima of blocks of 16 columns (`top_k`). The softmax sweep reads each row once and writes its
+// gradient row once. The exact sweep gathers only the mapped columns of a group's two rows through the map
+// (sorted by student id by the caller, so that the student row is read and its gradient row updated in
+// increasing order).
 // The per-column math (fast_exp, half_log_prob, divergence_terms) is the distillation loss's
 // (numerics.h, distillation_loss.h).
 #include "cross_tokenizer_loss.h"
@@ -19,6 +20,12 @@
 
 namespace tsa_fast {
 namespace {
+
+// Per-thread buffers of the top-k selection, reused row after row.
+struct TopKScratch {
+  std::vector<float> block_max, selected;
+  std::vector<std::pair<float, int64_t>> candidates;
+};
 
 // out_j = z_j as fp32 for a row of n; returns their max.
 template <class T>
@@ -41,53 +48,62 @@ TSA_ALWAYS_INLINE float scaled_logsumexp(const float* x, int64_t n, float max, f
   return shift + float(std::log(sum));
 }
 
-// The k largest of x (k <= n) in decreasing order, with their columns. A size-k min-heap whose root, the k-th
-// largest so far, is the threshold; blocks of 16 columns none of which beats it (almost all of them) cost one
-// vectorized max.
-TSA_ALWAYS_INLINE void top_k(const float* x, int64_t n, int64_t k, std::vector<std::pair<float, int64_t>>& heap,
-                             float* values, int64_t* indices) {
-  using Entry = std::pair<float, int64_t>;
-  const auto greater = [](const Entry& a, const Entry& b) { return a.first > b.first; };
-  heap.clear();
-  for (int64_t j = 0; j < k; ++j) heap.emplace_back(x[j], j);
-  std::make_heap(heap.begin(), heap.end(), greater);
-  float threshold = heap.front().first;
-  const auto offer = [&](int64_t j) {
-    if (x[j] > threshold) {
-      std::pop_heap(heap.begin(), heap.end(), greater);
-      heap.back() = {x[j], j};
-      std::push_heap(heap.begin(), heap.end(), greater);
-      threshold = heap.front().first;
-    }
-  };
+// The k largest of x (k <= n) in decreasing order, with their columns. With the maxima of blocks of kBlock
+// columns, tau = the k-th largest block maximum bounds the k-th largest entry from below (k blocks hold an entry
+// >= tau), so the top k lie in the blocks whose maximum is >= tau, at entries >= tau: a vectorized pass for
+// the maxima, a selection among n / kBlock of them, and one among the few candidates.
+TSA_ALWAYS_INLINE void top_k(const float* x, int64_t n, int64_t k, TopKScratch& scratch, float* values,
+                             int64_t* indices) {
   constexpr int64_t kBlock = 16;
-  int64_t j = k;
-  for (; j + kBlock <= n; j += kBlock) {
+  const int64_t n_blocks = (n + kBlock - 1) / kBlock;
+  auto& maxima = scratch.block_max;
+  maxima.resize(size_t(n_blocks));
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t begin = b * kBlock, end = std::min(n, begin + kBlock);
     float block_max = -INFINITY;
 #pragma omp simd reduction(max : block_max)
-    for (int64_t i = 0; i < kBlock; ++i) block_max = x[j + i] > block_max ? x[j + i] : block_max;
-    if (block_max > threshold) {
-      for (int64_t i = 0; i < kBlock; ++i) offer(j + i);
-    }
+    for (int64_t j = begin; j < end; ++j) block_max = x[j] > block_max ? x[j] : block_max;
+    maxima[size_t(b)] = block_max;
   }
-  for (; j < n; ++j) offer(j);
-  std::sort_heap(heap.begin(), heap.end(), greater);  // decreasing
+  float tau = -INFINITY;
+  if (n_blocks > k) {
+    scratch.selected.assign(maxima.begin(), maxima.end());
+    std::nth_element(scratch.selected.begin(), scratch.selected.begin() + (k - 1), scratch.selected.end(),
+                     std::greater<float>());
+    tau = scratch.selected[size_t(k - 1)];
+  }
+  auto& candidates = scratch.candidates;
+  candidates.clear();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    if (!(maxima[size_t(b)] >= tau)) continue;
+    for (int64_t j = b * kBlock; j < std::min(n, (b + 1) * kBlock); ++j)
+      if (x[j] >= tau) candidates.emplace_back(x[j], j);
+  }
+  if (candidates.size() < size_t(k)) {  // NaNs compare false: then every column is a candidate
+    candidates.clear();
+    for (int64_t j = 0; j < n; ++j) candidates.emplace_back(x[j] == x[j] ? x[j] : -INFINITY, j);
+  }
+  // Ties broken by column, so that every run selects alike.
+  const auto before = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  std::partial_sort(candidates.begin(), candidates.begin() + k, candidates.end(), before);
   for (int64_t i = 0; i < k; ++i) {
-    values[i] = heap[i].first;
-    indices[i] = heap[i].second;
+    values[i] = candidates[size_t(i)].first;
+    indices[i] = candidates[size_t(i)].second;
   }
 }
 
 template <class T>
 TSA_CPU_CLONES void statistics_row(const LogitRows& logits, int64_t row, float inv_t, int64_t k, float* lse,
                                    float* lse_hard, float* top_values, int64_t* top_indices, float* scratch,
-                                   std::vector<std::pair<float, int64_t>>& heap) {
+                                   TopKScratch& top_scratch) {
   const int64_t n = logits.n_cols;
   const T* z = static_cast<const T*>(logits.data) + row * logits.row_stride;
   const float max = load_row(z, n, scratch);
   lse[row] = scaled_logsumexp(scratch, n, max, inv_t);
   if (lse_hard != nullptr) lse_hard[row] = scaled_logsumexp(scratch, n, max, 1.0f);
-  top_k(scratch, n, k, heap, top_values + row * k, top_indices + row * k);
+  top_k(scratch, n, k, top_scratch, top_values + row * k, top_indices + row * k);
 }
 
 template <class T>
@@ -113,7 +129,8 @@ TSA_CPU_CLONES void softmax_row(const LogitRows& logits, int64_t row, float inv_
 template <class Student, class Teacher, int kDivergence>
 TSA_CPU_CLONES void exact_group(const LogitRows& student, const LogitRows& teacher, int64_t student_row,
                                 int64_t teacher_row, const int64_t* vocab_map, int64_t n_map, float beta, float inv_t,
-                                float grad_scale, float* grad, float* out, float* s, float* t, float* g) {
+                                float grad_scale, float* grad, float* out, float* s, float* t, float* e_t,
+                                float* g) {
   const Student* z_s = static_cast<const Student*>(student.data) + student_row * student.row_stride;
   const Teacher* z_t = static_cast<const Teacher*>(teacher.data) + teacher_row * teacher.row_stride;
   // Gather the mapped columns at T (the only reads of the rows) into contiguous scratch, so that every later
@@ -128,17 +145,20 @@ TSA_CPU_CLONES void exact_group(const LogitRows& student, const LogitRows& teach
     max_s = s[j] > max_s ? s[j] : max_s;
     max_t = t[j] > max_t ? t[j] : max_t;
   }
+  // The exps once, kept (in g and e_t) for the probabilities of the later passes.
   double sum_s = 0.0, sum_t = 0.0;
 #pragma omp simd reduction(+ : sum_s, sum_t)
   for (int64_t j = 0; j < n_map; ++j) {
-    sum_s += fast_exp(s[j] - max_s);
-    sum_t += fast_exp(t[j] - max_t);
+    g[j] = fast_exp(s[j] - max_s);
+    e_t[j] = fast_exp(t[j] - max_t);
+    sum_s += g[j];
+    sum_t += e_t[j];
   }
   const float log_z_s = float(std::log(sum_s)), log_z_t = float(std::log(sum_t));
+  const float inv_z_s = float(1.0 / sum_s), inv_z_t = float(1.0 / sum_t);
   const auto terms = [&](int64_t j) {
-    const float half_log_q = half_log_prob(s[j], max_s, log_z_s), half_log_p = half_log_prob(t[j], max_t, log_z_t);
-    return divergence_terms<kDivergence>(fast_exp(2.0f * half_log_p), half_log_p, fast_exp(2.0f * half_log_q),
-                                         half_log_q, beta);
+    return divergence_terms<kDivergence>(e_t[j] * inv_z_t, half_log_prob(t[j], max_t, log_z_t), g[j] * inv_z_s,
+                                         half_log_prob(s[j], max_s, log_z_s), beta);
   };
   // C = sum_j qg_j of the softmax chain rule (forward KL: -1).
   double c_sum = -1.0;
@@ -153,7 +173,7 @@ TSA_CPU_CLONES void exact_group(const LogitRows& student, const LogitRows& teach
   for (int64_t j = 0; j < n_map; ++j) {
     const DivergenceTerms column = terms(j);
     divergence += column.value;
-    g[j] = grad_scale * (column.q_grad - fast_exp(2.0f * half_log_prob(s[j], max_s, log_z_s)) * c);
+    g[j] = grad_scale * (column.q_grad - g[j] * inv_z_s * c);  // g held e_s: read before it is overwritten
   }
   for (int64_t j = 0; j < n_map; ++j) grad[vocab_map[2 * j]] += g[j];  // ids distinct: one add per entry
   *out = float(divergence);
@@ -169,11 +189,10 @@ void cross_tokenizer_statistics_cpu(const LogitRows& logits, float inv_t, int64_
 #pragma omp parallel
     {
       std::vector<float> scratch(size_t(logits.n_cols));
-      std::vector<std::pair<float, int64_t>> heap;
-      heap.reserve(size_t(k));
+      TopKScratch top_scratch;
 #pragma omp for schedule(static)
       for (int64_t row = 0; row < logits.n_rows; ++row)
-        statistics_row<T>(logits, row, inv_t, k, lse, lse_hard, top_values, top_indices, scratch.data(), heap);
+        statistics_row<T>(logits, row, inv_t, k, lse, lse_hard, top_values, top_indices, scratch.data(), top_scratch);
     }
   });
 }
@@ -200,13 +219,13 @@ void cross_tokenizer_exact_cpu(const LogitRows& student, const LogitRows& teache
         using Teacher = typename decltype(teacher_tag)::type;
 #pragma omp parallel
         {
-          std::vector<float> scratch(size_t(3 * n_map));
+          std::vector<float> scratch(size_t(4 * n_map));
 #pragma omp for schedule(static)
           for (int64_t g = 0; g < n_groups; ++g)
             exact_group<Student, Teacher, decltype(code)::value>(
                 student, teacher, student_rows[g], teacher_rows[g], vocab_map, n_map, beta, inv_t, grad_scale,
                 grad + student_rows[g] * grad_row_stride, out + g, scratch.data(), scratch.data() + n_map,
-                scratch.data() + 2 * n_map);
+                scratch.data() + 2 * n_map, scratch.data() + 3 * n_map);
         }
       });
     });

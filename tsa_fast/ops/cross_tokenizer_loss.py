@@ -30,7 +30,7 @@ from torch import Tensor
 
 from tsa_fast.backends import cpp_extension, select_backend, select_triton_or_torch, triton_kernels
 from tsa_fast.ops.checks import DTYPE_CODES, FLOAT_DTYPES, check_bool, check_choice, check_int, check_real, traced
-from tsa_fast.ops.distillation_loss import check_label_range, check_labels_tensor
+from tsa_fast.ops.distillation_loss import HUGE_PAGE_MIN_BYTES, check_label_range, check_labels_tensor
 from tsa_fast.reference.distillation_loss import DIVERGENCES, half_log_softmax
 from tsa_fast.reference.distillation_loss import divergence as divergence_of
 
@@ -549,6 +549,8 @@ def softmax_rows(
     if backend == "cpp":
         logits = _unit_column_stride(logits)
         grad = torch.empty(logits.shape, dtype=torch.float32)
+        if grad.nbytes >= HUGE_PAGE_MIN_BYTES:  # first-touch page faults would cost as much as the kernel
+            cpp_extension.advise_huge_pages(grad.data_ptr(), grad.nbytes)
         kept = [_float_rows(x) for x in (lse, coefficient, lse_hard, coefficient_hard)]  # alive during the call
         cpp_extension.cross_tokenizer_softmax_rows_cpu(
             _rows_tuple(logits),
@@ -605,6 +607,8 @@ def exact_rows(
             teacher = teacher.float()
         out = torch.empty(n_groups, dtype=torch.float32)
         s_rows, t_rows = student_rows.contiguous(), teacher_rows.contiguous()
+        # In student-id order (D does not depend on the order): rows read and gradients added in address order.
+        vocab_map = vocab_map[vocab_map[:, 0].argsort()].contiguous()
         cpp_extension.cross_tokenizer_exact_cpu(
             _rows_tuple(student),
             _rows_tuple(teacher),
