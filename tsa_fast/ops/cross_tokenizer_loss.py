@@ -7,10 +7,11 @@ scaled by the probability of the group's earlier tokens), plus hard-label cross-
 tokenization. The math is spelled out in `tsa_fast.reference.cross_tokenizer_loss`.
 
 Like `distillation_loss`, the forward pass computes the loss and its gradient w.r.t. the student logits;
-backward scales the stored gradient. The work over a whole row (O(V) per row) is three row sweeps, on the
-selected backend (triton, else torch): the log-sum-exp of each row (at T, and at 1 for the hard term), the
-exact-match divergence with its gradient through the column map (read in place, no gathered copy on the
-kernels), and one write of each gradient row. The gradient of every term is a per-row multiple of the
+backward scales the stored gradient. The work over a whole row (O(V) per row) is three row sweeps on the
+selected backend (cpp on the CPU, triton on CUDA, torch for float64): the log-sum-exp (at T, and at 1 for the
+hard term) and top k of each row, one write of each gradient row, and the exact-match divergence with its
+gradient through the column map (read in place, no gathered copy on the kernels; the C++ kernel adds it in
+the gradient sweep, right after the group's row). The gradient of every term is a per-row multiple of the
 row's softmax plus a few entries (the top k, the actual tokens, the labels, the mapped columns):
 
     ULD, group row:  c_s q_j ([j in top k] (sign_j - sign_tail) - sum_top (sign_i - sign_tail) q_i)
