@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (under 8 minutes, worst case): build, GPU correctness tests, full-size
+# One prepared run for a lent GPU (under 8.5 minutes, worst case): build, GPU correctness tests, full-size
 # benchmarks, JSON + Markdown report + PNG plots in $OUT (the device tool's output folder) or
 # benchmarks/results/DATE-DEVICE. Copy that folder to benchmarks/results/ and regenerate the README with
 #   python -m benchmarks.report benchmarks/results/<cpu run> benchmarks/results/<this run> --readme README.md
@@ -49,7 +49,7 @@ python3 -c "import tsa_fast, tsa_fast._C as C; print('tsa_fast', tsa_fast.__file
 # leaves every kernel in Triton's disk cache for the timed runs (their timings, outcome and output discarded;
 # each timed run still autotunes by itself, alone on the GPU).
 # Worst case, every step at its timeout plus 3 s of grace after SIGINT: 15 (wheels) + 90 (build) + 63 (tests)
-# + 53 (compile warm-up) + 53 + 43 + 71 + 38 + 38 (benchmarks) + 15 (report) = 479 s = 7.98 min, plus the venv
+# + 53 (compile warm-up) + 53 + 43 + 86 + 38 + 38 (benchmarks) + 15 (report) = 494 s = 8.23 min, plus the venv
 # (seconds); typically far less. A suite stopped by its timeout (SIGINT) still writes the JSON of the benchmarks
 # it finished; each suite runs its fastest implementations (tsa_fast's) first.
 status=0
@@ -60,7 +60,7 @@ parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8) || echo "pytest-xdist missing: tests and warm-up in one process"
 # The gpu tests live in the kernels' test files (the engine's tests need none, and import pydantic).
 kernel_tests="tests/test_distillation_loss.py tests/test_fused_linear_distillation_loss.py tests/test_attention.py
-  tests/test_attention_transfer_loss.py"
+  tests/test_attention_decode.py tests/test_attention_transfer_loss.py"
 TSA_FAST_REQUIRE_BACKENDS=triton,cpp,torch run 60 python3 -m pytest $kernel_tests -q -m gpu "${parallel[@]}" \
   -p no:cacheprovider --junitxml="$out/gpu-tests.xml" 2>&1 | tail -15 | tee "$out/gpu-tests.txt" || status=1
 run 50 python3 -m pytest benchmarks/bench_*.py -q "${parallel[@]}" -p no:cacheprovider --benchmark-disable \
@@ -72,7 +72,7 @@ bench() {  # NAME TIMEOUT: one suite, its own JSON
 }
 bench distillation_loss 50
 bench fused_linear_distillation_loss 40
-bench attention 68
+bench attention 83  # with the decode rows (test_attention_decode: 4 problems x 4 implementations)
 bench attention_transfer_loss 35
 bench distillation_step 35
 timeout 15 python3 -m benchmarks.report "$out" --out "$out" >/dev/null || status=1

@@ -17,22 +17,23 @@ log2(e)); the keys are cut into S splits, split s holding the key range K_s:
     combine:  L = log2 sum_s 2^L_s,   out_i = sum_s 2^(L_s - L) o_s,   lse_i = ln(2) L
 which is the softmax over all keys: 2^(L_s - L) is split s's share of the row's probability mass.
 
-Tiling: one program per (key split, b, key/value head, block of BLOCK_M query rows). Its rows are the
-H / H_kv query heads of the GQA group times the N_q queries, stacked (row r = head g, query i with
-r = g N_q + i), so that the group's heads share each k, v tile: with G N_q <= BLOCK_M (64 on a GPU) every
-key and value of the cache is read exactly once. The program sweeps its split's BLOCK_N-key tiles with the
-online softmax (running max, sum and output rescaled by 2^(m_old - m_new)), every tile masked (keys past N_k,
+Tiling: one program per (key split, b, key/value head, block of BLOCK_M query rows). Its rows are the H / H_kv
+query heads of the GQA group times the N_q queries, stacked (row r = head g, query i with r = g N_q + i), so
+that the group's heads share each k, v tile: with G N_q <= BLOCK_M (64 on a GPU, 16 for fp32 inputs) every key
+and value of the cache is read exactly once. The program sweeps its split's BLOCK_N-key tiles with the online
+softmax (running max, sum and output rescaled by 2^(m_old - m_new)), every tile masked (keys past N_k,
 padding, the causal diagonal and the window's edges; this kernel is bound by memory, not arithmetic), and
 writes o_s, L_s in fp32. A second kernel, one program per (query row, b, h), combines the splits. With one
 split the first kernel writes out and lse itself (one launch). The splits share out the key tiles that some
 row sees (from the first query's window edge to the last key), so a window's cost falls with the window here
 too.
 
-Number of splits (`decode_splits`): enough programs for two per SM (B H_kv row-blocks S >= 2 SMs: with the
-K/V tiles of a few pipeline stages in shared memory two programs fit an SM, and the loads of both are in
-flight), but at most MAX_SPLITS and with at least max(MIN_SPLIT_KEYS, 16 G N_q) keys per split, so that the
-fp32 partials (written once, read once by the combine: 8 bytes per row and value dim) stay under 1/8 of the
-split's cache traffic. One split (no combine) when the batch and heads alone fill the GPU.
+Number of splits (`decode_splits`): enough programs for two per SM (B H_kv row-blocks S >= 2 SMs: two programs
+with their k, v pipeline stages in shared memory share an SM, or one starts as the other ends, so that every
+SM keeps loads in flight to the end), but at most MAX_SPLITS and with at least max(MIN_SPLIT_KEYS, 16 G N_q)
+keys per split, so that the fp32 partials (written once, read once by the combine: 8 bytes per row and value
+dim) stay under 1/8 of the split's cache traffic. One split (no combine) when the batch and heads alone fill
+the GPU.
 
 Memory traffic per (b, h_kv): the cache it sees once, N_k (D + D_v) elements (2 bytes each in bf16, the
 target: >= 70% of HBM bandwidth for reading it), q and out once per row, plus S G N_q (D_v + 1) fp32 partials
@@ -52,7 +53,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 MAX_SPLITS = 128
 MIN_SPLIT_KEYS = 256
-MAX_BLOCK_M = 64  # query rows (GQA heads x queries) per program on a GPU; more rows: more row blocks
+# Query rows (GQA heads x queries) per program on a GPU; more rows: more row blocks, which read k, v again.
+# fp32 inputs (full-precision dots on the CUDA cores) spill registers beyond 16 rows.
+MAX_BLOCK_M = 64
+MAX_BLOCK_M_FP32 = 16
 PROGRAMS_PER_SM = 2
 # Under the interpreter (CPU tensors): small tiles and splits, so that short test caches cross several key
 # tiles, splits and row blocks. Tests may swap these.
@@ -80,8 +84,8 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.num_stages)]
 
 
-# The k, v tiles of all pipeline stages of a program, at most: two programs fit the H100's 227 KB per SM, one
-# the A100's 163 KB.
+# The k, v tiles of all pipeline stages of a program, at most: within the A100's 163 KB per SM. The first
+# candidate at head dim 128 in bf16 takes 96 KB, so two of its programs share an H100's 227 KB.
 SHARED_STAGES_BYTES = 128 * 1024
 TUNE_KEY = ["tune_n_k", "BLOCK_M", "BLOCK_D", "BLOCK_DV", "BAND", "HAS_MASK", "SOFTCAP", "SPLIT"]
 DECODE_CONFIGS = _configs((64, 4, 3), (128, 8, 2), (64, 4, 4), (32, 4, 4), (128, 4, 2))
@@ -312,7 +316,11 @@ def attention_decode_forward(
     interpreted = q.device.type == "cpu"  # CPU tensors run only under the interpreter
     band, left, right, first = decode_band(n_q, n_k, causal, window)
     rows = group * n_q
-    block_m = max(16, min(triton.next_power_of_2(rows), INTERPRETER["BLOCK_M"] if interpreted else MAX_BLOCK_M))
+    if interpreted:
+        max_rows = INTERPRETER["BLOCK_M"]
+    else:
+        max_rows = MAX_BLOCK_M_FP32 if q.dtype == torch.float32 else MAX_BLOCK_M
+    block_m = max(16, min(triton.next_power_of_2(rows), max_rows))
     row_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         if interpreted:
