@@ -35,6 +35,13 @@ the same sequences padded to the longest in a batch with a key padding mask (`at
 backend given the mask): the padded batch computes tiles of padding, the packed one none, so at the same
 TFLOP/s (counting each sequence's visible pairs, sum of N (N + 1) / 2) the packed one should take the padded
 one's time times the share of real tiles.
+
+Decode (`test_attention_decode`): N_q = 1 new token per sequence (and 16, as speculative decoding verifies)
+against a KV cache of N_k keys, 32 query heads on 8 key/value heads (Llama 3 8B's GQA), no gradient: triton
+(the op's decode path, split over the keys), triton_full (the full forward kernel on the same call) and the SDPA
+backends with enable_gqa (GPU: bf16, B = 4, N_k = 8k, 32k, 128k, D = 128; CPU: the torch backend and SDPA).
+Target (H200): the decode path reads the cache at >= 70% of HBM bandwidth (roofline_fraction: the bytes of k,
+v, q and out over the measured copy bandwidth).
 Roofline: FLOPs over the measured matrix-product rate, counting 4 B H N^2 D for the forward and 2.5 times
 that for the backward (FlashAttention's convention), halved when causal. Peak extra memory: the CUDA
 allocator's peak; on the CPU the RSS growth of one step in a fresh process.
@@ -292,6 +299,42 @@ def varlen_fn(impl: str, extra):
     return sdpa
 
 
+# (B, N_q, N_k, D) of decode: one or 16 query rows per sequence against a cache of N_k keys.
+DECODE_HEADS, DECODE_KV_HEADS = 32, 8
+if SMOKE:
+    DECODE_PROBLEMS = [(1, 1, 256, 32)]
+elif DEVICE.type == "cuda":
+    DECODE_PROBLEMS = [(4, 1, n, 128) for n in (8192, 32768, 131072)] + [(4, 16, 32768, 128)]
+else:
+    DECODE_PROBLEMS = [(1, 1, n, 64) for n in (8192, 32768)]
+DECODE_IMPLS = ["triton", "triton_full", "sdpa_flash", "sdpa_efficient"] if DEVICE.type == "cuda" else ["torch", "sdpa"]
+
+
+@contextlib.contextmanager
+def full_kernel_path():
+    """The op with its decode path ruled out: the full forward kernel runs every call."""
+    limit = attention_op.DECODE_MAX_QUERIES
+    attention_op.DECODE_MAX_QUERIES = 0
+    try:
+        yield
+    finally:
+        attention_op.DECODE_MAX_QUERIES = limit
+
+
+def decode_fn(impl: str):
+    """A callable (q, k, v) -> out: causal attention of the last N_q positions against the whole cache."""
+    if impl in ("triton", "triton_full", "torch"):
+        return lambda q, k, v: tsa_fast.attention(q, k, v, causal=True)
+
+    def sdpa(q, k, v):  # one query (N_q = 1) sees every key; more: their band, bottom-right, as a bool mask
+        n_q, n_k = q.shape[2], k.shape[2]
+        mask = None if n_q == 1 else torch.ones(n_q, n_k, dtype=torch.bool, device=DEVICE).tril(n_k - n_q)
+        with contextlib.nullcontext() if impl == "sdpa" else sdpa_kernel([SDPA_BACKENDS[impl]]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    return sdpa
+
+
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", VARLEN_IMPLS)
 def test_attention_varlen(benchmark, impl, mode):
@@ -319,6 +362,37 @@ def test_attention_varlen(benchmark, impl, mode):
     pairs = sum(n * (n + 1) / 2 for n in VARLEN_LENGTHS)  # each sequence's visible (query, key) pairs, causal
     record_roofline(benchmark, DTYPE, flops=4 * HEADS * pairs * VARLEN_D * (3.5 if mode == "fwd+bwd" else 1))
     record_peak_memory(benchmark, lambda: step(fn, q, k, v, grad_out))
+
+
+@pytest.mark.parametrize("problem", DECODE_PROBLEMS, ids=[f"B{b}-Nq{q}-Nk{n}-D{d}" for b, q, n, d in DECODE_PROBLEMS])
+@pytest.mark.parametrize("impl", DECODE_IMPLS)
+def test_attention_decode(benchmark, impl, problem):
+    batch, n_q, n_k, d = problem
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    q = torch.randn(batch, DECODE_HEADS, n_q, d, device=DEVICE, generator=generator, dtype=DTYPE)
+    k, v = (torch.randn(batch, DECODE_KV_HEADS, n_k, d, device=DEVICE, generator=generator, dtype=DTYPE) for _ in "kv")
+    fn, path = decode_fn(impl), full_kernel_path if impl == "triton_full" else contextlib.nullcontext
+    try:
+        step(fn, q, k, v, None, path)  # warm-up: autotuning, compilation, first touch of memory
+    except RuntimeError as error:  # an SDPA backend that cannot run this problem on this device
+        pytest.skip(f"{impl}: {error}".splitlines()[0])
+    describe(
+        benchmark,
+        op="attention_decode",
+        mode="fwd",
+        impl=impl,
+        dtype=DTYPE,
+        size={"B": batch, "N_k": n_k},
+        x="N_k",
+        H=DECODE_HEADS,
+        H_kv=DECODE_KV_HEADS,
+        N_q=n_q,
+        D=d,
+    )
+    measure(benchmark, step, fn, q, k, v, None, path)
+    bytes_moved = (k.numel() + v.numel() + 2 * q.numel()) * q.element_size()  # the cache, q and out once
+    record_roofline(benchmark, DTYPE, bytes_moved=bytes_moved, flops=4 * batch * DECODE_HEADS * n_q * n_k * d)
+    record_peak_memory(benchmark, lambda: step(fn, q, k, v, None, path))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ python3 -c "import tsa_fast, tsa_fast._C as C; print('tsa_fast', tsa_fast.__file
 # leaves every kernel in Triton's disk cache for the timed runs (their timings, outcome and output discarded;
 # each timed run still autotunes by itself, alone on the GPU).
 # Worst case, every step at its timeout plus 3 s of grace after SIGINT: 15 (wheels) + 90 (build) + 63 (tests)
-# + 53 (compile warm-up) + 53 + 43 + 88 + 38 + 38 (benchmarks) + 15 (report) = 496 s = 8.27 min, plus the venv
+# + 53 (compile warm-up) + 53 + 43 + 98 + 38 + 38 (benchmarks) + 15 (report) = 506 s = 8.43 min, plus the venv
 # (seconds); typically far less. A suite stopped by its timeout (SIGINT) still writes the JSON of the benchmarks
 # it finished; each suite runs its fastest implementations (tsa_fast's) first.
 status=0
@@ -60,7 +60,7 @@ parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8) || echo "pytest-xdist missing: tests and warm-up in one process"
 # The gpu tests live in the kernels' test files (the engine's tests need none, and import pydantic).
 kernel_tests="tests/test_distillation_loss.py tests/test_fused_linear_distillation_loss.py tests/test_attention.py
-  tests/test_attention_varlen.py tests/test_attention_transfer_loss.py"
+  tests/test_attention_varlen.py tests/test_attention_decode.py tests/test_attention_transfer_loss.py"
 TSA_FAST_REQUIRE_BACKENDS=triton,cpp,torch run 60 python3 -m pytest $kernel_tests -q -m gpu "${parallel[@]}" \
   -p no:cacheprovider --junitxml="$out/gpu-tests.xml" 2>&1 | tail -15 | tee "$out/gpu-tests.txt" || status=1
 run 50 python3 -m pytest benchmarks/bench_*.py -q "${parallel[@]}" -p no:cacheprovider --benchmark-disable \
@@ -72,7 +72,7 @@ bench() {  # NAME TIMEOUT: one suite, its own JSON
 }
 bench distillation_loss 50
 bench fused_linear_distillation_loss 40
-bench attention 85  # with window 4096 at N = 32k and packed against padded sequences
+bench attention 95  # with window 4096 at N = 32k, packed against padded sequences, and the decode rows
 bench attention_transfer_loss 35
 bench distillation_step 35
 timeout 15 python3 -m benchmarks.report "$out" --out "$out" >/dev/null || status=1

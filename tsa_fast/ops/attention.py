@@ -79,7 +79,8 @@ def attention(
     differentiated), else the same math in PyTorch over chunks of query rows (`torch_attention_forward`). A
     forced TSA_FAST_BACKEND=cpp leaves this op on its default backend (it has no C++ kernel); float64 runs the
     reference (which materializes the scores) under any forced backend, and so do window and softcap on the
-    torch backend.
+    torch backend. On the triton backend, up to 16 query rows with no gradient to compute (generation against a
+    KV cache) run the decode kernels, split over the keys (`decode_applies`), with the same results.
     """
     _check_inputs(q, k, v, key_padding_mask)
     _check_options(causal, softmax_scale, return_lse)
@@ -102,7 +103,7 @@ def attention(
     else:
         left, right = (-1, -1) if window is None else (int(side) for side in window)
         cap = 0.0 if softcap is None else float(softcap)
-        out, lse = torch.ops.tsa_fast.flash_attention(q, k, v, key_padding_mask, causal, scale, left, right, cap)
+        out, lse = fused_attention(q, k, v, key_padding_mask, causal, scale, left, right, cap)
     return (out, lse) if return_lse else out
 
 
@@ -139,7 +140,7 @@ def scaled_dot_product_attention(
             enable_gqa=enable_gqa,
         )
     scale = default_scale(query) if scale is None else float(scale)
-    return torch.ops.tsa_fast.flash_attention(query, key, value, key_padding_mask, is_causal, scale)[0]
+    return fused_attention(query, key, value, key_padding_mask, is_causal, scale)[0]
 
 
 def _kernel_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[bool, Tensor | None]:
@@ -318,6 +319,54 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decode path (kernels/attention_decode.py): a few query rows against a long KV cache, split over the keys
+# (flash-decoding), forward only.
+
+DECODE_MAX_QUERIES = 16
+
+
+def decode_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the op runs the decode kernels: the triton backend, N_q <= DECODE_MAX_QUERIES, and no gradient to
+    compute (grad mode off, or no input that requires one): a gradient takes the full kernels, whose backward
+    recomputes what their forward tiles saw."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return q.shape[2] <= DECODE_MAX_QUERIES and not needs_grad and kernel_backend(q) == "triton"
+
+
+def fused_attention(q, k, v, key_padding_mask, causal, scale, left=-1, right=-1, softcap=0.0) -> tuple[Tensor, Tensor]:
+    """(out, lse) by `flash_attention_decode` where `decode_applies`, else by `flash_attention` (same arguments,
+    same results)."""
+    op = torch.ops.tsa_fast.flash_attention_decode if decode_applies(q, k, v) else torch.ops.tsa_fast.flash_attention
+    return op(q, k, v, key_padding_mask, causal, scale, left, right, softcap)
+
+
+@torch.library.custom_op("tsa_fast::flash_attention_decode", mutates_args=())
+def flash_attention_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """`flash_attention`'s (out, lse) by the Triton decode kernels (the triton backend only); not differentiable."""
+    out = q.new_empty((*q.shape[:3], v.shape[3]))
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    triton_kernels.attention_decode_forward(
+        q, k, v, key_padding_mask, out, lse, causal, softmax_scale, (window_left, window_right), softcap
+    )
+    return out, lse
+
+
+@flash_attention_decode.register_fake
+def _(q, k, v, key_padding_mask, causal, softmax_scale, window_left=-1, window_right=-1, softcap=0.0):
+    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
