@@ -1,0 +1,182 @@
+"""Cross-tokenizer alignment and vocabulary map (tsa_fast.cross_tokenizer): hand-built offsets, real BPE tokenizers
+of two vocabulary sizes, Hugging Face tokenizers, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tsa_fast.cross_tokenizer import byte_level_alphabet, special_ids, token_bytes, token_groups, vocabulary_map
+from tsa_fast.distill.data import train_tokenizer
+
+TEXT = [
+    "Return the number of items in the container; raise ValueError when the key is missing.",
+    "Unicode text: naïve café, Straße, 日本語のテキスト, emoji ✓ and → arrows, Ω ≈ 3.14.",
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away again.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizers_pair() -> tuple[Tokenizer, Tokenizer]:
+    return train_tokenizer(TEXT, 300), train_tokenizer(TEXT, 600)
+
+
+def ends_of(tokenizer: Tokenizer, text: str) -> tuple[list[int], np.ndarray]:
+    ids = tokenizer.encode(text).ids
+    pieces = token_bytes(tokenizer)
+    return ids, np.cumsum([len(pieces[i]) for i in ids])
+
+
+def test_byte_level_alphabet_is_the_tokenizers_one():
+    table = byte_level_alphabet()
+    assert set(table) == set(pre_tokenizers.ByteLevel.alphabet()) and sorted(table.values()) == list(range(256))
+    assert table["Ġ"] == ord(" ") and table["A"] == ord("A")
+
+
+def test_token_bytes_concatenate_to_the_text(tokenizers_pair):
+    for tokenizer in tokenizers_pair:
+        pieces = token_bytes(tokenizer)
+        for text in TEXT[:3] + ["unseen wörds ☃ \n\t tabs"]:
+            assert b"".join(pieces[i] for i in tokenizer.encode(text).ids) == text.encode()
+        assert pieces[tokenizer.token_to_id("<eos>")] == b"" and special_ids(tokenizer) == {0, 1}
+
+
+def test_identical_tokenizers_give_the_identity(tokenizers_pair):
+    tokenizer = tokenizers_pair[0]
+    ids, ends = ends_of(tokenizer, TEXT[1])
+    student, teacher = token_groups(ends, ends)
+    assert student.tolist() == list(range(len(ids))) and teacher.tolist() == student.tolist()
+    pairs = vocabulary_map(tokenizer, tokenizer)
+    assert pairs[:, 0].tolist() == pairs[:, 1].tolist() == list(range(tokenizer.get_vocab_size()))
+
+
+@pytest.mark.parametrize(
+    "student_ends, teacher_ends, student_groups, teacher_groups",
+    [
+        ([2, 4, 6], [4, 6], [0, 0, 1], [0, 1]),  # one teacher token = two student tokens
+        ([4, 6], [2, 4, 6], [0, 1], [0, 0, 1]),  # and the reverse
+        ([1, 3, 5, 8, 9], [2, 4, 6, 8, 9], [0, 0, 0, 0, 1], [0, 0, 0, 0, 1]),  # no shared boundary for a stretch
+        ([1, 2, 3], [3], [0, 0, 0], [0]),
+        ([3, 5], [2, 4], [-1, -1], [-1, -1]),  # no boundary in common after the start: no group
+        ([2, 5, 7], [2, 6], [0, -1, -1], [0, -1]),  # the ends differ: the tail after the last aligned boundary
+    ],
+)
+def test_hand_built_groups(student_ends, teacher_ends, student_groups, teacher_groups):
+    student, teacher = token_groups(student_ends, teacher_ends)
+    assert student.tolist() == student_groups and teacher.tolist() == teacher_groups
+    assert student.dtype == teacher.dtype == np.int64
+
+
+def test_unicode_characters_of_several_bytes():
+    """'añ✓b' is 1 + 2 + 3 + 1 bytes: the student splits ✓ (3 bytes) into 2 + 1 and 'añ' into 'a', 'ñ'; the
+    teacher has 'añ', '✓', 'b'."""
+    text = "añ✓b".encode()
+    student_pieces = [b"a", "ñ".encode(), "✓".encode()[:2], "✓".encode()[2:], b"b"]
+    teacher_pieces = ["añ".encode(), "✓".encode(), b"b"]
+    assert b"".join(student_pieces) == b"".join(teacher_pieces) == text
+    student, teacher = token_groups(
+        np.cumsum([len(p) for p in student_pieces]), np.cumsum([len(p) for p in teacher_pieces])
+    )
+    assert student.tolist() == [0, 0, 1, 1, 2] and teacher.tolist() == [0, 1, 2]
+
+
+def test_start_offsets_window_the_text():
+    """Windows that start at different offsets: tokens before the first boundary of both are in no group."""
+    student, teacher = token_groups([5, 7, 9], [7, 9], student_start=3, teacher_start=5)
+    assert student.tolist() == [-1, 0, 1] and teacher.tolist() == [0, 1]
+    student, teacher = token_groups([5, 7], [5, 7], student_start=3, teacher_start=4)
+    assert student.tolist() == [-1, 0] and teacher.tolist() == [-1, 0]  # (3, 5] and (4, 5] are not the same bytes
+
+
+def test_real_tokenizers_of_two_vocabulary_sizes(tokenizers_pair):
+    small, large = tokenizers_pair
+    small_pieces, large_pieces = token_bytes(small), token_bytes(large)
+    for text in TEXT[:3]:
+        s_ids, s_ends = ends_of(small, text)
+        t_ids, t_ends = ends_of(large, text)
+        assert len(s_ids) > len(t_ids) and s_ends[-1] == t_ends[-1] == len(text.encode())
+        student, teacher = token_groups(s_ends, t_ends)
+        # Both cover the whole text: every token is in a group, groups in order, each the same bytes on both sides.
+        assert (student >= 0).all() and (teacher >= 0).all() and (np.diff(student) >= 0).all()
+        assert student[-1] == teacher[-1] and (np.diff(teacher) >= 0).all()
+        for g in range(student[-1] + 1):
+            student_text = b"".join(small_pieces[i] for i, k in zip(s_ids, student) if k == g)
+            teacher_text = b"".join(large_pieces[i] for i, k in zip(t_ids, teacher) if k == g)
+            assert student_text == teacher_text and student_text, g
+        assert student[-1] + 1 > len(t_ids) // 2  # most boundaries are shared
+
+
+def test_vocabulary_map_of_real_tokenizers(tokenizers_pair):
+    small, large = tokenizers_pair
+    pairs = vocabulary_map(small, large)
+    small_pieces, large_pieces = token_bytes(small), token_bytes(large)
+    assert pairs.dtype == torch.int64 and pairs.shape[1] == 2
+    assert len(set(pairs[:, 0].tolist())) == len(pairs) == len(set(pairs[:, 1].tolist()))
+    for s, t in pairs.tolist():
+        assert small_pieces[s] == large_pieces[t] or (s, t) in {(0, 0), (1, 1)}
+    # Every byte string of the small vocabulary is also one of the large one (BPE on the same text: a prefix of merges).
+    assert len(pairs) == small.get_vocab_size()
+
+
+def sentencepiece_style(texts: list[str], vocab_size: int) -> Tokenizer:
+    """A BPE with SentencePiece's conventions: the word-boundary mark '▁' for spaces and <0xHH> byte fallbacks
+    (vocabulary entries of their own, as in Llama 2's tokenizer)."""
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    config = json.loads(tokenizer.to_str())
+    vocab = config["model"]["vocab"]
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    tokenizer = Tokenizer.from_str(json.dumps(config))
+    tokenizer.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    return tokenizer
+
+
+def test_vocabulary_map_decodes_each_tokenizers_own_pieces(tokenizers_pair):
+    """'▁the' (SentencePiece) and 'Ġthe' (byte-level) are both ' the'; '<0x41>' is the byte 'A'."""
+    byte_level = tokenizers_pair[1]
+    spm = sentencepiece_style(TEXT, 500)
+    pieces = token_bytes(spm)
+    assert pieces[spm.token_to_id("▁the")] == b" the" and pieces[spm.token_to_id("<0x41>")] == b"A"
+    pairs = dict(vocabulary_map(spm, byte_level).tolist())
+    assert pairs[spm.token_to_id("▁the")] == byte_level.token_to_id("Ġthe")
+    assert pairs[spm.token_to_id("<eos>")] == byte_level.token_to_id("<eos>")
+    # 'T' is both a byte fallback and (from the training text) a letter token: the lowest id maps, the other none.
+    letter, fallback = spm.token_to_id("T"), spm.token_to_id("<0x54>")
+    assert letter < fallback and pairs[letter] == byte_level.token_to_id("T") and fallback not in pairs
+
+
+def test_hugging_face_tokenizers(tokenizers_pair, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    small, large = tokenizers_pair
+    hf_small = PreTrainedTokenizerFast(tokenizer_object=small, eos_token="<eos>", pad_token="<pad>")
+    hf_small.save_pretrained(tmp_path)
+    loaded = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert vocabulary_map(loaded, large).tolist() == vocabulary_map(small, large).tolist()
+    assert token_bytes(loaded) == token_bytes(small)
+
+
+@pytest.mark.parametrize(
+    "student_ends, teacher_ends, kwargs, match",
+    [
+        ([3, 2], [3], {}, "student_ends must be strictly increasing"),
+        ([2, 3], [3, 3], {}, "teacher_ends must be strictly increasing"),
+        ([0, 3], [3], {}, "student_ends: the first token ends at 0"),
+        ([[1, 2]], [2], {}, "student_ends must be a 1-D"),
+        ([1.5, 2.0], [2], {}, "student_ends must be a 1-D sequence of integer"),
+        ([3], [3], {"teacher_start": -1}, "teacher_ends: the start offset -1"),
+        ([5], [3], {"student_start": 5}, "student_ends: the first token ends at 5, not after the start 5"),
+    ],
+)
+def test_bad_offsets_name_the_argument(student_ends, teacher_ends, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        token_groups(student_ends, teacher_ends, **kwargs)
+
+
+def test_bad_tokenizer_is_a_type_error(tokenizers_pair):
+    with pytest.raises(TypeError, match="teacher_tokenizer"):
+        vocabulary_map(tokenizers_pair[0], "gpt2")
