@@ -8,7 +8,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tsa_fast.cross_tokenizer import byte_level_alphabet, special_ids, token_bytes, token_groups, vocabulary_map
+from tsa_fast.cross_tokenizer import (
+    align_offsets,
+    alignment_from_groups,
+    byte_level_alphabet,
+    special_ids,
+    token_bytes,
+    token_groups,
+    vocabulary_map,
+)
 from tsa_fast.distill.data import train_tokenizer
 
 TEXT = [
@@ -175,6 +183,69 @@ def test_hugging_face_tokenizers(tokenizers_pair, tmp_path):
 def test_bad_offsets_name_the_argument(student_ends, teacher_ends, kwargs, match):
     with pytest.raises(ValueError, match=match):
         token_groups(student_ends, teacher_ends, **kwargs)
+
+
+def test_align_offsets_identity_and_merged_groups():
+    ids = [5, 6, 7]
+    identity = align_offsets([1, 3, 4], [1, 3, 4], ids, ids)
+    assert identity.student_rows.tolist() == identity.teacher_rows.tolist() == [0, 1, 2]
+    assert identity.student_prefix.tolist() == identity.teacher_prefix.tolist() == [-1, -1, -1]
+    assert identity.student_tokens.tolist() == ids
+    # Student 'ab' 'c' 'de' against teacher 'a' 'bc' 'd' 'e': groups 'abc' (student rows 0-1, teacher 0-1), 'de'.
+    merged = align_offsets([2, 3, 5], [1, 3, 4, 5], [10, 11, 12], [20, 21, 22, 23])
+    assert merged.student_rows.tolist() == [1, 2] and merged.teacher_rows.tolist() == [1, 3]
+    assert merged.student_prefix.tolist() == [0, -1, -1] and merged.teacher_prefix.tolist() == [0, -1, 1, -1]
+    assert merged.teacher_tokens.tolist() == [20, 21, 22, 23]
+    assert all(t.dtype == torch.int64 for t in merged)
+
+
+def test_alignment_from_groups_numbers_the_groups_of_a_batch():
+    student_group = torch.tensor([[-1, 0, 0, 1], [0, 1, 2, -1]])
+    teacher_group = torch.tensor([[-1, 0, 1], [0, 1, 2]])
+    tokens_s, tokens_t = torch.arange(8).view(2, 4), torch.tensor([[-100, 1, 2], [3, 4, -100]])
+    alignment = alignment_from_groups(student_group, teacher_group, tokens_s, tokens_t)
+    assert alignment.student_rows.tolist() == [2, 3, 4, 5, 6] and alignment.teacher_rows.tolist() == [1, 2, 3, 4, 5]
+    assert alignment.student_prefix.tolist() == [-1, 0, -1, -1, -1, -1, -1, -1]
+    assert alignment.teacher_prefix.tolist() == [-1] * 6 and alignment.teacher_tokens.tolist() == [0, 1, 2, 3, 4, 0]
+    with pytest.raises(ValueError, match="differ in number"):
+        alignment_from_groups(student_group, teacher_group[:, :2], tokens_s, tokens_t[:, :2])
+    with pytest.raises(ValueError, match="same shape"):
+        alignment_from_groups(student_group, teacher_group, tokens_s[:, :3], tokens_t)
+
+
+def test_identical_tokenizations_give_distillation_loss():
+    """The alignment of a text with itself, with the identity map, makes cross_tokenizer_loss's exact term the
+    distillation loss's soft term and its ULD term 0."""
+    import tsa_fast
+
+    torch.manual_seed(0)
+    ends = [2, 3, 7, 9]
+    ids = torch.tensor([3, 1, 4, 1])
+    alignment = align_offsets(ends, ends, ids, ids)
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    identity = torch.arange(6).repeat(2, 1).T.contiguous()
+    loss, parts = tsa_fast.cross_tokenizer_loss(
+        logits, logits, alignment, identity, temperature=2.0, uld_weight=1.0, return_parts=True
+    )
+    teacher = torch.randn(4, 6, dtype=torch.float64)
+    exact = tsa_fast.cross_tokenizer_loss(logits, teacher, alignment, identity, temperature=2.0, uld_weight=0.0)
+    assert abs(float(parts.uld)) < 1e-12 and abs(float(loss)) < 1e-12
+    expected = tsa_fast.distillation_loss(logits, teacher, None, temperature=2.0)
+    assert torch.allclose(exact, expected, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    "student_ends, teacher_ends, tokens, match",
+    [
+        ([1, 3], [1, 4], ([0, 0], [0, 0]), "do not cover the same text: they end at 3 and 4"),
+        ([], [2], ([], [0]), "do not cover the same text"),
+        ([1, 3], [3], ([0], [0]), "student_tokens must be one id per offset"),
+        ([2, 1], [1], ([0, 0], [0]), "student_ends must be strictly increasing"),
+    ],
+)
+def test_align_offsets_bad_input(student_ends, teacher_ends, tokens, match):
+    with pytest.raises(ValueError, match=match):
+        align_offsets(student_ends, teacher_ends, *tokens)
 
 
 def test_bad_tokenizer_is_a_type_error(tokenizers_pair):

@@ -1,14 +1,17 @@
 """Two tokenizations of one text: their alignment by byte offsets and their shared vocabulary.
 
     student_group, teacher_group = token_groups(student_ends, teacher_ends)   # per token: its group, -1: none
+    alignment = alignment_from_groups(student_group, teacher_group, ...)      # a batch's TokenAlignment
     vocab_map = vocabulary_map(student_tokenizer, teacher_tokenizer)          # (M, 2) int64 id pairs
+    loss = tsa_fast.cross_tokenizer_loss(student_logits, teacher_logits, alignment, vocab_map, labels)
 
 Offsets are byte offsets into the text's UTF-8 encoding: `ends[r]` is where token r ends, token r spans
 (ends[r - 1], ends[r]] (the first from the side's `start`). A boundary is an offset where a side ends a token (or
 its start); the aligned boundaries are those of both sides, and the stretch between two consecutive aligned
 boundaries is a group: one or more tokens on each side that cover exactly the same bytes. Tokens before the first
-or after the last aligned boundary are in no group (-1). Everything is vectorized (numpy), so a data pipeline
-aligns a whole token stream at once, before training.
+or after the last aligned boundary are in no group (-1). Everything is vectorized (numpy, torch), so a data
+pipeline aligns a whole token stream at once, before training (`tsa_fast.distill.data`), and a batch's
+alignment is index arithmetic on its examples' groups.
 
 A token's bytes are what the tokenizer's own decoder makes of its piece: byte-level pieces (GPT-2, Llama 3, the
 built-in BPE) through the byte-level alphabet, SentencePiece-style pieces with their word-boundary mark as a space
@@ -25,8 +28,19 @@ from functools import cache
 import numpy as np
 import torch
 from tokenizers import Tokenizer
+from torch import Tensor
 
-__all__ = ["byte_level_alphabet", "special_ids", "token_bytes", "token_groups", "vocabulary_map"]
+from tsa_fast.ops.cross_tokenizer_loss import TokenAlignment
+
+__all__ = [
+    "align_offsets",
+    "alignment_from_groups",
+    "byte_level_alphabet",
+    "special_ids",
+    "token_bytes",
+    "token_groups",
+    "vocabulary_map",
+]
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -195,3 +209,76 @@ def token_groups(
         return np.where((closing >= 1) & (closing < len(aligned)), closing - 1, -1)
 
     return groups(s), groups(t)
+
+
+def alignment_from_groups(
+    student_group: Tensor, teacher_group: Tensor, student_tokens: Tensor, teacher_tokens: Tensor
+) -> TokenAlignment:
+    """The `TokenAlignment` of a batch of B examples, over its flattened rows, from each row's group (`token_groups`
+    of each example: groups 0 ... G_b - 1 in order, -1 outside every group).
+
+    student_group, student_tokens: (B, N_s) int64, the group of each student row's predicted token and that token;
+    teacher_group, teacher_tokens: (B, N_t) likewise (tokens are read only where a row predicts the earlier token of
+    a group, so padding there may be any value; negative ones become 0). Example b's groups become groups
+    sum_{b' < b} G_b' + g. Raises ValueError when the shapes disagree or an example's two sides have a different
+    number of groups."""
+    if student_group.shape != student_tokens.shape or teacher_group.shape != teacher_tokens.shape:
+        raise ValueError(
+            f"groups and tokens must have the same shape: student {tuple(student_group.shape)} and"
+            f" {tuple(student_tokens.shape)}, teacher {tuple(teacher_group.shape)} and {tuple(teacher_tokens.shape)}"
+        )
+    if student_group.dim() != 2 or teacher_group.dim() != 2 or len(student_group) != len(teacher_group):
+        raise ValueError(
+            f"student_group (B, N_s) and teacher_group (B, N_t) must be 2-D with the same B, got"
+            f" {tuple(student_group.shape)} and {tuple(teacher_group.shape)}"
+        )
+    counts, teacher_counts = _group_counts(student_group), _group_counts(teacher_group)
+    if not torch.equal(counts, teacher_counts):
+        raise ValueError(f"the examples' student and teacher groups differ in number: {counts} and {teacher_counts}")
+    offsets = torch.cumsum(counts, 0) - counts
+    n_groups = int(counts.sum())
+
+    def side(group: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ids = torch.where(group >= 0, group + offsets[:, None], -1).flatten()
+        counted = ids >= 0
+        positions = torch.arange(len(ids), device=ids.device)
+        # The row of a group's last token: its rows are consecutive, so the largest.
+        rows = ids.new_zeros(n_groups).scatter_reduce_(0, ids[counted], positions[counted], "amax", include_self=False)
+        prefix = ids.clone()
+        prefix[rows] = -1
+        return rows, prefix, tokens.flatten().clamp_min(0)
+
+    student_rows, student_prefix, student_ids = side(student_group, student_tokens)
+    teacher_rows, teacher_prefix, teacher_ids = side(teacher_group, teacher_tokens)
+    return TokenAlignment(student_rows, teacher_rows, student_prefix, teacher_prefix, student_ids, teacher_ids)
+
+
+def _group_counts(group: Tensor) -> Tensor:
+    """(B,) the number of groups of each example (its largest group id + 1)."""
+    return (group.amax(dim=1) + 1).clamp_min(0) if group.shape[1] else group.new_zeros(len(group))
+
+
+def align_offsets(
+    student_ends: Sequence[int] | np.ndarray,
+    teacher_ends: Sequence[int] | np.ndarray,
+    student_tokens: Sequence[int] | Tensor,
+    teacher_tokens: Sequence[int] | Tensor,
+) -> TokenAlignment:
+    """The `TokenAlignment` of two tokenizations of one text: `*_ends` the byte offsets where each token ends (both
+    from offset 0 to the text's length), `*_tokens` the tokens' ids, row r of a side predicting its token r.
+
+    Raises ValueError naming the argument for offsets that are bad (`token_groups`) or that do not cover the same
+    text (different last offsets), or tokens that are not one per offset."""
+    s = _checked_offsets(student_ends, 0, "student_ends")
+    t = _checked_offsets(teacher_ends, 0, "teacher_ends")
+    if not s.size or not t.size or s[-1] != t[-1]:
+        raise ValueError(
+            "student_ends and teacher_ends do not cover the same text: they end at"
+            f" {s[-1] if s.size else 0} and {t[-1] if t.size else 0} bytes"
+        )
+    student_tokens, teacher_tokens = torch.as_tensor(student_tokens), torch.as_tensor(teacher_tokens)
+    for name, tokens, ends in (("student_tokens", student_tokens, s), ("teacher_tokens", teacher_tokens, t)):
+        if tuple(tokens.shape) != ends.shape:
+            raise ValueError(f"{name} must be one id per offset, shape {ends.shape}, got {tuple(tokens.shape)}")
+    student_group, teacher_group = (torch.from_numpy(g)[None] for g in token_groups(s, t))
+    return alignment_from_groups(student_group, teacher_group, student_tokens[None].long(), teacher_tokens[None].long())
