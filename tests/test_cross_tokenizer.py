@@ -17,7 +17,7 @@ from tsa_fast.cross_tokenizer import (
     token_groups,
     vocabulary_map,
 )
-from tsa_fast.distill.data import train_tokenizer
+from tsa_fast.distill.data import DataConfig, build_data, cross_tokenizer_blocks, lm_blocks, train_tokenizer
 
 TEXT = [
     "Return the number of items in the container; raise ValueError when the key is missing.",
@@ -251,3 +251,65 @@ def test_align_offsets_bad_input(student_ends, teacher_ends, tokens, match):
 def test_bad_tokenizer_is_a_type_error(tokenizers_pair):
     with pytest.raises(TypeError, match="teacher_tokenizer"):
         vocabulary_map(tokenizers_pair[0], "gpt2")
+
+
+# --- data: LM blocks in both tokenizations -----------------------------------------------------------------
+
+
+def test_cross_tokenizer_blocks_align_the_same_text(tokenizers_pair):
+    small, large = tokenizers_pair
+    documents = [TEXT[i % 3][: 20 + 7 * i] for i in range(30)]
+    student_ids = [e.ids for e in small.encode_batch(documents)]
+    teacher_ids = [e.ids for e in large.encode_batch(documents)]
+    sizes = [np.array([len(p) for p in token_bytes(t)]) for t in (small, large)]
+    seq_len = 64
+    blocks = cross_tokenizer_blocks(
+        student_ids, teacher_ids, *sizes, student_eos=1, teacher_eos=1, teacher_pad=0, seq_len=seq_len
+    )
+    plain = lm_blocks(student_ids, 1, seq_len)
+    assert torch.equal(blocks["input_ids"], plain["input_ids"]) and torch.equal(blocks["labels"], plain["labels"])
+    assert all(blocks[k].shape == plain["labels"].shape for k in ("teacher_input_ids", "teacher_labels"))
+    valid = blocks["teacher_labels"] != -100
+    assert torch.equal(
+        blocks["teacher_labels"][:, :-1][valid[:, :-1]], blocks["teacher_input_ids"][:, 1:][valid[:, :-1]]
+    )
+    small_pieces, large_pieces = token_bytes(small), token_bytes(large)
+    piece = lambda pieces, i: pieces[i] if i != 1 else b"\n"  # noqa: E731  (EOS: one separator byte)
+    covered = 0
+    for b in range(len(blocks["labels"])):
+        s_group, t_group = blocks["student_group"][b], blocks["teacher_group"][b]
+        n = int(s_group.max()) + 1
+        assert n == int(t_group.max()) + 1 and n > 0
+        for g in range(n):  # every group: the same bytes on both sides, its tokens consecutive
+            s_rows, t_rows = (s_group == g).nonzero().flatten(), (t_group == g).nonzero().flatten()
+            assert len(s_rows) and len(t_rows) and s_rows.diff().eq(1).all() and t_rows.diff().eq(1).all()
+            s_text = b"".join(piece(small_pieces, int(i)) for i in blocks["labels"][b, s_rows])
+            t_text = b"".join(piece(large_pieces, int(i)) for i in blocks["teacher_labels"][b, t_rows])
+            assert s_text == t_text, (b, g)
+        # Only the blocks' edges fall out of the groups (a group cut by the block on either side).
+        for group in (s_group, t_group[blocks["teacher_labels"][b] != -100]):
+            rows = (group >= 0).nonzero().flatten()
+            assert torch.equal(rows, torch.arange(int(rows[0]), int(rows[-1]) + 1))
+        covered += int((s_group >= 0).sum())
+    assert covered > 0.85 * blocks["labels"].numel()
+
+
+def test_build_data_with_a_teacher_tokenizer(tmp_path):
+    source = tmp_path / "docs.txt"
+    source.write_text("\n\n".join(f"{TEXT[i % 3]} Document {i}." for i in range(60)))
+    config = DataConfig(source=str(source), vocab_size=300, seq_len=16, cache_dir=str(tmp_path / "cache"))
+    teacher = build_data(config.model_copy(update={"vocab_size": 600}))
+    data = build_data(config, teacher.tokenizer)
+    plain = build_data(config)
+    assert data.teacher_tokenizer is teacher.tokenizer and "teacher tokens" in data.summary()
+    for name in ("train", "validation", "test"):
+        split = data.split(name)
+        assert torch.equal(split["input_ids"], plain.split(name)["input_ids"])
+        assert {"teacher_input_ids", "teacher_labels", "student_group", "teacher_group"} <= set(split)
+        assert split["teacher_input_ids"].max() < teacher.vocab_size
+    pieces = token_bytes(data.tokenizer)
+    labels = data.test["labels"]
+    assert data.test["label_bytes"].tolist() == [[len(pieces[i]) for i in row] for row in labels.tolist()]
+    assert "label_bytes" not in data.train and "label_bytes" in teacher.validation
+    with pytest.raises(ValueError, match="task='lm'"):
+        build_data(config.model_copy(update={"task": "classify"}), teacher.tokenizer)
