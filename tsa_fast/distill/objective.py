@@ -4,7 +4,9 @@
          + hidden_weight * mean over mapped layers of MSE or (1 - cosine) of W h_s and h_t
          + attention_weight * mean over mapped layers and relations of KL(A_t || A_s)
 
-Without a teacher (teacher pre-training, the baseline student) it is the cross-entropy to the labels.
+Without a teacher (teacher pre-training, the baseline student) it is the cross-entropy to the labels. With a
+teacher of another tokenizer (targets with an alignment) the logit part is `cross_tokenizer_loss` over the
+batch's aligned spans (`loss.cross_tokenizer`).
 Weights and temperature may follow a `Schedule` over training progress. The logit part (`output_loss`)
 is also what adversarial training applies to perturbed inputs. The learned projection W (student width
 to teacher width, TinyBERT-style, one shared matrix) lives here and trains with the student.
@@ -21,6 +23,7 @@ from tsa_fast.distill.protocols import Model, ModelShape
 from tsa_fast.distill.teachers import TeacherTargets
 from tsa_fast.models import default_layer_map, gathered
 from tsa_fast.ops.attention_transfer_loss import attention_transfer_loss
+from tsa_fast.ops.cross_tokenizer_loss import cross_tokenizer_loss
 from tsa_fast.ops.distillation_loss import distillation_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
 
@@ -72,6 +75,8 @@ class DistillationObjective(nn.Module):
             logits = student_head(student, out, batch, self.task)
             return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
         c = self.config
+        if teacher.alignment is not None:
+            return self.cross_tokenizer_output_loss(student, out, labels, teacher, progress)
         options = dict(
             divergence=c.divergence,
             beta=c.beta,
@@ -96,6 +101,27 @@ class DistillationObjective(nn.Module):
                     **options,
                 )
         return distillation_loss(student_head(student, out, batch, self.task), teacher.full_logits(), labels, **options)
+
+    def cross_tokenizer_output_loss(
+        self, student: Model, out, labels: Tensor, teacher: TeacherTargets, progress: float
+    ) -> Tensor:
+        """`cross_tokenizer_loss` of the student's rows against the teacher's own rows (`teacher.alignment`,
+        `teacher.vocab_map`), its two terms times logit_weight, plus the hard cross-entropy."""
+        c, logit_weight = self.config, value_at(self.config.logit_weight, progress)
+        return cross_tokenizer_loss(
+            student.logits(out.hidden).flatten(0, 1),
+            teacher.full_logits().flatten(0, 1),
+            teacher.alignment,
+            teacher.vocab_map,
+            labels.flatten(),
+            divergence=c.divergence,
+            beta=c.beta,
+            temperature=self.temperature(progress),
+            exact_weight=logit_weight * c.cross_tokenizer.exact_weight,
+            uld_weight=logit_weight * c.cross_tokenizer.uld_weight,
+            uld_top_k=c.cross_tokenizer.uld_top_k,
+            hard_weight=value_at(c.hard_weight, progress),
+        )
 
     def forward(
         self, student: Model, out, batch: dict[str, Tensor], teacher: TeacherTargets | None, progress: float
