@@ -17,7 +17,15 @@ from tsa_fast.cross_tokenizer import (
     token_groups,
     vocabulary_map,
 )
+from tsa_fast.distill.batches import take
+from tsa_fast.distill.config import LossConfig
 from tsa_fast.distill.data import DataConfig, build_data, cross_tokenizer_blocks, lm_blocks, train_tokenizer
+from tsa_fast.distill.objective import DistillationObjective
+from tsa_fast.distill.teachers import OwnTokenizerTeachers, Teachers
+from tsa_fast.models import Transformer, TransformerConfig
+from tsa_fast.ops.cross_tokenizer_loss import cross_tokenizer_loss
+from tsa_fast.recipes.lm import load_config
+from tsa_fast.reference.distillation_loss import distillation_loss as reference_distillation_loss
 
 TEXT = [
     "Return the number of items in the container; raise ValueError when the key is missing.",
@@ -295,11 +303,10 @@ def test_cross_tokenizer_blocks_align_the_same_text(tokenizers_pair):
 
 
 def test_build_data_with_a_teacher_tokenizer(tmp_path):
-    source = tmp_path / "docs.txt"
-    source.write_text("\n\n".join(f"{TEXT[i % 3]} Document {i}." for i in range(60)))
-    config = DataConfig(source=str(source), vocab_size=300, seq_len=16, cache_dir=str(tmp_path / "cache"))
-    teacher = build_data(config.model_copy(update={"vocab_size": 600}))
-    data = build_data(config, teacher.tokenizer)
+    data, teacher = small_lm_data(tmp_path, 300, 600)
+    config = DataConfig(
+        source=str(tmp_path / "docs.txt"), vocab_size=300, seq_len=16, cache_dir=str(tmp_path / "cache")
+    )
     plain = build_data(config)
     assert data.teacher_tokenizer is teacher.tokenizer and "teacher tokens" in data.summary()
     for name in ("train", "validation", "test"):
@@ -313,3 +320,96 @@ def test_build_data_with_a_teacher_tokenizer(tmp_path):
     assert "label_bytes" not in data.train and "label_bytes" in teacher.validation
     with pytest.raises(ValueError, match="task='lm'"):
         build_data(config.model_copy(update={"task": "classify"}), teacher.tokenizer)
+
+
+# --- engine: the teacher source and the objective -----------------------------------------------------------
+
+
+def small_lm_data(tmp_path, vocab_size: int, teacher_vocab_size: int):
+    source = tmp_path / "docs.txt"
+    source.write_text("\n\n".join(f"{TEXT[i % 3]} Document {i}." for i in range(60)))
+    config = DataConfig(source=str(source), vocab_size=vocab_size, seq_len=16, cache_dir=str(tmp_path / "cache"))
+    teacher = build_data(config.model_copy(update={"vocab_size": teacher_vocab_size}))
+    return build_data(config, teacher.tokenizer), teacher
+
+
+def test_same_tokenizer_teacher_through_the_cross_tokenizer_path_is_the_distillation_loss(tmp_path):
+    """A 'teacher tokenizer of its own' that is the student's: the alignment is the identity, and with uld_weight=0
+    the objective is the same-tokenizer distillation loss of the same logits."""
+    data, teacher_data = small_lm_data(tmp_path, 300, 300)
+    torch.manual_seed(0)
+    shape = dict(vocab_size=data.vocab_size, max_seq_len=16, d_model=16, n_heads=2)
+    teacher_cfg, student_cfg = TransformerConfig(**shape, n_layers=2), TransformerConfig(**shape, n_layers=1)
+    teacher, student = Transformer(teacher_cfg), Transformer(student_cfg)
+    source = OwnTokenizerTeachers(
+        Teachers([teacher], [1.0], "lm"), vocabulary_map(data.tokenizer, teacher_data.tokenizer)
+    ).to(torch.device("cpu"))
+    batch = take(data.train, torch.tensor([3, 0, 7]), torch.device("cpu"))
+    assert torch.equal(batch["teacher_input_ids"], batch["input_ids"])
+    targets = source.targets(batch, 2.0)
+    assert targets.alignment.student_rows.tolist() == list(range(48)) == targets.alignment.teacher_rows.tolist()
+    assert (targets.alignment.student_prefix == -1).all() and len(targets.vocab_map) == data.vocab_size
+    config = LossConfig(temperature=2.0, hard_weight=0.3, cross_tokenizer={"uld_weight": 0.0})
+    objective = DistillationObjective(config, "lm", student_cfg, teacher_cfg)
+    loss, terms = objective(student, student(batch["input_ids"]), batch, targets, progress=0.0)
+    expected = reference_distillation_loss(
+        student.logits(student(batch["input_ids"]).hidden).double(),
+        teacher.logits(teacher(batch["input_ids"]).hidden).double(),
+        batch["labels"],
+        temperature=2.0,
+        hard_weight=0.3,
+    )
+    assert torch.allclose(loss.double(), expected, rtol=1e-5) and set(terms) == {"logit"}
+    with pytest.raises(ValueError, match="no hidden states"):
+        source.targets(batch, 2.0, hidden_states=True)
+
+
+def test_objective_calls_the_cross_tokenizer_loss_with_the_batchs_alignment(tmp_path):
+    data, teacher_data = small_lm_data(tmp_path, 300, 600)
+    torch.manual_seed(0)
+    teacher_cfg = TransformerConfig(
+        vocab_size=teacher_data.vocab_size, max_seq_len=16, d_model=16, n_heads=2, n_layers=1
+    )
+    student_cfg = teacher_cfg.model_copy(update={"vocab_size": data.vocab_size})
+    teacher, student = Transformer(teacher_cfg), Transformer(student_cfg)
+    vocab_map = vocabulary_map(data.tokenizer, teacher_data.tokenizer)
+    source = OwnTokenizerTeachers(Teachers([teacher], [1.0], "lm"), vocab_map)
+    batch = take(data.train, torch.tensor([1, 2]), torch.device("cpu"))
+    targets = source.targets(batch, 1.5)
+    assert targets.logits.shape == (2, 16, teacher_data.vocab_size)
+    config = LossConfig(temperature=1.5, hard_weight=0.2, logit_weight=0.5, cross_tokenizer={"uld_top_k": 8})
+    out = student(batch["input_ids"])
+    loss, _ = DistillationObjective(config, "lm", student_cfg, teacher_cfg)(student, out, batch, targets, 0.0)
+    expected = cross_tokenizer_loss(
+        student.logits(out.hidden).flatten(0, 1),
+        targets.logits.flatten(0, 1),
+        targets.alignment,
+        vocab_map,
+        batch["labels"].flatten(),
+        temperature=1.5,
+        exact_weight=0.5,
+        uld_weight=0.5,
+        uld_top_k=8,
+        hard_weight=0.2,
+    )
+    assert torch.equal(loss, expected) and loss > 0
+    loss.backward()
+    assert student.lm_head_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["teachers.0.tokenizer={vocab_size: 600}", "teacher_cache.enabled=true"], "teacher_cache.enabled=false"),
+        (["teachers.0.tokenizer={vocab_size: 600}", "loss.hidden_weight=1"], "loss.hidden_weight=0"),
+        (["teachers.0.tokenizer={vocab_size: 600}", "data.task=classify"], "data.task='lm'"),
+        (["teachers.0.tokenizer={vocab_size: 600}", "loss.scale_by_t2=false"], "scale_by_t2=true"),
+        (["teachers=[{tokenizer: {vocab_size: 600}}, {}]"], "the same for every teacher"),
+        (["same_tokenizer_compare=true"], "needs teachers"),
+        (["teachers.0.tokenizer={vocab_size: 100}"], "vocab_size"),
+        (["loss.cross_tokenizer.uld_top_k=0"], "uld_top_k"),
+    ],
+)
+def test_cross_tokenizer_config_errors_name_the_option(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides)
