@@ -11,7 +11,7 @@ Math (P = softmax(c(z_t) / T), Q = softmax(c(z_s) / T), c = softcap * tanh(. / s
 number or one per row, soft_scale = soft_weight * (T^2 if scale_by_t2 else 1), per row with T):
     loss = soft_scale * D(P, Q) + hard_weight * CE_eps(softmax(c(z_s)), label)
     dloss/dc(z_s) = soft_scale / T * (qg - Q * sum(qg)) + hard_weight * (Q1 - (1 - eps) onehot - eps / K)
-with qg = Q * dD/dQ per element (`_divergence_terms`); for forward KL qg = -P and sum(qg) = -1. A term of
+with qg = Q * dD/dQ per element (`divergence_terms`); for forward KL qg = -P and sum(qg) = -1. A term of
 weight 0 contributes nothing (not 0 * inf).
 
 Tiling: one program owns BLOCK_ROWS rows and sweeps the vocabulary in BLOCK_V-wide tiles:
@@ -75,7 +75,7 @@ def _expm1(x):
 
 
 @triton.jit
-def _half_log_prob(x, m, log_d):
+def half_log_prob(x, m, log_d):
     """Half the log-softmax, (x - m - log d) / 2, as (x/2 - m/2) - log(d)/2: near the fp32 limit (+-3.4e38)
     x - m and log-probabilities pass fp32's range (-6e38) where q log(q / p) is still finite. Halving is exact:
     elsewhere this is exactly half the log-probability."""
@@ -83,7 +83,7 @@ def _half_log_prob(x, m, log_d):
 
 
 @triton.jit
-def _divergence_terms(p, q, half_log_p, half_log_q, beta, DIVERGENCE: tl.constexpr):
+def divergence_terms(p, q, half_log_p, half_log_q, beta, DIVERGENCE: tl.constexpr):
     """Per element: the divergence summand d and qg = q * dD/dq, from the probabilities and half their logs
     (a log(a/b) as 2 (a (h_a - h_b)): finite wherever it is). Zero-probability terms are exactly 0; a NaN
     probability (a NaN or +inf logit, a row of only -inf) makes both NaN."""
@@ -201,10 +201,10 @@ def _distillation_loss_fwd_kernel(
             mask = counted[:, None] & (start + cols < n_cols)
             c_s, _ = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
             c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
-            half_log_q = _half_log_prob(c_s * inv_t, m_s, log_d_s)
-            half_log_p = _half_log_prob(c_t * inv_t, m_t, log_d_t)
+            half_log_q = half_log_prob(c_s * inv_t, m_s, log_d_s)
+            half_log_p = half_log_prob(c_t * inv_t, m_t, log_d_t)
             p, q = tl.exp(2.0 * half_log_p), tl.exp(2.0 * half_log_q)
-            _, qg = _divergence_terms(p, q, half_log_p, half_log_q, beta, DIVERGENCE)
+            _, qg = divergence_terms(p, q, half_log_p, half_log_q, beta, DIVERGENCE)
             qg_sum += tl.sum(tl.where(mask, qg, 0.0).to(tl.float64), axis=1)
 
     # Pass 3: the divergence, and the gradient tile written once (zeros for ignored rows).
@@ -216,10 +216,10 @@ def _distillation_loss_fwd_kernel(
         mask = counted[:, None] & in_cols
         c_s, dc_s = _load_capped(student_rows + start + cols, mask, softcap, HAS_SOFTCAP)
         c_t, _ = _load_capped(teacher_rows + start + cols, mask, softcap, HAS_SOFTCAP)
-        half_log_q = _half_log_prob(c_s * inv_t, m_s, log_d_s)
-        half_log_p = _half_log_prob(c_t * inv_t, m_t, log_d_t)
+        half_log_q = half_log_prob(c_s * inv_t, m_s, log_d_s)
+        half_log_p = half_log_prob(c_t * inv_t, m_t, log_d_t)
         q = tl.exp(2.0 * half_log_q)
-        d, qg = _divergence_terms(tl.exp(2.0 * half_log_p), q, half_log_p, half_log_q, beta, DIVERGENCE)
+        d, qg = divergence_terms(tl.exp(2.0 * half_log_p), q, half_log_p, half_log_q, beta, DIVERGENCE)
         div += tl.sum(tl.where(mask, d, 0.0).to(tl.float64), axis=1)
         if COMPUTE_GRAD:
             # A weight of 0 contributes nothing, also where the divergence is infinite (not 0 * inf = NaN).

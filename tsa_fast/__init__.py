@@ -6,6 +6,7 @@ from tsa_fast.ops.attention import attention, scaled_dot_product_attention
 from tsa_fast.ops.attention_transfer_loss import attention_transfer_loss
 from tsa_fast.ops.cross_tokenizer_loss import CrossTokenizerParts, TokenAlignment, cross_tokenizer_loss
 from tsa_fast.ops.distillation_loss import LossParts, distillation_loss
+from tsa_fast.ops.fused_linear_cross_tokenizer_loss import fused_linear_cross_tokenizer_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "available_backends",
     "cross_tokenizer_loss",
     "distillation_loss",
+    "fused_linear_cross_tokenizer_loss",
     "fused_linear_distillation_loss",
     "nn",
     "scaled_dot_product_attention",

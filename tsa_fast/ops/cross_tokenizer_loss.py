@@ -13,7 +13,7 @@ exact-match divergence with its gradient through the column map (read in place, 
 kernels), and one write of each gradient row. The gradient of every term is a per-row multiple of the
 row's softmax plus a few entries (the top k, the actual tokens, the labels, the mapped columns):
 
-    ULD, group row:  c_s q_j (sign_tail - u) + [j in top k] c_s q_j (sign_j - sign_tail)
+    ULD, group row:  c_s q_j ([j in top k] (sign_j - sign_tail) - sum_top (sign_i - sign_tail) q_i)
     ULD, prefix row: u c_s (onehot(token) - q_j)           u = sum_top sign_i q_i + sign_tail tail_s
     hard:            q1_j - onehot(label)
 (each over T, and dL/dc_s = u through the group scale), so the top k (torch.topk) is all ULD reads.
@@ -21,6 +21,7 @@ row's softmax plus a few entries (the top k, the actual tokens, the labels, the 
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -135,6 +136,22 @@ def cross_tokenizer_loss(
         student_logits, teacher_logits.detach(), alignment, vocab_map, labels, options
     )
     return (loss, CrossTokenizerParts(exact, uld, hard)) if return_parts else loss
+
+
+# The keyword options of the loss and their defaults, shared by the fused-linear form.
+CROSS_TOKENIZER_OPTIONS = {
+    name: p.default
+    for name, p in inspect.signature(cross_tokenizer_loss).parameters.items()
+    if p.kind is p.KEYWORD_ONLY
+}
+
+
+def cross_tokenizer_options(options: dict) -> dict:
+    """The keyword options given, over their defaults; a TypeError names any unknown one."""
+    unknown = sorted(set(options) - set(CROSS_TOKENIZER_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown options {unknown}; valid: {sorted(CROSS_TOKENIZER_OPTIONS)}")
+    return {**CROSS_TOKENIZER_OPTIONS, **options}
 
 
 # ---- Argument checks --------------------------------------------------------------------------------------
@@ -268,6 +285,7 @@ class RowStatistics(NamedTuple):
     token_logprobs: Tensor  # (N,) log-probability at T of tokens[r] where prefix[r] >= 0, else 0
     lse_hard: Tensor | None  # (N,) log-sum-exp at T = 1 (the student with a hard term), else None
     nll: Tensor | None  # (N,) -log softmax(z)[label] of counted rows, else 0; None without a hard term
+    vocab: int  # V
 
 
 def row_statistics(
@@ -292,7 +310,7 @@ def row_statistics(
         counted = labels != ignore_index
         label_logit = logits.gather(1, torch.where(counted, labels, 0)[:, None]).squeeze(1).to(dtype)
         nll = torch.where(counted, lse_hard - label_logit, 0.0)
-    return RowStatistics(lse, top_logprobs, top.indices, token_logprobs, lse_hard, nll)
+    return RowStatistics(lse, top_logprobs, top.indices, token_logprobs, lse_hard, nll, logits.shape[1])
 
 
 def group_scales(stats: RowStatistics, prefix: Tensor, n_groups: int) -> Tensor:
@@ -358,19 +376,27 @@ def uld_and_plan(
         p_top = teacher.top_logprobs[t_rows].exp()  # (G, k_t)
         k_s, k = q_top.shape[1], max(q_top.shape[1], p_top.shape[1])
         # The tails in float64: 1 - (sum of the top k) cancels where the top k hold nearly all the mass.
-        tail_s = (1.0 - q_top.sum(1, dtype=torch.float64)).to(dtype)
-        tail_t = (1.0 - p_top.sum(1, dtype=torch.float64)).to(dtype)
+        # Exactly 0 where the top k are the whole vocabulary.
+        tail_s = (1.0 - q_top.sum(1, dtype=torch.float64)).to(dtype) * (k_s < student.vocab)
+        tail_t = (1.0 - p_top.sum(1, dtype=torch.float64)).to(dtype) * (p_top.shape[1] < teacher.vocab)
         pad = lambda x: torch.nn.functional.pad(x, (0, k - x.shape[1]))  # noqa: E731  (a vocabulary under k)
         difference = c_s[:, None] * pad(q_top) - c_t[:, None] * pad(p_top)
         tail_difference = c_s * tail_s - c_t * tail_t
         uld = difference.abs().sum(1) + tail_difference.abs()
-        sign, sign_tail = difference[:, :k_s].sign(), tail_difference.sign()
-        u = (sign * q_top).sum(1) + sign_tail * tail_s  # dL/dc_s
+        # The group row's gradient is c_s q_j (g_j - u), g_j = sign_j on the top k and sign_tail elsewhere,
+        # u = sum_j g_j q_j. With sum(q) = 1 - tail_s it is c_s q_j ((g_j - pivot) - sum_top (sign_i - pivot) q_i)
+        # for any pivot: sign_tail (g_j - pivot = 0 off the top k), or without a tail the top token's sign. It
+        # then vanishes exactly where every sign agrees, with no 1 - sum(q) cancellation.
+        sign = difference[:, :k_s].sign()
+        pivot = tail_difference.sign() if k_s < student.vocab else sign[:, 0]
+        top_sign = sign - pivot[:, None]
+        u_top = (top_sign * q_top).sum(1)
+        u = pivot + u_top  # dL/dc_s
         scale = weights.uld * inv_t * c_s
-        dense.index_add_(0, s_rows, scale * (sign_tail - u))
+        dense.index_add_(0, s_rows, -scale * u_top)
         rows.append(s_rows[:, None].expand(-1, k_s).reshape(-1))
         cols.append(student.top_indices[s_rows].reshape(-1))
-        values.append((scale[:, None] * q_top * (sign - sign_tail[:, None])).reshape(-1))
+        values.append((scale[:, None] * q_top * top_sign).reshape(-1))
         # Prefix rows: d c_s / d z_r = c_s (onehot(token) - q_r) / T.
         prefix = alignment.student_prefix
         has_token = prefix >= 0
@@ -415,6 +441,12 @@ def chunk_gradient(
     return grad
 
 
+def loss_parts(exact: Tensor, uld: Tensor, nll: Tensor, weights: Weights, options: dict) -> tuple[Tensor, ...]:
+    """The weighted, reduced (exact, uld, hard) parts from the per-group and per-row terms."""
+    t2 = options["temperature"] ** 2
+    return weights.exact * t2 * exact.sum(), weights.uld * uld.sum(), weights.hard * nll.sum()
+
+
 class _CrossTokenizerLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, alignment, vocab_map, labels, options):
@@ -436,8 +468,7 @@ class _CrossTokenizerLoss(torch.autograd.Function):
         exact = exact_rows(
             grad, student, teacher, alignment.student_rows, alignment.teacher_rows, vocab_map, weights, options, backend
         )
-        t2 = options["temperature"] ** 2
-        parts = (weights.exact * t2 * exact.sum(), weights.uld * uld.sum(), weights.hard * nll.sum())
+        parts = loss_parts(exact, uld, nll, weights, options)
         ctx.save_for_backward(grad)
         ctx.student_dtype = student.dtype
         ctx.mark_non_differentiable(*parts)
