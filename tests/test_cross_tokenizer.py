@@ -364,7 +364,10 @@ def test_same_tokenizer_teacher_through_the_cross_tokenizer_path_is_the_distilla
         source.targets(batch, 2.0, hidden_states=True)
 
 
-def test_objective_calls_the_cross_tokenizer_loss_with_the_batchs_alignment(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_objective_calls_the_cross_tokenizer_loss_with_the_batchs_alignment(fused, tmp_path):
+    """The objective's loss is cross_tokenizer_loss of the batch's alignment (fused: the fused linear form, the
+    teacher as hidden + weight)."""
     data, teacher_data = small_lm_data(tmp_path, 300, 600)
     torch.manual_seed(0)
     teacher_cfg = TransformerConfig(
@@ -375,14 +378,16 @@ def test_objective_calls_the_cross_tokenizer_loss_with_the_batchs_alignment(tmp_
     vocab_map = vocabulary_map(data.tokenizer, teacher_data.tokenizer)
     source = OwnTokenizerTeachers(Teachers([teacher], [1.0], "lm"), vocab_map)
     batch = take(data.train, torch.tensor([1, 2]), torch.device("cpu"))
-    targets = source.targets(batch, 1.5)
-    assert targets.logits.shape == (2, 16, teacher_data.vocab_size)
-    config = LossConfig(temperature=1.5, hard_weight=0.2, logit_weight=0.5, cross_tokenizer={"uld_top_k": 8})
+    targets = source.targets(batch, 1.5, fused=fused)
+    assert (targets.logits is None) == fused and targets.full_logits().shape == (2, 16, teacher_data.vocab_size)
+    config = LossConfig(
+        temperature=1.5, hard_weight=0.2, logit_weight=0.5, fused=fused, cross_tokenizer={"uld_top_k": 8}
+    )
     out = student(batch["input_ids"])
     loss, _ = DistillationObjective(config, "lm", student_cfg, teacher_cfg)(student, out, batch, targets, 0.0)
     expected = cross_tokenizer_loss(
         student.logits(out.hidden).flatten(0, 1),
-        targets.logits.flatten(0, 1),
+        targets.full_logits().flatten(0, 1),
         targets.alignment,
         vocab_map,
         batch["labels"].flatten(),
@@ -392,7 +397,7 @@ def test_objective_calls_the_cross_tokenizer_loss_with_the_batchs_alignment(tmp_
         uld_top_k=8,
         hard_weight=0.2,
     )
-    assert torch.equal(loss, expected) and loss > 0
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=0) and loss > 0
     loss.backward()
     assert student.lm_head_weight.grad.abs().sum() > 0
 

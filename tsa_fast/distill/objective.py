@@ -25,6 +25,7 @@ from tsa_fast.models import default_layer_map, gathered
 from tsa_fast.ops.attention_transfer_loss import attention_transfer_loss
 from tsa_fast.ops.cross_tokenizer_loss import cross_tokenizer_loss
 from tsa_fast.ops.distillation_loss import distillation_loss
+from tsa_fast.ops.fused_linear_cross_tokenizer_loss import fused_linear_cross_tokenizer_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
 
 
@@ -105,15 +106,15 @@ class DistillationObjective(nn.Module):
     def cross_tokenizer_output_loss(
         self, student: Model, out, labels: Tensor, teacher: TeacherTargets, progress: float
     ) -> Tensor:
-        """`cross_tokenizer_loss` of the student's rows against the teacher's own rows (`teacher.alignment`,
-        `teacher.vocab_map`), its two terms times logit_weight, plus the hard cross-entropy."""
+        """The cross-tokenizer loss of the student's rows against the teacher's own rows (`teacher.alignment`,
+        `teacher.vocab_map`), its two terms times logit_weight, plus the hard cross-entropy: with `fused` and a
+        teacher given as hidden + weight, `fused_linear_cross_tokenizer_loss` (no N x V logits), else
+        `cross_tokenizer_loss` of the logits."""
         c, logit_weight = self.config, value_at(self.config.logit_weight, progress)
-        return cross_tokenizer_loss(
-            student.logits(out.hidden).flatten(0, 1),
-            teacher.full_logits().flatten(0, 1),
-            teacher.alignment,
-            teacher.vocab_map,
-            labels.flatten(),
+        options = dict(
+            alignment=teacher.alignment,
+            vocab_map=teacher.vocab_map,
+            labels=labels.flatten(),
             divergence=c.divergence,
             beta=c.beta,
             temperature=self.temperature(progress),
@@ -121,6 +122,19 @@ class DistillationObjective(nn.Module):
             uld_weight=logit_weight * c.cross_tokenizer.uld_weight,
             uld_top_k=c.cross_tokenizer.uld_top_k,
             hard_weight=value_at(c.hard_weight, progress),
+        )
+        if c.fused and teacher.logits is None:
+            with gathered(student.lm_head_weight, teacher.weight):  # ZeRO-3: whole for the loss only
+                return fused_linear_cross_tokenizer_loss(
+                    out.hidden.flatten(0, 1),
+                    student.lm_head_weight,
+                    teacher.hidden.flatten(0, 1),
+                    teacher.weight,
+                    chunk_size=c.chunk_size,
+                    **options,
+                )
+        return cross_tokenizer_loss(
+            student.logits(out.hidden).flatten(0, 1), teacher.full_logits().flatten(0, 1), **options
         )
 
     def forward(
