@@ -2,10 +2,12 @@
 of two vocabulary sizes, Hugging Face tokenizers, bad input."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tsa_fast.cross_tokenizer import (
@@ -20,6 +22,7 @@ from tsa_fast.cross_tokenizer import (
 from tsa_fast.distill.batches import take
 from tsa_fast.distill.config import LossConfig
 from tsa_fast.distill.data import DataConfig, build_data, cross_tokenizer_blocks, lm_blocks, train_tokenizer
+from tsa_fast.distill.evaluate import evaluate
 from tsa_fast.distill.objective import DistillationObjective
 from tsa_fast.distill.teachers import OwnTokenizerTeachers, Teachers
 from tsa_fast.models import Transformer, TransformerConfig
@@ -302,6 +305,14 @@ def test_cross_tokenizer_blocks_align_the_same_text(tokenizers_pair):
     assert covered > 0.85 * blocks["labels"].numel()
 
 
+def small_lm_data(tmp_path, vocab_size: int, teacher_vocab_size: int):
+    source = tmp_path / "docs.txt"
+    source.write_text("\n\n".join(f"{TEXT[i % 3]} Document {i}." for i in range(60)))
+    config = DataConfig(source=str(source), vocab_size=vocab_size, seq_len=16, cache_dir=str(tmp_path / "cache"))
+    teacher = build_data(config.model_copy(update={"vocab_size": teacher_vocab_size}))
+    return build_data(config, teacher.tokenizer), teacher
+
+
 def test_build_data_with_a_teacher_tokenizer(tmp_path):
     data, teacher = small_lm_data(tmp_path, 300, 600)
     config = DataConfig(
@@ -322,15 +333,24 @@ def test_build_data_with_a_teacher_tokenizer(tmp_path):
         build_data(config.model_copy(update={"task": "classify"}), teacher.tokenizer)
 
 
+def test_bits_per_byte_is_the_nll_over_the_bytes_of_the_predicted_text():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=20, max_seq_len=6, d_model=16, n_heads=2, n_layers=1))
+    ids = torch.randint(0, 20, (5, 7))
+    split = {"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone(), "label_bytes": torch.randint(0, 4, (5, 6))}
+    split["labels"][0, :2] = -100  # ignored labels count in neither the NLL nor the bytes
+    metrics = evaluate(model, split, "lm", batch_size=2, device=torch.device("cpu"))
+    with torch.no_grad():
+        logits = model.logits(model(split["input_ids"]).hidden)
+    nll = F.cross_entropy(logits.flatten(0, 1), split["labels"].flatten(), reduction="sum", ignore_index=-100)
+    counted = split["labels"].flatten() != -100
+    expected = nll.item() / (math.log(2) * split["label_bytes"].flatten()[counted].sum().item())
+    assert math.isclose(metrics["bits_per_byte"], expected, rel_tol=1e-6)
+    del split["label_bytes"]
+    assert "bits_per_byte" not in evaluate(model, split, "lm", batch_size=2, device=torch.device("cpu"))
+
+
 # --- engine: the teacher source and the objective -----------------------------------------------------------
-
-
-def small_lm_data(tmp_path, vocab_size: int, teacher_vocab_size: int):
-    source = tmp_path / "docs.txt"
-    source.write_text("\n\n".join(f"{TEXT[i % 3]} Document {i}." for i in range(60)))
-    config = DataConfig(source=str(source), vocab_size=vocab_size, seq_len=16, cache_dir=str(tmp_path / "cache"))
-    teacher = build_data(config.model_copy(update={"vocab_size": teacher_vocab_size}))
-    return build_data(config, teacher.tokenizer), teacher
 
 
 def test_same_tokenizer_teacher_through_the_cross_tokenizer_path_is_the_distillation_loss(tmp_path):
