@@ -341,10 +341,9 @@ def run(
     if config.same_tokenizer_compare:
         train_student("distilled_same_tokenizer", teacher_data, teachers, config.loss, config.adversarial, teachers)
     if config.baseline:
-        plain = {name: split for name, split in data.train.items() if name in ("input_ids", "labels")}
-        train_student(
-            "baseline", dataclasses.replace(data, train=plain), None, config.loss, config.adversarial, agreement
-        )
+        # Without the teachers' tokens and alignment, which a student without a teacher never reads.
+        own = dataclasses.replace(data, train={k: data.train[k] for k in ("input_ids", "labels")}) if cross else data
+        train_student("baseline", own, None, config.loss, config.adversarial, agreement)
 
     models = {"teacher": teacher_models[0], **{k: m for k, (m, _) in runs.items()}}
     in_teacher_tokens = {"teacher", "distilled_same_tokenizer"} if cross else set()
