@@ -1,7 +1,7 @@
 // bindings.cpp: the pybind11 module tsa_fast._C. No torch here: Python passes raw data pointers
 // (tensor.data_ptr()) as ints, strides in elements and dtype codes (0 float32, 1 float16, 2 bfloat16);
-// DistillationParams (distillation_loss.h) and AttentionTransferParams (attention_transfer_loss.h) are the
-// contracts. Unknown dtype or divergence codes raise ValueError (the dispatch throws std::invalid_argument),
+// DistillationParams (distillation_loss.h), AttentionTransferParams (attention_transfer_loss.h) and the
+// cross-tokenizer kernels' LogitRows (cross_tokenizer_loss.h) are the contracts. Unknown dtype or divergence codes raise ValueError (the dispatch throws std::invalid_argument),
 // CUDA errors RuntimeError.
 #include <pybind11/pybind11.h>
 
@@ -13,6 +13,7 @@
 #endif
 
 #include "attention_transfer_loss.h"
+#include "cross_tokenizer_loss.h"
 #include "distillation_loss.h"
 
 namespace py = pybind11;
@@ -118,6 +119,62 @@ void def_attention_transfer(py::module_& m, const char* name, const char* doc,
       py::arg("lse_s_ptr"), py::arg("lse_t_ptr"), py::arg("row_weights_ptr"), py::arg("dq_s"), py::arg("dk_s"));
 }
 
+// (N, V) logits from Python: (data_ptr, dtype code, row stride, n_rows, n_cols), unit column stride.
+using RowsTuple = std::tuple<std::uintptr_t, int, int64_t, int64_t, int64_t>;
+
+tsa_fast::LogitRows logit_rows(const RowsTuple& t) {
+  return {reinterpret_cast<const void*>(std::get<0>(t)), std::get<1>(t), std::get<2>(t), std::get<3>(t),
+          std::get<4>(t)};
+}
+
+template <class T>
+T* pointer(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void def_cross_tokenizer(py::module_& m) {
+  m.def(
+      "cross_tokenizer_statistics_cpu",
+      [](RowsTuple logits, float inv_t, int64_t k, std::uintptr_t lse, std::uintptr_t lse_hard,
+         std::uintptr_t top_values, std::uintptr_t top_indices) {
+        py::gil_scoped_release no_gil;
+        tsa_fast::cross_tokenizer_statistics_cpu(logit_rows(logits), inv_t, k, pointer<float>(lse),
+                                                 pointer<float>(lse_hard), pointer<float>(top_values),
+                                                 pointer<int64_t>(top_indices));
+      },
+      "Per row of host logits: log-sum-exp at T (and at 1), the top k logits and their columns.", py::arg("logits"),
+      py::arg("inv_t"), py::arg("k"), py::arg("lse_ptr"), py::arg("lse_hard_ptr"), py::arg("top_values_ptr"),
+      py::arg("top_indices_ptr"));
+  m.def(
+      "cross_tokenizer_softmax_rows_cpu",
+      [](RowsTuple logits, float inv_t, std::uintptr_t lse, std::uintptr_t coefficient, std::uintptr_t lse_hard,
+         std::uintptr_t coefficient_hard, std::uintptr_t grad, int64_t grad_row_stride) {
+        py::gil_scoped_release no_gil;
+        tsa_fast::cross_tokenizer_softmax_rows_cpu(logit_rows(logits), inv_t, pointer<const float>(lse),
+                                                   pointer<const float>(coefficient), pointer<const float>(lse_hard),
+                                                   pointer<const float>(coefficient_hard), pointer<float>(grad),
+                                                   grad_row_stride);
+      },
+      "grad rows = coefficient * softmax(z / T) (+ coefficient_hard * softmax(z)), fp32, for host logits.",
+      py::arg("logits"), py::arg("inv_t"), py::arg("lse_ptr"), py::arg("coefficient_ptr"), py::arg("lse_hard_ptr"),
+      py::arg("coefficient_hard_ptr"), py::arg("grad_ptr"), py::arg("grad_row_stride"));
+  m.def(
+      "cross_tokenizer_exact_cpu",
+      [](RowsTuple student, RowsTuple teacher, std::uintptr_t student_rows, std::uintptr_t teacher_rows,
+         std::uintptr_t vocab_map, int64_t n_groups, int64_t n_map, int divergence, float beta, float inv_t,
+         float grad_scale, std::uintptr_t grad, int64_t grad_row_stride, std::uintptr_t out) {
+        py::gil_scoped_release no_gil;
+        tsa_fast::cross_tokenizer_exact_cpu(logit_rows(student), logit_rows(teacher), pointer<const int64_t>(student_rows),
+                                            pointer<const int64_t>(teacher_rows), pointer<const int64_t>(vocab_map),
+                                            n_groups, n_map, divergence, beta, inv_t, grad_scale, pointer<float>(grad),
+                                            grad_row_stride, pointer<float>(out));
+      },
+      "Per group: the divergence over the map's columns and its gradient added into grad, for host logits.",
+      py::arg("student"), py::arg("teacher"), py::arg("student_rows_ptr"), py::arg("teacher_rows_ptr"),
+      py::arg("vocab_map_ptr"), py::arg("n_groups"), py::arg("n_map"), py::arg("divergence"), py::arg("beta"),
+      py::arg("inv_t"), py::arg("grad_scale"), py::arg("grad_ptr"), py::arg("grad_row_stride"), py::arg("out_ptr"));
+}
+
 // Ask Linux to back the 2 MiB pages inside [ptr, ptr + nbytes) with transparent huge pages. Called on
 // a fresh, untouched output buffer, it turns the first-touch page faults of the kernel's writes (one per
 // 4 KiB: ~200 ms for a 512 MiB gradient) into one per 2 MiB. A no-op where unsupported.
@@ -152,6 +209,7 @@ PYBIND11_MODULE(_C, m) {
   def_forward(m, "distillation_loss_forward_cpu",
               "Per-row distillation losses (float32) and optionally their gradient, for host memory.",
               &forward_cpu_without_gil);
+  def_cross_tokenizer(m);
   def_attention_transfer(m, "attention_transfer_forward_cpu",
                          "Per-row KL(A_t || A_s), lse_s, lse_t (float32) of host tensors, without N x N maps.",
                          &tsa_fast::attention_transfer_forward_cpu);

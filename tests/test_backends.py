@@ -38,6 +38,13 @@ q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
 close(tsa_fast.attention(q, k, v, causal=True), reference_attention(q.double(), k.double(), v.double(), causal=True))
 expected = reference_attention_transfer(q.double(), k.double(), v.double(), k.double())
 close(tsa_fast.attention_transfer_loss(q, k, v, k), expected)
+from tsa_fast.reference.cross_tokenizer_loss import cross_tokenizer_loss as reference_cross_tokenizer
+rows, none = torch.arange(6), torch.full((6,), -1)
+alignment = tsa_fast.TokenAlignment(rows[1:], rows[:5], none, none, none + 1, none + 1)
+alignment.student_prefix[0], alignment.teacher_prefix[5] = 0, 4
+vocab_map = torch.stack([torch.arange(30), torch.arange(30) + 20], 1)
+expected = reference_cross_tokenizer(s.double(), t.double(), alignment, vocab_map, labels, uld_top_k=5, hard_weight=0.5)
+close(tsa_fast.cross_tokenizer_loss(s, t, alignment, vocab_map, labels, uld_top_k=5, hard_weight=0.5), expected)
 mha = tsa_fast.nn.MultiheadAttention(16, 2, batch_first=True)
 assert mha(q[0], q[0], q[0])[0].isfinite().all()
 print(",".join(backends.available_backends(torch.device("cpu"))))

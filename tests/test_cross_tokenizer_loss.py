@@ -117,9 +117,11 @@ def test_low_precision_within_twice_plain_pytorch(backend, dtype, divergence):
 
 
 def test_mixed_dtypes_and_vocabularies_smaller_than_k(backend):
-    """A bf16 student against an fp32 teacher, both vocabularies under k (the full sort, shorter side padded)."""
+    """A bf16 student against an fp32 teacher and an fp32 one against a float64 teacher, both vocabularies
+    under k (the full sort, the shorter side padded)."""
     student, teacher, alignment, vocab_map, labels = make_inputs(v_s=10, v_t=14, m=6)
     check_against_reference(student.bfloat16(), teacher, alignment, vocab_map, labels, TOL[torch.bfloat16])
+    check_against_reference(student, teacher.double(), alignment, vocab_map, labels, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -390,21 +392,28 @@ def test_bad_options_raise(kwargs, error, match):
         tsa_fast.cross_tokenizer_loss(student, teacher, alignment, vocab_map, labels, **kwargs)
 
 
-def test_triton_backend_runs_its_kernels(monkeypatch):
-    """Forced triton: the three row sweeps run the Triton launchers (the answers are checked above)."""
-    kernels = pytest.importorskip("tsa_fast.kernels")
-    from tsa_fast.backends import available_backends
+KERNELS = {
+    "triton": ("cross_tokenizer_logsumexp", "cross_tokenizer_softmax_rows", "cross_tokenizer_exact"),
+    "cpp": ("cross_tokenizer_statistics_cpu", "cross_tokenizer_softmax_rows_cpu", "cross_tokenizer_exact_cpu"),
+}
 
-    if "triton" not in available_backends(DEVICE):
-        pytest.skip("triton is not available")
-    monkeypatch.setenv("TSA_FAST_BACKEND", "triton")
+
+@pytest.mark.parametrize("forced", ["triton", "cpp"])
+def test_kernel_backends_run_their_kernels(monkeypatch, forced):
+    """A forced kernel backend runs its own three row sweeps (the answers are checked above)."""
+    from tsa_fast import backends
+
+    if forced not in backends.available_backends(DEVICE) or (forced == "cpp" and DEVICE.type != "cpu"):
+        pytest.skip(f"{forced} kernels of this op are not available on {DEVICE.type}")
+    module = backends.triton_kernels if forced == "triton" else backends.cpp_extension
+    monkeypatch.setenv("TSA_FAST_BACKEND", forced)
     calls = []
-    for name in ("cross_tokenizer_logsumexp", "cross_tokenizer_softmax_rows", "cross_tokenizer_exact"):
-        launcher = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    for name in KERNELS[forced]:
+        launcher = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
     student, teacher, alignment, vocab_map, labels = make_inputs()
     tsa_fast.cross_tokenizer_loss(student, teacher, alignment, vocab_map, labels, hard_weight=0.5)
-    assert sorted(set(calls)) == ["cross_tokenizer_exact", "cross_tokenizer_logsumexp", "cross_tokenizer_softmax_rows"]
+    assert sorted(set(calls)) == sorted(KERNELS[forced])
 
 
 # ---------------------------------------------------------------------------------------------------

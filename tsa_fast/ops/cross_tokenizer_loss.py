@@ -28,9 +28,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tsa_fast.backends import select_triton_or_torch, triton_kernels
-from tsa_fast.ops.checks import FLOAT_DTYPES, check_bool, check_choice, check_int, check_real, traced
-from tsa_fast.ops.distillation_loss import check_label_range, check_labels_tensor
+from tsa_fast.backends import cpp_extension, select_backend, select_triton_or_torch, triton_kernels
+from tsa_fast.ops.checks import DTYPE_CODES, FLOAT_DTYPES, check_bool, check_choice, check_int, check_real, traced
+from tsa_fast.ops.distillation_loss import HUGE_PAGE_MIN_BYTES, check_label_range, check_labels_tensor
 from tsa_fast.reference.distillation_loss import DIVERGENCES, half_log_softmax
 from tsa_fast.reference.distillation_loss import divergence as divergence_of
 
@@ -268,8 +268,11 @@ def check_vocab_map(vocab_map, v_s: int, v_t: int, device: torch.device) -> Tens
 
 
 def backend_for(logits: Tensor) -> str:
-    """triton where `select_triton_or_torch` picks it (no cpp kernel for this op), else torch."""
-    return select_triton_or_torch(logits.device, logits.dtype)
+    """`select_backend`'s choice; its C++ kernels are the CPU's only (on CUDA a forced cpp takes triton, else torch)."""
+    backend = select_backend(logits.device, logits.dtype)
+    if backend == "cpp" and logits.device.type != "cpu":
+        return select_triton_or_torch(logits.device, logits.dtype)
+    return backend
 
 
 def compute_dtype_of(logits: Tensor) -> torch.dtype:
@@ -299,9 +302,10 @@ def row_statistics(
     dtype: torch.dtype,
 ) -> RowStatistics:
     """The `RowStatistics` of (N, V) logits in `dtype`; `labels` (with a hard term) adds lse_hard and nll."""
-    lse, lse_hard = row_logsumexp(logits, inv_t, labels is not None, dtype)
-    top = torch.topk(logits, min(k, logits.shape[1]), dim=1)
-    top_logprobs = top.values.to(dtype) * inv_t - lse[:, None]
+    lse, lse_hard, top_values, top_indices = logsumexp_and_top_k(
+        logits, inv_t, min(k, logits.shape[1]), labels is not None, dtype
+    )
+    top_logprobs = top_values * inv_t - lse[:, None]
     has_token = prefix >= 0
     picked = logits.gather(1, torch.where(has_token, tokens, 0)[:, None]).squeeze(1).to(dtype)
     token_logprobs = torch.where(has_token, picked * inv_t - lse, 0.0)
@@ -310,7 +314,7 @@ def row_statistics(
         counted = labels != ignore_index
         label_logit = logits.gather(1, torch.where(counted, labels, 0)[:, None]).squeeze(1).to(dtype)
         nll = torch.where(counted, lse_hard - label_logit, 0.0)
-    return RowStatistics(lse, top_logprobs, top.indices, token_logprobs, lse_hard, nll, logits.shape[1])
+    return RowStatistics(lse, top_logprobs, top_indices, token_logprobs, lse_hard, nll, logits.shape[1])
 
 
 def group_scales(stats: RowStatistics, prefix: Tensor, n_groups: int) -> Tensor:
@@ -484,13 +488,49 @@ class _CrossTokenizerLoss(torch.autograd.Function):
 # ---- Row sweeps, per backend -------------------------------------------------------------------------------
 
 
-def row_logsumexp(logits: Tensor, inv_t: float, hard: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """(N,) log-sum-exp of logits * inv_t, and of the logits (T = 1) when `hard`, in `dtype`."""
-    if backend_for(logits) == "triton":
-        lse, lse_hard = triton_kernels.cross_tokenizer_logsumexp(logits, inv_t, hard)
-        return lse.to(dtype), None if lse_hard is None else lse_hard.to(dtype)
-    z = logits.to(dtype)
-    return torch.logsumexp(z * inv_t, dim=1), torch.logsumexp(z, dim=1) if hard else None
+def logsumexp_and_top_k(
+    logits: Tensor, inv_t: float, k: int, hard: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """(N,) log-sum-exp of logits * inv_t, that of the logits (T = 1) when `hard` (else None), in `dtype`; the
+    k <= V largest logits of each row (N, k) in `dtype`, decreasing, and their columns (int64)."""
+    backend = backend_for(logits)
+    if backend == "cpp":
+        logits = _unit_column_stride(logits)
+        n_rows = logits.shape[0]
+        lse = torch.empty(n_rows, dtype=torch.float32)
+        lse_hard = torch.empty_like(lse) if hard else None
+        values = torch.empty(n_rows, k, dtype=torch.float32)
+        indices = torch.empty(n_rows, k, dtype=torch.int64)
+        cpp_extension.cross_tokenizer_statistics_cpu(
+            _rows_tuple(logits),
+            inv_t,
+            k,
+            lse.data_ptr(),
+            0 if lse_hard is None else lse_hard.data_ptr(),
+            values.data_ptr(),
+            indices.data_ptr(),
+        )
+    else:
+        if backend == "triton":
+            lse, lse_hard = triton_kernels.cross_tokenizer_logsumexp(logits, inv_t, hard)
+        else:
+            z = logits.to(dtype)
+            lse, lse_hard = torch.logsumexp(z * inv_t, dim=1), torch.logsumexp(z, dim=1) if hard else None
+        values, indices = torch.topk(logits, k, dim=1)
+    return lse.to(dtype), None if lse_hard is None else lse_hard.to(dtype), values.to(dtype), indices
+
+
+def _unit_column_stride(logits: Tensor) -> Tensor:
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def _rows_tuple(logits: Tensor) -> tuple:
+    """(N, V) logits with unit column stride as the C++ kernels take them."""
+    return (logits.data_ptr(), DTYPE_CODES[logits.dtype], logits.stride(0), logits.shape[0], logits.shape[1])
+
+
+def _float_rows(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.to(torch.float32).contiguous()
 
 
 def softmax_rows(
@@ -506,6 +546,20 @@ def softmax_rows(
     in the compute dtype, from the rows' log-sum-exps."""
     if backend == "triton":
         return triton_kernels.cross_tokenizer_softmax_rows(logits, lse, coefficient, lse_hard, coefficient_hard, inv_t)
+    if backend == "cpp":
+        logits = _unit_column_stride(logits)
+        grad = torch.empty(logits.shape, dtype=torch.float32)
+        if grad.nbytes >= HUGE_PAGE_MIN_BYTES:  # first-touch page faults would cost as much as the kernel
+            cpp_extension.advise_huge_pages(grad.data_ptr(), grad.nbytes)
+        kept = [_float_rows(x) for x in (lse, coefficient, lse_hard, coefficient_hard)]  # alive during the call
+        cpp_extension.cross_tokenizer_softmax_rows_cpu(
+            _rows_tuple(logits),
+            inv_t,
+            *(0 if x is None else x.data_ptr() for x in kept),
+            grad.data_ptr(),
+            grad.stride(0),
+        )
+        return grad
     z = logits.to(lse.dtype)
     grad = torch.exp(z * inv_t - lse[:, None]).mul_(coefficient[:, None])
     if coefficient_hard is not None:
@@ -547,6 +601,31 @@ def exact_rows(
             1.0 / temperature,
             scale,
         )
+    if backend == "cpp":
+        student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
+        if teacher.dtype not in DTYPE_CODES:  # a float64 teacher of a kernel-dtype student
+            teacher = teacher.float()
+        out = torch.empty(n_groups, dtype=torch.float32)
+        s_rows, t_rows = student_rows.contiguous(), teacher_rows.contiguous()
+        # In student-id order (D does not depend on the order): rows read and gradients added in address order.
+        vocab_map = vocab_map[vocab_map[:, 0].argsort()].contiguous()
+        cpp_extension.cross_tokenizer_exact_cpu(
+            _rows_tuple(student),
+            _rows_tuple(teacher),
+            s_rows.data_ptr(),
+            t_rows.data_ptr(),
+            vocab_map.data_ptr(),
+            n_groups,
+            vocab_map.shape[0],
+            code,
+            options["beta"],
+            1.0 / temperature,
+            scale,
+            grad.data_ptr(),
+            grad.stride(0),
+            out.data_ptr(),
+        )
+        return out
     with torch.enable_grad():
         s = (student[student_rows[:, None], vocab_map[None, :, 0]].to(dtype) / temperature).requires_grad_()
         t = teacher[teacher_rows[:, None], vocab_map[None, :, 1]].to(dtype) / temperature
