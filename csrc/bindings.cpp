@@ -1,8 +1,8 @@
 // bindings.cpp: the pybind11 module tsa_fast._C. No torch here: Python passes raw data pointers
 // (tensor.data_ptr()) as ints, strides in elements and dtype codes (0 float32, 1 float16, 2 bfloat16);
 // DistillationParams (distillation_loss.h), AttentionTransferParams (attention_transfer_loss.h) and the
-// cross-tokenizer kernels' LogitRows (cross_tokenizer_loss.h) are the contracts. Unknown dtype or divergence codes raise ValueError (the dispatch throws std::invalid_argument),
-// CUDA errors RuntimeError.
+// cross-tokenizer kernels' LogitRows and ExactTerm (cross_tokenizer_loss.h) are the contracts. Unknown dtype or
+// divergence codes raise ValueError (the dispatch throws std::invalid_argument), CUDA errors RuntimeError.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -146,33 +146,32 @@ void def_cross_tokenizer(py::module_& m) {
       py::arg("inv_t"), py::arg("k"), py::arg("lse_ptr"), py::arg("lse_hard_ptr"), py::arg("top_values_ptr"),
       py::arg("top_indices_ptr"));
   m.def(
-      "cross_tokenizer_softmax_rows_cpu",
-      [](RowsTuple logits, float inv_t, std::uintptr_t lse, std::uintptr_t coefficient, std::uintptr_t lse_hard,
-         std::uintptr_t coefficient_hard, std::uintptr_t grad, int64_t grad_row_stride) {
+      "cross_tokenizer_gradient_cpu",
+      [](RowsTuple student, float inv_t, std::uintptr_t lse, std::uintptr_t coefficient, std::uintptr_t lse_hard,
+         std::uintptr_t coefficient_hard, std::uintptr_t grad, int64_t grad_row_stride, RowsTuple teacher,
+         std::uintptr_t row_groups, std::uintptr_t teacher_rows, std::uintptr_t vocab_map, int64_t n_map,
+         int divergence, float beta, float grad_scale, std::uintptr_t out) {
+        const tsa_fast::ExactTerm exact{logit_rows(teacher),
+                                        pointer<const int64_t>(row_groups),
+                                        pointer<const int64_t>(teacher_rows),
+                                        pointer<const int64_t>(vocab_map),
+                                        n_map,
+                                        divergence,
+                                        beta,
+                                        grad_scale,
+                                        pointer<float>(out)};
         py::gil_scoped_release no_gil;
-        tsa_fast::cross_tokenizer_softmax_rows_cpu(logit_rows(logits), inv_t, pointer<const float>(lse),
-                                                   pointer<const float>(coefficient), pointer<const float>(lse_hard),
-                                                   pointer<const float>(coefficient_hard), pointer<float>(grad),
-                                                   grad_row_stride);
+        tsa_fast::cross_tokenizer_gradient_cpu(logit_rows(student), inv_t, pointer<const float>(lse),
+                                               pointer<const float>(coefficient), pointer<const float>(lse_hard),
+                                               pointer<const float>(coefficient_hard), pointer<float>(grad),
+                                               grad_row_stride, exact);
       },
-      "grad rows = coefficient * softmax(z / T) (+ coefficient_hard * softmax(z)), fp32, for host logits.",
-      py::arg("logits"), py::arg("inv_t"), py::arg("lse_ptr"), py::arg("coefficient_ptr"), py::arg("lse_hard_ptr"),
-      py::arg("coefficient_hard_ptr"), py::arg("grad_ptr"), py::arg("grad_row_stride"));
-  m.def(
-      "cross_tokenizer_exact_cpu",
-      [](RowsTuple student, RowsTuple teacher, std::uintptr_t student_rows, std::uintptr_t teacher_rows,
-         std::uintptr_t vocab_map, int64_t n_groups, int64_t n_map, int divergence, float beta, float inv_t,
-         float grad_scale, std::uintptr_t grad, int64_t grad_row_stride, std::uintptr_t out) {
-        py::gil_scoped_release no_gil;
-        tsa_fast::cross_tokenizer_exact_cpu(logit_rows(student), logit_rows(teacher), pointer<const int64_t>(student_rows),
-                                            pointer<const int64_t>(teacher_rows), pointer<const int64_t>(vocab_map),
-                                            n_groups, n_map, divergence, beta, inv_t, grad_scale, pointer<float>(grad),
-                                            grad_row_stride, pointer<float>(out));
-      },
-      "Per group: the divergence over the map's columns and its gradient added into grad, for host logits.",
-      py::arg("student"), py::arg("teacher"), py::arg("student_rows_ptr"), py::arg("teacher_rows_ptr"),
-      py::arg("vocab_map_ptr"), py::arg("n_groups"), py::arg("n_map"), py::arg("divergence"), py::arg("beta"),
-      py::arg("inv_t"), py::arg("grad_scale"), py::arg("grad_ptr"), py::arg("grad_row_stride"), py::arg("out_ptr"));
+      "Gradient rows = coefficient * softmax(z / T) (+ coefficient_hard * softmax(z)), fp32, and the groups' "
+      "exact-match divergence with its gradient added (row_groups_ptr 0 or n_map 0: none), for host logits.",
+      py::arg("student"), py::arg("inv_t"), py::arg("lse_ptr"), py::arg("coefficient_ptr"), py::arg("lse_hard_ptr"),
+      py::arg("coefficient_hard_ptr"), py::arg("grad_ptr"), py::arg("grad_row_stride"), py::arg("teacher"),
+      py::arg("row_groups_ptr"), py::arg("teacher_rows_ptr"), py::arg("vocab_map_ptr"), py::arg("n_map"),
+      py::arg("divergence"), py::arg("beta"), py::arg("grad_scale"), py::arg("out_ptr"));
 }
 
 // Ask Linux to back the 2 MiB pages inside [ptr, ptr + nbytes) with transparent huge pages. Called on

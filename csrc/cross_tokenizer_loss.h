@@ -23,18 +23,26 @@ struct LogitRows {
 void cross_tokenizer_statistics_cpu(const LogitRows& logits, float inv_t, int64_t k, float* lse, float* lse_hard,
                                     float* top_values, int64_t* top_indices);
 
-// grad[r, j] = coefficient[r] exp(z_rj / T - lse[r]) (+ coefficient_hard[r] exp(z_rj - lse_hard[r]) when those are
-// non-null): every row of the gradient written once, fp32, row stride grad_row_stride.
-void cross_tokenizer_softmax_rows_cpu(const LogitRows& logits, float inv_t, const float* lse, const float* coefficient,
-                                      const float* lse_hard, const float* coefficient_hard, float* grad,
-                                      int64_t grad_row_stride);
+// The exact-match term of the groups (ExactTerm): with g = row_groups[r] >= 0 (student rows of groups, one group
+// each), t = teacher_rows[g] and the map's (n_map, 2) int64 rows (a_j, b_j), ids distinct per column:
+// out[g] = D(softmax(z_t[t, b] / T), softmax(z_s[r, a] / T)) (the DivergenceCode `divergence`, jsd mixing
+// `beta`), and grad[r, a_j] += grad_scale * dD / d(z_s[r, a_j] / T). row_groups null or n_map 0: no exact term.
+struct ExactTerm {
+  LogitRows teacher;
+  const int64_t* row_groups;   // (n_rows of the student,)
+  const int64_t* teacher_rows;  // (G,)
+  const int64_t* vocab_map;     // (n_map, 2)
+  int64_t n_map;
+  int divergence;
+  float beta;
+  float grad_scale;
+  float* out;  // (G,)
+};
 
-// Per group g, with s = student_rows[g] (distinct), t = teacher_rows[g] and the map's (n_map, 2) int64 rows
-// (a_j, b_j), ids distinct per column: out[g] = D(softmax(z_t[t, b] / T), softmax(z_s[s, a] / T)) (the
-// DivergenceCode `divergence`, jsd mixing `beta`), and grad[s, a_j] += grad_scale * dD / d(z_s[s, a_j] / T).
-void cross_tokenizer_exact_cpu(const LogitRows& student, const LogitRows& teacher, const int64_t* student_rows,
-                               const int64_t* teacher_rows, const int64_t* vocab_map, int64_t n_groups, int64_t n_map,
-                               int divergence, float beta, float inv_t, float grad_scale, float* grad,
-                               int64_t grad_row_stride, float* out);
+// grad[r, j] = coefficient[r] exp(z_rj / T - lse[r]) (+ coefficient_hard[r] exp(z_rj - lse_hard[r]) when those are
+// non-null): every row of the gradient written once, fp32, row stride grad_row_stride; plus the exact term.
+void cross_tokenizer_gradient_cpu(const LogitRows& student, float inv_t, const float* lse, const float* coefficient,
+                                  const float* lse_hard, const float* coefficient_hard, float* grad,
+                                  int64_t grad_row_stride, const ExactTerm& exact);
 
 }  // namespace tsa_fast

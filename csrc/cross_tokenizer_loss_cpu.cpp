@@ -3,9 +3,9 @@
 // Rows (groups) are split statically over OpenMP threads; each thread converts a row to fp32 scratch once and
 // runs its passes there. The statistics sweep reads each row once: convert + max, exp + sum (and again at
 // T = 1 for the hard term), then the top k from the maxima of blocks of 16 columns (`top_k`). The softmax sweep reads each row once and writes its
-// gradient row once. The exact sweep gathers only the mapped columns of a group's two rows through the map
-// (sorted by student id by the caller, so that the student row is read and its gradient row updated in
-// increasing order).
+// gradient row once and, for a group's row, right after it (the row and its gradient in cache) the exact
+// term, which gathers only the mapped columns of the group's two rows through the map (sorted by student id
+// by the caller, so that the student row is read and its gradient row updated in increasing order).
 // The per-column math (fast_exp, half_log_prob, divergence_terms) is the distillation loss's
 // (numerics.h, distillation_loss.h).
 #include "cross_tokenizer_loss.h"
@@ -197,35 +197,31 @@ void cross_tokenizer_statistics_cpu(const LogitRows& logits, float inv_t, int64_
   });
 }
 
-void cross_tokenizer_softmax_rows_cpu(const LogitRows& logits, float inv_t, const float* lse, const float* coefficient,
-                                      const float* lse_hard, const float* coefficient_hard, float* grad,
-                                      int64_t grad_row_stride) {
-  dispatch_dtype(logits.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < logits.n_rows; ++row)
-      softmax_row<T>(logits, row, inv_t, lse, coefficient, lse_hard, coefficient_hard, grad + row * grad_row_stride);
-  });
-}
-
-void cross_tokenizer_exact_cpu(const LogitRows& student, const LogitRows& teacher, const int64_t* student_rows,
-                               const int64_t* teacher_rows, const int64_t* vocab_map, int64_t n_groups, int64_t n_map,
-                               int divergence, float beta, float inv_t, float grad_scale, float* grad,
-                               int64_t grad_row_stride, float* out) {
+void cross_tokenizer_gradient_cpu(const LogitRows& student, float inv_t, const float* lse, const float* coefficient,
+                                  const float* lse_hard, const float* coefficient_hard, float* grad,
+                                  int64_t grad_row_stride, const ExactTerm& exact) {
+  const bool has_exact = exact.row_groups != nullptr && exact.n_map > 0;
   dispatch_dtype(student.dtype, [&](auto student_tag) {
-    dispatch_dtype(teacher.dtype, [&](auto teacher_tag) {
-      dispatch_divergence(divergence, [&](auto code) {
+    dispatch_dtype(has_exact ? exact.teacher.dtype : student.dtype, [&](auto teacher_tag) {
+      dispatch_divergence(exact.divergence, [&](auto code) {
         using Student = typename decltype(student_tag)::type;
         using Teacher = typename decltype(teacher_tag)::type;
 #pragma omp parallel
         {
-          std::vector<float> scratch(size_t(4 * n_map));
+          std::vector<float> scratch(has_exact ? size_t(4 * exact.n_map) : 0);
+          float* const s = scratch.data();
 #pragma omp for schedule(static)
-          for (int64_t g = 0; g < n_groups; ++g)
-            exact_group<Student, Teacher, decltype(code)::value>(
-                student, teacher, student_rows[g], teacher_rows[g], vocab_map, n_map, beta, inv_t, grad_scale,
-                grad + student_rows[g] * grad_row_stride, out + g, scratch.data(), scratch.data() + n_map,
-                scratch.data() + 2 * n_map, scratch.data() + 3 * n_map);
+          for (int64_t row = 0; row < student.n_rows; ++row) {
+            float* const grad_row = grad + row * grad_row_stride;
+            softmax_row<Student>(student, row, inv_t, lse, coefficient, lse_hard, coefficient_hard, grad_row);
+            // A group's row: its exact term now, while the row and its gradient row are still in cache.
+            const int64_t group = has_exact ? exact.row_groups[row] : -1;
+            if (group >= 0)
+              exact_group<Student, Teacher, decltype(code)::value>(
+                  student, exact.teacher, row, exact.teacher_rows[group], exact.vocab_map, exact.n_map, exact.beta,
+                  inv_t, exact.grad_scale, grad_row, exact.out + group, s, s + exact.n_map, s + 2 * exact.n_map,
+                  s + 3 * exact.n_map);
+          }
         }
       });
     });

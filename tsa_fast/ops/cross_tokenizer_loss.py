@@ -429,20 +429,38 @@ def uld_and_plan(
     return uld, nll, plan
 
 
-def chunk_gradient(
-    logits: Tensor, start: int, student: RowStatistics, plan: GradientPlan, inv_t: float, backend: str
-) -> Tensor:
-    """The plan's gradient for the rows [start, start + len(logits)) of the student, in its compute dtype."""
+def chunk_gradient_and_exact(
+    logits: Tensor,
+    start: int,
+    student: RowStatistics,
+    plan: GradientPlan,
+    teacher: Tensor,
+    student_rows: Tensor,
+    teacher_rows: Tensor,
+    vocab_map: Tensor,
+    weights: Weights,
+    options: dict,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """The gradient of the student rows [start, start + len(logits)) in the compute dtype (the plan's, and the
+    exact term's), and the exact term's divergences (G_c,) of the groups whose student rows in the chunk are
+    `student_rows` (chunk-local) and whose teacher rows are `teacher_rows` (rows of `teacher`)."""
     end = start + logits.shape[0]
+    inv_t = 1.0 / options["temperature"]
     dense_hard = None if plan.dense_hard is None else plan.dense_hard[start:end]
     lse_hard = None if student.lse_hard is None else student.lse_hard[start:end]
-    grad = softmax_rows(logits, student.lse[start:end], plan.dense[start:end], lse_hard, dense_hard, inv_t, backend)
+    softmax = (logits, student.lse[start:end], plan.dense[start:end], lse_hard, dense_hard, inv_t)
+    if backend == "cpp":  # one sweep: each group's exact term right after its gradient row
+        grad, exact = gradient_rows_cpp(*softmax, teacher, student_rows, teacher_rows, vocab_map, weights, options)
+    else:
+        grad = softmax_rows(*softmax, backend)
+        exact = exact_rows(grad, logits, teacher, student_rows, teacher_rows, vocab_map, weights, options, backend)
     rows, cols, values = plan.rows, plan.cols, plan.values
     if start != 0 or end != student.lse.shape[0]:  # a chunk: its entries only
         inside = ((rows >= start) & (rows < end)).nonzero().squeeze(1)
         rows, cols, values = rows[inside] - start, cols[inside], values[inside]
     grad.index_put_((rows, cols), values.to(grad.dtype), accumulate=True)
-    return grad
+    return grad, exact
 
 
 def loss_parts(exact: Tensor, uld: Tensor, nll: Tensor, weights: Weights, options: dict) -> tuple[Tensor, ...]:
@@ -468,9 +486,18 @@ class _CrossTokenizerLoss(torch.autograd.Function):
         )
         weights = reduction_weights(options, n_groups, hard, dtype, student.device)
         uld, nll, plan = uld_and_plan(student_stats, teacher_stats, alignment, hard, weights, options)
-        grad = chunk_gradient(student, 0, student_stats, plan, inv_t, backend)
-        exact = exact_rows(
-            grad, student, teacher, alignment.student_rows, alignment.teacher_rows, vocab_map, weights, options, backend
+        grad, exact = chunk_gradient_and_exact(
+            student,
+            0,
+            student_stats,
+            plan,
+            teacher,
+            alignment.student_rows,
+            alignment.teacher_rows,
+            vocab_map,
+            weights,
+            options,
+            backend,
         )
         parts = loss_parts(exact, uld, nll, weights, options)
         ctx.save_for_backward(grad)
@@ -546,25 +573,61 @@ def softmax_rows(
     in the compute dtype, from the rows' log-sum-exps."""
     if backend == "triton":
         return triton_kernels.cross_tokenizer_softmax_rows(logits, lse, coefficient, lse_hard, coefficient_hard, inv_t)
-    if backend == "cpp":
-        logits = _unit_column_stride(logits)
-        grad = torch.empty(logits.shape, dtype=torch.float32)
-        if grad.nbytes >= HUGE_PAGE_MIN_BYTES:  # first-touch page faults would cost as much as the kernel
-            cpp_extension.advise_huge_pages(grad.data_ptr(), grad.nbytes)
-        kept = [_float_rows(x) for x in (lse, coefficient, lse_hard, coefficient_hard)]  # alive during the call
-        cpp_extension.cross_tokenizer_softmax_rows_cpu(
-            _rows_tuple(logits),
-            inv_t,
-            *(0 if x is None else x.data_ptr() for x in kept),
-            grad.data_ptr(),
-            grad.stride(0),
-        )
-        return grad
     z = logits.to(lse.dtype)
     grad = torch.exp(z * inv_t - lse[:, None]).mul_(coefficient[:, None])
     if coefficient_hard is not None:
         grad.add_(torch.exp(z - lse_hard[:, None]).mul_(coefficient_hard[:, None]))
     return grad
+
+
+def gradient_rows_cpp(
+    logits: Tensor,
+    lse: Tensor,
+    coefficient: Tensor,
+    lse_hard: Tensor | None,
+    coefficient_hard: Tensor | None,
+    inv_t: float,
+    teacher: Tensor,
+    student_rows: Tensor,
+    teacher_rows: Tensor,
+    vocab_map: Tensor,
+    weights: Weights,
+    options: dict,
+) -> tuple[Tensor, Tensor]:
+    """`softmax_rows` and `exact_rows` in one sweep of the C++ kernel: (grad (N, V) float32, exact (G,) float32)."""
+    logits = _unit_column_stride(logits)
+    grad = torch.empty(logits.shape, dtype=torch.float32)
+    if grad.nbytes >= HUGE_PAGE_MIN_BYTES:  # first-touch page faults would cost as much as the kernel
+        cpp_extension.advise_huge_pages(grad.data_ptr(), grad.nbytes)
+    n_groups = student_rows.shape[0]
+    exact = torch.zeros(n_groups, dtype=torch.float32)
+    with_exact = n_groups > 0 and vocab_map.shape[0] > 0 and options["exact_weight"] != 0
+    teacher = _unit_column_stride(teacher)
+    if teacher.dtype not in DTYPE_CODES:  # a float64 teacher of a kernel-dtype student
+        teacher = teacher.float() if with_exact else teacher[:0].float()
+    row_groups = torch.full((logits.shape[0],), -1, dtype=torch.int64)
+    row_groups[student_rows] = torch.arange(n_groups)
+    # In student-id order (D does not depend on the order): rows read and gradients added in address order.
+    vocab_map = vocab_map[vocab_map[:, 0].argsort()].contiguous()
+    teacher_rows = teacher_rows.contiguous()
+    kept = [_float_rows(x) for x in (lse, coefficient, lse_hard, coefficient_hard)]  # alive during the call
+    cpp_extension.cross_tokenizer_gradient_cpu(
+        _rows_tuple(logits),
+        inv_t,
+        *(0 if x is None else x.data_ptr() for x in kept),
+        grad.data_ptr(),
+        grad.stride(0),
+        _rows_tuple(teacher),
+        row_groups.data_ptr() if with_exact else 0,
+        teacher_rows.data_ptr(),
+        vocab_map.data_ptr(),
+        vocab_map.shape[0],
+        DIVERGENCES.index(options["divergence"]),
+        options["beta"],
+        weights.exact * options["temperature"],
+        exact.data_ptr(),
+    )
+    return grad, exact
 
 
 def exact_rows(
@@ -580,7 +643,8 @@ def exact_rows(
 ) -> Tensor:
     """(G,) divergence of the teacher's rows `teacher_rows` and the student's rows `student_rows`, each over
     the map's columns and renormalized there, at T; adds weights.exact x T^2 x its gradient w.r.t. the
-    student logits into `grad` (rows of `grad` are the student's). Zeros for an empty map or weight 0."""
+    student logits into `grad` (rows of `grad` are the student's). Zeros for an empty map or weight 0.
+    The triton and torch backends (the cpp one: `gradient_rows_cpp`)."""
     n_groups = student_rows.shape[0]
     dtype = grad.dtype
     if n_groups == 0 or vocab_map.shape[0] == 0 or options["exact_weight"] == 0:
@@ -601,31 +665,6 @@ def exact_rows(
             1.0 / temperature,
             scale,
         )
-    if backend == "cpp":
-        student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
-        if teacher.dtype not in DTYPE_CODES:  # a float64 teacher of a kernel-dtype student
-            teacher = teacher.float()
-        out = torch.empty(n_groups, dtype=torch.float32)
-        s_rows, t_rows = student_rows.contiguous(), teacher_rows.contiguous()
-        # In student-id order (D does not depend on the order): rows read and gradients added in address order.
-        vocab_map = vocab_map[vocab_map[:, 0].argsort()].contiguous()
-        cpp_extension.cross_tokenizer_exact_cpu(
-            _rows_tuple(student),
-            _rows_tuple(teacher),
-            s_rows.data_ptr(),
-            t_rows.data_ptr(),
-            vocab_map.data_ptr(),
-            n_groups,
-            vocab_map.shape[0],
-            code,
-            options["beta"],
-            1.0 / temperature,
-            scale,
-            grad.data_ptr(),
-            grad.stride(0),
-            out.data_ptr(),
-        )
-        return out
     with torch.enable_grad():
         s = (student[student_rows[:, None], vocab_map[None, :, 0]].to(dtype) / temperature).requires_grad_()
         t = teacher[teacher_rows[:, None], vocab_map[None, :, 1]].to(dtype) / temperature

@@ -7,7 +7,7 @@ computed chunk by chunk in fp32 (float64 for float64 inputs). Two passes:
 1. Every chunk of student rows and of teacher rows gives its `RowStatistics` (log-sum-exps, top k, the actual
    tokens' log-probabilities, the labels' CE): O(N x k) in all. From them the ULD terms and the gradient plan
    of everything but the exact term (`uld_and_plan`, as the unfused op).
-2. Every chunk of student rows again: its logits, its gradient rows (`chunk_gradient`), the exact term of the
+2. Every chunk of student rows again: its logits, its gradient rows and the exact term of the
    groups whose student row is in the chunk (their teacher rows' logits computed for them alone), and the
    gradient folded at once into grad_hidden (that chunk) and grad_weight.
 
@@ -29,9 +29,8 @@ from tsa_fast.ops.cross_tokenizer_loss import (
     check_alignment,
     check_cross_tokenizer_options,
     check_vocab_map,
-    chunk_gradient,
+    chunk_gradient_and_exact,
     cross_tokenizer_options,
-    exact_rows,
     loss_parts,
     reduction_weights,
     row_statistics,
@@ -180,25 +179,25 @@ class _FusedLinearCrossTokenizer(torch.autograd.Function):
                 end = min(start + chunk_size, hidden.shape[0])
                 chunk_hidden = hidden[start:end].to(dtype)
                 logits = chunk_hidden @ w_s.T
-                grad = chunk_gradient(logits, start, student, plan, inv_t, backend)
                 first, last = torch.searchsorted(
                     ordered_rows, torch.tensor([start, end], device=hidden.device)
                 ).tolist()
-                if last > first:
-                    groups = order[first:last]
-                    teacher_logits = teacher_hidden[alignment.teacher_rows[groups]].to(dtype) @ w_t.T
-                    local = torch.arange(last - first, device=hidden.device)
-                    exact[groups] = exact_rows(
-                        grad,
-                        logits,
-                        teacher_logits,
-                        alignment.student_rows[groups] - start,
-                        local,
-                        vocab_map,
-                        weights,
-                        options,
-                        backend,
-                    )
+                groups = order[first:last]
+                teacher_logits = teacher_hidden[alignment.teacher_rows[groups]].to(dtype) @ w_t.T
+                local = torch.arange(last - first, device=hidden.device)
+                grad, exact[groups] = chunk_gradient_and_exact(
+                    logits,
+                    start,
+                    student,
+                    plan,
+                    teacher_logits,
+                    alignment.student_rows[groups] - start,
+                    local,
+                    vocab_map,
+                    weights,
+                    options,
+                    backend,
+                )
                 del logits
                 grad_hidden[start:end] = grad @ w_s
                 grad_weight.addmm_(grad.T, chunk_hidden)
