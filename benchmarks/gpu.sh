@@ -75,6 +75,7 @@ bench fused_linear_distillation_loss 40
 bench attention 95  # with window 4096 at N = 32k, packed against padded sequences, and the decode rows
 bench attention_transfer_loss 35
 bench distillation_step 35
+bench cross_tokenizer_step 35
 timeout 15 python3 -m benchmarks.report "$out" --out "$out" >/dev/null || status=1
 ls "$out"
 exit $status

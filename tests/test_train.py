@@ -108,6 +108,39 @@ def test_recipe_runs_end_to_end(recipe, cache_dir, tmp_path):
     assert "loaded the cached teacher" in second
 
 
+def test_cross_tokenizer_recipe_end_to_end(tmp_path):
+    """configs/cross_tokenizer.yaml in CI size: the main job's teacher, trained and cached by the main job, is the
+    cross-tokenizer recipe's teacher (loaded, not retrained) on its own tokenizer; the student of another vocabulary
+    is distilled from it, against the same student alone and in the teacher's tokenizer; every model has bits per
+    byte on validation and test, and each phase directory generates with its own tokenizer."""
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    main = ["--config", str(ROOT / "configs" / "stdlib_lm.yaml"), *TINY, "baseline=false"]
+    finished(train_py(*main, f"output_dir={tmp_path / 'main'}", cache))
+    out = tmp_path / "cross"
+    overrides = [*TINY, "data.vocab_size=400", "teachers.0.tokenizer.vocab_size=512", f"output_dir={out}", cache]
+    output = finished(train_py("--config", str(ROOT / "configs" / "cross_tokenizer.yaml"), *overrides))
+    assert "loaded the cached teacher" in output and "teacher tokens (vocabulary 512) aligned" in output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"teacher", "distilled", "distilled_same_tokenizer", "baseline"}
+    for name, row in results.items():
+        assert 0 < row["validation_bits_per_byte"] < 16 and 0 < row["test_bits_per_byte"] < 16, name
+    for name in ("distilled", "distilled_same_tokenizer", "baseline"):
+        assert results[name]["train_ms_per_step"] > 0, name
+    assert "validation_agreement" not in results["distilled"]  # no agreement across vocabularies
+    assert 0 <= results["distilled_same_tokenizer"]["validation_agreement"] <= 1
+    assert "bits/byte" in (out / "results.md").read_text()
+    rows = read_metrics(out / "distilled" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 7)) and all(float(r["loss"]) > 0 for r in rows)
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size() == 400
+    assert Tokenizer.from_file(str(out / "teacher_0" / "tokenizer.json")).get_vocab_size() == 512
+    for phase in ("teacher_0", "distilled"):
+        command = [sys.executable, "-m", "tsa_fast.generate", str(out), "--phase", phase, "--prompt", "Return the"]
+        cli = subprocess.run([*command, "--temperature", "0", "--max-new-tokens", "4"], capture_output=True, text=True)
+        assert cli.returncode == 0 and cli.stdout.startswith("Return the"), cli.stderr
+
+
 def test_run_directory_generates_and_reports_completions(cache_dir, tmp_path):
     """A run directory is what `python -m tsa_fast.generate` reads: tokenizer.json at the top, each phase a
     Transformer directory (the cached teacher's too); the results hold greedy completions and sample metrics."""

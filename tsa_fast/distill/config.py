@@ -127,6 +127,18 @@ class SequenceKDConfig(Section):
     dir: str | None = Field(None, description="where the completions are cached; null: under data.cache_dir")
 
 
+class CrossTokenizerLossConfig(Section):
+    """The logit loss when the teacher has a tokenizer of its own (`tsa_fast.cross_tokenizer_loss`, per span of
+    text both tokenizations align on): exact_weight x T^2 x the loss's divergence over the tokens both
+    vocabularies share (each side renormalized over them) + uld_weight x the ULD term (the L1 distance of both
+    sides' probabilities sorted, over their top uld_top_k and the rest as one bucket), both times logit_weight,
+    plus hard_weight x cross-entropy in the student's tokens."""
+
+    exact_weight: float = Field(1.0, ge=0, description="weight of the exact-match term (mean over aligned spans)")
+    uld_weight: float = Field(1.0, ge=0, description="weight of the ULD term (mean over aligned spans)")
+    uld_top_k: int = Field(64, ge=1, description="sorted probabilities compared per side; the rest is one bucket")
+
+
 class LossConfig(FeatureLossConfig):
     """Total loss = logit_weight * T^2 * divergence + hard_weight * CE + hidden + attention terms."""
 
@@ -143,6 +155,9 @@ class LossConfig(FeatureLossConfig):
     chunk_size: int | None = Field(None, ge=1, description="rows per chunk of the fused loss; null: automatic")
     on_policy: OnPolicyConfig = Field(OnPolicyConfig(), description="on-policy batches (GKD); off by default")
     sequence_kd: SequenceKDConfig = Field(SequenceKDConfig(), description="sequence-level KD; off by default")
+    cross_tokenizer: CrossTokenizerLossConfig = Field(
+        CrossTokenizerLossConfig(), description="the logit loss with a teacher of another tokenizer"
+    )
 
 
 class AdversarialConfig(Section):

@@ -11,7 +11,10 @@ Pipeline (every step deterministic, nothing downloaded):
    validation or test, so no module's text is in two splits;
 3. tokenizer (`load_or_train_tokenizer`): byte-level BPE trained on the train split only, cached on disk;
 4. tensors, one row per example, so that the engine batches by index:
-   - `lm`: `input_ids`, `labels`: (M, seq_len) int64, labels = inputs shifted by one token;
+   - `lm`: `input_ids`, `labels`: (M, seq_len) int64, labels = inputs shifted by one token; validation and
+     test also `label_bytes` (M, seq_len) int64, the UTF-8 bytes of text each label token stands for (EOS: 0),
+     for bits per byte; with a teacher tokenizer of its own (`build_data(config, teacher_tokenizer)`), every
+     split also has the same blocks in the teacher's tokens and their alignment (`cross_tokenizer_blocks`);
    - `classify`: `input_ids` (M, seq_len) int64 right-padded with `pad_id`, `attention_mask` (M, seq_len)
      bool (True = real token), `labels` (M,) int64 class ids into `class_names`.
 Chat data (`read_conversations`: a .jsonl file or saved dataset of `messages` lists) is read into
@@ -36,10 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
+
+from tsa_fast.cross_tokenizer import token_bytes, token_groups
 
 __all__ = [
     "Conversation",
@@ -48,6 +54,7 @@ __all__ = [
     "TaskData",
     "build_data",
     "classification_examples",
+    "cross_tokenizer_blocks",
     "lm_blocks",
     "load_or_train_tokenizer",
     "load_splits",
@@ -437,6 +444,96 @@ def lm_blocks(token_ids: Iterable[Sequence[int]], eos_id: int, seq_len: int) -> 
     return {"input_ids": stream[:-1].view(count, seq_len), "labels": stream[1:].view(count, seq_len)}
 
 
+def cross_tokenizer_blocks(
+    student_ids: Sequence[Sequence[int]],
+    teacher_ids: Sequence[Sequence[int]],
+    student_bytes: np.ndarray,
+    teacher_bytes: np.ndarray,
+    *,
+    student_eos: int,
+    teacher_eos: int,
+    teacher_pad: int,
+    seq_len: int,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """The LM blocks of the student's tokens (`lm_blocks`), each with the same text in the teacher's tokens and the
+    alignment of the two, for cross-tokenizer distillation.
+
+    student_ids, teacher_ids: each document's tokens by each tokenizer (the same documents, in order);
+    student_bytes, teacher_bytes: (V,) int, the UTF-8 bytes of text of each token id (`token_bytes`).
+
+    Both token streams (each document followed by its EOS) are aligned once, as a whole (`token_groups`, each EOS
+    one byte long so that documents end together), in byte offsets. Block i holds `input_ids`, `labels` (M,
+    seq_len) as `lm_blocks`, plus:
+    - `teacher_input_ids` (M, seq_len): the teacher's tokens from the last one that ends no later than the
+      student's first input token (so the teacher predicts from where the student does), padded with teacher_pad
+      after the stream's end; `teacher_labels` (M, seq_len): the next teacher token, ignore_index where padded;
+    - `student_group` (M, seq_len), `teacher_group` (M, seq_len) int64: the block's groups 0, 1, ... of each label
+      token (`alignment_from_groups` reads them): the groups whose tokens are all among the block's labels on both
+      sides; -1 for a label in no such group (cut by the block's edges on either side).
+    Raises ValueError when the two tokenizations do not cover the same bytes."""
+    blocks = lm_blocks(student_ids, student_eos, seq_len)
+    count = len(blocks["input_ids"])
+    _, student_ends = _stream_ends(student_ids, student_eos, student_bytes)
+    teacher_stream, teacher_ends = _stream_ends(teacher_ids, teacher_eos, teacher_bytes)
+    if student_ends[-1] != teacher_ends[-1]:
+        raise ValueError(
+            f"the student's and the teacher's tokens do not cover the same text: {student_ends[-1]} and"
+            f" {teacher_ends[-1]} bytes (EOS counted as 1)"
+        )
+    groups = token_groups(student_ends, teacher_ends)
+    first, last = zip(*(_group_spans(g) for g in groups))
+
+    # Windows of stream positions: the student's labels; the teacher's inputs and labels.
+    student_labels = np.arange(count)[:, None] * seq_len + 1 + np.arange(seq_len)
+    start = np.searchsorted(teacher_ends, student_ends[student_labels[:, 0] - 1], side="right") - 1
+    teacher_inputs = np.maximum(start, 0)[:, None] + np.arange(seq_len)
+    teacher_labels = teacher_inputs + 1
+    in_stream = teacher_labels < len(teacher_stream)
+    windows = (
+        (student_labels[:, 0], student_labels[:, -1]),
+        (teacher_labels[:, 0], np.where(in_stream, teacher_labels, -1).max(axis=1)),
+    )
+
+    def complete(group: np.ndarray) -> np.ndarray:
+        """Whether each entry's group lies wholly inside its block's window on both sides."""
+        safe = np.maximum(group, 0)
+        inside = group >= 0
+        for (low, high), first_of, last_of in zip(windows, first, last):
+            inside &= (first_of[safe] >= low[:, None]) & (last_of[safe] <= high[:, None])
+        return inside
+
+    student_group = groups[0][student_labels]
+    teacher_group = np.where(in_stream, groups[1][np.minimum(teacher_labels, len(teacher_stream) - 1)], -1)
+    student_ok, teacher_ok = complete(student_group), complete(teacher_group)
+    lowest = np.where(student_ok, student_group, np.iinfo(np.int64).max).min(axis=1, keepdims=True)
+    pad = np.full_like(teacher_inputs, teacher_pad)
+    at = lambda positions: teacher_stream[np.minimum(positions, len(teacher_stream) - 1)]  # noqa: E731
+    return {
+        **blocks,
+        "teacher_input_ids": torch.from_numpy(np.where(teacher_inputs < len(teacher_stream), at(teacher_inputs), pad)),
+        "teacher_labels": torch.from_numpy(np.where(in_stream, at(teacher_labels), ignore_index)),
+        "student_group": torch.from_numpy(np.where(student_ok, student_group - lowest, -1)),
+        "teacher_group": torch.from_numpy(np.where(teacher_ok, teacher_group - lowest, -1)),
+    }
+
+
+def _stream_ends(ids: Sequence[Sequence[int]], eos: int, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The token stream (each document followed by EOS) and the byte offset where each token ends (EOS: 1 byte)."""
+    stream = np.fromiter((token for doc in ids for token in (*doc, eos)), dtype=np.int64)
+    return stream, np.cumsum(np.asarray(sizes, dtype=np.int64)[stream] + (stream == eos))
+
+
+def _group_spans(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, last) stream position of each group 0 ... G - 1 of a stream's (non-decreasing where >= 0) groups."""
+    positions = np.flatnonzero(group >= 0)
+    ids = np.arange(group.max() + 1 if positions.size else 0)
+    return (
+        positions[np.searchsorted(group[positions], ids, side="left")],
+        positions[np.searchsorted(group[positions], ids, side="right") - 1],
+    )
+
+
 def classification_examples(
     token_ids: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int, seq_len: int
 ) -> dict[str, Tensor]:
@@ -496,7 +593,9 @@ def random_rows(split: dict[str, Tensor], count: int) -> dict[str, Tensor]:
 class TaskData:
     """A task's tensors for train, validation and test (see the module docstring for their keys, shapes and
     dtypes), the tokenizer (trained on train) and its special ids, and `class_names` (classify; None for lm):
-    class id i is class_names[i]. `num_documents` counts the documents loaded per split."""
+    class id i is class_names[i]. `num_documents` counts the documents loaded per split. `teacher_tokenizer`:
+    the teacher's own tokenizer whose tokens and alignment the LM splits also hold (None: the teacher's is
+    this one)."""
 
     task: Literal["lm", "classify"]
     train: dict[str, Tensor]
@@ -508,6 +607,7 @@ class TaskData:
     vocab_size: int  # the tokenizer's actual size: at most the configured one on a small corpus
     class_names: list[str] | None
     num_documents: dict[str, int]
+    teacher_tokenizer: Tokenizer | None = None
 
     def split(self, name: str) -> dict[str, Tensor]:
         """The tensors of split `name` ("train", "validation" or "test")."""
@@ -531,6 +631,11 @@ class TaskData:
         lines = [
             f"{self.task} data: vocabulary {self.vocab_size}, seq_len {seq_len}"
             + (f", {len(self.class_names)} classes" if self.class_names else "")
+            + (
+                f", teacher tokens (vocabulary {self.teacher_tokenizer.get_vocab_size()}) aligned"
+                if self.teacher_tokenizer
+                else ""
+            )
         ]
         for name in SPLITS:
             split = self.split(name)
@@ -550,21 +655,39 @@ class TaskData:
         return "\n".join(lines)
 
 
-def build_data(config: DataConfig) -> TaskData:
-    """Load, split, tokenize and tensorize config.source for config.task (see the module docstring).
-    Raises FileNotFoundError or ValueError on bad data, before any training."""
+def build_data(config: DataConfig, teacher_tokenizer: Tokenizer | None = None) -> TaskData:
+    """Load, split, tokenize and tensorize config.source for config.task (see the module docstring); with
+    `teacher_tokenizer` (lm), every split also holds its blocks in the teacher's tokens, aligned
+    (`cross_tokenizer_blocks`). Raises FileNotFoundError or ValueError on bad data, before any training."""
+    if teacher_tokenizer is not None and config.task != "lm":
+        raise ValueError(f"a teacher tokenizer of its own needs data.task='lm', got {config.task!r}")
     splits = load_splits(config)
     labels = _class_labels(splits, config) if config.task == "classify" else None
     tokenizer = load_or_train_tokenizer([d.text for d in splits["train"]], config.vocab_size, config.cache_dir)
     pad_id, eos_id = tokenizer.token_to_id(PAD), tokenizer.token_to_id(EOS)
 
-    def encode(documents: Sequence[Document]) -> list[list[int]]:
-        return [encoding.ids for encoding in tokenizer.encode_batch([d.text for d in documents])]
+    def encode(documents: Sequence[Document], by: Tokenizer = tokenizer) -> list[list[int]]:
+        return [encoding.ids for encoding in by.encode_batch([d.text for d in documents])]
 
     tensors, class_names = {}, None
     if config.task == "lm":
+        text_bytes = np.array([len(piece) for piece in token_bytes(tokenizer)], dtype=np.int64)
         for name, documents in splits.items():
-            tensors[name] = lm_blocks(encode(documents), eos_id, config.seq_len)
+            if teacher_tokenizer is None:
+                tensors[name] = lm_blocks(encode(documents), eos_id, config.seq_len)
+            else:
+                tensors[name] = cross_tokenizer_blocks(
+                    encode(documents),
+                    encode(documents, teacher_tokenizer),
+                    text_bytes,
+                    np.array([len(piece) for piece in token_bytes(teacher_tokenizer)], dtype=np.int64),
+                    student_eos=eos_id,
+                    teacher_eos=teacher_tokenizer.token_to_id(EOS),
+                    teacher_pad=teacher_tokenizer.token_to_id(PAD),
+                    seq_len=config.seq_len,
+                )
+            if name != "train":
+                tensors[name]["label_bytes"] = torch.from_numpy(text_bytes[tensors[name]["labels"].numpy()])
             if len(tensors[name]["input_ids"]) == 0:
                 raise ValueError(
                     f"{config.source}: the {name} split has too few tokens for one block of "
@@ -591,4 +714,5 @@ def build_data(config: DataConfig) -> TaskData:
         vocab_size=tokenizer.get_vocab_size(),
         class_names=class_names,
         num_documents={name: len(documents) for name, documents in splits.items()},
+        teacher_tokenizer=teacher_tokenizer,
     )

@@ -124,10 +124,12 @@ class TorchOptimization:
 @dataclass(frozen=True)
 class FitResult:
     """What `Distiller.fit` returns: the final validation (after the last step, on the whole validation
-    split, with the agreement with `agreement_with` when given) and the training throughput."""
+    split, with the agreement with `agreement_with` when given) and the training throughput: tokens per second
+    and seconds per optimizer step (teacher targets, loss, backward and update; evaluation not counted)."""
 
     validation: dict[str, float]
     train_tokens_per_s: float
+    train_seconds_per_step: float
 
 
 class Distiller:
@@ -234,7 +236,9 @@ class Distiller:
                     self.save_checkpoint()
         if not final:  # the run was already complete
             final = self.validate()
-        return FitResult(final, self.train_tokens / max(self.train_seconds, 1e-9))
+        return FitResult(
+            final, self.train_tokens / max(self.train_seconds, 1e-9), self.train_seconds / max(self.step, 1)
+        )
 
     def validate(self) -> dict[str, float]:
         """Metrics on the validation split: during training on its first eval_batches batches; after the last

@@ -1,5 +1,5 @@
-"""Evaluation of a model on a split: perplexity (LM) or accuracy and macro-F1 (classification), agreement
-with the teachers (top-1 agreement, mean KL(P_t || P_s) at T = 1), optionally on inputs perturbed
+"""Evaluation of a model on a split: perplexity and bits per byte (LM) or accuracy and macro-F1 (classification),
+agreement with the teachers (top-1 agreement, mean KL(P_t || P_s) at T = 1), optionally on inputs perturbed
 adversarially against the model itself (FGM, `epsilon` per token); inference throughput; and for causal LMs,
 metrics of sampled continuations of held-out prompts: the teacher's NLL of them and their distinct-2."""
 
@@ -35,12 +35,14 @@ def evaluate(
     epsilon: float | None = None,
     autocast=contextlib.nullcontext,
 ) -> dict[str, float]:
-    """Metrics of `model` on `split` (LM: loss, perplexity; classify: loss, accuracy, macro_f1), plus
-    agreement / kl with `teachers` when given, all over the positions whose label is not IGNORE_INDEX. With
+    """Metrics of `model` on `split` (LM: loss, perplexity, and bits_per_byte where the split has `label_bytes`;
+    classify: loss, accuracy, macro_f1), plus agreement / kl with `teachers` when given, all over the positions
+    whose label is not IGNORE_INDEX. bits_per_byte = total NLL in nats / (ln 2 x the UTF-8 bytes of text the
+    predicted tokens stand for): comparable between models of different tokenizers, unlike perplexity. With
     `epsilon`, each batch is first perturbed by FGM against the model's own loss."""
     was_training = model.training
     model.eval()
-    loss_sum = count = agree = kl_sum = 0.0
+    loss_sum = count = agree = kl_sum = text_bytes = 0.0
     predictions, targets = [], []
     for batch in in_order(split, batch_size, device, max_batches):
         labels = batch["labels"]
@@ -50,6 +52,8 @@ def evaluate(
         counted = flat_labels != IGNORE_INDEX  # LM positions whose label is ignore_index count nowhere
         loss_sum += F.cross_entropy(flat_logits, flat_labels, reduction="sum", ignore_index=IGNORE_INDEX).item()
         count += int(counted.sum())
+        if "label_bytes" in batch:
+            text_bytes += int(batch["label_bytes"].flatten()[counted].sum())
         if task == "classify":
             predictions.append(flat_logits.argmax(-1).cpu())
             targets.append(flat_labels.cpu())
@@ -66,6 +70,8 @@ def evaluate(
     metrics = {"loss": loss_sum / count}
     if task == "lm":
         metrics["perplexity"] = math.exp(metrics["loss"])
+        if text_bytes:
+            metrics["bits_per_byte"] = loss_sum / (math.log(2) * text_bytes)
     else:
         predicted, target = torch.cat(predictions), torch.cat(targets)
         metrics["accuracy"] = (predicted == target).double().mean().item()

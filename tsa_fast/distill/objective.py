@@ -4,10 +4,13 @@
          + hidden_weight * mean over mapped layers of MSE or (1 - cosine) of W h_s and h_t
          + attention_weight * mean over mapped layers and relations of KL(A_t || A_s)
 
-Without a teacher (teacher pre-training, the baseline student) it is the cross-entropy to the labels.
+Without a teacher (teacher pre-training, the baseline student) it is the cross-entropy to the labels. With a
+teacher of another tokenizer (targets with an alignment) the logit part is `cross_tokenizer_loss` over the
+batch's aligned spans (`loss.cross_tokenizer`).
 Under gradient accumulation and data parallelism the logit part is normalized by the counted labels of the
 whole optimizer step (`items`, summed by the Distiller over micro-batches and ranks: the ops'
-`num_items_in_batch`), so that uneven micro-batches give exactly the full batch's token mean.
+`num_items_in_batch`), so that uneven micro-batches give exactly the full batch's token mean (the
+cross-tokenizer loss, a mean over its own groups and labels, is weighted by the batch's share of the labels).
 Weights and temperature may follow a `Schedule` over training progress. The logit part (`output_loss`)
 is also what adversarial training applies to perturbed inputs. The learned projection W (student width
 to teacher width, TinyBERT-style, one shared matrix) lives here and trains with the student.
@@ -25,7 +28,9 @@ from tsa_fast.distill.protocols import Model, ModelShape
 from tsa_fast.distill.teachers import TeacherTargets
 from tsa_fast.models import default_layer_map, gathered
 from tsa_fast.ops.attention_transfer_loss import attention_transfer_loss
+from tsa_fast.ops.cross_tokenizer_loss import cross_tokenizer_loss
 from tsa_fast.ops.distillation_loss import distillation_loss
+from tsa_fast.ops.fused_linear_cross_tokenizer_loss import fused_linear_cross_tokenizer_loss
 from tsa_fast.ops.fused_linear_distillation_loss import fused_linear_distillation_loss
 
 
@@ -91,6 +96,9 @@ class DistillationObjective(nn.Module):
                 return F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX)
             return F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum") / num_items
         c = self.config
+        if teacher.alignment is not None:
+            loss = self.cross_tokenizer_output_loss(student, out, labels, teacher, progress)
+            return loss if num_items is None else loss * self.items(batch) / num_items
         options = dict(
             divergence=c.divergence,
             beta=c.beta,
@@ -117,6 +125,40 @@ class DistillationObjective(nn.Module):
                 )
         logits = student_head(student, out, batch, self.task)
         return distillation_loss(logits, teacher.full_logits(), labels, num_items_in_batch=num_items, **options)
+
+    def cross_tokenizer_output_loss(
+        self, student: Model, out, labels: Tensor, teacher: TeacherTargets, progress: float
+    ) -> Tensor:
+        """The cross-tokenizer loss of the student's rows against the teacher's own rows (`teacher.alignment`,
+        `teacher.vocab_map`), its two terms times logit_weight, plus the hard cross-entropy: with `fused` and a
+        teacher given as hidden + weight, `fused_linear_cross_tokenizer_loss` (no N x V logits), else
+        `cross_tokenizer_loss` of the logits."""
+        c, logit_weight = self.config, value_at(self.config.logit_weight, progress)
+        options = dict(
+            alignment=teacher.alignment,
+            vocab_map=teacher.vocab_map,
+            labels=labels.flatten(),
+            divergence=c.divergence,
+            beta=c.beta,
+            temperature=self.temperature(progress),
+            exact_weight=logit_weight * c.cross_tokenizer.exact_weight,
+            uld_weight=logit_weight * c.cross_tokenizer.uld_weight,
+            uld_top_k=c.cross_tokenizer.uld_top_k,
+            hard_weight=value_at(c.hard_weight, progress),
+        )
+        if c.fused and teacher.logits is None:
+            with gathered(student.lm_head_weight, teacher.weight):  # ZeRO-3: whole for the loss only
+                return fused_linear_cross_tokenizer_loss(
+                    out.hidden.flatten(0, 1),
+                    student.lm_head_weight,
+                    teacher.hidden.flatten(0, 1),
+                    teacher.weight,
+                    chunk_size=c.chunk_size,
+                    **options,
+                )
+        return cross_tokenizer_loss(
+            student.logits(out.hidden).flatten(0, 1), teacher.full_logits().flatten(0, 1), **options
+        )
 
     def forward(
         self,

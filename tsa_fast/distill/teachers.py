@@ -1,7 +1,8 @@
 """What the teacher side gives the student's loss, per batch: `TeacherTargets`.
 
 `Teachers` runs one or more frozen teacher models (eval mode, under `torch.no_grad()`); `TopkTeacherCache`
-(tsa_fast.distill.teacher_cache) reads the same targets from disk with no teacher in memory. Several
+(tsa_fast.distill.teacher_cache) reads the same targets from disk with no teacher in memory; `OwnTokenizerTeachers`
+runs teachers of another tokenizer on the batch's text in their own tokens. Several
 teachers are mixed as distributions: at temperature T the mixture sum_i w_i softmax(z_i / T) is given as the
 logits T * logsumexp_i(log w_i + log_softmax(z_i / T)), whose softmax at T is exactly that mixture.
 Hidden states and q/k/v come from the first teacher.
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tsa_fast.cross_tokenizer import alignment_from_groups
 from tsa_fast.distill.protocols import Model
+from tsa_fast.ops.cross_tokenizer_loss import TokenAlignment
 
 
 @dataclass
@@ -26,6 +29,9 @@ class TeacherTargets:
     `fused_linear_distillation_loss` (no N x V logits). logits: (B, N, V) mixture logits or (B, C) class
     logits. topk: (indices, logprobs), each (B, N, k), at the loss temperature (from the cache).
     hidden_states / qkv: the first teacher's, when the hidden-state / attention losses ask for them.
+    alignment + vocab_map: a teacher of another tokenizer (`OwnTokenizerTeachers`): the batch's `TokenAlignment`
+    between the student's rows and the teacher's, and the (M, 2) pairs of shared token ids, for
+    `cross_tokenizer_loss` (the teacher's outputs are then on its own rows, (B, N_t, ...)).
     """
 
     hidden: Tensor | None = None
@@ -34,6 +40,8 @@ class TeacherTargets:
     topk: tuple[Tensor, Tensor] | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     qkv: tuple[tuple[Tensor, Tensor, Tensor], ...] | None = None
+    alignment: TokenAlignment | None = None
+    vocab_map: Tensor | None = None
 
     def full_logits(self) -> Tensor:
         """The logits, computed from hidden + weight where needed (for evaluation)."""
@@ -91,6 +99,46 @@ class Teachers:
         if self.task == "lm":
             return model.logits(out.hidden)
         return model.classify(out.hidden, batch.get("attention_mask"))
+
+
+class OwnTokenizerTeachers:
+    """`Teachers` with a tokenizer of their own (one for all of them), a `TeacherSource`: per batch, their outputs
+    on the batch's text in their tokens (`teacher_input_ids`), with the batch's alignment (`alignment_from_groups` of
+    its `student_group`, `teacher_group`, `labels`, `teacher_labels`: `tsa_fast.distill.data.cross_tokenizer_blocks`)
+    and `vocab_map` (M, 2), the pairs (student id, teacher id) of shared tokens (`tsa_fast.cross_tokenizer.
+    vocabulary_map`)."""
+
+    def __init__(self, teachers: Teachers, vocab_map: Tensor):
+        self.teachers, self.vocab_map = teachers, vocab_map
+
+    def to(self, device: torch.device) -> OwnTokenizerTeachers:
+        self.teachers.to(device)
+        self.vocab_map = self.vocab_map.to(device)
+        return self
+
+    @torch.no_grad()
+    def targets(
+        self,
+        batch: dict[str, Tensor],
+        temperature: float = 1.0,
+        *,
+        fused: bool = False,
+        hidden_states: bool = False,
+        qkv: bool = False,
+    ) -> TeacherTargets:
+        """The teachers' targets on the batch's teacher tokens (as `Teachers.targets`), with its alignment and the
+        vocabulary map. Raises ValueError for hidden states or q, k, v (no position of the teacher's is one of the
+        student's)."""
+        if hidden_states or qkv:
+            raise ValueError(
+                "a teacher of another tokenizer gives no hidden states or q, k, v aligned to the student's"
+            )
+        targets = self.teachers.targets({"input_ids": batch["teacher_input_ids"]}, temperature, fused=fused)
+        targets.alignment = alignment_from_groups(
+            batch["student_group"], batch["teacher_group"], batch["labels"], batch["teacher_labels"]
+        )
+        targets.vocab_map = self.vocab_map
+        return targets
 
 
 def mixture_logits(logits: list[Tensor], log_weights: list[float], temperature: float) -> Tensor:

@@ -40,6 +40,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import nn
 
+from tsa_fast.cross_tokenizer import vocabulary_map
 from tsa_fast.distill.checkpoints import load_weights_only, save_atomically
 from tsa_fast.distill.config import (
     AdversarialConfig,
@@ -50,7 +51,7 @@ from tsa_fast.distill.config import (
     TeacherCacheConfig,
     TrainingConfig,
 )
-from tsa_fast.distill.data import DataConfig, TaskData, build_data
+from tsa_fast.distill.data import MIN_VOCAB_SIZE, DataConfig, TaskData, build_data
 from tsa_fast.distill.distiller import Distiller, FitResult, Phase
 from tsa_fast.distill.evaluate import (
     evaluate,
@@ -64,7 +65,7 @@ from tsa_fast.distill.objective import DistillationObjective
 from tsa_fast.distill.protocols import Runtime
 from tsa_fast.distill.sequence_kd import sequence_kd_split, teacher_completions
 from tsa_fast.distill.teacher_cache import TopkTeacherCache
-from tsa_fast.distill.teachers import Teachers
+from tsa_fast.distill.teachers import OwnTokenizerTeachers, Teachers
 from tsa_fast.generate import TOKENIZER_FILE
 from tsa_fast.models import Transformer, TransformerConfig, every_kth_layer, init_from_teacher, num_parameters
 from tsa_fast.recipes.config import RunConfig, read_recipe
@@ -76,6 +77,14 @@ from tsa_fast.recipes.runtime import LocalRuntime, start_run
 # Config
 
 
+class TeacherTokenizerConfig(Section):
+    """A teacher's tokenizer of its own (cross-tokenizer distillation, LM): the built-in byte-level BPE trained on
+    the same train split (cached like the student's), with this vocabulary size; the teacher is trained (and
+    cached) on the data in its tokens, exactly as a recipe whose data.vocab_size is this one trains it."""
+
+    vocab_size: int = Field(ge=MIN_VOCAB_SIZE, description="the teacher's BPE vocabulary size, special tokens included")
+
+
 class TeacherConfig(Section):
     model: TransformerConfig = Field(
         TransformerConfig(d_model=128, n_layers=4, n_heads=4), description="its architecture"
@@ -83,6 +92,10 @@ class TeacherConfig(Section):
     checkpoint: str | None = Field(None, description="a teacher checkpoint to load; null: train it (cached)")
     weight: float = Field(1.0, gt=0, description="its weight in the teachers' mixture")
     seed: int = Field(0, description="initialization / data-order seed when trained by the recipe")
+    tokenizer: TeacherTokenizerConfig | None = Field(
+        None,
+        description="LM: the teacher's own tokenizer (distilled through loss.cross_tokenizer); null: the student's",
+    )
 
 
 Init = Literal["random", "teacher_layers"]
@@ -176,6 +189,11 @@ class RecipeConfig(RunConfig):
         False, description="with loss.on_policy.fraction > 0: also distill a student off-policy (distilled_off_policy)"
     )
     samples: SamplesConfig = Field(SamplesConfig(), description="completions of held-out prompts (LM only)")
+    same_tokenizer_compare: bool = Field(
+        False,
+        description="with a teacher tokenizer of its own: also distill the student in the teacher's tokenizer"
+        " (distilled_same_tokenizer), for bits per byte and time per step",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -238,7 +256,37 @@ class RecipeConfig(RunConfig):
         names = [variant.name for variant in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"students[].name must be unique, got {names}")
+        self._cross_tokenizer_consistent()
         return self
+
+    def _cross_tokenizer_consistent(self) -> None:
+        """A teacher tokenizer of its own: one for all teachers, and only the options that apply across tokenizers."""
+        tokenizers = {t.tokenizer for t in self.teachers}
+        if len(tokenizers) > 1:
+            raise ValueError(
+                f"teachers[i].tokenizer must be the same for every teacher, got {sorted(map(str, tokenizers))}"
+            )
+        if None in tokenizers:
+            if self.same_tokenizer_compare:
+                raise ValueError("same_tokenizer_compare needs teachers[i].tokenizer (a teacher tokenizer of its own)")
+            return
+        loss = self.loss
+        conflicts = {
+            "data.task='lm'": self.data.task == "lm",
+            "teacher_cache.enabled=false": not self.teacher_cache.enabled,
+            "loss.hidden_weight=0": loss.hidden_weight == 0.0,
+            "loss.attention_weight=0": loss.attention_weight == 0.0,
+            "loss.on_policy.fraction=0": loss.on_policy.fraction == 0,
+            "loss.sequence_kd.enabled=false": not loss.sequence_kd.enabled,
+            "loss.label_smoothing=0": loss.label_smoothing == 0,
+            "loss.scale_by_t2=true (the exact-match term is scaled by T^2)": loss.scale_by_t2,
+            "adversarial.method='none'": self.adversarial.method == "none",
+            "student.init='random'": self.student.init == "random",
+            "students[].init='random'": all(variant.init == "random" for variant in self.students),
+        }
+        unmet = [name for name, met in conflicts.items() if not met]
+        if unmet:
+            raise ValueError(f"teachers[i].tokenizer (a teacher tokenizer of its own) needs {', '.join(unmet)}")
 
 
 def _over_defaults(given: dict, default: BaseModel) -> dict:
@@ -265,7 +313,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Re
 def prepare(config: RecipeConfig) -> Callable[..., dict]:
     """The job of `config` in this process, `job(resume=False)`, its data built now (bad data raises ValueError or
     FileNotFoundError before any training)."""
-    return partial(run, config, data=build_data(config.data))
+    data, teacher_data = build_recipe_data(config)
+    return partial(run, config, data=data, teacher_data=teacher_data)
+
+
+def build_recipe_data(config: RecipeConfig) -> tuple[TaskData, TaskData]:
+    """(the students' data, the teachers' data): both `build_data(config.data)`, unless the teachers have a
+    tokenizer of their own: then the teachers' is `build_data` at their vocabulary size (what such a teacher
+    trains on) and the students' also holds the teachers' tokens and the alignment (`cross_tokenizer_blocks`)."""
+    own = config.teachers[0].tokenizer
+    if own is None:
+        data = build_data(config.data)
+        return data, data
+    teacher_data = build_data(config.data.model_copy(update={"vocab_size": own.vocab_size}))
+    return build_data(config.data, teacher_data.tokenizer), teacher_data
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,15 +334,24 @@ def prepare(config: RecipeConfig) -> Callable[..., dict]:
 
 
 def run(
-    config: RecipeConfig, resume: bool = False, data: TaskData | None = None, runtime: Runtime | None = None
+    config: RecipeConfig,
+    resume: bool = False,
+    data: TaskData | None = None,
+    runtime: Runtime | None = None,
+    teacher_data: TaskData | None = None,
 ) -> dict:
-    """Run the recipe (on `data` when already built from config.data) in `runtime` (default: `LocalRuntime`);
-    returns {model name: {metric: value}} (also written to output_dir/results.json)."""
+    """Run the recipe (on `data` and `teacher_data` when already built: `build_recipe_data`) in `runtime` (default:
+    `LocalRuntime`); returns {model name: {metric: value}} (also written to output_dir/results.json)."""
     runtime = runtime or LocalRuntime()
     device, precision, out_dir = start_run(config, runtime.rank)
 
-    data = data or build_data(config.data)
+    if data is None or (config.teachers[0].tokenizer is None) != (data.teacher_tokenizer is None):
+        data, teacher_data = build_recipe_data(config)
+    teacher_data = teacher_data or data
+    cross = data.teacher_tokenizer is not None  # the teachers have a tokenizer of their own
     console.print(data.summary())
+    if cross:
+        console.print("teacher " + teacher_data.summary())
     phase = lambda name, training, **kw: Phase(  # noqa: E731
         name, out_dir / name, training, config.seed, device, precision, logging=config.logging, **kw
     )
@@ -290,7 +360,7 @@ def run(
     )
 
     obtained = [
-        obtain_teacher(i, config, data, phase(f"teacher_{i}", config.teacher_training), resume, runtime)
+        obtain_teacher(i, config, teacher_data, phase(f"teacher_{i}", config.teacher_training), resume, runtime)
         for i in range(len(config.teachers))
     ]
     teacher_models = [model for model, _, _ in obtained]
@@ -298,11 +368,15 @@ def run(
     source = teachers
     if config.teacher_cache.enabled:
         source = build_teacher_cache(config, data, teachers, [key for _, key, _ in obtained], device, runtime)
+    if cross:
+        source = OwnTokenizerTeachers(teachers, vocabulary_map(data.tokenizer, teacher_data.tokenizer)).to(device)
 
     if runtime.rank == 0:
         data.tokenizer.save(str(out_dir / TOKENIZER_FILE))
         for i, (_, _, path) in enumerate(obtained):
             export_teacher(teacher_models[i], path, out_dir / f"teacher_{i}")
+            if cross:  # the phase's own tokenizer, which `python -m tsa_fast.generate` prefers to the run's
+                teacher_data.tokenizer.save(str(out_dir / f"teacher_{i}" / TOKENIZER_FILE))
 
     student_data = data  # what the distilled students train on: the teacher's completions with sequence-level KD
     if config.loss.sequence_kd.enabled:
@@ -310,42 +384,58 @@ def run(
         student_data = dataclasses.replace(data, train=train)
 
     runs: dict[str, tuple[Transformer, FitResult]] = {}
-    init = config.student.init
-    variants = [("distilled", config.adversarial, config.loss, init, True)]
-    if config.adversarial.method != "none" and config.adversarial.compare:
-        no_adversarial = config.adversarial.model_copy(update={"method": "none"})
-        variants.append(("distilled_no_adversarial", no_adversarial, config.loss, init, True))
-    if config.on_policy_compare:
-        off_policy = config.loss.model_copy(update={"on_policy": OnPolicyConfig()})
-        variants.append(("distilled_off_policy", config.adversarial, off_policy, init, True))
-    if config.baseline:
-        variants.append(("baseline", config.adversarial, config.loss, init, False))
-        variants += [(v.name, config.adversarial, config.loss, v.init, v.distilled) for v in config.students]
-    for name, adversarial, loss, init, distilled in variants:
-        student = build_student(config, data, init, obtained[0][2])
-        teacher_config = teacher_models[0].config if distilled else None
-        objective = DistillationObjective(loss, data.task, student_config(config, data), teacher_config)
+
+    def train_student(name: str, adversarial: AdversarialConfig, loss: LossConfig, init: str, on: TaskData, source):
+        """Student `name` (initialized by `init`) trained on `on` from `source` (None: no teacher)."""
+        student = build_student(config, on, init, obtained[0][2])
+        teacher_shape = teacher_models[0].config if source is not None else None
+        objective = DistillationObjective(loss, on.task, student_config(config, on), teacher_shape)
         optimization = runtime.optimization(student, objective, config.training)
-        distiller = Distiller(
-            student,
-            objective,
-            student_data if distilled else data,
-            student_phase(name, adversarial),
-            source if distilled else None,
-            optimization,
-            agreement_with=teachers,
-        )
+        # Agreement and KL with the teachers compare distributions over one vocabulary: not across tokenizers.
+        agreement = None if cross and on is not teacher_data else teachers
+        distiller = Distiller(student, objective, on, student_phase(name, adversarial), source, optimization, agreement)
         runs[name] = (student, distiller.fit(resume))
         if runtime.rank == 0:
             write_model_config(student, out_dir / name)
 
+    # Without the teachers' tokens and alignment, which a student without a teacher never reads.
+    alone = dataclasses.replace(data, train={k: data.train[k] for k in ("input_ids", "labels")}) if cross else data
+    init = config.student.init
+    variants = [("distilled", config.adversarial, config.loss, init, student_data, source)]
+    if config.adversarial.method != "none" and config.adversarial.compare:
+        no_adversarial = config.adversarial.model_copy(update={"method": "none"})
+        variants.append(("distilled_no_adversarial", no_adversarial, config.loss, init, student_data, source))
+    if config.on_policy_compare:
+        off_policy = config.loss.model_copy(update={"on_policy": OnPolicyConfig()})
+        variants.append(("distilled_off_policy", config.adversarial, off_policy, init, student_data, source))
+    if config.same_tokenizer_compare:
+        variants.append(("distilled_same_tokenizer", config.adversarial, config.loss, init, teacher_data, teachers))
+    if config.baseline:
+        variants.append(("baseline", config.adversarial, config.loss, init, alone, None))
+        variants += [
+            (
+                v.name,
+                config.adversarial,
+                config.loss,
+                v.init,
+                student_data if v.distilled else alone,
+                source if v.distilled else None,
+            )
+            for v in config.students
+        ]
+    for variant in variants:
+        train_student(*variant)
+
+    models = {"teacher": teacher_models[0], **{k: m for k, (m, _) in runs.items()}}
+    in_teacher_tokens = {"teacher", "distilled_same_tokenizer"} if cross else set()
     results = evaluate_all(
         config,
         data,
-        {"teacher": teacher_models[0], **{k: m for k, (m, _) in runs.items()}},
+        models,
         {k: fit for k, (_, fit) in runs.items()},
         device,
         precision,
+        data_of={name: teacher_data for name in in_teacher_tokens if name in models},
     )
     if runtime.rank == 0:
         write_report(config, data, results, out_dir)
@@ -499,34 +589,47 @@ def build_sequence_kd(
     return sequence_kd_split(sequences, seq_kd.prompt_tokens, data.eos_id)
 
 
-def evaluate_all(config, data, models, fits: dict[str, FitResult], device, precision) -> dict:
+def evaluate_all(
+    config, data, models, fits: dict[str, FitResult], device, precision, data_of: dict[str, TaskData] | None = None
+) -> dict:
     """Validation and test metrics of every model, inference throughput. A student's validation metrics, with its
     agreement with the teachers, are its final validation in `fits` (name -> `Distiller.fit`'s result), which
-    evaluated the whole split: only the teacher's are measured here."""
+    evaluated the whole split: only the teacher's are measured here. `data_of`: the data of the models of another
+    tokenizer than `data`'s (name -> TaskData); their tokens/s are measured among themselves, the speed-up over the
+    teacher only where a model has its tokenizer, and the sampled continuations (the teacher's NLL of a student's
+    tokens) only when every model has one tokenizer."""
+    data_of = data_of or {}
     autocast = Phase("eval", Path(), config.training, config.seed, device, precision).autocast
     epsilon = config.adversarial.epsilon if config.adversarial.method != "none" else None
     kwargs = dict(batch_size=config.training.batch_size, device=device, autocast=autocast)
     results = {}
     for name, model in models.items():
-        fit = fits.get(name)
-        validation = fit.validation if fit else evaluate(model, data.validation, data.task, **kwargs)
-        test = evaluate(model, data.test, data.task, **kwargs)
+        fit, on = fits.get(name), data_of.get(name, data)
+        validation = fit.validation if fit else evaluate(model, on.validation, on.task, **kwargs)
+        test = evaluate(model, on.test, on.task, **kwargs)
         row = {
             "parameters": num_parameters(model),
             **{f"validation_{k}": v for k, v in validation.items()},
             **{f"test_{k}": v for k, v in test.items()},
         }
         if epsilon is not None:
-            perturbed = evaluate(model, data.validation, data.task, epsilon=epsilon, **kwargs)
+            perturbed = evaluate(model, on.validation, on.task, epsilon=epsilon, **kwargs)
             row.update({f"validation_perturbed_{k}": v for k, v in perturbed.items()})
         if fit:
             row["train_tokens_per_s"] = fit.train_tokens_per_s
+            row["train_ms_per_step"] = 1000 * fit.train_seconds_per_step
         results[name] = row
-    speeds = tokens_per_second(models, data.validation, data.task, **kwargs)
-    for name, row in results.items():
-        row["inference_tokens_per_s"] = speeds[name]
-        row["speedup_vs_teacher"] = speeds[name] / speeds["teacher"]
-    if data.task == "lm":
+    by_tokenizer: dict[int, list[str]] = {}
+    for name in models:
+        by_tokenizer.setdefault(id(data_of.get(name, data)), []).append(name)
+    for names in by_tokenizer.values():
+        on = data_of.get(names[0], data)
+        speeds = tokens_per_second({n: models[n] for n in names}, on.validation, on.task, **kwargs)
+        for name in names:
+            results[name]["inference_tokens_per_s"] = speeds[name]
+            if "teacher" in names:
+                results[name]["speedup_vs_teacher"] = speeds[name] / speeds["teacher"]
+    if data.task == "lm" and not data_of:
         evaluate_samples(config.samples, data, models, results, device, autocast)
     add_gap_closed(results, headline_metrics(data.task)[0][0])
     return results
@@ -590,7 +693,7 @@ def evaluate_samples(samples: SamplesConfig, data: TaskData, models: dict, resul
 def headline_metrics(task: str) -> list[tuple[str, str, str]]:
     """(result key suffix, column title, format) of the table's quality columns."""
     if task == "lm":
-        return [("perplexity", "ppl", "{:.2f}")]
+        return [("perplexity", "ppl", "{:.2f}"), ("bits_per_byte", "bits/byte", "{:.3f}")]
     return [("accuracy", "acc", "{:.1%}"), ("macro_f1", "macro-F1", "{:.3f}")]
 
 
@@ -637,6 +740,7 @@ def write_report(config: RecipeConfig, data: TaskData, results: dict, out_dir: P
         ("sample_distinct_2", "distinct-2", "{:.3f}"),
         ("inference_tokens_per_s", "tokens/s", "{:,.0f}"),
         ("speedup_vs_teacher", "speed-up", "{:.2f}x"),
+        ("train_ms_per_step", "train ms/step", "{:,.0f}"),
     ]
     write_table(f"{config.name}: {data.task}, validation and test", columns, results, out_dir)
     if any(row.get("completions") for row in results.values()):
