@@ -154,12 +154,17 @@ def test_models_through_a_global_sdpa_patch(backend, monkeypatch, model_class, c
         assert_rel_close(actual, expected, 1e-5, what)
 
 
-def count_kernel_launches(monkeypatch) -> list:
-    """A list that gets one entry per launch of the fused attention forward."""
+def count_kernel_launches(monkeypatch, decode: bool = False) -> list:
+    """A list that gets one entry per launch of the fused attention forward (with `decode`, of the decode path
+    too, which the op takes for up to 16 query rows without gradient: generation)."""
     from tsa_fast.backends import triton_kernels
 
-    calls, forward = [], triton_kernels.attention_forward
-    monkeypatch.setattr(triton_kernels, "attention_forward", lambda *a: calls.append(1) or forward(*a))
+    calls = []
+    for name in ("attention_forward", "attention_decode_forward") if decode else ("attention_forward",):
+        launcher = getattr(triton_kernels, name)
+        monkeypatch.setattr(
+            triton_kernels, name, lambda *a, launcher=launcher, **k: calls.append(1) or launcher(*a, **k)
+        )
     return calls
 
 
@@ -298,7 +303,7 @@ def test_mistral_generation_past_the_window_matches_eager(backend, monkeypatch):
     """Greedy decoding past the sliding window, left-padded: transformers' sliding cache drops the oldest keys
     (its kv_offset grows), the kernel's window, aligned bottom-right, is still the mask's."""
     eager, fused = eager_and_fused(transformers.MistralForCausalLM, mistral_config())
-    calls = count_kernel_launches(monkeypatch)
+    calls = count_kernel_launches(monkeypatch, decode=True)
     ids, mask = padded_batch([9, 5], 9, left=True)
     generated = [
         model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False) for model in (eager, fused)
