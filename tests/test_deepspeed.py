@@ -299,7 +299,7 @@ def test_teacher_cache_built_by_ranks_is_the_one_process_cache(workdir):
         teachers,
         data.train,
         workdir / "topk_alone",
-        temperature=2.0,
+        temperature=float(config.loss.temperature),  # the recipe's: the cache is at the loss's temperature
         top_k=8,
         fingerprint="alone",
         batch_size=8,
