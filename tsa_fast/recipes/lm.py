@@ -109,7 +109,7 @@ RESERVED_NAMES = {"teacher", "distilled", "distilled_no_adversarial", "distilled
 
 class StudentConfig(Section):
     model: TransformerConfig = Field(
-        TransformerConfig(d_model=64, n_layers=4, n_heads=2), description="its architecture"
+        TransformerConfig(d_model=64, n_layers=2, n_heads=2), description="its architecture"
     )
     init: Init = Field("random", description=f"the initialization of distilled and baseline; {INIT_DOC}")
     layers: list[int] | None = Field(None, description="teacher blocks to copy; null: every k-th")
