@@ -137,7 +137,7 @@ class QAConfig(RunConfig):
         lt=1,
         description="hf: the encoders' attention-probability dropout (attention_probs_dropout_prob); null keeps "
         "the checkpoint's (0.1 for BERT-style models). 0: PyTorch's CPU SDPA has no fused kernel with dropout, and "
-        "its fallback made MiniLM's training step 4.6x slower (README, question answering)",
+        "its fallback makes MiniLM's training step 1.5x slower (benchmarks/bench_hf_encoder_step.py)",
     )
     student_layers: int | list[int] = Field(
         3, description="the teacher blocks the students keep: indices, or a count n (every_kth_layer)"
