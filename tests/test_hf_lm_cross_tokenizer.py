@@ -18,7 +18,7 @@ from test_hf_lm import WORDS, save_model, sentences  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 import tsa_fast.distill.objective as objective_module  # noqa: E402
-from tsa_fast.cross_tokenizer import token_byte_lengths, token_bytes  # noqa: E402
+from tsa_fast.cross_tokenizer import alignment_from_groups, token_byte_lengths, token_bytes  # noqa: E402
 
 TEACHER_TOKENS = 101  # what the teacher's BPE learns of this text (checked by the tests)
 EXTRA = "café naïve über façade"  # characters of two bytes: the byte-level BPE splits some across tokens
@@ -33,11 +33,12 @@ def corpus(n: int, seed: int) -> list[str]:
     ]
 
 
-def teacher_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """Llama-style: SentencePiece pieces (▁ for a space, no prefix space added), </s> the end of text."""
+def teacher_tokenizer(prepend_scheme: str = "never") -> transformers.PreTrainedTokenizerFast:
+    """Llama-style: SentencePiece pieces (▁ for a space; with "first", one is added before the text), </s> the end
+    of text."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
-    tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme)
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme=prepend_scheme)
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     tokenizer.train_from_iterator(corpus(200, 0), trainer)
     return transformers.PreTrainedTokenizerFast(
@@ -105,6 +106,21 @@ def test_token_byte_lengths_from_offsets():
         token_byte_lengths("ab", [(0, 2)], [1, 1])
 
 
+@pytest.mark.parametrize("which", ["byte_level", "sentencepiece_first"])
+def test_token_byte_lengths_of_fast_tokenizers(which):
+    """The lengths cover the text exactly; byte-level pieces are the text's bytes, and a SentencePiece tokenizer
+    that adds a space before the text has a first piece one byte longer than the text it covers."""
+    tokenizer = student_tokenizer() if which == "byte_level" else teacher_tokenizer("first")
+    pieces = token_bytes(tokenizer)
+    for text in corpus(20, 3):
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        piece_bytes = [len(pieces[i]) for i in encoding.input_ids]
+        lengths = token_byte_lengths(text, encoding.offset_mapping, piece_bytes)
+        assert lengths.sum() == len(text.encode())
+        expected = piece_bytes if which == "byte_level" else [piece_bytes[0] - 1, *piece_bytes[1:]]
+        assert lengths.tolist() == expected
+
+
 # --- data: both tokenizations, aligned once ------------------------------------------------------------------
 
 
@@ -144,6 +160,16 @@ def test_alignment_of_a_batch_covers_the_same_bytes(tmp_path, models_dir):
         assert all(part in corpus_bytes for part in b"".join(covered).split(b"\n"))
         assert (s_group >= 0).float().mean() > 0.5
     assert split_char_groups > 0  # a two-byte character split across student tokens was aligned
+    # What a training step makes of a batch of these rows: one alignment, as many groups on each side.
+    batch = slice(0, 4)
+    alignment = alignment_from_groups(
+        train["student_group"][batch],
+        train["teacher_group"][batch],
+        train["labels"][batch],
+        train["teacher_labels"][batch],
+    )
+    groups = int((train["student_group"][batch].amax(dim=1) + 1).sum())
+    assert len(alignment.student_rows) == len(alignment.teacher_rows) == groups
     # Validation and test of both tokenizations count the bytes of the text their labels stand for.
     for split, whose in ((data.validation, student_tok), (prepared.teacher_data.validation, teacher_tok)):
         labels, label_bytes = split["labels"], split["label_bytes"]
