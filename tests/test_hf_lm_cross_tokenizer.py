@@ -237,6 +237,10 @@ def test_cross_tokenizer_run(tmp_path, models_dir, monkeypatch):
             assert (
                 math.isfinite(results[name][f"{split}_bits_per_byte"]) and results[name][f"{split}_bits_per_byte"] > 0
             )
+    # The gap closed is in bits per byte (perplexities of two tokenizers are not comparable).
+    base, top = (results[name]["validation_bits_per_byte"] for name in ("baseline", "teacher"))
+    closed = (base - results["distilled"]["validation_bits_per_byte"]) / (base - top)
+    assert results["distilled"]["validation_gap_closed"] == pytest.approx(closed)
     # Agreement and KL compare one vocabulary's distributions: not reported across tokenizers.
     assert "validation_kl" not in results["distilled"] and "validation_agreement" not in results["distilled"]
     assert "bits/byte" in (tmp_path / "run" / "results.md").read_text()

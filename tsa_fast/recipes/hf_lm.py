@@ -57,18 +57,18 @@ local `AutoModelForCausalLM` directories (nothing is downloaded), distilled by t
    and written to output_dir as results.md, results.json and curves.png.
 6. Across tokenizers (text data, off-policy; the engine's path of the lm recipe with `teachers[i].tokenizer`):
    every document is tokenized by both fast tokenizers with offsets, which give each token's bytes of the text
-   (`token_byte_lengths`), and the two streams are aligned once in the data pipeline (`cross_tokenizer_blocks`:
-   the teacher's tokens of each student block and both sides' groups), cached with the tokenized splits. The
-   students train in their own tokens; the teacher scores its own (`OwnTokenizerTeachers` with the
-   `vocabulary_map` of the two tokenizers) and the logit loss is `fused_linear_cross_tokenizer_loss` with
-   `loss.cross_tokenizer` (exact_weight, uld_weight, uld_top_k) plus hard_weight x cross-entropy in the
-   student's tokens. Validation and test report bits per byte for every model, the teacher's on the held-out
-   text in its own tokens (perplexities of different tokenizers are not comparable; no agreement, KL or
-   samples across vocabularies). Each student is saved with its own tokenizer. A ValueError naming the option,
-   before training, for what does not combine: data.format chat, loss.on_policy, loss.sequence_kd,
-   student.from_teacher (the teacher's embeddings are of its vocabulary), and the loss and adversarial options
-   of `cross_tokenizer_unmet` (hidden-state and attention terms, label smoothing, scale_by_t2 false,
-   adversarial training).
+   (`token_byte_lengths`), and the two streams are aligned once in the data pipeline (`cross_tokenizer_blocks`: the
+   teacher's tokens of each student block and both sides' groups), cached with the tokenized splits. The students
+   train in their own tokens; the teacher scores its own (`OwnTokenizerTeachers` with the `vocabulary_map` of the
+   two tokenizers) and the logit loss is `fused_linear_cross_tokenizer_loss` with `loss.cross_tokenizer`
+   (exact_weight, uld_weight, uld_top_k) plus hard_weight x cross-entropy in the student's tokens. Validation and
+   test report bits per byte for every model, the teacher's on the held-out text in its own tokens, and the share
+   of the baseline-teacher gap closed is in bits per byte (perplexities of different tokenizers are not comparable;
+   no agreement, KL or samples across vocabularies). Each student is saved with its own tokenizer. A ValueError
+   naming the option, before training, for what does not combine: data.format chat, loss.on_policy,
+   loss.sequence_kd, student.from_teacher (the teacher's embeddings are of its vocabulary), and the loss and
+   adversarial options of `cross_tokenizer_unmet` (hidden-state and attention terms, label smoothing, scale_by_t2
+   false, adversarial training).
 
 Every check (directories, tokenizers, vocabularies, the options across tokenizers, sequence length against
 max_position_embeddings, the data, a prompt plus its continuation against max_position_embeddings) runs in
@@ -116,7 +116,7 @@ from tsa_fast.distill.teachers import OwnTokenizerTeachers, Teachers
 from tsa_fast.integrations.hf import HFModel, layer_subset_student
 from tsa_fast.recipes.config import RunConfig, read_recipe
 from tsa_fast.recipes.fingerprint import data_fingerprint, fingerprint
-from tsa_fast.recipes.lm import SamplesConfig, evaluate_all, write_report
+from tsa_fast.recipes.lm import SamplesConfig, add_gap_closed, evaluate_all, write_report
 from tsa_fast.recipes.report import console
 from tsa_fast.recipes.runtime import start_run
 
@@ -807,5 +807,7 @@ def run(config: HFLMConfig, resume: bool = False, prepared: Prepared | None = No
         save_student(student.model, prepared.tokenizer, out_dir / name / "model")
     data_of = {"teacher": prepared.teacher_data} if prepared.cross_tokenizer else None
     results = evaluate_all(config, data, {"teacher": teacher, **students}, fits, device, precision, data_of)
+    if prepared.cross_tokenizer:  # perplexities of two tokenizers are not comparable: the gap in bits per byte
+        add_gap_closed(results, "bits_per_byte")
     write_report(config, data, results, out_dir)
     return results
