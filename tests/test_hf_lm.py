@@ -648,11 +648,14 @@ def test_tokenizer_that_is_not_the_teachers(tmp_path, tokenizer, qwen_teacher):
 
 
 def test_student_with_another_tokenizer(tmp_path, tokenizer, qwen_teacher):
+    """A student directory with a tokenizer of another vocabulary is distilled across tokenizers (the run and its
+    checks: tests/test_hf_lm_cross_tokenizer.py)."""
     other = tiny_tokenizer(320, extra="zebra quantum xylophone")
     student = save_model(tmp_path / "student", "qwen2", other, layers=2)
     config = config_of(tmp_path, qwen_teacher, write_text(tmp_path / "t.txt"), student={"pretrained": str(student)})
-    with pytest.raises(ValueError, match=rf"{len(tokenizer)} tokens \(teacher\) vs {len(other)} \(student"):
-        hf_lm.prepare(config)
+    prepared = hf_lm.prepare_inputs(config)
+    assert prepared.cross_tokenizer and prepared.data.teacher_tokenizer is not None
+    assert (len(prepared.tokenizer), len(prepared.teacher_tokenizer)) == (len(other), len(tokenizer))
 
 
 def test_chat_data_without_assistant_turns(tmp_path, qwen_teacher):

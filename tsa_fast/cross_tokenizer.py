@@ -3,6 +3,7 @@
     student_group, teacher_group = token_groups(student_ends, teacher_ends)   # per token: its group, -1: none
     alignment = alignment_from_groups(student_group, teacher_group, ...)      # a batch's TokenAlignment
     vocab_map = vocabulary_map(student_tokenizer, teacher_tokenizer)          # (M, 2) int64 id pairs
+    lengths = token_byte_lengths(text, encoding.offset_mapping, pieces)       # a fast tokenizer's offsets
     loss = tsa_fast.cross_tokenizer_loss(student_logits, teacher_logits, alignment, vocab_map, labels)
 
 Offsets are byte offsets into the text's UTF-8 encoding: `ends[r]` is where token r ends, token r spans
@@ -37,6 +38,7 @@ __all__ = [
     "alignment_from_groups",
     "byte_level_alphabet",
     "special_ids",
+    "token_byte_lengths",
     "token_bytes",
     "token_groups",
     "vocabulary_map",
@@ -136,6 +138,37 @@ def token_bytes(tokenizer) -> list[bytes]:
                 pass
         pieces[i] = backend.decode([i], skip_special_tokens=False).encode()
     return pieces
+
+
+def token_byte_lengths(text: str, offsets: Sequence[tuple[int, int]], piece_bytes: Sequence[int]) -> np.ndarray:
+    """(T,) int64: the UTF-8 bytes of `text` each of its T tokens covers, from a Hugging Face fast tokenizer's
+    character `offsets` (start, end) of the tokens and `piece_bytes`, the bytes of each token's piece (T entries:
+    `token_bytes` of its id). Token r covers the bytes after token r - 1's end up to its own, the last one up to
+    the text's end, so the lengths sum to the text's bytes (text the pre-tokenizer drops, as spaces, belongs to the
+    token after it). Tokens that end within the same character (a character of several bytes split across
+    byte-level tokens, whose offsets are all that character's) end at their pieces' bytes within it.
+
+    Raises ValueError when offsets and pieces differ in number, or a token covers no byte of the text."""
+    if len(offsets) != len(piece_bytes):
+        raise ValueError(f"offsets ({len(offsets)} tokens) and piece_bytes ({len(piece_bytes)}) differ in length")
+    if not len(offsets):
+        return np.zeros(0, dtype=np.int64)
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    char_bytes = 1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000)
+    byte_at = np.concatenate(([0], np.cumsum(char_bytes, dtype=np.int64)))  # byte offset of each character offset
+    ends = byte_at[np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 1]]
+    ends[-1] = byte_at[-1]
+    # A run of tokens with one end: each ends its later run-mates' piece bytes before it.
+    pieces = np.asarray(piece_bytes, dtype=np.int64)
+    after = np.concatenate((np.cumsum(pieces[::-1])[::-1], [0]))  # after[r]: piece bytes of tokens r, r + 1, ...
+    run_last = np.flatnonzero(np.r_[ends[1:] != ends[:-1], True])
+    last_of = run_last[np.searchsorted(run_last, np.arange(len(ends)))]
+    ends = ends - (after[1:] - after[last_of + 1])
+    lengths = np.diff(ends, prepend=0)
+    if (lengths <= 0).any():
+        r = int(np.argmax(lengths <= 0))
+        raise ValueError(f"token {r} (offsets {tuple(offsets[r])}) covers no byte of the text after token {r - 1}")
+    return lengths
 
 
 def vocabulary_map(student_tokenizer, teacher_tokenizer) -> torch.Tensor:

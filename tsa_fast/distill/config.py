@@ -182,3 +182,20 @@ class TeacherCacheConfig(Section):
 class LoggingConfig(Section):
     tensorboard: bool = Field(True, description="also write TensorBoard events when tensorboard is installed")
     progress: bool = Field(True, description="progress bars")
+
+
+def cross_tokenizer_unmet(loss: LossConfig, adversarial: AdversarialConfig) -> list[str]:
+    """The options of `loss` and `adversarial` that a teacher of another tokenizer needs and that are not set so
+    (each as `option=value it needs`), in a fixed order: hidden-state and attention terms, on-policy and
+    sequence-level KD, label smoothing and adversarial training do not apply across tokenizers, and the
+    exact-match term is always scaled by T^2."""
+    needs = {
+        "loss.hidden_weight=0": loss.hidden_weight == 0.0,
+        "loss.attention_weight=0": loss.attention_weight == 0.0,
+        "loss.on_policy.fraction=0": loss.on_policy.fraction == 0,
+        "loss.sequence_kd.enabled=false": not loss.sequence_kd.enabled,
+        "loss.label_smoothing=0": loss.label_smoothing == 0,
+        "loss.scale_by_t2=true (the exact-match term is scaled by T^2)": loss.scale_by_t2,
+        "adversarial.method='none'": adversarial.method == "none",
+    }
+    return [name for name, met in needs.items() if not met]

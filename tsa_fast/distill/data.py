@@ -26,6 +26,7 @@ the `datasets` package) naming the file, record, field or split, before any trai
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import os
@@ -52,6 +53,7 @@ __all__ = [
     "DataConfig",
     "Document",
     "TaskData",
+    "block_label_bytes",
     "build_data",
     "classification_examples",
     "cross_tokenizer_blocks",
@@ -460,7 +462,9 @@ def cross_tokenizer_blocks(
     alignment of the two, for cross-tokenizer distillation.
 
     student_ids, teacher_ids: each document's tokens by each tokenizer (the same documents, in order);
-    student_bytes, teacher_bytes: (V,) int, the UTF-8 bytes of text of each token id (`token_bytes`).
+    student_bytes, teacher_bytes: (V,) int, the UTF-8 bytes of text of each token id (`token_bytes`), or per
+    document the bytes of text of each of its tokens (shaped like the ids: `token_byte_lengths` of a Hugging Face
+    fast tokenizer's offsets).
 
     Both token streams (each document followed by its EOS) are aligned once, as a whole (`token_groups`, each EOS
     one byte long so that documents end together), in byte offsets. Block i holds `input_ids`, `labels` (M,
@@ -518,10 +522,32 @@ def cross_tokenizer_blocks(
     }
 
 
-def _stream_ends(ids: Sequence[Sequence[int]], eos: int, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The token stream (each document followed by EOS) and the byte offset where each token ends (EOS: 1 byte)."""
+def _stream_ends(
+    ids: Sequence[Sequence[int]], eos: int, sizes: np.ndarray | Sequence[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The token stream (each document followed by EOS) and the byte offset where each token ends (EOS: 1 byte);
+    `sizes` per token id or per document and token (`cross_tokenizer_blocks`)."""
     stream = np.fromiter((token for doc in ids for token in (*doc, eos)), dtype=np.int64)
-    return stream, np.cumsum(np.asarray(sizes, dtype=np.int64)[stream] + (stream == eos))
+    if isinstance(sizes, np.ndarray):
+        return stream, np.cumsum(sizes.astype(np.int64)[stream] + (stream == eos))
+    lengths = _stream_lengths(sizes, eos_bytes=1)
+    if len(lengths) != len(stream):
+        raise ValueError(f"the byte lengths are given for {len(lengths)} tokens, the documents have {len(stream)}")
+    return stream, np.cumsum(lengths)
+
+
+def _stream_lengths(sizes: Sequence[Sequence[int]], eos_bytes: int) -> np.ndarray:
+    """The bytes of each token of the stream of documents whose tokens have `sizes`, each followed by an EOS of
+    `eos_bytes`."""
+    return np.fromiter((n for doc in sizes for n in (*doc, eos_bytes)), dtype=np.int64)
+
+
+def block_label_bytes(sizes: Sequence[Sequence[int]], seq_len: int) -> Tensor:
+    """(M, seq_len) int64: the UTF-8 bytes of text of each label of `lm_blocks` of documents whose tokens stand for
+    `sizes` bytes each (per document, per token; an EOS: 0), for bits per byte."""
+    lengths = torch.from_numpy(_stream_lengths(sizes, eos_bytes=0))
+    count = (len(lengths) - 1) // seq_len
+    return lengths[1 : count * seq_len + 1].view(count, seq_len)
 
 
 def _group_spans(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -608,6 +634,13 @@ class TaskData:
     class_names: list[str] | None
     num_documents: dict[str, int]
     teacher_tokenizer: Tokenizer | None = None
+
+    def without_teacher_tokens(self) -> TaskData:
+        """The data a student without a teacher reads: the training split without the teacher's tokens and
+        alignment (the data itself when it has none)."""
+        if self.teacher_tokenizer is None:
+            return self
+        return dataclasses.replace(self, train={k: self.train[k] for k in ("input_ids", "labels")})
 
     def split(self, name: str) -> dict[str, Tensor]:
         """The tensors of split `name` ("train", "validation" or "test")."""

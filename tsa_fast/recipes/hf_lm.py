@@ -7,8 +7,10 @@ local `AutoModelForCausalLM` directories (nothing is downloaded), distilled by t
 1. Models: `teacher.pretrained` (a directory with config.json and weights), the student one of
    `student.pretrained` (another directory), `student.from_teacher.layers` (depth pruning: the teacher's
    embeddings, head and the listed blocks, `layer_subset_student`) or `student.config` (the teacher's config
-   with these overrides, randomly initialized); both in `torch_dtype`. The tokenizer is the teacher's
-   (`AutoTokenizer` from its directory) or `tokenizer`.
+   with these overrides, randomly initialized); both in `torch_dtype`. The teacher's tokenizer is its directory's
+   (`AutoTokenizer`) or `tokenizer`; the student's is `student.tokenizer`, else student.pretrained's directory's
+   tokenizer when it has one, else the teacher's. A student tokenizer of another vocabulary than the teacher's
+   makes the run a cross-tokenizer one (6.).
 2. Data (`data.format`): `text`, a .txt file, a .jsonl file (`data.text_field`) or a saved dataset, read and
    split by `tsa_fast.distill.data` and cut into next-token blocks of `data.seq_len` (documents joined by the
    tokenizer's EOS); `chat`, a .jsonl file or saved dataset of `data.messages_field` conversations
@@ -27,8 +29,7 @@ local `AutoModelForCausalLM` directories (nothing is downloaded), distilled by t
    which must cover the tokenizer (an embedding matrix padded past the tokenizer, as 151,936 vs 152,064 in one
    family, is fine: what the distillation ops do with `vocab_size=K`, here done by `SharedVocabularyLM` so that
    the losses, the evaluation and the agreement all see the same K columns); every label is checked to be
-   below K. A student directory with a tokenizer of another vocabulary than the teacher's is a ValueError
-   naming both sizes (no cross-tokenizer distillation).
+   below K. (Across tokenizers, 6., each model's distributions cover its own tokenizer's tokens.)
 4. Students, each for `training.steps` from the same initialization: `distilled` (the objective of `loss`, the
    engine's `LossConfig`: forward / reverse KL, JSD ... through fused_linear_distillation_loss on the hidden
    states and the LM-head weight, plus hard-label CE and the optional hidden-state and attention terms),
@@ -54,10 +55,24 @@ local `AutoModelForCausalLM` directories (nothing is downloaded), distilled by t
 5. Evaluation as the lm recipe's (`tsa_fast.recipes.lm.evaluate_all`, `write_report`): validation and test
    perplexity, top-1 agreement and KL to the teacher, tokens/s, for the teacher and every student, printed
    and written to output_dir as results.md, results.json and curves.png.
+6. Across tokenizers (text data, off-policy; the engine's path of the lm recipe with `teachers[i].tokenizer`):
+   every document is tokenized by both fast tokenizers with offsets, which give each token's bytes of the text
+   (`token_byte_lengths`), and the two streams are aligned once in the data pipeline (`cross_tokenizer_blocks`: the
+   teacher's tokens of each student block and both sides' groups), cached with the tokenized splits. The students
+   train in their own tokens; the teacher scores its own (`OwnTokenizerTeachers` with the `vocabulary_map` of the
+   two tokenizers) and the logit loss is `fused_linear_cross_tokenizer_loss` with `loss.cross_tokenizer`
+   (exact_weight, uld_weight, uld_top_k) plus hard_weight x cross-entropy in the student's tokens. Validation and
+   test report bits per byte for every model, the teacher's on the held-out text in its own tokens, and the share
+   of the baseline-teacher gap closed is in bits per byte (perplexities of different tokenizers are not comparable;
+   no agreement, KL or samples across vocabularies). Each student is saved with its own tokenizer. A ValueError
+   naming the option, before training, for what does not combine: data.format chat, loss.on_policy,
+   loss.sequence_kd, student.from_teacher (the teacher's embeddings are of its vocabulary), and the loss and
+   adversarial options of `cross_tokenizer_unmet` (hidden-state and attention terms, label smoothing, scale_by_t2
+   false, adversarial training).
 
-Every check (directories, tokenizer, vocabularies, sequence length against max_position_embeddings, the data, a
-prompt plus its continuation against max_position_embeddings) runs in `prepare`, before any training; text
-prompt_tokens below data.seq_len is checked when the config is read.
+Every check (directories, tokenizers, vocabularies, the options across tokenizers, sequence length against
+max_position_embeddings, the data, a prompt plus its continuation against max_position_embeddings) runs in
+`prepare`, before any training; text prompt_tokens below data.seq_len is checked when the config is read.
 """
 
 from __future__ import annotations
@@ -69,19 +84,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from tsa_fast.cross_tokenizer import token_byte_lengths, token_bytes, vocabulary_map
 from tsa_fast.distill.checkpoints import load_weights_only, save_atomically
-from tsa_fast.distill.config import AdversarialConfig, LossConfig, Section, TrainingConfig
+from tsa_fast.distill.config import AdversarialConfig, LossConfig, Section, TrainingConfig, cross_tokenizer_unmet
 from tsa_fast.distill.data import (
     SPLITS,
     Conversation,
     DataConfig,
     TaskData,
+    block_label_bytes,
+    cross_tokenizer_blocks,
     lm_blocks,
     load_splits,
     random_rows,
@@ -93,11 +112,11 @@ from tsa_fast.distill.evaluate import IGNORE_INDEX
 from tsa_fast.distill.objective import DistillationObjective
 from tsa_fast.distill.on_policy import PROMPT_LENGTHS
 from tsa_fast.distill.sequence_kd import sequence_kd_split, teacher_completions
-from tsa_fast.distill.teachers import Teachers
+from tsa_fast.distill.teachers import OwnTokenizerTeachers, Teachers
 from tsa_fast.integrations.hf import HFModel, layer_subset_student
 from tsa_fast.recipes.config import RunConfig, read_recipe
 from tsa_fast.recipes.fingerprint import data_fingerprint, fingerprint
-from tsa_fast.recipes.lm import SamplesConfig, evaluate_all, write_report
+from tsa_fast.recipes.lm import SamplesConfig, add_gap_closed, evaluate_all, write_report
 from tsa_fast.recipes.report import console
 from tsa_fast.recipes.runtime import start_run
 
@@ -127,6 +146,11 @@ class HFStudentConfig(Section):
     )
     config: dict[str, Any] | None = Field(
         None, description="the teacher's config with these attributes changed (e.g. num_hidden_layers), random init"
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="the student's own tokenizer directory; null: student.pretrained's tokenizer where its directory "
+        "has one, else the teacher's. One of another vocabulary than the teacher's: cross-tokenizer distillation",
     )
 
     @model_validator(mode="after")
@@ -248,39 +272,61 @@ def same_vocabulary(a, b) -> bool:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What `prepare` checked and built: the directories, the tokenizer, the shared vocabulary K and the data."""
+    """What `prepare` checked and built: the directories, the tokenizers, the vocabularies and the data."""
 
     teacher_dir: Path
     student_dir: Path | None
-    tokenizer: Any  # a transformers PreTrainedTokenizerFast
-    vocab_size: int  # K: the first K tokens of both models' vocabularies, the tokenizer's included
-    data: TaskData
+    tokenizer: Any  # the students' PreTrainedTokenizerFast (the teacher's, unless the student has one of its own)
+    vocab_size: int  # K: the students' distributions cover their first K tokens (one tokenizer: both models')
+    data: TaskData  # in the students' tokens (across tokenizers: also the teacher's tokens and the alignment)
     loss: LossConfig  # config.loss with on_policy and sequence_kd max_new_tokens resolved (`generation_lengths`)
+    teacher_tokenizer: Any  # the teacher's (the same object as `tokenizer` with one tokenizer)
+    teacher_vocab_size: int  # the teacher's distributions cover its first teacher_vocab_size tokens
+    teacher_data: TaskData  # the held-out text in the teacher's tokens, for its metrics (`data` with one tokenizer)
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the student has a tokenizer of another vocabulary than the teacher's."""
+        return self.teacher_tokenizer is not self.tokenizer
 
 
-def check_models(config: HFLMConfig) -> tuple[Path, Path | None, Any, int, int]:
-    """(teacher dir, student dir or None, tokenizer, shared vocabulary K, context: the smaller
-    max_position_embeddings). Raises ValueError (FileNotFoundError) for anything that cannot be distilled."""
+def directory_tokenizer(given: str | None, option: str, model_dir: Path | None, model_option: str):
+    """The tokenizer of directory `given` (option `option`), which must be the one of `model_dir` when that has
+    one; without `given`, the one of `model_dir`; None when neither has one. Raises FileNotFoundError,
+    ValueError naming the option."""
+    own = load_tokenizer(model_dir, model_option) if model_dir is not None and has_tokenizer(model_dir) else None
+    if given is None:
+        return own
+    if not Path(given).is_dir():
+        raise FileNotFoundError(f"{option}={given!r}: no such directory")
+    tokenizer = load_tokenizer(Path(given), option)
+    if own is not None and not same_vocabulary(tokenizer, own):
+        raise ValueError(
+            f"{option}={given!r} ({len(tokenizer)} tokens) is not the {model_option.split('.')[0]}'s tokenizer "
+            f"({len(own)} tokens, {model_dir}): their vocabularies differ"
+        )
+    return tokenizer
+
+
+def check_fast(tokenizer, option: str) -> None:
+    if not tokenizer.is_fast:
+        raise ValueError(
+            f"{option}: the tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer (token offsets needed)"
+        )
+
+
+def check_models(config: HFLMConfig) -> tuple[Path, Path | None, Any, int, Any, int, int]:
+    """(teacher dir, student dir or None, the students' tokenizer, their vocabulary K, the teacher's tokenizer
+    (the same object when the student has none of its own, or one of the same vocabulary), its vocabulary, context:
+    the smaller max_position_embeddings). One tokenizer: K is the first K = min(teacher, student vocab_size) tokens
+    of both models; across tokenizers each model's K is its tokenizer's size. Raises ValueError (FileNotFoundError)
+    for anything that cannot be distilled."""
     teacher_dir = model_directory(config.teacher.pretrained, "teacher.pretrained")
     teacher = text_config(teacher_dir, "teacher.pretrained")
-    if config.tokenizer is not None:
-        tokenizer_dir = Path(config.tokenizer)
-        if not tokenizer_dir.is_dir():
-            raise FileNotFoundError(f"tokenizer={config.tokenizer!r}: no such directory")
-        tokenizer = load_tokenizer(tokenizer_dir, "tokenizer")
-        if has_tokenizer(teacher_dir):
-            own = load_tokenizer(teacher_dir, "teacher.pretrained")
-            if not same_vocabulary(tokenizer, own):
-                raise ValueError(
-                    f"tokenizer={config.tokenizer!r} ({len(tokenizer)} tokens) is not the teacher's tokenizer "
-                    f"({len(own)} tokens, {teacher_dir}): their vocabularies differ"
-                )
-    elif has_tokenizer(teacher_dir):
-        tokenizer = load_tokenizer(teacher_dir, "teacher.pretrained")
-    else:
+    tokenizer = directory_tokenizer(config.tokenizer, "tokenizer", teacher_dir, "teacher.pretrained")
+    if tokenizer is None:
         raise ValueError(f"teacher.pretrained={str(teacher_dir)!r} has no tokenizer: set tokenizer=DIR")
-    if not tokenizer.is_fast:
-        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer (token offsets needed)")
+    check_fast(tokenizer, "tokenizer" if config.tokenizer else "teacher.pretrained")
     if len(tokenizer) > teacher.vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is {teacher.vocab_size}: "
@@ -294,39 +340,72 @@ def check_models(config: HFLMConfig) -> tuple[Path, Path | None, Any, int, int]:
         student = text_config(student_dir, "student.pretrained")
         student_vocab = student.vocab_size
         contexts.append(student.max_position_embeddings)
-        if has_tokenizer(student_dir):
-            own = load_tokenizer(student_dir, "student.pretrained")
-            if not same_vocabulary(own, tokenizer):
-                raise ValueError(
-                    f"teacher and student tokenizers differ: {len(tokenizer)} tokens (teacher) vs {len(own)} "
-                    f"(student, {student_dir}); distillation across tokenizers is not supported"
-                )
     elif config.student.config is not None:
         student = student_model_config(AutoConfig.from_pretrained(teacher_dir, local_files_only=True), config)
         student_vocab = student.vocab_size
         contexts.append(student.max_position_embeddings)
-    if student_vocab < len(tokenizer):
+    own = directory_tokenizer(config.student.tokenizer, "student.tokenizer", student_dir, "student.pretrained")
+    if own is None or same_vocabulary(own, tokenizer):
+        if student_vocab < len(tokenizer):
+            raise ValueError(
+                f"the student's vocab_size {student_vocab} is smaller than the tokenizer's {len(tokenizer)} tokens "
+                f"(teacher vocab_size {teacher.vocab_size})"
+            )
+        vocab_size = min(teacher.vocab_size, student_vocab)
+        return teacher_dir, student_dir, tokenizer, vocab_size, tokenizer, vocab_size, min(contexts)
+    check_fast(own, "student.tokenizer" if config.student.tokenizer else "student.pretrained")
+    check_cross_tokenizer(config, len(own), len(tokenizer))
+    if student_vocab < len(own):
         raise ValueError(
-            f"the student's vocab_size {student_vocab} is smaller than the tokenizer's {len(tokenizer)} tokens "
-            f"(teacher vocab_size {teacher.vocab_size})"
+            f"the student's vocab_size {student_vocab} is smaller than its tokenizer's {len(own)} tokens"
+            + (" (set student.config.vocab_size)" if config.student.config is not None else "")
         )
-    return teacher_dir, student_dir, tokenizer, min(teacher.vocab_size, student_vocab), min(contexts)
+    return teacher_dir, student_dir, own, len(own), tokenizer, len(tokenizer), min(contexts)
+
+
+def check_cross_tokenizer(config: HFLMConfig, student_tokens: int, teacher_tokens: int) -> None:
+    """A student tokenizer of its own: only the options that apply across tokenizers (text data, off-policy, a
+    student from its directory or a config; `cross_tokenizer_unmet` for the loss). Raises ValueError naming every
+    option that does not."""
+    needs = {
+        "data.format='text'": config.data.format == "text",
+        "student.pretrained or student.config (not student.from_teacher: the teacher's embeddings are of another "
+        "vocabulary)": config.student.from_teacher is None,
+    }
+    unmet = [name for name, met in needs.items() if not met] + cross_tokenizer_unmet(config.loss, config.adversarial)
+    if unmet:
+        raise ValueError(
+            f"a student tokenizer of its own ({student_tokens} tokens, the teacher's {teacher_tokens}: "
+            f"cross-tokenizer distillation) needs {', '.join(unmet)}"
+        )
 
 
 def prepare_inputs(config: HFLMConfig) -> Prepared:
     """Every check and the data (see the module docstring), before any model is loaded."""
-    teacher_dir, student_dir, tokenizer, vocab_size, context = check_models(config)
+    teacher_dir, student_dir, tokenizer, vocab_size, teacher_tokenizer, teacher_vocab_size, context = check_models(
+        config
+    )
     if config.data.seq_len > context:
         raise ValueError(
             f"data.seq_len={config.data.seq_len} is beyond the models' context (max_position_embeddings={context})"
         )
-    data = build_hf_data(config.data, tokenizer)
+    data, teacher_data = build_hf_data(
+        config.data, tokenizer, None if teacher_tokenizer is tokenizer else teacher_tokenizer
+    )
     for name in SPLITS:
         labels = data.split(name)["labels"]
         if int(labels.max()) >= vocab_size:
             raise ValueError(f"the {name} split has label {int(labels.max())}, past the shared vocabulary {vocab_size}")
+        teacher_labels = teacher_data.split(name)["labels"]
+        if int(teacher_labels.max()) >= teacher_vocab_size:
+            raise ValueError(
+                f"the {name} split in the teacher's tokens has label {int(teacher_labels.max())}, past the teacher's "
+                f"vocabulary {teacher_vocab_size}"
+            )
     loss = generation_lengths(config, data, context)
-    return Prepared(teacher_dir, student_dir, tokenizer, vocab_size, data, loss)
+    return Prepared(
+        teacher_dir, student_dir, tokenizer, vocab_size, data, loss, teacher_tokenizer, teacher_vocab_size, teacher_data
+    )
 
 
 def generation_lengths(config: HFLMConfig, data: TaskData, context: int) -> LossConfig:
@@ -372,12 +451,15 @@ def prepare(config: HFLMConfig) -> Callable[..., dict]:
 # Data
 
 
-def build_hf_data(config: HFDataConfig, tokenizer) -> TaskData:
-    """The task tensors of `config.source` tokenized by `tokenizer` (`tokenize_splits`), cached in
+def build_hf_data(config: HFDataConfig, tokenizer, teacher_tokenizer=None) -> tuple[TaskData, TaskData]:
+    """(the students' data, the teacher's): the task tensors of `config.source` tokenized by `tokenizer`
+    (`tokenize_splits`), the same object twice; with `teacher_tokenizer` (a student tokenizer of its own, text),
+    the students' also hold the teacher's tokens and the alignment (`cross_tokenizer_blocks`) and the teacher's
+    are the blocks in its tokens, both with `label_bytes` on validation and test (bits per byte). Cached in
     `config.cache_dir` under a fingerprint of the source files (paths, sizes, modification times), the data
-    options and the tokenizer (vocabulary, special tokens, chat template): a second run loads them. Raises
+    options and the tokenizers (vocabulary, special tokens, chat template): a second run loads them. Raises
     ValueError or FileNotFoundError on bad data."""
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    pad_id = pad_token_id(tokenizer)
     key = fingerprint(
         DATA_VERSION,
         config.model_dump(exclude={"cache_dir"}),
@@ -386,17 +468,30 @@ def build_hf_data(config: HFDataConfig, tokenizer) -> TaskData:
         tokenizer.chat_template,
         pad_id,
         tokenizer.eos_token_id,
+        *(() if teacher_tokenizer is None else ("teacher", teacher_tokenizer.backend_tokenizer.to_str())),
     )
     path = Path(config.cache_dir) / "hf_lm" / f"data-{key}.pt"
     if path.is_file():
         state = load_weights_only(path)
     else:
-        state = tokenize_splits(config, tokenizer, pad_id)
+        state = tokenize_splits(config, tokenizer, pad_id, teacher_tokenizer)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_atomically(state, path)
     tensors = state["tensors"]
     if config.max_train_examples is not None:
         tensors["train"] = random_rows(tensors["train"], config.max_train_examples)
+    data = task_data(tensors, tokenizer, state["num_documents"], teacher_tokenizer)
+    if teacher_tokenizer is None:
+        return data, data
+    return data, task_data(state["teacher_tensors"], teacher_tokenizer, state["num_documents"])
+
+
+def pad_token_id(tokenizer) -> int:
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+
+def task_data(tensors: dict, tokenizer, num_documents: dict, teacher_tokenizer=None) -> TaskData:
+    pad_id = pad_token_id(tokenizer)
     return TaskData(
         task="lm",
         **tensors,
@@ -405,7 +500,8 @@ def build_hf_data(config: HFDataConfig, tokenizer) -> TaskData:
         eos_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_id,
         vocab_size=len(tokenizer),
         class_names=None,
-        num_documents=state["num_documents"],
+        num_documents=num_documents,
+        teacher_tokenizer=None if teacher_tokenizer is None else teacher_tokenizer.backend_tokenizer,
     )
 
 
@@ -416,22 +512,22 @@ def source_stamp(path: Path) -> list | None:
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files] or None
 
 
-def tokenize_splits(config: HFDataConfig, tokenizer, pad_id: int) -> dict:
+def tokenize_splits(config: HFDataConfig, tokenizer, pad_id: int, teacher_tokenizer=None) -> dict:
     """{"tensors": {split: tensors}, "num_documents": {split: count}}: text, `lm_blocks` (input_ids, labels) of
-    the documents joined by EOS; chat, `chat_rows` (input_ids, attention_mask, labels)."""
+    the documents joined by EOS; chat, `chat_rows` (input_ids, attention_mask, labels). With `teacher_tokenizer`
+    (text), `cross_tokenizer_splits`."""
     if config.format == "text":
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token, which separates the documents of text data")
+        for by, whose in ((tokenizer, "the tokenizer"), (teacher_tokenizer, "the teacher's tokenizer")):
+            if by is not None and by.eos_token_id is None:
+                raise ValueError(f"{whose} has no EOS token, which separates the documents of text data")
         splits = load_splits(DataConfig(source=config.source, text_field=config.text_field, splits=config.splits))
+        if teacher_tokenizer is not None:
+            return cross_tokenizer_splits(config, splits, tokenizer, teacher_tokenizer)
         tensors = {}
         for name, documents in splits.items():
             ids = tokenizer([d.text for d in documents], add_special_tokens=False).input_ids
             tensors[name] = lm_blocks(ids, tokenizer.eos_token_id, config.seq_len)
-            if len(tensors[name]["input_ids"]) == 0:
-                raise ValueError(
-                    f"{config.source}: the {name} split has too few tokens for one block of seq_len + 1 = "
-                    f"{config.seq_len + 1}; add text or lower data.seq_len"
-                )
+            check_blocks(tensors[name], config, name)
     else:
         conversations = read_conversations(config.source, config.messages_field)
         splits = conversations if isinstance(conversations, dict) else split_documents(conversations, config.splits)
@@ -440,6 +536,61 @@ def tokenize_splits(config: HFDataConfig, tokenizer, pad_id: int) -> dict:
             for name, split in splits.items()
         }
     return {"tensors": tensors, "num_documents": {name: len(split) for name, split in splits.items()}}
+
+
+def check_blocks(blocks: dict, config: HFDataConfig, name: str, whose: str = "") -> None:
+    if len(blocks["input_ids"]) == 0:
+        raise ValueError(
+            f"{config.source}: the {name} split has too few tokens{whose} for one block of seq_len + 1 = "
+            f"{config.seq_len + 1}; add text or lower data.seq_len"
+        )
+
+
+def cross_tokenizer_splits(config: HFDataConfig, splits: dict, tokenizer, teacher_tokenizer) -> dict:
+    """The text splits in two tokenizations: {"tensors": the students' `cross_tokenizer_blocks` (their blocks, the
+    teacher's tokens of the same text and the alignment), "teacher_tensors": the teacher's `lm_blocks`,
+    "num_documents"}; validation and test of both with `label_bytes`. Each document is tokenized by both
+    tokenizers with offsets, which give each token's bytes of the text (`token_byte_lengths`), so both streams
+    cover exactly the document's UTF-8 bytes."""
+    tensors, teacher_tensors = {}, {}
+    pieces = [np.array([len(p) for p in token_bytes(t)], dtype=np.int64) for t in (tokenizer, teacher_tokenizer)]
+    for name, documents in splits.items():
+        texts = [d.text for d in documents]
+        (ids, sizes), (teacher_ids, teacher_sizes) = (
+            offset_tokens(by, texts, table) for by, table in zip((tokenizer, teacher_tokenizer), pieces)
+        )
+        tensors[name] = cross_tokenizer_blocks(
+            ids,
+            teacher_ids,
+            sizes,
+            teacher_sizes,
+            student_eos=tokenizer.eos_token_id,
+            teacher_eos=teacher_tokenizer.eos_token_id,
+            teacher_pad=pad_token_id(teacher_tokenizer),
+            seq_len=config.seq_len,
+        )
+        teacher_tensors[name] = lm_blocks(teacher_ids, teacher_tokenizer.eos_token_id, config.seq_len)
+        check_blocks(tensors[name], config, name)
+        check_blocks(teacher_tensors[name], config, name, " in the teacher's tokens")
+        if name != "train":
+            tensors[name]["label_bytes"] = block_label_bytes(sizes, config.seq_len)
+            teacher_tensors[name]["label_bytes"] = block_label_bytes(teacher_sizes, config.seq_len)
+    return {
+        "tensors": tensors,
+        "teacher_tensors": teacher_tensors,
+        "num_documents": {name: len(split) for name, split in splits.items()},
+    }
+
+
+def offset_tokens(tokenizer, texts: list[str], pieces: np.ndarray) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Each text's token ids by `tokenizer` (no special tokens) and the bytes of the text each token covers
+    (`token_byte_lengths` of its offsets; `pieces`: the bytes of each token id's piece)."""
+    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    sizes = [
+        token_byte_lengths(text, offsets, pieces[ids])
+        for text, ids, offsets in zip(texts, encoding.input_ids, encoding.offset_mapping)
+    ]
+    return encoding.input_ids, sizes
 
 
 def assistant_token_mask(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[bool]]:
@@ -619,8 +770,14 @@ def run(config: HFLMConfig, resume: bool = False, prepared: Prepared | None = No
     console.print(data.summary())
     dtype = DTYPES[config.torch_dtype]
     teacher_model = load_causal_lm(prepared.teacher_dir, dtype, "teacher.pretrained")
-    teacher = SharedVocabularyLM(teacher_model, prepared.vocab_size).to(device)
+    teacher = SharedVocabularyLM(teacher_model, prepared.teacher_vocab_size).to(device)
     teachers = Teachers([teacher], [1.0], "lm")
+    source, agreement, alone = teachers, teachers, data
+    if prepared.cross_tokenizer:  # the teacher scores its own tokens; no distribution of its is one of the student's
+        console.print("teacher " + prepared.teacher_data.summary())
+        pairs = vocabulary_map(prepared.tokenizer, prepared.teacher_tokenizer)
+        source = OwnTokenizerTeachers(teachers, pairs).to(device)
+        agreement, alone = None, data.without_teacher_tokens()
     student_data = data  # what the distilled students train on: the teacher's completions with sequence-level KD
     if prepared.loss.sequence_kd.enabled:
         student_data = dataclasses.replace(data, train=sequence_kd_train(config, prepared, teacher, device))
@@ -640,14 +797,17 @@ def run(config: HFLMConfig, resume: bool = False, prepared: Prepared | None = No
         distiller = Distiller(
             student,
             objective,
-            student_data if distilled else data,
+            student_data if distilled else alone,
             phase(name, adversarial),
-            teachers if distilled else None,
-            agreement_with=teachers,
+            source if distilled else None,
+            agreement_with=agreement,
         )
         fits[name] = distiller.fit(resume)
         students[name] = student
         save_student(student.model, prepared.tokenizer, out_dir / name / "model")
-    results = evaluate_all(config, data, {"teacher": teacher, **students}, fits, device, precision)
+    data_of = {"teacher": prepared.teacher_data} if prepared.cross_tokenizer else None
+    results = evaluate_all(config, data, {"teacher": teacher, **students}, fits, device, precision, data_of)
+    if prepared.cross_tokenizer:  # perplexities of two tokenizers are not comparable: the gap in bits per byte
+        add_gap_closed(results, "bits_per_byte")
     write_report(config, data, results, out_dir)
     return results

@@ -50,6 +50,7 @@ from tsa_fast.distill.config import (
     Section,
     TeacherCacheConfig,
     TrainingConfig,
+    cross_tokenizer_unmet,
 )
 from tsa_fast.distill.data import MIN_VOCAB_SIZE, DataConfig, TaskData, build_data
 from tsa_fast.distill.distiller import Distiller, FitResult, Phase
@@ -270,21 +271,14 @@ class RecipeConfig(RunConfig):
             if self.same_tokenizer_compare:
                 raise ValueError("same_tokenizer_compare needs teachers[i].tokenizer (a teacher tokenizer of its own)")
             return
-        loss = self.loss
-        conflicts = {
-            "data.task='lm'": self.data.task == "lm",
-            "teacher_cache.enabled=false": not self.teacher_cache.enabled,
-            "loss.hidden_weight=0": loss.hidden_weight == 0.0,
-            "loss.attention_weight=0": loss.attention_weight == 0.0,
-            "loss.on_policy.fraction=0": loss.on_policy.fraction == 0,
-            "loss.sequence_kd.enabled=false": not loss.sequence_kd.enabled,
-            "loss.label_smoothing=0": loss.label_smoothing == 0,
-            "loss.scale_by_t2=true (the exact-match term is scaled by T^2)": loss.scale_by_t2,
-            "adversarial.method='none'": self.adversarial.method == "none",
+        data = {"data.task='lm'": self.data.task == "lm", "teacher_cache.enabled=false": not self.teacher_cache.enabled}
+        student = {
             "student.init='random'": self.student.init == "random",
             "students[].init='random'": all(variant.init == "random" for variant in self.students),
         }
-        unmet = [name for name, met in conflicts.items() if not met]
+        unmet = [name for name, met in data.items() if not met]
+        unmet += cross_tokenizer_unmet(self.loss, self.adversarial)
+        unmet += [name for name, met in student.items() if not met]
         if unmet:
             raise ValueError(f"teachers[i].tokenizer (a teacher tokenizer of its own) needs {', '.join(unmet)}")
 
@@ -399,7 +393,7 @@ def run(
             write_model_config(student, out_dir / name)
 
     # Without the teachers' tokens and alignment, which a student without a teacher never reads.
-    alone = dataclasses.replace(data, train={k: data.train[k] for k in ("input_ids", "labels")}) if cross else data
+    alone = data.without_teacher_tokens()
     init = config.student.init
     variants = [("distilled", config.adversarial, config.loss, init, student_data, source)]
     if config.adversarial.method != "none" and config.adversarial.compare:
