@@ -649,15 +649,9 @@ def loss_floor(options, n_groups: int, expected: torch.Tensor) -> float:
     return LOSS_ATOL * terms * groups / max(expected.abs().item(), 1e-30)
 
 
-def grad_tolerance(dtype, options, loss: torch.Tensor, expected_grad: torch.Tensor, factor: float = 1.0) -> float:
-    """TOL[dtype] (TVD: at least 1e-4, its gradient jumps at ties p = q, flipped by rounding) plus the fp32 floor,
-    relative to `expected_grad`: at a peaked row the softmax chain rule forms q_j (g_j - sum_i q_i g_i) from two
-    terms of the size of the row's divergence, so the gradient may be off by a few fp32 ulps of the loss / T (the
-    loss is T^2 x D, its gradient T x dD/dz); times `factor`, the norm of the other factor of a product's
-    gradient (hidden @ weight.T)."""
-    tol = max(TOL[dtype], 1e-4) if options["divergence"] == "tvd" else TOL[dtype]
-    floor = 4 * 2**-24 * loss.abs().item() / options["temperature"] * factor
-    return tol + floor / max(expected_grad.double().norm().item(), 1e-30)
+def grad_tolerance(dtype, options) -> float:
+    """TVD's gradient jumps at ties p = q, flipped by rounding."""
+    return max(TOL[dtype], 1e-4) if options["divergence"] == "tvd" else TOL[dtype]
 
 
 @PROPERTY
@@ -672,7 +666,7 @@ def test_cross_tokenizer_loss_matches_float64(backend, case):
     assert loss.dtype == torch.float32 and grad.dtype == student.dtype and grad.shape == student.shape
     floor = loss_floor(options, len(alignment.student_rows), expected)
     check_close(loss, expected, same_dtype, TOL[dtype] + floor, "loss")
-    check_close(grad, expected_grad, same_dtype_grad, grad_tolerance(dtype, options, expected, expected_grad), "grad")
+    check_close(grad, expected_grad, same_dtype_grad, grad_tolerance(dtype, options), "grad")
 
 
 @PROPERTY
@@ -691,8 +685,7 @@ def test_cross_tokenizer_loss_backends_agree(monkeypatch, case):
     for name, (other_loss, other_grad) in others:
         floor = loss_floor(options, len(alignment.student_rows), loss)
         assert_rel_close(other_loss, loss, TOL[dtype] + floor, f"loss {name} vs {first}")
-        tol = grad_tolerance(dtype, options, loss, grad)
-        assert_rel_close(other_grad, grad, tol, f"grad {name} vs {first}")
+        assert_rel_close(other_grad, grad, grad_tolerance(dtype, options), f"grad {name} vs {first}")
 
 
 @PROPERTY
@@ -741,7 +734,7 @@ def test_identical_tokenizations_are_distillation_loss(
     )
     assert_rel_close(loss, expected, TOL[dtype] + loss_floor(options, rows, expected), "loss")
     if not equal_logits:  # a stationary point: the gradient is rounding noise, and ULD's |x| has none at 0
-        assert_rel_close(grad, expected_grad, grad_tolerance(dtype, options, expected, expected_grad), "grad")
+        assert_rel_close(grad, expected_grad, grad_tolerance(dtype, options), "grad")
 
 
 @st.composite
@@ -799,8 +792,6 @@ def test_fused_linear_cross_tokenizer_loss_matches_float64(backend, case):
     assert loss.dtype == torch.float32
     floor = loss_floor(options, len(alignment.student_rows), expected)
     check_close(loss, expected, same_dtype, TOL[dtype] + floor, "loss")
-    other_factors = [student["student_weight"], student["student_hidden"]]  # d hidden = dz @ weight, and so on
-    for name, grad, wanted, plain, other in zip(tensors, grads, expected_grads, same_dtype_grads, other_factors):
+    for name, grad, wanted, plain in zip(tensors, grads, expected_grads, same_dtype_grads):
         assert grad.dtype == student[name].dtype and grad.shape == student[name].shape, name
-        tol = grad_tolerance(dtype, options, expected, wanted, other.double().norm().item())
-        check_close(grad, wanted, plain, tol, name)
+        check_close(grad, wanted, plain, grad_tolerance(dtype, options), name)
