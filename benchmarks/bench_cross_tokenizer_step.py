@@ -20,12 +20,8 @@ logits. Target (issue 22): cross_tokenizer within 1.5x the time of same_tokenize
 
 from __future__ import annotations
 
-import copy
 import functools
 import sys
-import tempfile
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,32 +31,20 @@ from benchmarks.bench_distillation_step import (
     BATCH,
     DTYPE,
     HARD_WEIGHT,
-    PRECISION,
     SEQ,
-    STUDENT,
-    TEACHER,
     TEMPERATURE,
     VOCAB,
     EngineStep,
     batch,
-    initial_models,
-    shape_name,
+    initial_logits,
     step_flops,
+    step_problem,
 )
-from benchmarks.common import (
-    DEVICE,
-    check_loss,
-    cpu_peak_extra_bytes_of,
-    describe,
-    measure,
-    record_peak_memory,
-    record_roofline,
-)
+from benchmarks.bench_distillation_step import make_step as distillation_step
+from benchmarks.common import DEVICE, benchmark_step, step_peak_extra_bytes
 from tsa_fast.cross_tokenizer import alignment_from_groups, token_groups
-from tsa_fast.distill.config import LoggingConfig, LossConfig, TrainingConfig
-from tsa_fast.distill.distiller import Distiller, Phase
-from tsa_fast.distill.objective import DistillationObjective
-from tsa_fast.distill.teachers import OwnTokenizerTeachers, Teachers
+from tsa_fast.distill.config import LossConfig
+from tsa_fast.distill.teachers import OwnTokenizerTeachers
 from tsa_fast.reference.cross_tokenizer_loss import cross_tokenizer_loss as reference_loss
 
 MODULE = "benchmarks.bench_cross_tokenizer_step"
@@ -107,89 +91,39 @@ def loss_config(fused: bool) -> LossConfig:
     )
 
 
-class CrossTokenizerStep(EngineStep):
-    """`Distiller.train_step` with a teacher of its own tokenizer (`OwnTokenizerTeachers`) on `cross_batch`."""
-
-    def __init__(self, fused: bool):
-        template, teacher = initial_models()
-        self.student = copy.deepcopy(template)
-        objective = DistillationObjective(loss_config(fused), "lm", self.student.config, teacher.config)
-        training = TrainingConfig(steps=10**9, batch_size=BATCH, lr=1e-4, warmup_steps=0, clip_grad=1.0)
-        phase = Phase(
-            name="distill",
-            out_dir=Path(tempfile.gettempdir()),
-            training=training,
-            seed=0,
-            device=DEVICE,
-            precision=PRECISION,
-            logging=LoggingConfig(tensorboard=False, progress=False),
-        )
-        source = OwnTokenizerTeachers(Teachers([teacher], [1.0], "lm"), vocab_map())
-        data = SimpleNamespace(task="lm", train=cross_batch())
-        self.distiller = Distiller(self.student, objective, data, phase, source)
-
-
-def make_step(impl: str):
+def make_step(impl: str) -> EngineStep:
+    """same_tokenizer: bench_distillation_step's fused step; the others: `Distiller.train_step` with a teacher of
+    its own tokenizer (`OwnTokenizerTeachers`) on `cross_batch`."""
     if impl == "same_tokenizer":
-        return EngineStep(fused=True)
-    return CrossTokenizerStep(fused=impl == "cross_tokenizer")
+        return distillation_step("fused")
+    source = functools.partial(OwnTokenizerTeachers, vocab_map=vocab_map())
+    return EngineStep(loss_config(fused=impl == "cross_tokenizer"), cross_batch(), source)
 
 
 @functools.cache
 def reference_value() -> torch.Tensor:
     """The cross-tokenizer loss at the initial weights: the reference on fp32 logits, without autocast."""
-    student, teacher = initial_models()
     data = cross_batch()
-    with torch.no_grad():
-        student_logits = student.logits(student(data["input_ids"]).hidden).flatten(0, 1).float()
-        teacher_logits = teacher.logits(teacher(data["teacher_input_ids"]).hidden).flatten(0, 1).float()
-        alignment = alignment_from_groups(
-            data["student_group"], data["teacher_group"], data["labels"], data["teacher_labels"]
-        )
-        return reference_loss(
-            student_logits,
-            teacher_logits,
-            alignment,
-            vocab_map(),
-            data["labels"].flatten(),
-            temperature=TEMPERATURE,
-            uld_top_k=ULD_TOP_K,
-            hard_weight=HARD_WEIGHT,
-        )
+    alignment = alignment_from_groups(
+        data["student_group"], data["teacher_group"], data["labels"], data["teacher_labels"]
+    )
+    return reference_loss(
+        *initial_logits(data["teacher_input_ids"]),
+        alignment,
+        vocab_map(),
+        data["labels"].flatten(),
+        temperature=TEMPERATURE,
+        uld_top_k=ULD_TOP_K,
+        hard_weight=HARD_WEIGHT,
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cross_tokenizer_step(benchmark, impl):
-    step = make_step(impl)
-    loss = step()  # warm-up at the initial weights
-    describe(
-        benchmark,
-        op="cross_tokenizer_step",
-        mode="fwd+bwd+step",
-        impl=impl,
-        dtype=DTYPE,
-        size={"tokens": BATCH * SEQ},
-        x="tokens",
-        N=SEQ,
-        V=VOCAB,
-        student=shape_name(STUDENT),
-        teacher=shape_name(TEACHER),
-    )
-    if impl != "same_tokenizer":  # bench_distillation_step checks that one
-        check_loss(impl, torch.tensor(loss, dtype=torch.float64), reference_value(), DTYPE, benchmark)
-    measure(benchmark, step)
-    record_roofline(benchmark, DTYPE, flops=step_flops())
-    step.clear_grads()
-    record_peak_memory(benchmark, step, MODULE, impl)
-
-
-def measure_cpu_peak(impl: str) -> int:
-    """Peak RSS growth of one step in this (fresh) process, after a warm-up step, the new .grad buffers included."""
-    step = make_step(impl)
-    step()
-    step.clear_grads()
-    return cpu_peak_extra_bytes_of(step)
+    expected = None if impl == "same_tokenizer" else reference_value  # bench_distillation_step checks that one
+    step, problem = make_step(impl), step_problem("cross_tokenizer_step")
+    benchmark_step(benchmark, step, expected, impl=impl, dtype=DTYPE, flops=step_flops(), module=MODULE, **problem)
 
 
 if __name__ == "__main__":
-    print(measure_cpu_peak(*sys.argv[1:]))
+    print(step_peak_extra_bytes(make_step(*sys.argv[1:])))

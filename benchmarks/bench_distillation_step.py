@@ -47,18 +47,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (
-    DEVICE,
-    SMOKE,
-    check_loss,
-    compiled,
-    cpu_peak_extra_bytes_of,
-    describe,
-    measure,
-    record_peak_memory,
-    record_roofline,
-    synchronize,
-)
+from benchmarks.common import DEVICE, SMOKE, benchmark_step, compiled, step_peak_extra_bytes, synchronize
 from tsa_fast.distill.config import LoggingConfig, LossConfig, TrainingConfig
 from tsa_fast.distill.distiller import Distiller, Phase
 from tsa_fast.distill.objective import DistillationObjective
@@ -128,12 +117,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
 
 class EngineStep:
-    """`Distiller.train_step` on the batch (all B examples each step; the engine permutes their order)."""
+    """`Distiller.train_step` on a batch (all B examples each step; the engine permutes their order): `batch()`
+    and the teacher as a `Teachers` source, or `train` and what `source(teachers)` makes of it."""
 
-    def __init__(self, fused: bool):
+    def __init__(self, loss: LossConfig, train: dict | None = None, source=None):
         template, teacher = initial_models()
         self.student = copy.deepcopy(template)
-        loss = LossConfig(fused=fused, temperature=TEMPERATURE, hard_weight=HARD_WEIGHT)
         objective = DistillationObjective(loss, "lm", self.student.config, teacher.config)
         training = TrainingConfig(
             steps=10**9, batch_size=BATCH, lr=LR, warmup_steps=0, weight_decay=WEIGHT_DECAY, clip_grad=CLIP
@@ -147,8 +136,11 @@ class EngineStep:
             precision=PRECISION,
             logging=LoggingConfig(tensorboard=False, progress=False),
         )
-        data = SimpleNamespace(task="lm", train=batch())
-        self.distiller = Distiller(self.student, objective, data, phase, Teachers([teacher], [1.0], "lm"))
+        data = SimpleNamespace(task="lm", train=batch() if train is None else train)
+        teachers = Teachers([teacher], [1.0], "lm")
+        self.distiller = Distiller(
+            self.student, objective, data, phase, teachers if source is None else source(teachers)
+        )
 
     def __call__(self) -> float:
         loss, _ = self.distiller.train_step()  # its loss.item() waits for the GPU
@@ -187,21 +179,27 @@ class PlainStep:
 
 def make_step(impl: str):
     if impl in ("fused", "materialized"):
-        return EngineStep(fused=impl == "fused")
+        return EngineStep(LossConfig(fused=impl == "fused", temperature=TEMPERATURE, hard_weight=HARD_WEIGHT))
     return PlainStep(compile_loss=impl == "kldivloss_compiled")
+
+
+def initial_logits(teacher_input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) fp32 logits (tokens, V) at the initial weights, without autocast: the student's on the
+    batch's input_ids, the teacher's on `teacher_input_ids`."""
+    student, teacher = initial_models()
+    with torch.no_grad():
+        student_logits = student.logits(student(batch()["input_ids"]).hidden).flatten(0, 1).float()
+        teacher_logits = teacher.logits(teacher(teacher_input_ids).hidden).flatten(0, 1).float()
+    return student_logits, teacher_logits
 
 
 @functools.cache
 def reference_value() -> torch.Tensor:
     """The loss at the initial weights: the reference on fp32 logits, without autocast."""
-    student, teacher = initial_models()
     data = batch()
-    with torch.no_grad():
-        student_logits = student.logits(student(data["input_ids"]).hidden).flatten(0, 1).float()
-        teacher_logits = teacher.logits(teacher(data["input_ids"]).hidden).flatten(0, 1).float()
-        return reference_loss(
-            student_logits, teacher_logits, data["labels"].flatten(), temperature=TEMPERATURE, hard_weight=HARD_WEIGHT
-        )
+    return reference_loss(
+        *initial_logits(data["input_ids"]), data["labels"].flatten(), temperature=TEMPERATURE, hard_weight=HARD_WEIGHT
+    )
 
 
 def forward_flops(model: TransformerConfig, tokens: int) -> int:
@@ -216,38 +214,26 @@ def step_flops() -> int:
     return forward_flops(config(TEACHER), tokens) + 3 * forward_flops(config(STUDENT), tokens)
 
 
+def step_problem(op: str) -> dict:
+    """`benchmark_step`'s op, size and parameters of a step on these models and this batch."""
+    sizes = dict(size={"tokens": BATCH * SEQ}, x="tokens", N=SEQ, V=VOCAB)
+    return dict(op=op, **sizes, student=shape_name(STUDENT), teacher=shape_name(TEACHER))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_distillation_step(benchmark, impl):
-    step = make_step(impl)
-    loss = step()  # warm-up at the initial weights: compilation, autotuning, optimizer state, the .grad buffers
-    describe(
+    problem = step_problem("distillation_step")
+    benchmark_step(
         benchmark,
-        op="distillation_step",
-        mode="fwd+bwd+step",
+        make_step(impl),
+        reference_value,
         impl=impl,
         dtype=DTYPE,
-        size={"tokens": BATCH * SEQ},
-        x="tokens",
-        N=SEQ,
-        V=VOCAB,
-        student=shape_name(STUDENT),
-        teacher=shape_name(TEACHER),
+        flops=step_flops(),
+        module=MODULE,
+        **problem,
     )
-    check_loss(impl, torch.tensor(loss, dtype=torch.float64), reference_value(), DTYPE, benchmark)
-    measure(benchmark, step)
-    record_roofline(benchmark, DTYPE, flops=step_flops())
-    step.clear_grads()  # as the step's own zero_grad leaves them: the step's new .grad buffers count
-    record_peak_memory(benchmark, step, MODULE, impl)
-
-
-def measure_cpu_peak(impl: str) -> int:
-    """Peak RSS growth of one step in this (fresh) process, after a warm-up step (optimizer state,
-    compilation), the new .grad buffers included."""
-    step = make_step(impl)
-    step()
-    step.clear_grads()
-    return cpu_peak_extra_bytes_of(step)
 
 
 if __name__ == "__main__":
-    print(measure_cpu_peak(*sys.argv[1:]))
+    print(step_peak_extra_bytes(make_step(*sys.argv[1:])))

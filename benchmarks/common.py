@@ -3,7 +3,8 @@ the check that every implementation computes the same loss, and the optional pee
 
 Every suite names its benchmarks with `describe` (the group, and `extra_info` for the report: impl, its
 kind, op, mode, sizes, and `figure` / `x` for the plots of time and memory against size), times them with
-`measure`, and records `peak_extra_MB` with `record_peak_memory` and the roofline with `record_roofline`.
+`measure`, and records `peak_extra_MB` with `record_peak_memory` and the roofline with `record_roofline`; a whole
+training step's suite does all of it with `benchmark_step`.
 """
 
 from __future__ import annotations
@@ -208,6 +209,33 @@ def record_roofline(benchmark, dtype: torch.dtype, *, bytes_moved: float | None 
         basis.append(f"{dtype_name(dtype)} matmul {rate}")
     note = f"; {DATASHEET[device_name()]}" if device_name() in DATASHEET else ""
     benchmark.extra_info["roofline"] = f"{device_name()}: measured {', '.join(basis)}{note}"
+
+
+# ---------------------------------------------------------------------------------------------- training steps
+
+
+def benchmark_step(benchmark, step, expected, *, impl: str, dtype: torch.dtype, flops: float, module: str, **problem):
+    """The benchmark of a whole training step: `step()` returns the step's loss and `step.clear_grads()` drops
+    the .grad buffers. A warm-up step at the initial weights (compilation, autotuning, optimizer state, the .grad
+    buffers) whose loss `check_loss` compares with `expected()` (None: checked elsewhere); `describe` (mode
+    fwd+bwd+step, `problem` its op, sizes and parameters); `measure`; the roofline of `flops` model FLOPs; the
+    peak extra memory of one step with its new .grad buffers (on the CPU: `python -m module impl`)."""
+    loss = step()
+    describe(benchmark, mode="fwd+bwd+step", impl=impl, dtype=dtype, **problem)
+    if expected is not None:
+        check_loss(impl, torch.tensor(loss, dtype=torch.float64), expected(), dtype, benchmark)
+    measure(benchmark, step)
+    record_roofline(benchmark, dtype, flops=flops)
+    step.clear_grads()  # as the step's own zero_grad leaves them: the step's new .grad buffers count
+    record_peak_memory(benchmark, step, module, impl)
+
+
+def step_peak_extra_bytes(step) -> int:
+    """Peak RSS growth of one step() in this (fresh) process after a warm-up step (optimizer state,
+    compilation), its new .grad buffers included: what `benchmark_step`'s module prints."""
+    step()
+    step.clear_grads()
+    return cpu_peak_extra_bytes_of(step)
 
 
 # ---------------------------------------------------------------------------------------------- checks, peers

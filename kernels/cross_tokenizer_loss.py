@@ -93,6 +93,26 @@ def _cross_tokenizer_softmax_rows_kernel(
 
 
 @triton.jit
+def _mapped_scores(student_row, teacher_row, map_ptr, start, cols, n_map, inv_t):
+    """Map rows start + cols: the in-range mask, the student ids, and both rows' z / T at their mapped columns
+    (map rows (student id, teacher id); -inf past the map's end)."""
+    mask = start + cols < n_map
+    ids_s = tl.load(map_ptr + 2 * (start + cols), mask=mask, other=0)
+    ids_t = tl.load(map_ptr + 2 * (start + cols) + 1, mask=mask, other=0)
+    s = tl.load(student_row + ids_s, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+    t = tl.load(teacher_row + ids_t, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+    return mask, ids_s, s, t
+
+
+@triton.jit
+def _mapped_half_log_probs(student_row, teacher_row, map_ptr, start, cols, n_map, inv_t, m_s, log_d_s, m_t, log_d_t):
+    """`_mapped_scores`' mask and student ids, and both sides' half log-probabilities renormalized over the map
+    (from pass 1's log-sum-exps m + log d)."""
+    mask, ids_s, s, t = _mapped_scores(student_row, teacher_row, map_ptr, start, cols, n_map, inv_t)
+    return mask, ids_s, half_log_prob(s, m_s, log_d_s), half_log_prob(t, m_t, log_d_t)
+
+
+@triton.jit
 def _cross_tokenizer_exact_kernel(
     student_ptr,
     teacher_ptr,
@@ -123,11 +143,7 @@ def _cross_tokenizer_exact_kernel(
     d_s = tl.zeros([1], tl.float32)
     m_t, d_t = m_s, d_s
     for start in range(0, n_map, BLOCK_M):
-        mask = start + cols < n_map
-        ids_s = tl.load(map_ptr + 2 * (start + cols), mask=mask, other=0)
-        ids_t = tl.load(map_ptr + 2 * (start + cols) + 1, mask=mask, other=0)
-        s = tl.load(student_row + ids_s, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        t = tl.load(teacher_row + ids_t, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        mask, _, s, t = _mapped_scores(student_row, teacher_row, map_ptr, start, cols, n_map, inv_t)
         m_s, d_s = online_logsumexp(m_s, d_s, s)
         m_t, d_t = online_logsumexp(m_t, d_t, t)
     log_d_s, log_d_t = tl.log(d_s), tl.log(d_t)
@@ -137,12 +153,9 @@ def _cross_tokenizer_exact_kernel(
     if DIVERGENCE != FORWARD_KL:
         qg_sum = tl.zeros([1], tl.float64)
         for start in range(0, n_map, BLOCK_M):
-            mask = start + cols < n_map
-            ids_s = tl.load(map_ptr + 2 * (start + cols), mask=mask, other=0)
-            ids_t = tl.load(map_ptr + 2 * (start + cols) + 1, mask=mask, other=0)
-            s = tl.load(student_row + ids_s, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            t = tl.load(teacher_row + ids_t, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            half_log_q, half_log_p = half_log_prob(s, m_s, log_d_s), half_log_prob(t, m_t, log_d_t)
+            mask, _, half_log_q, half_log_p = _mapped_half_log_probs(
+                student_row, teacher_row, map_ptr, start, cols, n_map, inv_t, m_s, log_d_s, m_t, log_d_t
+            )
             _, qg = divergence_terms(
                 tl.exp(2.0 * half_log_p), tl.exp(2.0 * half_log_q), half_log_p, half_log_q, beta, DIVERGENCE
             )
@@ -152,12 +165,9 @@ def _cross_tokenizer_exact_kernel(
     row_constant = qg_sum.to(tl.float32)[:, None]
     div = tl.zeros([1], tl.float64)
     for start in range(0, n_map, BLOCK_M):
-        mask = start + cols < n_map
-        ids_s = tl.load(map_ptr + 2 * (start + cols), mask=mask, other=0)
-        ids_t = tl.load(map_ptr + 2 * (start + cols) + 1, mask=mask, other=0)
-        s = tl.load(student_row + ids_s, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        t = tl.load(teacher_row + ids_t, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        half_log_q, half_log_p = half_log_prob(s, m_s, log_d_s), half_log_prob(t, m_t, log_d_t)
+        mask, ids_s, half_log_q, half_log_p = _mapped_half_log_probs(
+            student_row, teacher_row, map_ptr, start, cols, n_map, inv_t, m_s, log_d_s, m_t, log_d_t
+        )
         q = tl.exp(2.0 * half_log_q)
         d, qg = divergence_terms(tl.exp(2.0 * half_log_p), q, half_log_p, half_log_q, beta, DIVERGENCE)
         div += tl.sum(tl.where(mask, d, 0.0).to(tl.float64), axis=1)

@@ -1,20 +1,23 @@
-"""Property tests (hypothesis) for `tsa_fast.attention`, `tsa_fast.scaled_dot_product_attention` and
-`tsa_fast.nn.MultiheadAttention`: random shapes (odd head dims, N_q != N_k, GQA/MQA), dtypes, strides, options
-and bad values. Each outcome is either "equals float64 math within the FlashAttention test rule" (an error at
-most twice that of PyTorch's own attention in the same dtype, plus a small atol) or "a ValueError / TypeError
-naming the argument" (for the drop-ins: PyTorch's own error, the same type and message)."""
+"""Property tests (hypothesis) for `tsa_fast.attention`, `tsa_fast.attention_varlen` (also against its sequences
+run alone, and the backends against each other), `tsa_fast.scaled_dot_product_attention` and
+`tsa_fast.nn.MultiheadAttention`: random shapes (odd head dims, N_q != N_k, GQA/MQA, empty sequences), dtypes,
+strides, options and bad values. Each outcome is either "equals float64 math within the FlashAttention test rule"
+(an error at most twice that of PyTorch's own attention in the same dtype, plus a small atol) or "a ValueError /
+TypeError naming the argument" (for the drop-ins: PyTorch's own error, the same type and message)."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, rel_error
+from conftest import DEVICE, assert_rel_close, rel_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_attention import ATOL, check_against_reference
+from test_attention import ATOL, check_against_reference, outputs_and_grads
+from test_attention_varlen import check_varlen, cu_seqlens, varlen_outputs_and_grads, varlen_rule
 
 import tsa_fast
+from tsa_fast.reference.attention import per_sequence
 
 both_backends = pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -222,3 +225,87 @@ def test_multihead_attention_equals_float64_math_or_raises_pytorchs_error(backen
             continue
         tol = 2 * rel_error(torch_own, exact_value) + ATOL[torch.float32]
         assert mine.shape == exact_value.shape and rel_error(mine, exact_value) <= tol
+
+
+@st.composite
+def varlen_problems(draw, max_n=24, max_d=24):
+    """q, k, v, the (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of a valid
+    `tsa_fast.attention_varlen` call and its options: 1 to 3 sequences (empty ones too), GQA, strided views."""
+    torch.manual_seed(draw(SEEDS))  # the tensors follow the example
+    heads_kv, group = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    lengths_q = draw(st.lists(st.integers(0, max_n), min_size=1, max_size=3))
+    lengths = st.lists(st.integers(0, max_n), min_size=len(lengths_q), max_size=len(lengths_q))
+    lengths_k = draw(st.sampled_from([lengths_q, draw(lengths)]))
+    lengths_q[0], lengths_k[0] = max(lengths_q[0], 1), max(lengths_k[0], 1)  # no empty packed tensor
+    d, d_v, dtype = draw(st.integers(1, max_d)), draw(st.integers(1, max_d)), draw(st.sampled_from(DTYPES))
+    # (total, H, D) as a (B=1, H, total, D) head tensor's view: contiguous, transposed or sliced likewise.
+    q, k, v = (
+        head_tensor(draw, 1, heads, sum(lengths), dim, dtype)[0].transpose(0, 1)
+        for heads, lengths, dim in (
+            (heads_kv * group, lengths_q, d),
+            (heads_kv, lengths_k, d),
+            (heads_kv, lengths_k, d_v),
+        )
+    )
+    packed = (
+        cu_seqlens(lengths_q),
+        cu_seqlens(lengths_k),
+        max(lengths_q) + draw(st.integers(0, 3)),  # a larger max_seqlen only launches idle tiles
+        max(lengths_k) + draw(st.integers(0, 3)),
+    )
+    side = st.integers(-1, 8)
+    options = dict(
+        causal=draw(st.booleans()),
+        window=draw(st.sampled_from([None, (-1, -1), (draw(side), draw(side))])),
+        softcap=draw(st.sampled_from([None, 0.5, 5.0])),
+    )
+    if draw(st.booleans()):
+        options["softmax_scale"] = draw(st.floats(0.05, 2.0))
+    return q, k, v, packed, options
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(problem=varlen_problems())
+@both_backends
+def test_attention_varlen_equals_float64_math(backend, problem):
+    """Output, lse and the gradients through both against the float64 reference by the FlashAttention rule."""
+    q, k, v, packed, options = problem
+    check_varlen(q, k, v, packed, **options)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(problem=varlen_problems())
+@both_backends
+def test_attention_varlen_equals_each_sequence_alone(backend, problem):
+    """Each packed sequence gets what `tsa_fast.attention` gives it alone (a batch of one): outputs, lse and
+    gradients, to fp32 rounding."""
+    q, k, v, packed, options = problem
+    grad_out = torch.randn(*q.shape[:2], v.shape[2], device=DEVICE)
+    grad_lse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
+    bounds = packed[0].tolist(), packed[1].tolist()
+    results = varlen_outputs_and_grads(q, k, v, packed, grad_out, grad_lse, **options)
+    alone = outputs_and_grads(
+        lambda *x, **o: per_sequence(tsa_fast.attention, *x, *bounds, **o), q, k, v, grad_out, grad_lse, **options
+    )
+    for actual, wanted, what in zip(results, alone, ("out", "lse", "dq", "dk", "dv")):
+        assert_rel_close(actual, wanted, ATOL[torch.float32], what)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(problem=varlen_problems())
+def test_attention_varlen_backends_agree(monkeypatch, problem):
+    """triton and torch give one answer: outputs, lse and gradients within the sum of what each may differ from
+    float64 (twice PyTorch's error in the dtype plus ATOL)."""
+    q, k, v, packed, options = problem
+    grad_out = torch.randn(*q.shape[:2], v.shape[2], device=DEVICE)
+    grad_lse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
+    names = [name for name in ("triton", "torch") if name in tsa_fast.available_backends(DEVICE)]
+    if len(names) < 2:
+        pytest.skip(f"one backend on {DEVICE.type}: {names}")
+    answers = []
+    for name in names:
+        monkeypatch.setenv("TSA_FAST_BACKEND", name)
+        answers.append(varlen_outputs_and_grads(q, k, v, packed, grad_out, grad_lse, **options))
+    _, allowed = varlen_rule(q, k, v, packed, grad_out, grad_lse, **options)
+    for on_triton, on_torch, tol, what in zip(*answers, allowed, ("out", "lse", "dq", "dk", "dv")):
+        assert_rel_close(on_triton, on_torch, 2 * tol, what)
