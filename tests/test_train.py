@@ -128,6 +128,10 @@ def test_cross_tokenizer_recipe_end_to_end(tmp_path):
     for name in ("distilled", "distilled_same_tokenizer", "baseline"):
         assert results[name]["train_ms_per_step"] > 0, name
     assert "validation_agreement" not in results["distilled"]  # no agreement across vocabularies
+    # Perplexities of two tokenizers are not comparable: the gap closed is in bits per byte.
+    key, base = "validation_bits_per_byte", results["baseline"]["validation_bits_per_byte"]
+    closed = (base - results["distilled"][key]) / (base - results["teacher"][key])
+    assert results["distilled"]["validation_gap_closed"] == pytest.approx(closed)
     assert 0 <= results["distilled_same_tokenizer"]["validation_agreement"] <= 1
     assert "bits/byte" in (out / "results.md").read_text()
     rows = read_metrics(out / "distilled" / "metrics.csv")

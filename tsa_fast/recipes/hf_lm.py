@@ -116,7 +116,7 @@ from tsa_fast.distill.teachers import OwnTokenizerTeachers, Teachers
 from tsa_fast.integrations.hf import HFModel, layer_subset_student
 from tsa_fast.recipes.config import RunConfig, read_recipe
 from tsa_fast.recipes.fingerprint import data_fingerprint, fingerprint
-from tsa_fast.recipes.lm import SamplesConfig, add_gap_closed, evaluate_all, write_report
+from tsa_fast.recipes.lm import SamplesConfig, evaluate_all, write_report
 from tsa_fast.recipes.report import console
 from tsa_fast.recipes.runtime import start_run
 
@@ -807,7 +807,5 @@ def run(config: HFLMConfig, resume: bool = False, prepared: Prepared | None = No
         save_student(student.model, prepared.tokenizer, out_dir / name / "model")
     data_of = {"teacher": prepared.teacher_data} if prepared.cross_tokenizer else None
     results = evaluate_all(config, data, {"teacher": teacher, **students}, fits, device, precision, data_of)
-    if prepared.cross_tokenizer:  # perplexities of two tokenizers are not comparable: the gap in bits per byte
-        add_gap_closed(results, "bits_per_byte")
     write_report(config, data, results, out_dir)
     return results
