@@ -11,6 +11,7 @@ the file runs in a few minutes on 2 CPU cores.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, assert_rel_close, rel_error
@@ -667,6 +668,45 @@ def test_cross_tokenizer_loss_matches_float64(backend, case):
     floor = loss_floor(options, len(alignment.student_rows), expected)
     check_close(loss, expected, same_dtype, TOL[dtype] + floor, "loss")
     check_close(grad, expected_grad, same_dtype_grad, grad_tolerance(dtype, options), "grad")
+
+
+PEAKED_ULD_CASE = dict(
+    examples=[(np.array([0]), np.array([0]))],
+    rows=(1, 1),
+    vocab=(11, 11),
+    mapped=0,
+    dtype=torch.float32,
+    teacher_dtype=torch.float32,
+    scale=20.0,
+    layout="contiguous",
+    has_labels=True,
+    options=dict(
+        divergence="forward_kl",
+        beta=0.5,
+        temperature=2.0,
+        exact_weight=0.0,
+        uld_weight=1.0,
+        uld_top_k=1,
+        hard_weight=0.0,
+        reduction="mean",
+    ),
+    seed=0,
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect: on a peaked row (top probability 0.99996) the ULD gradient of every backend is 1e-2 off "
+    "float64, against 1.5e-4 for the float32 reference (the tail after the top k loses to the fp32 lse's rounding)",
+)
+def test_cross_tokenizer_uld_on_a_peaked_row_matches_float64(backend):
+    """The example the property found at logits of scale 20, which its strategy leaves out until it is fixed."""
+    student, teacher, alignment, vocab_map, labels = cross_tokenizer_inputs(PEAKED_ULD_CASE)
+    inputs = (alignment, vocab_map, labels, PEAKED_ULD_CASE["options"])
+    _, grad = cross_tokenizer_loss_and_grad(tsa_fast.cross_tokenizer_loss, student, teacher, *inputs)
+    _, expected_grad = cross_tokenizer_loss_and_grad(reference_cross, as64(student), as64(teacher), *inputs)
+    _, same_dtype_grad = cross_tokenizer_loss_and_grad(reference_cross, student, teacher, *inputs)
+    check_close(grad, expected_grad, same_dtype_grad, TOL[torch.float32], "grad")
 
 
 @PROPERTY
