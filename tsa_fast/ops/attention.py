@@ -251,17 +251,25 @@ def flash_attention(
     neither: `attention` runs the reference for them there)."""
     if kernel_backend(q) == "torch":
         return torch_attention_forward(q, k, v, key_padding_mask, causal, softmax_scale)
-    out = q.new_empty((*q.shape[:3], v.shape[3]))
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    out, lse = _empty_outputs(q, v)
     triton_kernels.attention_forward(
         q, k, v, key_padding_mask, out, lse, causal, softmax_scale, (window_left, window_right), softcap
     )
     return out, lse
 
 
-@flash_attention.register_fake
-def _(q, k, v, key_padding_mask, causal, softmax_scale, window_left=-1, window_right=-1, softcap=0.0):
+def _empty_outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Uninitialized (out (B, H, N_q, D_v) in q's dtype, lse (B, H, N_q) float32), as `flash_attention` and
+    `flash_attention_decode` return them."""
     return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _fake_attention(q, k, v, key_padding_mask, causal, softmax_scale, window_left=-1, window_right=-1, softcap=0.0):
+    """The outputs' shapes and dtypes, for tracing (torch.compile, meta tensors)."""
+    return _empty_outputs(q, v)
+
+
+flash_attention.register_fake(_fake_attention)
 
 
 @torch.library.custom_op("tsa_fast::flash_attention_backward", mutates_args=())
@@ -356,17 +364,14 @@ def flash_attention_decode(
     softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """`flash_attention`'s (out, lse) by the Triton decode kernels (the triton backend only); not differentiable."""
-    out = q.new_empty((*q.shape[:3], v.shape[3]))
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    out, lse = _empty_outputs(q, v)
     triton_kernels.attention_decode_forward(
         q, k, v, key_padding_mask, out, lse, causal, softmax_scale, (window_left, window_right), softcap
     )
     return out, lse
 
 
-@flash_attention_decode.register_fake
-def _(q, k, v, key_padding_mask, causal, softmax_scale, window_left=-1, window_right=-1, softcap=0.0):
-    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=torch.float32)
+flash_attention_decode.register_fake(_fake_attention)
 
 
 # ---------------------------------------------------------------------------------------------------
