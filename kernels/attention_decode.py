@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot, launch_autotuned, tanh
+from .utils import dot, launch_autotuned, strides, tanh
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -335,7 +335,6 @@ def attention_decode_forward(
     else:
         o_part = lse_part = lse  # unused
     block_n = INTERPRETER["BLOCK_N"] if interpreted else None
-    mask_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
     block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(d_v))
 
     def grid(blocks):
@@ -356,11 +355,7 @@ def attention_decode_forward(
         lse,
         o_part,
         lse_part,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *mask_strides,
-        *out.stride(),
+        *strides(q, k, v, key_padding_mask, out),
         heads,
         group,
         n_q,
@@ -390,7 +385,7 @@ def attention_decode_forward(
             lse_part,
             out,
             lse,
-            *out.stride(),
+            *strides(out),
             heads,
             n_q,
             d_v,

@@ -1,6 +1,7 @@
 """Triton helpers that several kernels share: addressing a (b, h) slice, masked tile loads, which keys a
-query sees (range, padding, causal), dots accumulated in fp32, an accurate tanh, the online log-sum-exp, and the
-launcher that runs an autotuned kernel at a fixed tile under the interpreter.
+query sees (range, padding, causal), dots accumulated in fp32, an accurate tanh, the online log-sum-exp; on the
+host, the strides a launch passes and the launcher that runs an autotuned kernel at a fixed tile under the
+interpreter.
 
 The `@triton.jit` helpers are inlined into the kernels that call them: sharing them costs nothing at run time.
 """
@@ -78,6 +79,12 @@ def online_logsumexp(m, d, x):
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row all -inf so far: keep exp() finite
     d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
     return m_new, d
+
+
+def strides(*tensors) -> tuple[int, ...]:
+    """The strides of each tensor in turn, flat, as the kernels take them (stride_xb, stride_xh, ... of x, then
+    of the next); None stands for an absent (B, N_k) key padding mask, (0, 0)."""
+    return tuple(stride for x in tensors for stride in ((0, 0) if x is None else x.stride()))
 
 
 def launch_autotuned(kernel, grid, fixed_blocks: dict | None, *args, **meta) -> None:
