@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot, head, launch_autotuned, load_tile, tanh, visible_keys
+from .utils import dot, head, kept_keys, key_band, launch_autotuned, load_tile, strides, tanh
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -138,11 +138,9 @@ def _tile_scores(
         s = dot(q, tl.trans(k)) * qk_scale
         slope = 1.0
     if MASKED:
-        visible = visible_keys(rows, cols, rows < n_q, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL, HAS_MASK)
-        if WINDOW:
-            diagonal = rows[:, None] + (n_k - n_q)
-            visible &= (cols[None, :] >= diagonal - left) & (cols[None, :] <= diagonal + right)
-        s = tl.where(visible, s, float("-inf"))
+        # Row i (past n_q: not stored) sees key j when j is in range, kept and in the row's band.
+        visible = (rows < n_q)[:, None] & kept_keys(cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)[None, :]
+        s = tl.where(key_band(visible, rows, cols, n_q, n_k, left, right, CAUSAL, WINDOW), s, float("-inf"))
     return s, slope
 
 
@@ -151,6 +149,8 @@ def _zero_padded_keys(tile, cols, mask_ptr, stride_mask_n, n_k, HAS_MASK: tl.con
     """The k or v tile of keys `cols` with the rows of padded keys set to 0, so that what those slots hold
     (NaN, inf) never meets a product: a masked score is -inf, but 0 * NaN in p v or ds k would still be NaN."""
     if HAS_MASK:
+        # Not `kept_keys`: rows past n_k are 0 already, and its extra `& (j < n_k)` here makes the forward take
+        # 192 KB of shared memory on sm_80 instead of 160 KB, over the A100's limit.
         kept = tl.load(mask_ptr + cols * stride_mask_n, mask=cols < n_k, other=0) != 0
         tile = tl.where(kept[:, None], tile, 0.0)
     return tile
@@ -911,6 +911,8 @@ def _attention_bwd_dkdv_kernel(
     v_ptr = head(v_ptr, b, h_kv, stride_vb, stride_vh) + k_start * stride_vn
     k = load_tile(k_ptr, cols, dims, stride_kn, stride_kd, n_k, d, UPCAST)
     v = load_tile(v_ptr, cols, dims_v, stride_vn, stride_vd, n_k, d_v, UPCAST)
+    if HAS_MASK:
+        mask_ptr += b.to(tl.int64) * stride_mask_b
     qk_scale = sm_scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -987,9 +989,7 @@ def _attention_bwd_dkdv_kernel(
 
     # Padding: a padded key's p above was never normalized by any row (garbage, even inf); it reaches only
     # this key's own dk, dv, which are zero.
-    keep = cols < n_k
-    if HAS_MASK:
-        keep &= tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + cols * stride_mask_n, mask=keep, other=0) != 0
+    keep = kept_keys(cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)
     dk_ptr = head(dk_ptr, b, h_kv, stride_dkb, stride_dkh) + k_start * stride_dkn
     dv_ptr = head(dv_ptr, b, h_kv, stride_dvb, stride_dvh) + k_start * stride_dvn
     dk_ptrs = dk_ptr + cols[:, None] * stride_dkn + dims[None, :] * stride_dkd
@@ -1036,17 +1036,13 @@ def _band(n_q: int, n_k: int, causal: bool, window: tuple[int, int]) -> tuple[bo
 def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap, packed):
     """The arguments the forward, dq and dk/dv kernels share (strides, sizes, scale, window, softcap, tuning
     key, cu_seqlens) and their compile-time options. packed: None, or (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k) with q, k, v as `_sequences_view`s (the window and tuning key then take the longest lengths)."""
+    max_seqlen_k) with q, k, v as `_sequences_views` (the window and tuning key then take the longest lengths)."""
     _, heads, n_q, d = q.shape
     n_k, d_v = v.shape[2], v.shape[3]
     cu_seqlens_q, cu_seqlens_k, max_q, max_k = (None, None, n_q, n_k) if packed is None else packed
     causal, windowed, left, right = _band(max_q, max_k, causal, window)
-    mask_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
     args = (
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *mask_strides,
+        *strides(q, k, v, key_padding_mask),
         heads,
         heads // k.shape[1],
         n_q,
@@ -1077,10 +1073,12 @@ def _shared_args(q, k, v, key_padding_mask, causal, softmax_scale, window, softc
     return args, meta
 
 
-def _sequences_view(x: torch.Tensor, n_seqs: int) -> torch.Tensor:
-    """A packed (total, H, D) tensor as the (S, H, total, D) view the kernels take, stride 0 along the S
-    sequences: (b, h) addresses head h of the packed rows, and `_sequence` picks sequence b's rows."""
-    return x.transpose(0, 1).unsqueeze(0).expand(n_seqs, -1, -1, -1)
+def _sequences_views(cu_seqlens: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Packed (total, H, D) tensors as the (S, H, total, D) views the kernels take (S = len(cu_seqlens) - 1),
+    stride 0 along the sequences: (b, h) addresses head h of the packed rows, and `_sequence` picks sequence
+    b's rows."""
+    n_seqs = cu_seqlens.shape[0] - 1
+    return [x.transpose(0, 1).unsqueeze(0).expand(n_seqs, -1, -1, -1) for x in tensors]
 
 
 def _forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale, window, softcap, packed) -> None:
@@ -1089,7 +1087,7 @@ def _forward(q, k, v, key_padding_mask, out, lse, causal, softmax_scale, window,
     rows = n_q if packed is None else packed[2]  # packed: the longest sequence's tiles, per sequence
     grid = lambda blocks: (triton.cdiv(rows, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
     _launch(
-        _attention_fwd_kernel, grid, meta["UPCAST"], q, k, v, key_padding_mask, out, lse, *args, *out.stride(), **meta
+        _attention_fwd_kernel, grid, meta["UPCAST"], q, k, v, key_padding_mask, out, lse, *args, *strides(out), **meta
     )
 
 
@@ -1131,9 +1129,8 @@ def attention_varlen_forward(
     (not checked here). Sequence s's query rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] attend to its keys
     cu_seqlens_k[s]:cu_seqlens_k[s + 1] only, causal and window aligned bottom-right in each sequence. Writes
     out and lse (H, total_q) float32 contiguous."""
-    n_seqs = cu_seqlens_q.shape[0] - 1
     packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    q, k, v, out = (_sequences_view(x, n_seqs) for x in (q, k, v, out))
+    q, k, v, out = _sequences_views(cu_seqlens_q, q, k, v, out)
     _forward(q, k, v, None, out, lse, causal, softmax_scale, window, softcap, packed)
 
 
@@ -1157,8 +1154,7 @@ def _backward(
         grad_out[:rows_batch],
         grad_lse,
         delta,
-        *out.stride(),
-        *grad_out.stride(),
+        *strides(out, grad_out),
         heads,
         n_q,
         v.shape[3],
@@ -1175,15 +1171,11 @@ def _backward(
         dk,
         dv,
         *args,
-        *grad_out.stride(),
-        *dk.stride(),
-        *dv.stride(),
+        *strides(grad_out, dk, dv),
         **meta,
     )
     dq_grid = lambda blocks: (triton.cdiv(rows, blocks["BLOCK_M"]), batch * heads)  # noqa: E731
-    _launch(
-        _attention_bwd_dq_kernel, dq_grid, meta["UPCAST"], *inputs, dq, *args, *grad_out.stride(), *dq.stride(), **meta
-    )
+    _launch(_attention_bwd_dq_kernel, dq_grid, meta["UPCAST"], *inputs, dq, *args, *strides(grad_out, dq), **meta)
 
 
 def attention_backward(
@@ -1231,8 +1223,6 @@ def attention_varlen_backward(
 ) -> None:
     """`attention_backward` for `attention_varlen_forward`'s packed layout: dq, dk, dv (total, H, D) any strides,
     grad_out (total_q, H, D_v) any strides, grad_lse (H, total_q) float32 contiguous."""
-    n_seqs = cu_seqlens_q.shape[0] - 1
     packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    views = (_sequences_view(x, n_seqs) for x in (q, k, v, out, grad_out, dq, dk, dv))
-    q, k, v, out, grad_out, dq, dk, dv = views
+    q, k, v, out, grad_out, dq, dk, dv = _sequences_views(cu_seqlens_q, q, k, v, out, grad_out, dq, dk, dv)
     _backward(q, k, v, None, out, lse, grad_out, grad_lse, dq, dk, dv, causal, softmax_scale, window, softcap, packed)

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot, launch_autotuned, tanh
+from .utils import dot, kept_keys, key_band, launch_autotuned, strides, tanh
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -163,7 +163,6 @@ def _attention_decode_kernel(
     if HAS_MASK:
         mask_ptr += b64 * stride_mask_b
     qk_scale = sm_scale * LOG2E
-    diagonal = i + (n_k - n_q)  # row i sees keys [diagonal - left, diagonal + right] (BAND)
 
     # This split's share of the key tiles [key_first, n_k) (key_first a multiple of BLOCK_N).
     per_split = tl.cdiv(tl.cdiv(n_k - key_first, BLOCK_N), num_splits)
@@ -175,9 +174,7 @@ def _attention_decode_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kept = cols < n_k
-        if HAS_MASK:
-            kept &= tl.load(mask_ptr + cols * stride_mask_n, mask=kept, other=0) != 0
+        kept = kept_keys(cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)
         # Padded slots are not loaded (0): NaN or inf there meets no product (0 * NaN in p v would be NaN).
         k = tl.load(
             k_head + cols[:, None] * stride_kn + dims[None, :] * stride_kd,
@@ -195,11 +192,9 @@ def _attention_decode_kernel(
             s = tanh(dot(q, tl.trans(k)) * (qk_scale / (LOG2E * softcap))) * (softcap * LOG2E)
         else:
             s = dot(q, tl.trans(k)) * qk_scale
-        if BAND:
-            visible = kept[None, :] & (cols[None, :] >= diagonal[:, None] - left)
-            s = tl.where(visible & (cols[None, :] <= diagonal[:, None] + right), s, float("-inf"))
-        else:
-            s = tl.where(kept[None, :], s, float("-inf"))
+        # Query i sees the kept keys j of its band, i + n_k - n_q - left <= j <= i + n_k - n_q + right (BAND: the
+        # causal diagonal is right = 0); rows past the group's are never stored.
+        s = tl.where(key_band(kept[None, :], i, cols, n_q, n_k, left, right, False, BAND), s, float("-inf"))
         # Online softmax: when the row max grows, rescale what was summed so far by 2^(m_old - m_new).
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 finite
@@ -335,7 +330,6 @@ def attention_decode_forward(
     else:
         o_part = lse_part = lse  # unused
     block_n = INTERPRETER["BLOCK_N"] if interpreted else None
-    mask_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
     block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(d_v))
 
     def grid(blocks):
@@ -356,11 +350,7 @@ def attention_decode_forward(
         lse,
         o_part,
         lse_part,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *mask_strides,
-        *out.stride(),
+        *strides(q, k, v, key_padding_mask, out),
         heads,
         group,
         n_q,
@@ -390,7 +380,7 @@ def attention_decode_forward(
             lse_part,
             out,
             lse,
-            *out.stride(),
+            *strides(out),
             heads,
             n_q,
             d_v,

@@ -1,6 +1,7 @@
 """Triton helpers that several kernels share: addressing a (b, h) slice, masked tile loads, which keys a
-query sees (range, padding, causal), dots accumulated in fp32, an accurate tanh, the online log-sum-exp, and the
-launcher that runs an autotuned kernel at a fixed tile under the interpreter.
+query sees (range, padding, causal diagonal, window), dots accumulated in fp32, an accurate tanh, the online
+log-sum-exp; on the host, the strides a launch passes and the launcher that runs an autotuned kernel at a fixed
+tile under the interpreter.
 
 The `@triton.jit` helpers are inlined into the kernels that call them: sharing them costs nothing at run time.
 """
@@ -28,17 +29,34 @@ def load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST: t
 
 
 @triton.jit
+def kept_keys(cols, mask_ptr, stride_mask_n, n_k, HAS_MASK: tl.constexpr):
+    """(cols,) bool: key j is in range (j < n_k) and kept by the key padding mask (HAS_MASK; True = keep)."""
+    keys = cols < n_k
+    if HAS_MASK:
+        keys &= tl.load(mask_ptr + cols * stride_mask_n, mask=keys, other=0) != 0
+    return keys
+
+
+@triton.jit
+def key_band(visible, rows, cols, n_q, n_k, left, right, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """visible (rows, cols) and'ed with where query i may see key j by position. Aligned bottom-right (the last
+    query sees the last key), row i's diagonal is key i + n_k - n_q: CAUSAL keeps j <= diagonal, WINDOW keeps
+    diagonal - left <= j <= diagonal + right."""
+    diagonal = rows[:, None] + (n_k - n_q)
+    if CAUSAL:
+        visible &= cols[None, :] <= diagonal
+    if WINDOW:
+        visible &= (cols[None, :] >= diagonal - left) & (cols[None, :] <= diagonal + right)
+    return visible
+
+
+@triton.jit
 def visible_keys(
     rows, cols, rows_counted, mask_ptr, stride_mask_n, n_q, n_k, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr
 ):
     """(rows, cols) bool: key j is visible to query i (a row that counts; j in range, kept, causal)."""
-    keys = cols < n_k
-    if HAS_MASK:
-        keys &= tl.load(mask_ptr + cols * stride_mask_n, mask=keys, other=0) != 0
-    visible = rows_counted[:, None] & keys[None, :]
-    if CAUSAL:  # aligned bottom-right: the last query sees every key
-        visible &= cols[None, :] <= rows[:, None] + (n_k - n_q)
-    return visible
+    visible = rows_counted[:, None] & kept_keys(cols, mask_ptr, stride_mask_n, n_k, HAS_MASK)[None, :]
+    return key_band(visible, rows, cols, n_q, n_k, 0, 0, CAUSAL, False)
 
 
 @triton.jit
@@ -78,6 +96,12 @@ def online_logsumexp(m, d, x):
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row all -inf so far: keep exp() finite
     d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
     return m_new, d
+
+
+def strides(*tensors) -> tuple[int, ...]:
+    """The strides of each tensor in turn, flat, as the kernels take them (stride_xb, stride_xh, ... of x, then
+    of the next); None stands for an absent (B, N_k) key padding mask, (0, 0)."""
+    return tuple(stride for x in tensors for stride in ((0, 0) if x is None else x.stride()))
 
 
 def launch_autotuned(kernel, grid, fixed_blocks: dict | None, *args, **meta) -> None:

@@ -4,6 +4,7 @@ causal, windows, softcap and GQA; a packed batch against its sequences run one b
 sm_80 and sm_90; every bad input."""
 
 import math
+import re
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import DEVICE, assert_rel_close, compile_for_gpus, rel_error, run_
 from test_attention import ATOL, outputs_and_grads, pytorch_banded_attention
 
 import tsa_fast
+from tsa_fast.ops.attention import attention_varlen_prechecked, check_cu_seqlens
 from tsa_fast.reference.attention import attention_varlen as reference_attention_varlen
 from tsa_fast.reference.attention import per_sequence
 
@@ -202,8 +204,9 @@ def test_varlen_float64_gradchecks():
     assert torch.autograd.gradcheck(fn, tuple(x.requires_grad_() for x in (q, k, v)))
 
 
-def bad_varlen_call(**changes):
-    """attention_varlen on 10 query and 12 key tokens in 2 sequences, with `changes` to its arguments."""
+def bad_varlen_call(entry=tsa_fast.attention_varlen, **changes):
+    """attention_varlen (or another entry point) on 10 query and 12 key tokens in 2 sequences, with `changes` to
+    its arguments."""
     q, k, v = torch.randn(10, 2, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
     args = dict(
         q=q,
@@ -215,69 +218,103 @@ def bad_varlen_call(**changes):
         max_seqlen_k=7,
     )
     args.update(changes)
-    return tsa_fast.attention_varlen(**args)
+    return entry(**args)
 
 
-@pytest.mark.parametrize(
-    "changes, error, match",
-    [
-        (dict(cu_seqlens_q=torch.tensor([0, 4, 10])), ValueError, "cu_seqlens_q must be int32.*torch.int64"),
-        (dict(cu_seqlens_k=torch.tensor([0.0, 5.0, 12.0])), ValueError, "cu_seqlens_k must be int32.*torch.float32"),
-        (dict(cu_seqlens_q=[0, 4, 10]), TypeError, "cu_seqlens_q must be a torch.Tensor, got list"),
-        (
-            dict(cu_seqlens_q=torch.tensor([0, 11, 10], dtype=torch.int32)),
-            ValueError,
-            "cu_seqlens_q must be non-decreasing from 0 to total_q = 10",
-        ),
-        (
-            dict(cu_seqlens_k=torch.tensor([0, 13, 12], dtype=torch.int32)),
-            ValueError,
-            r"cu_seqlens_k must be non-decreasing.*\[0, 13, 12\]",
-        ),
-        (
-            dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32)),
-            ValueError,
-            r"cu_seqlens_q must be non-decreasing from 0.*\[1, 4, 10\]",
-        ),
-        (
-            dict(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)),
-            ValueError,
-            r"cu_seqlens_q must be non-decreasing from 0 to total_q = 10 .*\[0, 4, 9\]",
-        ),
-        (
-            dict(cu_seqlens_k=torch.tensor([0, 5, 13], dtype=torch.int32)),
-            ValueError,
-            r"cu_seqlens_k .* to total_k = 12 .*\[0, 5, 13\]",
-        ),
-        (dict(cu_seqlens_q=torch.zeros(1, 3, dtype=torch.int32)), ValueError, r"cu_seqlens_q must be 1-D.*\(1, 3\)"),
-        (
-            dict(cu_seqlens_k=torch.zeros(1, dtype=torch.int32)),
-            ValueError,
-            r"cu_seqlens_k must be 1-D with S \+ 1 >= 2",
-        ),
-        (
-            dict(cu_seqlens_k=torch.tensor([0, 5, 6, 12], dtype=torch.int32)),
-            ValueError,
-            "cu_seqlens_q and cu_seqlens_k must have one length.*3 and 4",
-        ),
-        (dict(max_seqlen_q=5), ValueError, "max_seqlen_q = 5 is below the longest sequence's 6 tokens"),
-        (dict(max_seqlen_k=6), ValueError, "max_seqlen_k = 6 is below the longest sequence's 7 tokens"),
-        (dict(max_seqlen_q=6.0), TypeError, "max_seqlen_q must be an int"),
-        (dict(max_seqlen_k=None), TypeError, "max_seqlen_k must be an int"),
-        (dict(window=(-2, 0)), ValueError, r"window must be \(left, right\) with each side >= 0, or -1.*\(-2, 0\)"),
-        (dict(window=(3, -4)), ValueError, r"window.*\(3, -4\)"),
-        (dict(softcap=0.0), ValueError, "softcap must be None or a finite number > 0, got 0.0"),
-        (dict(softcap=-2.0), ValueError, "softcap.*-2.0"),
-        (dict(causal=1), TypeError, "causal must be a bool"),
-        (dict(q=torch.randn(1, 10, 2, 8)), ValueError, r"q must be a non-empty packed \(total, H, D\) tensor"),
-        (dict(v=torch.randn(11, 2, 8)), ValueError, "k, v must share H_kv and N_k"),
-        (dict(k=torch.randn(12, 3, 8), v=torch.randn(12, 3, 8)), ValueError, "query heads must be a multiple"),
-        (dict(k=torch.randn(12, 2, 8).double()), ValueError, "q, k, v must share a dtype"),
-    ],
-)
+BAD_INPUTS = [
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 10])), ValueError, "cu_seqlens_q must be int32.*torch.int64"),
+    (dict(cu_seqlens_k=torch.tensor([0.0, 5.0, 12.0])), ValueError, "cu_seqlens_k must be int32.*torch.float32"),
+    (dict(cu_seqlens_q=[0, 4, 10]), TypeError, "cu_seqlens_q must be a torch.Tensor, got list"),
+    (
+        dict(cu_seqlens_q=torch.tensor([0, 11, 10], dtype=torch.int32)),
+        ValueError,
+        "cu_seqlens_q must be non-decreasing from 0 to total_q = 10",
+    ),
+    (
+        dict(cu_seqlens_k=torch.tensor([0, 13, 12], dtype=torch.int32)),
+        ValueError,
+        r"cu_seqlens_k must be non-decreasing.*\[0, 13, 12\]",
+    ),
+    (
+        dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32)),
+        ValueError,
+        r"cu_seqlens_q must be non-decreasing from 0.*\[1, 4, 10\]",
+    ),
+    (
+        dict(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)),
+        ValueError,
+        r"cu_seqlens_q must be non-decreasing from 0 to total_q = 10 .*\[0, 4, 9\]",
+    ),
+    (
+        dict(cu_seqlens_k=torch.tensor([0, 5, 13], dtype=torch.int32)),
+        ValueError,
+        r"cu_seqlens_k .* to total_k = 12 .*\[0, 5, 13\]",
+    ),
+    (dict(cu_seqlens_q=torch.zeros(1, 3, dtype=torch.int32)), ValueError, r"cu_seqlens_q must be 1-D.*\(1, 3\)"),
+    (
+        dict(cu_seqlens_k=torch.zeros(1, dtype=torch.int32)),
+        ValueError,
+        r"cu_seqlens_k must be 1-D with S \+ 1 >= 2",
+    ),
+    (
+        dict(cu_seqlens_k=torch.tensor([0, 5, 6, 12], dtype=torch.int32)),
+        ValueError,
+        "cu_seqlens_q and cu_seqlens_k must have one length.*3 and 4",
+    ),
+    (dict(max_seqlen_q=5), ValueError, "max_seqlen_q = 5 is below the longest sequence's 6 tokens"),
+    (dict(max_seqlen_k=6), ValueError, "max_seqlen_k = 6 is below the longest sequence's 7 tokens"),
+    (dict(max_seqlen_q=6.0), TypeError, "max_seqlen_q must be an int"),
+    (dict(max_seqlen_k=None), TypeError, "max_seqlen_k must be an int"),
+    (dict(window=(-2, 0)), ValueError, r"window must be \(left, right\) with each side >= 0, or -1.*\(-2, 0\)"),
+    (dict(window=(3, -4)), ValueError, r"window.*\(3, -4\)"),
+    (dict(softcap=0.0), ValueError, "softcap must be None or a finite number > 0, got 0.0"),
+    (dict(softcap=-2.0), ValueError, "softcap.*-2.0"),
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(q=torch.randn(1, 10, 2, 8)), ValueError, r"q must be a non-empty packed \(total, H, D\) tensor"),
+    (dict(v=torch.randn(11, 2, 8)), ValueError, "k, v must share H_kv and N_k"),
+    (dict(k=torch.randn(12, 3, 8), v=torch.randn(12, 3, 8)), ValueError, "query heads must be a multiple"),
+    (dict(k=torch.randn(12, 2, 8).double()), ValueError, "q, k, v must share a dtype"),
+]
+
+
+@pytest.mark.parametrize("changes, error, match", BAD_INPUTS)
 def test_bad_input_raises(changes, error, match):
     with pytest.raises(error, match=match):
         bad_varlen_call(**changes)
+
+
+@pytest.mark.parametrize("changes, error, match", BAD_INPUTS)
+def test_prechecked_entry_raises_all_but_the_value_errors_which_check_cu_seqlens_raises(changes, error, match):
+    """attention_varlen_prechecked raises attention_varlen's errors but those of the values of cu_seqlens (and of
+    the max_seqlens against them), which it never reads on the host; check_cu_seqlens raises those."""
+    if re.search("non-decreasing|total_|is below the longest", match):
+        with pytest.raises(error, match=match):
+            bad_varlen_call(
+                lambda q, k, v, **sequences: check_cu_seqlens(**sequences, total_q=10, total_k=12), **changes
+            )
+    else:
+        with pytest.raises(error, match=match):
+            bad_varlen_call(attention_varlen_prechecked, **changes)
+
+
+@both_backends
+def test_prechecked_entry_gives_attention_varlens_results(backend):
+    """attention_varlen_prechecked on checked cu_seqlens: attention_varlen's outputs and gradients;
+    check_cu_seqlens returns the offsets as lists."""
+    q, k, v, packed = packed_inputs([5, 1, 12], [7, 0, 9], heads=4, heads_kv=2)
+    assert check_cu_seqlens(*packed, q.shape[0], k.shape[0]) == ([0, 5, 6, 18], [0, 7, 7, 16])
+    grad_out = torch.randn(*q.shape[:2], v.shape[2], device=DEVICE)
+    grad_lse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
+
+    def results(entry):
+        def fn(q, k, v, **o):
+            return entry(q, k, v, *packed, return_lse=True, **o)
+
+        return outputs_and_grads(fn, q, k, v, grad_out, grad_lse, causal=True)
+
+    expected, prechecked = results(tsa_fast.attention_varlen), results(attention_varlen_prechecked)
+    for actual, wanted, what in zip(prechecked, expected, ("out", "lse", "dq", "dk", "dv")):
+        assert torch.equal(actual, wanted), what
 
 
 # ---------------------------------------------------------------------------------------------------

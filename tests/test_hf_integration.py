@@ -367,6 +367,51 @@ def test_flash_attention_varlen_kwargs_without_a_mask_run_varlen(backend):
     assert_rel_close(actual, expected, 1e-6, "output")
 
 
+def count_cu_seqlens_checks(monkeypatch) -> list:
+    """A list that gets one entry per host check of cu_seqlens by the integration (`check_cu_seqlens`)."""
+    calls, check = [], hf.check_cu_seqlens
+    monkeypatch.setattr(hf, "check_cu_seqlens", lambda *a: calls.append(1) or check(*a))
+    return calls
+
+
+@both_backends
+@pytest.mark.parametrize("collator", ["position_ids", "flattening"])
+def test_padding_free_forward_checks_cu_seqlens_once_not_per_layer(backend, monkeypatch, collator):
+    """A padding-free forward reads its cu_seqlens on the host once, where the mask builds them; each of the two
+    layers runs attention_varlen_prechecked, which does not read them (no device sync per layer)."""
+    _, fused = eager_and_fused(transformers.LlamaForCausalLM, llama_config())
+    checks = count_cu_seqlens_checks(monkeypatch)
+    layers, prechecked = [], hf.attention_varlen_prechecked
+    monkeypatch.setattr(hf, "attention_varlen_prechecked", lambda *a, **k: layers.append(1) or prechecked(*a, **k))
+    with torch.no_grad():
+        fused(**packed_batch([7, 1, 12], collator), use_cache=False)
+    assert (len(checks), len(layers)) == (1, 2)
+
+
+def test_flash_attention_varlen_kwargs_are_checked_once_and_bad_ones_raise(monkeypatch):
+    """FlashAttention's varlen kwargs are checked at the first layer that gets them, not again for the same
+    tensors (the other layers of the forward); tensors changed in place since, or other tensors, are checked
+    again, and bad ones raise attention_varlen's ValueErrors."""
+    query, key, value = torch.randn(1, 4, 15, 8), torch.randn(1, 2, 15, 8), torch.randn(1, 2, 15, 8)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    checks = count_cu_seqlens_checks(monkeypatch)
+    cu_seqlens = torch.tensor([0, 6, 7, 15], dtype=torch.int32)
+    varlen = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=8, max_length_k=8)
+    for _ in range(3):
+        hf.attention_forward(module, query, key, value, None, **varlen)
+    assert len(checks) == 1
+    cu_seqlens[2] = 5
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be non-decreasing.*\[0, 6, 5, 15\]"):
+        hf.attention_forward(module, query, key, value, None, **varlen)
+    valid, short = torch.tensor([0, 6, 7, 15], dtype=torch.int32), torch.tensor([0, 6, 7, 14], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing from 0 to total_k = 15"):
+        hf.attention_forward(module, query, key, value, None, **dict(varlen, cu_seq_lens_q=valid, cu_seq_lens_k=short))
+    with pytest.raises(ValueError, match="max_seqlen_q = 7 is below the longest sequence's 8 tokens"):
+        hf.attention_forward(module, query, key, value, None, **dict(varlen, cu_seq_lens_q=valid, max_length_q=7))
+    assert len(checks) == 4
+
+
 def test_sliding_and_packed_masks_reach_the_kernel_as_kernel_masks():
     """transformers' sliding-window mask (with the local_size it passes) and packed-sequence masks become
     KernelMasks with transformers' window and the sequences' offsets; their dense() is transformers' 4D mask;

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from transformers.masking_utils import (
 from tsa_fast.models import TransformerOutput, every_kth_layer, mean_pool
 from tsa_fast.models.generation import check_arguments, eval_mode
 from tsa_fast.models.transformer import INIT_STD
-from tsa_fast.ops.attention import attention, attention_varlen
+from tsa_fast.ops.attention import attention, attention_varlen_prechecked, check_cu_seqlens
 from tsa_fast.reference.attention import window_band
 from tsa_fast.reference.attention_transfer_loss import visible_keys
 
@@ -180,6 +181,8 @@ def _kernel_mask(
     )
     if packed is not None:  # transformers packs only without a padding mask or a cache: q_length = kv_length
         cu_seqlens, max_seqlen = packed_cu_seqlens(packed)
+        # Checked here, once per forward: every layer then runs attention_varlen_prechecked on them.
+        check_cu_seqlens(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, batch_size * q_length, batch_size * kv_length)
         return KernelMask(causal, sliding_window, None, cu_seqlens, max_seqlen, dense)
     padding = None
     if attention_mask is not None:
@@ -250,7 +253,8 @@ def attention_forward(
     if recorded is not None:
         recorded.append((query, key, value))
     kernel_path = dropout == 0.0 and kwargs.get("position_bias") is None
-    packed = _varlen_kwargs(kwargs) if attention_mask is None and kernel_path else None
+    tokens = (query.shape[0] * query.shape[2], key.shape[0] * key.shape[2])
+    packed = _varlen_kwargs(kwargs, *tokens) if attention_mask is None and kernel_path else None
     if isinstance(attention_mask, KernelMask):
         if kernel_path:
             return _kernel_mask_attention(query, key, value, attention_mask, scaling, kwargs.get("softcap"))
@@ -287,14 +291,28 @@ def attention_forward(
     )
 
 
-def _varlen_kwargs(kwargs) -> tuple[Tensor, Tensor, int, int] | None:
+# The FlashAttention varlen kwargs last checked: (weak references to cu_seq_lens_q, cu_seq_lens_k, and their
+# versions, max lengths and token counts). A forward hands the same tensors to every layer.
+_checked_varlen_kwargs: tuple | None = None
+
+
+def _varlen_kwargs(kwargs, tokens_q: int, tokens_k: int) -> tuple[Tensor, Tensor, int, int] | None:
     """FlashAttention's varlen kwargs (cu_seq_lens_q, cu_seq_lens_k as int32, max_length_q, max_length_k as
-    ints), None unless all four are given."""
+    ints), None unless all four are given. `check_cu_seqlens` checks them against the tokens_q, tokens_k packed
+    query and key tokens the first time these tensors come with these lengths (and unchanged in place since),
+    so once per forward rather than once per layer."""
+    global _checked_varlen_kwargs
     names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
     if any(kwargs.get(name) is None for name in names):
         return None
     cu_q, cu_k, max_q, max_k = (kwargs[name] for name in names)
-    return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+    packed = cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+    seen = (cu_q._version, cu_k._version, *packed[2:], tokens_q, tokens_k)
+    last = _checked_varlen_kwargs
+    if last is None or last[0]() is not cu_q or last[1]() is not cu_k or last[2] != seen:
+        check_cu_seqlens(*packed, tokens_q, tokens_k)
+        _checked_varlen_kwargs = (weakref.ref(cu_q), weakref.ref(cu_k), seen)
+    return packed
 
 
 def _kernel_mask_attention(query, key, value, mask: KernelMask, scaling, softcap) -> tuple[Tensor, None]:
@@ -317,10 +335,12 @@ def _kernel_mask_attention(query, key, value, mask: KernelMask, scaling, softcap
 
 def _packed_attention(query, key, value, packed, window, causal, scaling, softcap) -> tuple[Tensor, None]:
     """`attention_varlen` over the B x N tokens of (B, H, N, D) query, key, value, sequences at the offsets
-    `packed` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k); output (B, N_q, H, D_v)."""
+    `packed` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), which `check_cu_seqlens` has checked
+    (once per forward, not here per layer); output (B, N_q, H, D_v)."""
     (batch, _, n_q, _), d_v = query.shape, value.shape[3]
     q, k, v = (x.transpose(1, 2).flatten(0, 1) for x in (query, key, value))  # (B x N, H, D), views
-    out = attention_varlen(q, k, v, *packed, causal=causal, window=window, softcap=softcap, softmax_scale=scaling)
+    options = dict(causal=causal, window=window, softcap=softcap, softmax_scale=scaling)
+    out = attention_varlen_prechecked(q, k, v, *packed, **options)
     return out.view(batch, n_q, -1, d_v), None
 
 

@@ -251,17 +251,25 @@ def flash_attention(
     neither: `attention` runs the reference for them there)."""
     if kernel_backend(q) == "torch":
         return torch_attention_forward(q, k, v, key_padding_mask, causal, softmax_scale)
-    out = q.new_empty((*q.shape[:3], v.shape[3]))
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    out, lse = _empty_outputs(q, v)
     triton_kernels.attention_forward(
         q, k, v, key_padding_mask, out, lse, causal, softmax_scale, (window_left, window_right), softcap
     )
     return out, lse
 
 
-@flash_attention.register_fake
-def _(q, k, v, key_padding_mask, causal, softmax_scale, window_left=-1, window_right=-1, softcap=0.0):
+def _empty_outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Uninitialized (out (B, H, N_q, D_v) in q's dtype, lse (B, H, N_q) float32), as `flash_attention` and
+    `flash_attention_decode` return them."""
     return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _fake_attention(q, k, v, key_padding_mask, causal, softmax_scale, window_left=-1, window_right=-1, softcap=0.0):
+    """The outputs' shapes and dtypes, for tracing (torch.compile, meta tensors)."""
+    return _empty_outputs(q, v)
+
+
+flash_attention.register_fake(_fake_attention)
 
 
 @torch.library.custom_op("tsa_fast::flash_attention_backward", mutates_args=())
@@ -356,17 +364,14 @@ def flash_attention_decode(
     softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """`flash_attention`'s (out, lse) by the Triton decode kernels (the triton backend only); not differentiable."""
-    out = q.new_empty((*q.shape[:3], v.shape[3]))
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    out, lse = _empty_outputs(q, v)
     triton_kernels.attention_decode_forward(
         q, k, v, key_padding_mask, out, lse, causal, softmax_scale, (window_left, window_right), softcap
     )
     return out, lse
 
 
-@flash_attention_decode.register_fake
-def _(q, k, v, key_padding_mask, causal, softmax_scale, window_left=-1, window_right=-1, softcap=0.0):
-    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=torch.float32)
+flash_attention_decode.register_fake(_fake_attention)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -601,16 +606,62 @@ def attention_varlen(
     Backends: triton, the kernels over a grid of (sequence, query tile) (tiles past a sequence's end return at
     once; no tile crosses two sequences). torch (and float64): `attention` per sequence, in O(N) extra memory
     per sequence outside the reference's cases (window, softcap, float64, as `attention`). Reads cu_seqlens on
-    the host once per call (a device sync) to check them.
+    the host once per call (a device sync) to check them; a caller that runs many calls over the same cu_seqlens
+    (the layers of a model) checks them once with `check_cu_seqlens` and calls `attention_varlen_prechecked`.
     """
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    options = dict(causal=causal, window=window, softcap=softcap, softmax_scale=softmax_scale, return_lse=return_lse)
+    _check_varlen_arguments(args, options)
+    bounds = _cu_seqlens_bounds(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0])
+    return _attention_varlen(args, bounds, options)
+
+
+def attention_varlen_prechecked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = (-1, -1),
+    softcap: float | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`attention_varlen` for cu_seqlens whose values the caller has checked (`check_cu_seqlens` with total_q =
+    q.shape[0], total_k = k.shape[0]): every argument is checked as there (cu_seqlens' type, dtype, shape and
+    device, the max_seqlens' type) but the values of cu_seqlens, which are not read on the host: no device sync
+    on the triton backend. Values that `check_cu_seqlens` would refuse give undefined results."""
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    options = dict(causal=causal, window=window, softcap=softcap, softmax_scale=softmax_scale, return_lse=return_lse)
+    _check_varlen_arguments(args, options)
+    return _attention_varlen(args, None, options)
+
+
+def _check_varlen_arguments(args: tuple, options: dict) -> None:
+    """Every check of `attention_varlen` (args: its positional arguments, options: its keywords) that reads no
+    tensor on the host: all but those of the values of cu_seqlens."""
+    q, k, v, *sequences = args
     _check_packed_inputs(q, k, v)
-    _check_options(causal, softmax_scale, return_lse)
-    _check_window_and_softcap(window, softcap)
-    bounds_q, bounds_k = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
+    _check_options(options["causal"], options["softmax_scale"], options["return_lse"])
+    _check_window_and_softcap(options["window"], options["softcap"])
+    _check_cu_seqlens_layout(*sequences, ("q", q.device))
+
+
+def _attention_varlen(args: tuple, bounds: tuple[list, list] | None, options: dict):
+    """`attention_varlen` on checked arguments; bounds: cu_seqlens_q, cu_seqlens_k as lists, or None (then read
+    here only where the torch backend needs them)."""
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = args
+    causal, softmax_scale, return_lse = options["causal"], options["softmax_scale"], options["return_lse"]
+    window, softcap = options["window"], options["softcap"]
     scale = default_scale(q) if softmax_scale is None else float(softmax_scale)
     window = None if window is None else tuple(int(side) for side in window)
     cap = None if softcap is None else float(softcap)
     if q.dtype not in KERNEL_DTYPES or kernel_backend(q) == "torch":
+        bounds_q, bounds_k = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist() if bounds is None else bounds
         options = dict(causal=causal, softmax_scale=scale, window=None if window == (-1, -1) else window, softcap=cap)
         out, lse = reference.per_sequence(attention, q, k, v, bounds_q, bounds_k, **options)
     else:
@@ -632,9 +683,19 @@ def _check_packed_inputs(q, k, v) -> None:
     _check_inputs(*(x.transpose(0, 1)[None] for x in (q, k, v)), None)
 
 
-def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k) -> tuple[list, list]:
-    """cu_seqlens_q, cu_seqlens_k as lists, after checking them (read on the host) and the max_seqlens."""
-    totals = {"cu_seqlens_q": ("total_q", q.shape[0]), "cu_seqlens_k": ("total_k", k.shape[0])}
+def check_cu_seqlens(
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, total_q: int, total_k: int
+) -> tuple[list, list]:
+    """cu_seqlens_q, cu_seqlens_k as lists, after `attention_varlen`'s checks of them and of the max_seqlens for
+    total_q query rows and total_k keys (reading them on the host: one device sync). Raises its TypeError and
+    ValueErrors, naming the argument."""
+    _check_cu_seqlens_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None)
+    return _cu_seqlens_bounds(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q, total_k)
+
+
+def _check_cu_seqlens_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, device) -> None:
+    """Types, dtypes, shapes of cu_seqlens and, device = (name, device) or None, their device; the max_seqlens'
+    types. Reads nothing on the host."""
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
@@ -642,8 +703,8 @@ def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q,
             raise ValueError(f"{name} must be int32 (flash_attn_varlen_func's cu_seqlens), got {cu.dtype}")
         if cu.dim() != 1 or cu.shape[0] < 2:
             raise ValueError(f"{name} must be 1-D with S + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
-        if cu.device != q.device:
-            raise ValueError(f"{name} on {cu.device} but q on {q.device}")
+        if device is not None and cu.device != device[1]:
+            raise ValueError(f"{name} on {cu.device} but {device[0]} on {device[1]}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have one length (S + 1), got {cu_seqlens_q.shape[0]} and "
@@ -651,6 +712,12 @@ def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q,
         )
     check_int("max_seqlen_q", max_seqlen_q)
     check_int("max_seqlen_k", max_seqlen_k)
+
+
+def _cu_seqlens_bounds(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q, total_k) -> tuple[list, list]:
+    """cu_seqlens_q, cu_seqlens_k (of a checked layout) as lists, after checking their values: non-decreasing
+    from 0 to total_q, total_k, no sequence longer than its max_seqlen."""
+    totals = {"cu_seqlens_q": ("total_q", total_q), "cu_seqlens_k": ("total_k", total_k)}
     bounds = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # one device sync
     for (name, cu), max_name, longest_allowed in zip(
         zip(totals, bounds), ("max_seqlen_q", "max_seqlen_k"), (max_seqlen_q, max_seqlen_k)
