@@ -386,12 +386,13 @@ import sys, torch, tsa_fast
 from benchmarks.common import cpu_peak_extra_bytes_of
 torch.manual_seed(0)
 n_q, n_k, lse_used = int(sys.argv[1]), 8192, sys.argv[2] == "lse"
+banded = dict(window=(1024, -1), softcap=30.0) if sys.argv[3] == "banded" else {}
 q = torch.randn(1, 2, n_q, 64, requires_grad=True)
 k, v = (torch.randn(1, 2, n_k, 64, requires_grad=True) for _ in range(2))
 mask = torch.rand(1, n_k) > 0.1
 
 def step():
-    out, lse = tsa_fast.attention(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)
+    out, lse = tsa_fast.attention(q, k, v, causal=True, key_padding_mask=mask, return_lse=True, **banded)
     (out.sum() + lse[lse.isfinite()].sum() if lse_used else out.sum()).backward()
 
 step()
@@ -400,16 +401,20 @@ print(cpu_peak_extra_bytes_of(step))
 """
 
 
-@pytest.mark.parametrize("n_q, lse", [(8192, "out"), (8192, "lse"), (4096, "out")], ids=["flash", "lse", "Nq<Nk"])
-def test_torch_backend_holds_no_n_by_n_scores(n_q, lse):
+@pytest.mark.parametrize(
+    "n_q, lse, band",
+    [(8192, "out", "plain"), (8192, "lse", "plain"), (4096, "out", "plain"), (8192, "out", "banded")],
+    ids=["flash", "lse", "Nq<Nk", "window-softcap"],
+)
+def test_torch_backend_holds_no_n_by_n_scores(n_q, lse, band):
     """B=1, H=2, N_k=8192, causal with padding, forward + backward on the CPU (a fresh process, its resident
     memory sampled): PyTorch's flash attention (N_q = N_k, lse unused) and the chunked path (lse in the loss;
-    N_q < N_k) both peak under half of one N_q x N_k fp32 score map per head (256 MB at N_q = 8192), which
-    the reference holds several of."""
+    N_q < N_k; a window of 1024 keys with a softcap) all peak under half of one N_q x N_k fp32 score map per
+    head (256 MB at N_q = 8192), which the reference holds several of."""
     env = {name: value for name, value in os.environ.items() if name not in ("TRITON_INTERPRET", "TSA_FAST_BACKEND")}
     env["OMP_NUM_THREADS"] = "1"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    command = [sys.executable, "-c", MEMORY_SCRIPT, str(n_q), lse]
+    command = [sys.executable, "-c", MEMORY_SCRIPT, str(n_q), lse, band]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=300, check=True)
     peak = int(result.stdout.strip().splitlines()[-1])
     assert peak < 2 * n_q * 8192 * 4 / 2, f"{peak / 2**20:.0f} MB"
@@ -876,6 +881,14 @@ def test_window_and_softcap_match_reference(backend, case):
     check_banded(q, k, v, **options)
 
 
+@pytest.mark.parametrize("case", BANDED_CASES.values(), ids=BANDED_CASES.keys())
+def test_torch_backend_window_and_softcap_in_chunks(torch_path, case):
+    """The torch backend's chunked path (O(N) memory) with windows and softcaps, in its own chunking and in
+    16-row chunks, whose boundaries fall inside the bands."""
+    q, k, v, options = banded_inputs(*case)
+    check_banded(q, k, v, **options)
+
+
 @both_backends
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_window_and_softcap_half_precision(backend, dtype):
@@ -917,14 +930,14 @@ def test_window_other_tile_shapes(backend, monkeypatch, fwd, dkdv, dq):
     softcap=st.sampled_from([None, 0.7, 20.0]),
     masked=st.booleans(),
 )
-@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@both_backends
 def test_property_random_windows(backend, n_q, n_k, left, right, causal, softcap, masked):
     q, k, v = make_inputs(batch=1, heads=2, heads_kv=1, n_q=n_q, n_k=n_k, d=24)
     mask = padding_mask(1, n_k) if masked else None
     check_banded(q, k, v, causal=causal, window=(left, right), softcap=softcap, key_padding_mask=mask)
 
 
-@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@both_backends
 def test_window_rows_without_keys_give_zeros_not_nan(backend):
     """A window (0, 0) with N_q > N_k: the first N_q - N_k rows have no key (their diagonal is before key 0)."""
     q, k, v = make_inputs(n_q=40, n_k=25)

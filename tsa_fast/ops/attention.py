@@ -75,20 +75,19 @@ def attention(
 
     Backends: triton (CUDA; CPU tensors under TRITON_INTERPRET=1 when forced) or torch (the CPU, or a GPU
     without Triton), both in O(B x H x N) extra memory: the torch backend runs PyTorch's fused CPU flash
-    attention where its semantics are this op's (D = D_v; not causal, or causal with N_q = N_k; lse not
-    differentiated), else the same math in PyTorch over chunks of query rows (`torch_attention_forward`). A
-    forced TSA_FAST_BACKEND=cpp leaves this op on its default backend (it has no C++ kernel); float64 runs the
-    reference (which materializes the scores) under any forced backend, and so do window and softcap on the
-    torch backend. On the triton backend, up to 16 query rows with no gradient to compute (generation against a
+    attention where its semantics are this op's (D = D_v; not causal, or causal with N_q = N_k; no window or
+    softcap; lse not differentiated), else the same math in PyTorch over chunks of query rows
+    (`torch_attention_forward`). A forced TSA_FAST_BACKEND=cpp leaves this op on its default backend (it has no
+    C++ kernel); float64 runs the reference (which materializes the scores) under any forced backend. On the
+    triton backend, up to 16 query rows with no gradient to compute (generation against a
     KV cache) run the decode kernels, split over the keys (`decode_applies`), with the same results.
     """
     _check_inputs(q, k, v, key_padding_mask)
     _check_options(causal, softmax_scale, return_lse)
     _check_window_and_softcap(window, softcap)
     scale = default_scale(q) if softmax_scale is None else float(softmax_scale)
-    # float64, and window or softcap on the torch backend (its fused and chunked paths take neither): the
-    # reference, which materializes the scores.
-    if q.dtype not in KERNEL_DTYPES or (kernel_backend(q) == "torch" and (window, softcap) != (None, None)):
+    # float64: the reference, which materializes the scores.
+    if q.dtype not in KERNEL_DTYPES:
         out, lse = reference.attention(
             q,
             k,
@@ -247,10 +246,10 @@ def flash_attention(
     softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, H, N_q, D_v), lse (B, H, N_q) float32) by the Triton kernels or the torch backend; differentiable
-    w.r.t. q, k, v through both outputs. window sides -1 = unbounded, softcap 0 = none (the torch backend takes
-    neither: `attention` runs the reference for them there)."""
+    w.r.t. q, k, v through both outputs. window sides -1 = unbounded, softcap 0 = none."""
     if kernel_backend(q) == "torch":
-        return torch_attention_forward(q, k, v, key_padding_mask, causal, softmax_scale)
+        window = (window_left, window_right)
+        return torch_attention_forward(q, k, v, key_padding_mask, causal, softmax_scale, window, softcap)
     out, lse = _empty_outputs(q, v)
     triton_kernels.attention_forward(
         q, k, v, key_padding_mask, out, lse, causal, softmax_scale, (window_left, window_right), softcap
@@ -291,7 +290,10 @@ def flash_attention_backward(
     """(dq, dk, dv): the gradient of sum(grad_out * out) + sum(grad_lse * lse) (None: lse unused), recomputing
     the scores."""
     if kernel_backend(q) == "torch":
-        return torch_attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, softmax_scale)
+        window = (window_left, window_right)
+        return torch_attention_backward(
+            grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, softmax_scale, window, softcap
+        )
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grad_lse = grad_lse.float().contiguous()
@@ -383,18 +385,27 @@ CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK_ROWS = 16
 
 
-def pytorch_flash_applies(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> bool:
-    """Whether PyTorch's fused CPU flash attention computes this op: CPU tensors, D = D_v, and not causal or
-    causal with N_q = N_k (its causal mask is aligned top-left, which is bottom-right only then). It takes
-    GQA, any strides, fp32/fp16/bf16, an additive key mask (fully masked rows give 0), and returns the lse."""
-    return q.device.type == "cpu" and q.shape[3] == v.shape[3] and (not causal or q.shape[2] == k.shape[2])
+NO_WINDOW = (-1, -1)
 
 
-def torch_attention_forward(q, k, v, key_padding_mask, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def pytorch_flash_applies(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, window: tuple[int, int] = NO_WINDOW, softcap: float = 0.0
+) -> bool:
+    """Whether PyTorch's fused CPU flash attention computes this op: CPU tensors, D = D_v, no window, no softcap,
+    and not causal or causal with N_q = N_k (its causal mask is aligned top-left, which is bottom-right only
+    then). It takes GQA, any strides, fp32/fp16/bf16, an additive key mask (fully masked rows give 0), and
+    returns the lse."""
+    plain = tuple(window) == NO_WINDOW and softcap == 0.0
+    return plain and q.device.type == "cpu" and q.shape[3] == v.shape[3] and (not causal or q.shape[2] == k.shape[2])
+
+
+def torch_attention_forward(
+    q, k, v, key_padding_mask, causal: bool, scale: float, window: tuple[int, int] = NO_WINDOW, softcap: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """(out, lse) as `flash_attention` returns them, by PyTorch's fused CPU flash attention where it applies,
     else by `chunked_attention_forward`. Padded keys and values are zeroed first (never read)."""
-    if not pytorch_flash_applies(q, k, v, causal):
-        return chunked_attention_forward(q, k, v, key_padding_mask, causal, scale)
+    if not pytorch_flash_applies(q, k, v, causal, window, softcap):
+        return chunked_attention_forward(q, k, v, key_padding_mask, causal, scale, window, softcap)
     k, v = zero_padded_keys(key_padding_mask, k, v)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, causal, attn_mask=_additive_key_mask(key_padding_mask, q.dtype), scale=scale
@@ -407,12 +418,25 @@ def torch_attention_forward(q, k, v, key_padding_mask, causal: bool, scale: floa
 
 
 def torch_attention_backward(
-    grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal: bool, scale: float
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    key_padding_mask,
+    out,
+    lse,
+    causal: bool,
+    scale: float,
+    window: tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of `torch_attention_forward`: PyTorch's fused CPU flash backward where the forward ran it
     and lse is not differentiated (grad_lse None), else `chunked_attention_backward`."""
-    if grad_lse is not None or not pytorch_flash_applies(q, k, v, causal):
-        return chunked_attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, scale)
+    if grad_lse is not None or not pytorch_flash_applies(q, k, v, causal, window, softcap):
+        return chunked_attention_backward(
+            grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal, scale, window, softcap
+        )
     k_read, v_read = zero_padded_keys(key_padding_mask, k, v)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out,
@@ -454,31 +478,46 @@ def _query_chunks(q: Tensor, n_k: int):
     return [(first, min(n_q, first + rows)) for first in range(0, n_q, rows)]
 
 
-def _chunk_probabilities(q_c, k, first, last, n_q, key_padding_mask, causal, scale, lse=None):
+def _chunk_probabilities(
+    q_c, k, first, last, n_q, key_padding_mask, causal, scale, window=NO_WINDOW, softcap=0.0, lse=None
+):
     """The probabilities (B, H_kv, G * C, end) of query rows [first, last) (q_c: (B, H_kv, G * C, D) fp32)
-    over the keys [0, end) any of them sees (end < N_k when causal), and their lse (B, H_kv, G * C): a softmax
-    of the scores in place (one buffer, one exp per score), or exp(s - lse) from the given lse (the
-    backward's recomputation)."""
+    over the keys [0, end) any of them sees (end < N_k when causal or a window's right side bounds them), their
+    lse (B, H_kv, G * C), and the softcap's slope 1 - tanh^2(s / softcap) at each score (the backward's chain
+    factor; None without softcap or lse): a softmax of the scores in place (one buffer, one exp per score), or
+    exp(s - lse) from the given lse (the backward's recomputation). Scores are softcap * tanh(s / softcap) with
+    a softcap; causal and the window (left, right) keep key j for query i when i + N_k - N_q - left <= j <=
+    i + N_k - N_q + right (aligned bottom-right, a side of -1 unbounded, causal: right = 0)."""
     batch, heads_kv, rows, _ = q_c.shape
-    n_k = k.shape[2]
-    end = min(n_k, max(0, last + n_k - n_q)) if causal else n_k
+    n_k, diagonal = k.shape[2], k.shape[2] - n_q
+    left, right = window
+    right = 0 if causal else right  # causal: no key right of the diagonal, whatever the window's right side
+    end = n_k if right < 0 else min(n_k, max(0, last + diagonal + right))
     s = torch.matmul(q_c * scale, k[:, :, :end].transpose(-1, -2))
+    slope = None
+    if softcap:
+        s.div_(softcap).tanh_()
+        slope = None if lse is None else 1.0 - s * s
+        s.mul_(softcap)
     chunk = last - first
     view = s.view(batch, heads_kv, rows // chunk, chunk, end)
-    if causal:  # aligned bottom-right: key j is visible to query i when j <= i + N_k - N_q; masks only the
-        start = max(0, first + n_k - n_q + 1)  # columns past the chunk's first diagonal
-        i = torch.arange(first, last, device=s.device)[:, None] + (n_k - n_q)
-        view[..., start:].masked_fill_(torch.arange(start, end, device=s.device)[None, :] > i, -math.inf)
+    if right >= 0 or left >= 0:  # (C, end) bool from a row and a column of indices: key j vs row i's diagonal
+        keys = torch.arange(end, device=s.device)[None, :]
+        rows_diagonal = torch.arange(first, last, device=s.device)[:, None] + diagonal
+        if right >= 0:
+            view.masked_fill_(keys > rows_diagonal + right, -math.inf)
+        if left >= 0:
+            view.masked_fill_(keys < rows_diagonal - left, -math.inf)
     if key_padding_mask is not None:
         view.masked_fill_(~key_padding_mask[:, None, None, None, :end], -math.inf)
     if lse is not None:  # a row with no visible key (lse = -inf) gets p = exp(-inf - 0) = 0, not NaN
-        return s.sub_(lse.masked_fill(lse == -math.inf, 0.0)[..., None]).exp_(), lse, end
+        return s.sub_(lse.masked_fill(lse == -math.inf, 0.0)[..., None]).exp_(), lse, end, slope
     if end == 0:
-        return s, s.new_full((batch, heads_kv, rows), -math.inf), end
+        return s, s.new_full((batch, heads_kv, rows), -math.inf), end, slope
     row_max = s.amax(-1, keepdim=True)
     row_sum = s.sub_(row_max.masked_fill(row_max == -math.inf, 0.0)).exp_().sum(-1, keepdim=True)
     lse = (row_max + row_sum.log()).squeeze(-1)  # -inf for a row with no visible key (max -inf, sum 0)
-    return s.div_(row_sum.masked_fill(row_sum == 0, 1.0)), lse, end
+    return s.div_(row_sum.masked_fill(row_sum == 0, 1.0)), lse, end, slope
 
 
 def _grouped_rows(x: Tensor, heads_kv: int, first: int, last: int) -> Tensor:
@@ -488,9 +527,11 @@ def _grouped_rows(x: Tensor, heads_kv: int, first: int, last: int) -> Tensor:
     return rows.reshape(x.shape[0], heads_kv, -1, x.shape[3])
 
 
-def chunked_attention_forward(q, k, v, key_padding_mask, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def chunked_attention_forward(
+    q, k, v, key_padding_mask, causal: bool, scale: float, window: tuple[int, int] = NO_WINDOW, softcap: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """(out, lse) in PyTorch, chunks of query rows at a time (the reference's math, in fp32): extra memory
-    O(CHUNK_ELEMENTS + B x H x N), whatever N_q, N_k, D, D_v, causal alignment and padding."""
+    O(CHUNK_ELEMENTS + B x H x N), whatever N_q, N_k, D, D_v, causal alignment, window, softcap and padding."""
     batch, heads, n_q, _ = q.shape
     heads_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[3]
     k, v = zero_padded_keys(key_padding_mask, k.float(), v.float())
@@ -498,17 +539,31 @@ def chunked_attention_forward(q, k, v, key_padding_mask, causal: bool, scale: fl
     lse = q.new_empty(batch, heads_kv, heads // heads_kv, n_q, dtype=torch.float32)
     for first, last in _query_chunks(q, n_k):
         q_c = _grouped_rows(q, heads_kv, first, last)
-        p, lse_c, end = _chunk_probabilities(q_c, k, first, last, n_q, key_padding_mask, causal, scale)
+        p, lse_c, end, _ = _chunk_probabilities(
+            q_c, k, first, last, n_q, key_padding_mask, causal, scale, window, softcap
+        )
         out[..., first:last, :] = torch.matmul(p, v[:, :, :end]).view(batch, heads_kv, -1, last - first, d_v)
         lse[..., first:last] = lse_c.view(batch, heads_kv, -1, last - first)
     return out.view(batch, heads, n_q, d_v), lse.view(batch, heads, n_q)
 
 
 def chunked_attention_backward(
-    grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, causal: bool, scale: float
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    key_padding_mask,
+    out,
+    lse,
+    causal: bool,
+    scale: float,
+    window: tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of `chunked_attention_forward` (grad_lse None: lse unused), recomputing each chunk's
-    probabilities from the saved lse: ds = p (do v^T - delta), delta = rowsum(do * out) - dlse."""
+    probabilities from the saved lse: ds = p (do v^T - delta) (times the softcap's slope), delta = rowsum(do *
+    out) - dlse."""
     batch, heads, n_q, d = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
     k_read, v_read = zero_padded_keys(key_padding_mask, k.float(), v.float())
@@ -522,10 +577,14 @@ def chunked_attention_backward(
     for first, last in _query_chunks(q, n_k):
         q_c, do_c = _grouped_rows(q, heads_kv, first, last), _grouped_rows(grad_out, heads_kv, first, last)
         lse_c = lse[..., first:last].reshape(batch, heads_kv, -1)
-        p, _, end = _chunk_probabilities(q_c, k_read, first, last, n_q, key_padding_mask, causal, scale, lse_c)
+        p, _, end, slope = _chunk_probabilities(
+            q_c, k_read, first, last, n_q, key_padding_mask, causal, scale, window, softcap, lse_c
+        )
         dv[:, :, :end] += torch.matmul(p.transpose(-1, -2), do_c)
         delta_c = _grouped_rows(delta[..., None], heads_kv, first, last)
         ds = torch.matmul(do_c, v_read[:, :, :end].transpose(-1, -2)).sub_(delta_c).mul_(p)
+        if slope is not None:
+            ds.mul_(slope)
         dq[:, :, first:last] = torch.matmul(ds, k_read[:, :, :end]).mul_(scale).view(batch, heads, last - first, d)
         dk[:, :, :end] += torch.matmul(ds.transpose(-1, -2), q_c)
     dk.mul_(scale)
