@@ -202,6 +202,23 @@ def test_on_policy_loss_is_the_divergence_on_the_generated_tokens(tmp_path):
     assert loss.item() == pytest.approx(reverse_kl.item(), rel=1e-4)
 
 
+def test_on_policy_batches_begin_at_start_step(tmp_path, monkeypatch):
+    """start_step=2 with fraction 1: steps 0 and 1 are the off-policy recipe's, bit for bit; every later step
+    is on-policy (one generation per step)."""
+    import tsa_fast.distill.distiller as distiller_module
+
+    generated = []
+    real = distiller_module.on_policy_batch
+    monkeypatch.setattr(distiller_module, "on_policy_batch", lambda *a, **k: generated.append(1) or real(*a, **k))
+    off, _ = distill(tmp_path / "a", LossConfig(), 2)
+    assert not generated
+    warm = LossConfig(on_policy=OnPolicyConfig(fraction=1.0, prompt_tokens=4, start_step=2))
+    losses, _ = distill(tmp_path / "b", warm, 4)
+    assert losses[:2] == off and len(generated) == 2
+    on, _ = distill(tmp_path / "c", LossConfig(on_policy=OnPolicyConfig(fraction=1.0, prompt_tokens=4)), 4)
+    assert losses[2:] != on[2:] and len(generated) == 6
+
+
 def test_on_policy_run_resumes_on_the_same_curve(tmp_path):
     loss = LossConfig(on_policy=OnPolicyConfig(fraction=0.5, prompt_tokens=4))
     straight, straight_params = distill(tmp_path / "a", loss, 6)

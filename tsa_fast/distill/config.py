@@ -99,7 +99,7 @@ class OnPolicyConfig(Section):
     the student's own continuations of the prompts (the first `prompt_tokens` of each training sequence, or
     where the split has prompt lengths, as the hf_lm recipe's chat data, each row's own prompt), sampled
     without gradient; the divergence (reverse_kl is the usual choice, or jsd with beta) is taken on the
-    generated tokens only. fraction 0: off-policy distillation, unchanged."""
+    generated tokens only, from optimizer step `start_step` on. fraction 0: off-policy distillation, unchanged."""
 
     fraction: float = Field(0.0, ge=0, le=1, description="share of the batches that are the student's own samples")
     prompt_tokens: int = Field(16, ge=1, description="the first prompt_tokens of each training sequence: the prompt")
@@ -110,6 +110,12 @@ class OnPolicyConfig(Section):
         "different lengths: hf_lm resolves it from the longest training prompt)",
     )
     sample_temperature: float = Field(1.0, ge=0, description="the student's sampling temperature (0: greedy)")
+    start_step: int = Field(
+        0,
+        ge=0,
+        description="the optimizer steps before the first on-policy batch, all off-policy: the student is warmed "
+        "on the data first (GKD starts from a trained student)",
+    )
 
 
 class SequenceKDConfig(Section):

@@ -304,10 +304,12 @@ class Distiller:
 
     def maybe_on_policy(self, batch: dict[str, Tensor], micro_batch: int) -> dict[str, Tensor]:
         """The batch, or when micro-batch `micro_batch` is drawn on-policy (`is_on_policy`: loss.on_policy.fraction
-        of them), the student's own continuations of its prompts (`on_policy_batch`). Every rank draws the same
-        decision and generates the same number of steps."""
-        phase = self.phase
-        if self.on_policy is None or not is_on_policy(self.on_policy.fraction, phase.seed, micro_batch):
+        of them, from optimizer step loss.on_policy.start_step on), the student's own continuations of its prompts
+        (`on_policy_batch`). Every rank draws the same decision and generates the same number of steps."""
+        phase, on_policy = self.phase, self.on_policy
+        if on_policy is None or self.step < on_policy.start_step:
+            return batch
+        if not is_on_policy(on_policy.fraction, phase.seed, micro_batch):
             return batch
         generator = sample_generator(phase.seed, micro_batch, phase.rank, phase.device)
         with phase.autocast():
