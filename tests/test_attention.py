@@ -881,10 +881,11 @@ def test_window_and_softcap_match_reference(backend, case):
     check_banded(q, k, v, **options)
 
 
+@pytest.mark.parametrize("torch_path", ["chunked"], indirect=True)
 @pytest.mark.parametrize("case", BANDED_CASES.values(), ids=BANDED_CASES.keys())
 def test_torch_backend_window_and_softcap_in_chunks(torch_path, case):
-    """The torch backend's chunked path (O(N) memory) with windows and softcaps, in its own chunking and in
-    16-row chunks, whose boundaries fall inside the bands."""
+    """The torch backend's chunked path (O(N) memory) with windows and softcaps in 16-row chunks, whose
+    boundaries fall inside the bands (its own chunking: test_window_and_softcap_match_reference[torch])."""
     q, k, v, options = banded_inputs(*case)
     check_banded(q, k, v, **options)
 

@@ -664,7 +664,7 @@ def attention_varlen(
 
     Backends: triton, the kernels over a grid of (sequence, query tile) (tiles past a sequence's end return at
     once; no tile crosses two sequences). torch (and float64): `attention` per sequence, in O(N) extra memory
-    per sequence outside the reference's cases (window, softcap, float64, as `attention`). Reads cu_seqlens on
+    per sequence but for float64 (the reference's case, as `attention`). Reads cu_seqlens on
     the host once per call (a device sync) to check them; a caller that runs many calls over the same cu_seqlens
     (the layers of a model) checks them once with `check_cu_seqlens` and calls `attention_varlen_prechecked`.
     """
